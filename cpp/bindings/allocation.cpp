@@ -1,0 +1,7 @@
+#include "binding_util.hpp"
+
+namespace hiquant_py {
+
+void init_allocation(py::module_& m) { (void)m; }
+
+}  // namespace hiquant_py

@@ -1,0 +1,36 @@
+"""Exceptions raised by hiquant. Native errors are translated to these classes, so callers catch
+classes from this one module whatever layer raised them."""
+
+from __future__ import annotations
+
+__all__ = [
+    "HiquantError",
+    "InvalidArgumentError",
+    "NumericalError",
+    "InfeasibleBudgetError",
+    "CheckpointError",
+]
+
+
+class HiquantError(Exception):
+    """Base class of every error hiquant raises on purpose."""
+
+
+class InvalidArgumentError(HiquantError, ValueError):
+    """An argument is malformed: a shape, range or option that cannot work."""
+
+
+class NumericalError(HiquantError, ArithmeticError):
+    """Non-finite input (NaN/Inf) or a computation that cannot proceed numerically."""
+
+
+class InfeasibleBudgetError(HiquantError, ValueError):
+    """No allocation meets the bit budget. ``min_feasible`` is the smallest budget that does."""
+
+    def __init__(self, message: str, min_feasible: float | None = None):
+        super().__init__(message)
+        self.min_feasible = min_feasible
+
+
+class CheckpointError(HiquantError, ValueError):
+    """A model folder, config or safetensors file is missing, malformed or inconsistent."""
