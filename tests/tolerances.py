@@ -1,0 +1,11 @@
+"""Float tolerances for comparing native kernels with their float64 references, kept in one place."""
+
+# float32 kernel vs float64 reference, elementwise (dequantized weights, forward activations)
+F32_RTOL = 1e-5
+F32_ATOL = 1e-6
+# reductions over many float32 terms (Gram matrices, losses, gradients)
+REDUCE_RTOL = 1e-4
+REDUCE_ATOL = 1e-5
+# finite-difference gradient checks in float64
+FD_RTOL = 1e-4
+FD_ATOL = 1e-6
