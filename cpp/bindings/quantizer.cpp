@@ -92,12 +92,21 @@ void init_quantizer(py::module_& m) {
   }, py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("group_size"),
      py::arg("n_threads") = 0);
 
-  m.def("fake_quantize", [](const py::object& W_, int bits, int64_t group_size, int n_threads) {
+  m.def("fake_quantize", [](const py::object& W_, int bits, int64_t group_size, int n_threads,
+                            const py::object& out_) {
     const auto spec = make_spec(bits, group_size);
     auto W = require_array<float>(W_, "W", 2);
     const auto rows = W.shape(0), cols = W.shape(1);
     const auto ng = hiquant::n_groups(cols, group_size);
-    auto out = new_array<float>({rows, cols});
+    py::array_t<float, py::array::c_style> out;
+    if (out_.is_none()) {
+      out = new_array<float>({rows, cols});
+    } else {
+      // A caller-provided buffer saves the page faults of a fresh allocation in loops.
+      out = require_array<float>(out_, "out", 2);
+      require_shape(out, "out", {rows, cols}, "pass a float32 array of W's shape");
+      if (!out.writeable()) throw py::value_error("out is read-only; pass a writeable array");
+    }
     auto scale = new_array<float>({rows, ng});
     auto zero = new_array<uint8_t>({rows, ng});
     const float* w = W.data();
@@ -109,7 +118,8 @@ void init_quantizer(py::module_& m) {
       hiquant::fake_quantize(w, rows, cols, spec, o, s, z, n_threads);
     }
     return py::make_tuple(out, scale, zero);
-  }, py::arg("W"), py::arg("bits"), py::arg("group_size"), py::arg("n_threads") = 0);
+  }, py::arg("W"), py::arg("bits"), py::arg("group_size"), py::arg("n_threads") = 0,
+     py::arg("out") = py::none());
 
   m.def("packed_size", [](int64_t n, int bits) { return hiquant::packed_size(n, bits); },
         py::arg("n_codes"), py::arg("bits"));

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "hiquant/errors.hpp"
 
@@ -32,19 +33,38 @@ struct GroupParams {
 
 // Min-max parameters of one group; throws NumericalError on a non-finite weight.
 inline GroupParams group_minmax(const float* w, int64_t n, int maxq, int64_t row, int64_t col0) {
-  float lo = 0.0f, hi = 0.0f;  // the range always includes 0
-  bool finite = true;
-  for (int64_t c = 0; c < n; ++c) {
-    const float v = w[c];
-    finite &= std::isfinite(v);
-    lo = std::min(lo, v);
-    hi = std::max(hi, v);
+  // `v - v` is 0 for finite v and NaN otherwise, so `bad` flags any NaN/Inf in the same pass.
+  float lo = 0.0f, hi = 0.0f, bad = 0.0f;  // the range always includes 0
+  int64_t c = 0;
+#if defined(__GNUC__)
+  {
+    typedef float f4 __attribute__((vector_size(16)));
+    f4 lo4 = {0, 0, 0, 0}, hi4 = {0, 0, 0, 0}, bad4 = {0, 0, 0, 0};
+    for (; c + 4 <= n; c += 4) {
+      f4 v;
+      __builtin_memcpy(&v, w + c, sizeof v);
+      lo4 = v < lo4 ? v : lo4;
+      hi4 = v > hi4 ? v : hi4;
+      bad4 += v - v;
+    }
+    for (int k = 0; k < 4; ++k) {
+      lo = std::min(lo, lo4[k]);
+      hi = std::max(hi, hi4[k]);
+      bad += bad4[k];
+    }
   }
-  if (!finite) {
-    for (int64_t c = 0; c < n; ++c)
-      if (!std::isfinite(w[c]))
-        throw NumericalError(detail::concat("weight is not finite (", w[c], ") at row ", row,
-                                            ", column ", col0 + c,
+#endif
+  for (; c < n; ++c) {
+    const float v = w[c];
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+    bad += v - v;
+  }
+  if (bad != 0.0f) {
+    for (int64_t i = 0; i < n; ++i)
+      if (!std::isfinite(w[i]))
+        throw NumericalError(detail::concat("weight is not finite (", w[i], ") at row ", row,
+                                            ", column ", col0 + i,
                                             "; check the checkpoint or the preceding computation"));
   }
   if (lo == 0.0f && hi == 0.0f) {
@@ -56,14 +76,125 @@ inline GroupParams group_minmax(const float* w, int64_t n, int maxq, int64_t row
   return {scale, static_cast<uint8_t>(std::clamp(z, 0.0, double(maxq)))};
 }
 
-// code = clamp(rint(w / scale) + zero, 0, maxq). The quotient is clamped to +-512 first so that
-// rint_exact stays in its exact range for any scale; this cannot change the clamped code because
-// zero and maxq are at most 255.
-inline uint8_t encode(float w, double scale, double zero, double maxq) {
+// code = clamp(rint(w / scale) + zero, 0, maxq), returned as an exact integer-valued double.
+// The quotient is clamped to +-512 first so that rint_exact stays in its exact range for any
+// scale; this cannot change the clamped code because zero and maxq are at most 255. Written with
+// plain comparisons (no std::clamp, no integer conversion) so that GCC vectorizes the loops.
+inline double encode_d(float w, double scale, double zero, double maxq) {
   double q = double(w) / scale;
-  q = std::clamp(q, -512.0, 512.0);
+  q = q < -512.0 ? -512.0 : (q > 512.0 ? 512.0 : q);
   q = rint_exact(q) + zero;
-  return static_cast<uint8_t>(std::clamp(q, 0.0, maxq));
+  return q < 0.0 ? 0.0 : (q > maxq ? maxq : q);
+}
+
+// The fast path: the quotient estimated in float32 as w * (1/scale). Its error is at most
+// |q| * 2^-23 <= 512 * 1.2e-7 = 6.1e-5, so wherever the estimate lies more than kTieMargin from
+// a half-integer, rounding it gives the same integer as rounding the exact double quotient. The
+// few elements within the margin (about 2e-4 of them, or any NaN from an extreme scale) are
+// recomputed with the double division, so codes stay identical to the float64 reference.
+constexpr float kTieMargin = 1e-4f;
+
+inline float rint_exact_f(float x) {  // round-half-to-even for |x| < 2^22
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+  return (x + kMagic) - kMagic;
+}
+
+// Writes integer-valued float codes of w[0..n) into `code`; returns whether any element lies
+// within the tie margin (or is NaN) and so needs the exact path.
+// kDequant: write scale * (code - zero) instead of the code (fake quantization in one pass).
+template <bool kDequant>
+inline float encode_one_fast(float w, float inv_scale, float scale, float zero, float maxq,
+                             float* code) {
+  float q = w * inv_scale;
+  q = q < -512.0f ? -512.0f : (q > 512.0f ? 512.0f : q);
+  const float r = rint_exact_f(q);
+  const float d = q > r ? q - r : r - q;
+  float v = r + zero;
+  v = v < 0.0f ? 0.0f : (v > maxq ? maxq : v);
+  *code = kDequant ? scale * (v - zero) : v;
+  return (d < 0.5f - kTieMargin) ? 0.0f : 1.0f;  // 1 also for NaN (comparison false)
+}
+
+#if defined(__GNUC__)
+// GCC/Clang vector extensions: four lanes on any x86-64 (SSE2) or ARM64 (NEON) target, wider
+// registers are used when the build enables them. The auto-vectorizer does not manage this
+// loop (select chains plus a flag reduction), and it runs on every weight.
+typedef float hq_f4 __attribute__((vector_size(16)));
+typedef int hq_i4 __attribute__((vector_size(16)));
+
+template <bool kDequant>
+inline bool encode_fast(const float* w, int64_t n, float inv_scale, float scale, float zero,
+                        float maxq, float* code) {
+  const hq_f4 vinv = {inv_scale, inv_scale, inv_scale, inv_scale};
+  const hq_f4 vscale = {scale, scale, scale, scale};
+  const hq_f4 vzero = {zero, zero, zero, zero}, vmaxq = {maxq, maxq, maxq, maxq};
+  const hq_f4 lo = {-512.f, -512.f, -512.f, -512.f}, hi = {512.f, 512.f, 512.f, 512.f};
+  const hq_f4 magic = {12582912.f, 12582912.f, 12582912.f, 12582912.f};
+  const hq_f4 fzero = {0.f, 0.f, 0.f, 0.f};
+  const float lim = 0.5f - kTieMargin;
+  const hq_f4 vlim = {lim, lim, lim, lim};
+  hq_i4 near = {0, 0, 0, 0};
+  int64_t c = 0;
+  for (; c + 4 <= n; c += 4) {
+    hq_f4 x;
+    __builtin_memcpy(&x, w + c, sizeof x);
+    hq_f4 q = x * vinv;
+    q = q < lo ? lo : q;
+    q = q > hi ? hi : q;
+    const hq_f4 r = (q + magic) - magic;
+    const hq_f4 d = q > r ? q - r : r - q;
+    near |= ~(d < vlim);  // all-ones where not clearly away from a tie, NaN included
+    hq_f4 v = r + vzero;
+    v = v < fzero ? fzero : v;
+    v = v > vmaxq ? vmaxq : v;
+    if (kDequant) v = vscale * (v - vzero);
+    __builtin_memcpy(code + c, &v, sizeof v);
+  }
+  float tail = 0.0f;
+  for (; c < n; ++c)
+    tail += encode_one_fast<kDequant>(w[c], inv_scale, scale, zero, maxq, code + c);
+  return (near[0] | near[1] | near[2] | near[3]) != 0 || tail != 0.0f;
+}
+#else
+template <bool kDequant>
+inline bool encode_fast(const float* w, int64_t n, float inv_scale, float scale, float zero,
+                        float maxq, float* code) {
+  float near_tie = 0.0f;
+  for (int64_t c = 0; c < n; ++c)
+    near_tie += encode_one_fast<kDequant>(w[c], inv_scale, scale, zero, maxq, code + c);
+  return near_tie != 0.0f;
+}
+#endif
+
+// Recomputes the near-tie elements of one chunk with the exact double division.
+template <bool kDequant>
+inline void fix_near_ties(const float* w, int64_t n, float inv_scale, float scale, uint8_t zero,
+                          int maxq, float* code) {
+  for (int64_t c = 0; c < n; ++c) {
+    float q = w[c] * inv_scale;
+    q = q < -512.0f ? -512.0f : (q > 512.0f ? 512.0f : q);
+    const float r = rint_exact_f(q);
+    const float d = q > r ? q - r : r - q;
+    if (!(d < 0.5f - kTieMargin)) {
+      const float v = float(encode_d(w[c], scale, zero, maxq));
+      code[c] = kDequant ? scale * (v - float(zero)) : v;
+    }
+  }
+}
+
+// Codes (or, with kDequant, dequantized values) of one group as floats in `code`. Checked in
+// chunks of 64 so that a near tie sends only its own chunk (about 1% of them) through the exact
+// path, even for long per-row groups.
+template <bool kDequant>
+inline void encode_group(const float* w, int64_t n, float scale, uint8_t zero, int maxq,
+                         float* code) {
+  const float inv = 1.0f / scale;
+  constexpr int64_t kChunk = 64;
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t m = std::min(kChunk, n - c0);
+    if (encode_fast<kDequant>(w + c0, m, inv, scale, float(zero), float(maxq), code + c0))
+      fix_near_ties<kDequant>(w + c0, m, inv, scale, zero, maxq, code + c0);
+  }
 }
 
 void check_params(const float* scale, const uint8_t* zero, int64_t rows, int64_t ng, int maxq) {
@@ -99,6 +230,7 @@ void quantize(const float* W, int64_t rows, int64_t cols, const QuantSpec& spec,
   const int maxq = (1 << spec.bits) - 1;
   check_params(scale, zero, rows, ng, maxq);
   parallel_for(rows, n_threads, [&](int64_t r) {
+    std::vector<float> buf(static_cast<size_t>(gw));
     for (int64_t g = 0; g < ng; ++g) {
       const int64_t c0 = g * gw, n = std::min(gw, cols - c0);
       const float* w = W + r * cols + c0;
@@ -106,9 +238,9 @@ void quantize(const float* W, int64_t rows, int64_t cols, const QuantSpec& spec,
         if (!std::isfinite(w[c]))
           throw NumericalError(detail::concat("weight is not finite (", w[c], ") at row ", r,
                                               ", column ", c0 + c));
-      const double s = scale[r * ng + g], z = zero[r * ng + g];
+      encode_group<false>(w, n, scale[r * ng + g], zero[r * ng + g], maxq, buf.data());
       uint8_t* q = codes + r * cols + c0;
-      for (int64_t c = 0; c < n; ++c) q[c] = encode(w[c], s, z, maxq);
+      for (int64_t c = 0; c < n; ++c) q[c] = static_cast<uint8_t>(buf[c]);
     }
   });
 }
@@ -145,10 +277,9 @@ void fake_quantize(const float* W, int64_t rows, int64_t cols, const QuantSpec& 
       const GroupParams p = group_minmax(w, n, maxq, r, c0);
       if (scale_out) scale_out[r * ng + g] = p.scale;
       if (zero_out) zero_out[r * ng + g] = p.zero;
-      const double s = p.scale, z = p.zero;
-      const float sf = p.scale, zf = float(p.zero);
-      float* o = out + r * cols + c0;
-      for (int64_t c = 0; c < n; ++c) o[c] = sf * (float(encode(w[c], s, z, maxq)) - zf);
+      // (code - zero) is exact in float, so the values equal dequantize()'s
+      // scale * (float(code) - zero) bit for bit.
+      encode_group<true>(w, n, p.scale, p.zero, maxq, out + r * cols + c0);
     }
   });
 }

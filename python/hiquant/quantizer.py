@@ -74,13 +74,15 @@ def dequantize(codes, scale, zero, bits: int, group_size: int | None = None, *, 
 
 
 def fake_quantize(W, bits: int, group_size: int | None = None, *, n_threads=None,
-                  return_params: bool = False):
+                  return_params: bool = False, out: np.ndarray | None = None):
     """Round-to-nearest min-max quantize-dequantize of ``W`` in one pass.
 
     Returns the float32 matrix, or ``(W_hat, scale, zero)`` with ``return_params=True``.
+    ``out``: an optional float32 C-contiguous array of ``W``'s shape to write into (it may be
+    ``W`` itself), which saves a fresh allocation when called in a loop.
     """
     out, scale, zero = _core.fake_quantize(W, _bits(bits), _group(group_size),
-                                           resolve_n_threads(n_threads))
+                                           resolve_n_threads(n_threads), out)
     return (out, scale, zero) if return_params else out
 
 
