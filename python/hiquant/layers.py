@@ -169,8 +169,11 @@ class QuantizedLayer:
         high_idx = np.sort(np.asarray(high_idx, np.int64))
         mask = np.ones(d_in, bool)
         mask[high_idx] = False
-        low = QuantPart.from_weights(np.ascontiguousarray(W[:, mask]), b_low, group_size) \
-            if mask.any() else None
+        if mask.any():
+            low = QuantPart.from_weights(np.ascontiguousarray(W[:, mask]), b_low, group_size)
+        else:  # every column is high-impact: an empty low part still records b_low
+            low = QuantPart(b_low, group_size, np.zeros((d_out, 0), np.uint8),
+                            np.zeros((d_out, 0), np.float16), np.zeros((d_out, 0), np.uint8))
         high = high16 = None
         if high_idx.size:
             Wh = np.ascontiguousarray(W[:, high_idx])
