@@ -1,0 +1,111 @@
+"""Fuzz targets shared by the hypothesis tests (tests/test_fuzz.py) and the coverage-guided
+atheris driver (fuzz/run_atheris.py). Each target takes raw bytes and must either succeed or
+raise one of the documented Python exceptions; anything else (a crash, a hang, another exception
+type) is a finding."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+
+import numpy as np
+
+from hiquant import quantizer as qz
+from hiquant._safetensors_io import SafetensorsFile
+from hiquant.errors import HiquantError
+from hiquant.export import layer_from_tensors
+
+EXPECTED = (HiquantError, ValueError, TypeError, OverflowError)
+
+
+def safetensors_reader(data: bytes) -> None:
+    """Arbitrary bytes as a .safetensors file: parse, then read every tensor it claims."""
+    fd, path = tempfile.mkstemp(suffix=".safetensors")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        try:
+            st = SafetensorsFile(path)
+            for name in st.tensors:
+                st.array(name).sum()
+        except EXPECTED:
+            pass
+    finally:
+        os.unlink(path)
+
+
+def safetensors_header(data: bytes) -> None:
+    """Structured: a valid 8-byte length + JSON header built from the bytes, random payload."""
+    if len(data) < 4:
+        return
+    n_tensors = data[0] % 4
+    header = {}
+    pos = 1
+    for i in range(n_tensors):
+        if pos + 3 > len(data):
+            break
+        dt = ["F32", "F16", "BF16", "U8", "X9"][data[pos] % 5]
+        shape = [data[pos + 1] % 7, data[pos + 2] % 5]
+        a = data[pos] * 3
+        b = a + (data[pos + 1] * data[pos + 2]) % 97
+        header[f"t{i}"] = {"dtype": dt, "shape": shape, "data_offsets": [a, b]}
+        pos += 3
+    body = json.dumps(header).encode()
+    blob = struct.pack("<Q", len(body)) + body + data[pos:]
+    safetensors_reader(blob)
+
+
+def packed_layer(data: bytes) -> None:
+    """A packed layer whose config entry and tensors come from the bytes."""
+    if len(data) < 8:
+        return
+    d_out, d_in, k = 1 + data[0] % 9, 1 + data[1] % 17, data[2] % 20
+    b_low, b_high, group = [2, 3, 4, 8, 5][data[3] % 5], [2, 3, 4, 8, 16, 1][data[4] % 6], data[5] % 9 - 1
+    rng = np.random.default_rng(int.from_bytes(data[6:8], "little"))
+    entry = {"d_out": d_out, "d_in": d_in, "k": k, "b_low": b_low, "b_high": b_high, "group_size": group}
+    tensors = {}
+    for part in ("low", "high"):
+        tensors[f"x.{part}.qweight"] = rng.integers(0, 256, size=rng.integers(0, 40), dtype=np.uint8)
+        tensors[f"x.{part}.scales"] = rng.standard_normal((d_out, rng.integers(0, 4))).astype(np.float16)
+        tensors[f"x.{part}.qzeros"] = rng.integers(0, 256, size=rng.integers(0, 8), dtype=np.uint8)
+    tensors["x.high_mask"] = rng.integers(0, 256, size=(d_in + 7) // 8, dtype=np.uint8)
+    tensors["x.high.weight"] = rng.standard_normal((d_out, k)).astype(np.float16)
+    try:
+        layer_from_tensors("x", entry, tensors).dequantize()
+    except EXPECTED:
+        pass
+
+
+def quantizer_bindings(data: bytes) -> None:
+    """Every binding with arrays and arguments derived from the bytes."""
+    if len(data) < 6:
+        return
+    rows, cols = data[0] % 5, data[1] % 9
+    bits = int.from_bytes(data[2:3], "little", signed=True) % 12 - 1
+    group = int.from_bytes(data[3:4], "little", signed=True)
+    dtype = [np.float32, np.float64, np.float16, np.uint8, np.int32][data[4] % 5]
+    payload = np.frombuffer(data[6:] + b"\0" * 512, dtype=np.uint8)[: rows * cols * 4]
+    with np.errstate(all="ignore"):
+        W = payload.view(np.float32)[: rows * cols].reshape(rows, cols).astype(dtype) if rows * cols else np.zeros((rows, cols), dtype)
+    if data[5] & 1 and W.ndim == 2 and W.shape[1] > 1:
+        W = W[:, ::2]  # non-contiguous
+    for call in (
+        lambda: qz.fake_quantize(W, bits, group),
+        lambda: qz.minmax_params(W, bits, group),
+        lambda: qz.pack_codes(np.asarray(payload[: rows * 3]), bits),
+        lambda: qz.unpack_codes(np.asarray(payload[: rows]), bits, cols),
+    ):
+        try:
+            call()
+        except (EXPECTED + (ArithmeticError,)):
+            pass
+
+
+TARGETS = {
+    "safetensors_reader": safetensors_reader,
+    "safetensors_header": safetensors_header,
+    "packed_layer": packed_layer,
+    "quantizer_bindings": quantizer_bindings,
+}
