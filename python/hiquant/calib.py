@@ -1,0 +1,203 @@
+"""Calibration and evaluation text: loaders, tokenization and random windows.
+
+* :func:`load_text` reads plain text, WikiText-2 raw files (``wiki.{train,valid,test}.raw``: the
+  lines joined with ``"\\n\\n"`` as GPTQ's ``datautils.get_wikitext2`` joins the HF dataset rows)
+  or C4-style JSON / JSON Lines (optionally gzipped) whose records carry a ``text`` field (joined
+  with ``"\\n\\n"``, in file order).
+* :func:`tokenize_text` encodes a whole text with a ``tokenizers.Tokenizer`` (no special tokens, no
+  BOS), as the reference protocol does.
+* :func:`sample_windows` draws ``n`` windows of ``seqlen`` ids with the reference protocol:
+  ``random.seed(seed)`` then ``start = random.randint(0, len(ids) - seqlen - 1)`` n times. It uses a
+  private ``random.Random(seed)``, which yields the same sequence without touching the global state.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+__all__ = [
+    "load_text",
+    "load_wikitext2",
+    "load_jsonl_text",
+    "tokenize_text",
+    "sample_windows",
+    "leading_windows",
+    "file_sha256",
+    "calibration_windows",
+]
+
+
+def _read(path: Path, binary=False):
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except FileNotFoundError:
+        raise InvalidArgumentError(f"{path}: no such file; pass an existing text file") from None
+    except (OSError, EOFError) as e:
+        raise InvalidArgumentError(f"{path}: cannot read ({e})") from e
+    if binary:
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(f"{path}: not UTF-8 text ({e}); convert it to UTF-8") from e
+
+
+def _require_text(text: str, path) -> str:
+    if not text.strip():
+        raise InvalidArgumentError(f"{path}: contains no text; pass a non-empty calibration or "
+                                   "evaluation file")
+    return text
+
+
+def load_wikitext2(path) -> str:
+    """A WikiText-2 raw file, its lines joined with ``"\\n\\n"`` as GPTQ joins the dataset rows
+    (``"\\n\\n".join(data['text'])``, one row per line of the raw file)."""
+    p = Path(path)
+    text = _read(p)
+    # The HF dataset (which GPTQ joins) has one row per line of the raw file: the line with its
+    # newline, or "" for a whitespace-only line (the wikitext loading script's rule).
+    rows = [line if line.strip() else "" for line in io.StringIO(text, newline=None)]
+    return _require_text("\n\n".join(rows), p)
+
+
+def load_jsonl_text(path, *, field: str = "text", max_records: int | None = None) -> str:
+    """Records of a C4-style ``.json``/``.jsonl`` file (optionally ``.gz``) joined with ``"\\n\\n"``.
+    A ``.json`` file may hold one JSON array of records instead of one record per line."""
+    p = Path(path)
+    raw = _read(p)
+    texts = []
+    stripped = raw.lstrip()
+    if stripped.startswith("["):
+        try:
+            records = json.loads(raw)
+        except ValueError as e:
+            raise InvalidArgumentError(f"{p}: not valid JSON ({e})") from e
+    else:
+        records = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError as e:
+                raise InvalidArgumentError(f"{p}:{lineno}: not valid JSON ({e}); expected one JSON "
+                                           "object per line") from e
+    for k, rec in enumerate(records):
+        if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+            raise InvalidArgumentError(f"{p}: record {k} has no string field {field!r}; C4-style "
+                                       f"files hold objects like {{\"{field}\": \"...\"}}")
+        texts.append(rec[field])
+        if max_records is not None and len(texts) >= max_records:
+            break
+    return _require_text("\n\n".join(texts), p)
+
+
+def load_text(path, *, format: str = "auto") -> str:
+    """Read a calibration/evaluation text file.
+
+    ``format``: "text" (the file as is), "wikitext2", "jsonl", or "auto": ``wiki.*.raw`` →
+    wikitext2, ``*.json``/``*.jsonl`` (optionally ``.gz``) → jsonl, anything else → text.
+    """
+    p = Path(path)
+    if format == "auto":
+        name = p.name[:-3] if p.name.endswith(".gz") else p.name
+        if name.startswith("wiki.") and name.endswith(".raw"):
+            format = "wikitext2"
+        elif name.endswith((".json", ".jsonl")):
+            format = "jsonl"
+        else:
+            format = "text"
+    if format == "text":
+        return _require_text(_read(p), p)
+    if format == "wikitext2":
+        return load_wikitext2(p)
+    if format == "jsonl":
+        return load_jsonl_text(p)
+    raise InvalidArgumentError(f"format must be 'auto', 'text', 'wikitext2' or 'jsonl', got {format!r}")
+
+
+def tokenize_text(tokenizer, text: str) -> np.ndarray:
+    """Token ids of the whole text as int64 (no special tokens added)."""
+    if tokenizer is None:
+        raise InvalidArgumentError("the model has no tokenizer.json; pass token ids directly or "
+                                   "add the tokenizer to the checkpoint folder")
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if not text:
+        raise InvalidArgumentError("text is empty; pass the contents of a calibration file")
+    enc = tokenizer.encode(text, add_special_tokens=False)
+    return np.asarray(enc.ids, dtype=np.int64)
+
+
+def _check_int(v, name, minimum):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise InvalidArgumentError(f"{name} must be an int >= {minimum}, got {v!r}")
+    return int(v)
+
+
+def sample_windows(ids: np.ndarray, n: int, seqlen: int, seed: int = 0) -> np.ndarray:
+    """``n`` random windows of ``seqlen`` ids, (n, seqlen) int64, exactly as the reference code
+    draws them: ``random.seed(seed); i = random.randint(0, len(ids) - seqlen - 1)`` per window."""
+    n = _check_int(n, "n", 1)
+    seqlen = _check_int(seqlen, "seqlen", 2)
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise InvalidArgumentError(f"ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+    if len(ids) < seqlen + 1:
+        raise InvalidArgumentError(f"the text has {len(ids)} tokens but windows of {seqlen} need "
+                                   f"at least {seqlen + 1}; use a longer text or a smaller seqlen")
+    rng = random.Random(seed)
+    out = np.empty((n, seqlen), dtype=np.int64)
+    for k in range(n):
+        i = rng.randint(0, len(ids) - seqlen - 1)
+        out[k] = ids[i:i + seqlen]
+    return out
+
+
+def leading_windows(ids: np.ndarray, seqlen: int, windows: int | None = None) -> np.ndarray:
+    """The first ``windows`` non-overlapping windows of ``seqlen`` ids (all that fit when None),
+    (windows, seqlen) int64: the evaluation protocol."""
+    seqlen = _check_int(seqlen, "seqlen", 2)
+    ids = np.asarray(ids)
+    avail = len(ids) // seqlen
+    if windows is None:
+        windows = avail
+    windows = _check_int(windows, "windows", 1)
+    if windows > avail:
+        raise InvalidArgumentError(f"the text has {len(ids)} tokens: {avail} windows of {seqlen}, "
+                                   f"fewer than the {windows} requested; pass windows <= {avail}")
+    return np.ascontiguousarray(ids[:windows * seqlen].reshape(windows, seqlen).astype(np.int64))
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def calibration_windows(tokenizer, path, n: int = 128, seqlen: int = 512, seed: int = 0,
+                        *, format: str = "auto") -> tuple[np.ndarray, dict]:
+    """Read, tokenize and sample: ``(windows, settings)`` where settings records the file, its
+    sha256, n, seqlen, seed and the token count (the calibration part of a stats cache key)."""
+    text = load_text(path, format=format)
+    ids = tokenize_text(tokenizer, text)
+    win = sample_windows(ids, n, seqlen, seed)
+    settings = {"file": os.path.abspath(path), "file_sha256": file_sha256(path), "format": format,
+                "n": int(n), "seqlen": int(seqlen), "seed": int(seed), "n_text_tokens": int(len(ids))}
+    return win, settings

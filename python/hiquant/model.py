@@ -1,0 +1,1282 @@
+"""A PyTorch-free runtime for LLaMA-family checkpoints: load, forward, backward.
+
+hiquant evaluates the models it quantizes, collects the inputs of every linear layer and takes
+per-sequence weight gradients (empirical Fisher) with this module alone: NumPy float32 with BLAS
+matrix products on ``(B*T, d)`` matrices, batched attention, no loops over tokens or heads.
+
+Supported checkpoints (Hugging Face layout): ``LlamaForCausalLM``, ``MistralForCausalLM``,
+``Qwen2ForCausalLM`` (q/k/v biases) and ``Qwen3ForCausalLM`` (per-head q/k RMSNorm before RoPE);
+grouped-query attention; tied or untied embeddings; RoPE ``default``, ``linear`` and ``llama3``
+(computed exactly as transformers does, in float32); ``config.json`` written by transformers 4.x
+(``rope_theta``/``rope_scaling``/``torch_dtype``) or 5.x (``rope_parameters``/``dtype``);
+``model.safetensors`` or shards listed in ``model.safetensors.index.json``; tensors F32, F16 or
+BF16. Anything else raises :class:`hiquant.errors.CheckpointError` naming the file and the tensor.
+
+The forward pass follows transformers' float32 arithmetic operation by operation (RMSNorm as
+``w * (x * rsqrt(mean(x²) + eps))``, RoPE with ``rotate_half``, scores ``(q kᵀ) * head_dim**-0.5``
+with a causal mask, softmax in float32, ``silu(x) = x / (1 + exp(-x))``). The backward pass is
+written by hand and checked against finite differences in float64 (``compute_dtype="float64"``)
+and against torch autograd.
+
+Memory. Weights stay in their stored dtype in memory-mapped files (page cache, shared and
+reclaimable, read only when touched) and are expanded to the compute dtype one decoder block at a
+time. Expanded blocks are kept in a least-recently-used cache of at most ``weight_cache_bytes``
+(default 1 GiB) so that repeated forwards do not convert again. Peak anonymous memory is about::
+
+    weight_cache_bytes                                       (expanded blocks kept for reuse)
+  + 4·(D·(H+2K)·hd + H·hd·D + 3·D·I)                         (the block being run, float32)
+  + 4·V·D                                                    (lm_head, float32)
+  + 4·B·T·(3·D + 2·(H+2K)·hd + 4·I) + 4·B·H·T²               (one block's activations)
+  + 4·R·V,  R = min(B·(T-1), 32768·1024/V)                   (logits, in chunks of R rows)
+
+with D hidden size, I MLP size, H heads, K key/value heads, hd head_dim, V vocabulary, B
+sequences of T tokens per call (``sequence_losses`` picks B to keep activations near 256 MiB).
+Backward passes keep every block's activations (``weight_grads`` recomputes them block by block
+instead when they would exceed 2 GiB), so a model whose float32 copy exceeds RAM still runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import CheckpointError, InvalidArgumentError
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "ModelConfig",
+    "Model",
+    "BlockCache",
+    "load_model",
+    "parse_config",
+    "read_safetensors_header",
+    "blas_threads",
+    "set_blas_threads",
+]
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+
+# Linear layers of a decoder block in the order every hiquant stage uses: q, k, v, o, gate, up, down.
+LINEAR_SUFFIXES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+# transformers' defaults for keys a config.json may omit (configuration_<arch>.py, 5.x). The
+# structural sizes (hidden_size, layers, heads, intermediate_size, vocab_size) have defaults there
+# too, but a config without them is malformed: we require them.
+_ARCH_DEFAULTS = {
+    "LlamaForCausalLM": dict(num_key_value_heads=None, head_dim=None, rms_norm_eps=1e-6,
+                             tie_word_embeddings=False, attention_bias=False, sliding_window=None,
+                             max_position_embeddings=2048),
+    "MistralForCausalLM": dict(num_key_value_heads=8, head_dim=None, rms_norm_eps=1e-6,
+                               tie_word_embeddings=False, attention_bias=False, sliding_window=4096,
+                               max_position_embeddings=4096 * 32),
+    "Qwen2ForCausalLM": dict(num_key_value_heads=32, head_dim=None, rms_norm_eps=1e-6,
+                             tie_word_embeddings=False, attention_bias=True, sliding_window=4096,
+                             max_position_embeddings=32768),
+    "Qwen3ForCausalLM": dict(num_key_value_heads=32, head_dim=128, rms_norm_eps=1e-6,
+                             tie_word_embeddings=False, attention_bias=False, sliding_window=4096,
+                             max_position_embeddings=32768),
+}
+
+# safetensors dtype → (NumPy dtype of the stored bits, bytes per element, hiquant's name)
+_ST_DTYPES = {
+    "F32": (np.dtype("<f4"), 4, "float32"),
+    "F16": (np.dtype("<f2"), 2, "float16"),
+    "BF16": (np.dtype("<u2"), 2, "bfloat16"),  # raw bits; expanded by _expand
+}
+_ST_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1,
+                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit on the JSON header
+
+# Non-parameter buffers some older checkpoints saved; they carry no information we need.
+_IGNORED_TENSOR = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+
+# --------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The parts of ``config.json`` the runtime uses, normalized across transformers 4.x/5.x.
+
+    ``rope_scaling`` is None for plain RoPE, else a dict with ``rope_type`` ("linear" or
+    "llama3") and its parameters. ``source_dtype`` is the dtype the weights are stored in.
+    ``sliding_window`` is the attention window when the checkpoint enables one (the runtime then
+    refuses sequences longer than it rather than silently attending too far). ``raw`` is the
+    parsed config.json.
+    """
+
+    arch: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    source_dtype: str
+    sliding_window: int | None = None
+    max_position_embeddings: int = 2048
+    o_bias: bool = False
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON of ``raw`` (key order and whitespace do not matter)."""
+        blob = json.dumps(self.raw, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _cfg_error(path, msg: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {msg}")
+
+
+def _get_int(raw: dict, key: str, path, *, default=None, required=False, minimum=1) -> int:
+    if key not in raw or raw[key] is None:
+        if required:
+            raise _cfg_error(path, f"missing required key '{key}'; this does not look like a "
+                             "Hugging Face causal-LM config.json")
+        return default
+    v = raw[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        else:
+            raise _cfg_error(path, f"'{key}' must be an integer, got {v!r}")
+    if v < minimum:
+        raise _cfg_error(path, f"'{key}' must be >= {minimum}, got {v}")
+    return v
+
+
+def _get_float(d: dict, key: str, path, default: float) -> float:
+    v = d.get(key, None)
+    if v is None:
+        return float(default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _cfg_error(path, f"'{key}' must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _get_bool(raw: dict, key: str, path, default: bool) -> bool:
+    v = raw.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise _cfg_error(path, f"'{key}' must be true or false, got {v!r}")
+    return v
+
+
+def _parse_rope(raw: dict, path, max_pos: int) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from a 5.x ``rope_parameters`` or 4.x ``rope_theta`` +
+    ``rope_scaling``, following transformers' standardize_rope_params."""
+    params = raw.get("rope_parameters")
+    if params is not None:
+        if not isinstance(params, dict):
+            raise _cfg_error(path, f"'rope_parameters' must be an object, got {params!r}")
+        if params and all(isinstance(v, dict) for v in params.values()):
+            raise _cfg_error(path, "per-layer-type 'rope_parameters' are not supported by the "
+                             "LLaMA-family architectures hiquant runs")
+        params = dict(params)
+        if "rope_theta" not in params and raw.get("rope_theta") is not None:
+            params["rope_theta"] = raw["rope_theta"]
+    else:
+        scaling = raw.get("rope_scaling")
+        if scaling is not None and not isinstance(scaling, dict):
+            raise _cfg_error(path, f"'rope_scaling' must be an object or null, got {scaling!r}")
+        params = dict(scaling or {})
+        params["rope_theta"] = raw.get("rope_theta", 10000.0)
+    theta = _get_float(params, "rope_theta", path, 10000.0)
+    if theta <= 0:
+        raise _cfg_error(path, f"rope_theta must be positive, got {theta}")
+    prf = params.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    if prf is not None and prf != 1.0:
+        raise _cfg_error(path, f"partial_rotary_factor={prf} is not supported (only 1.0)")
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "linear":
+        factor = _get_float(params, "factor", path, float("nan"))
+        if not factor > 0:
+            raise _cfg_error(path, "linear RoPE scaling needs a positive 'factor'")
+        return theta, {"rope_type": "linear", "factor": factor}
+    if rope_type == "llama3":
+        out = {"rope_type": "llama3"}
+        for k in ("factor", "low_freq_factor", "high_freq_factor"):
+            if params.get(k) is None:
+                raise _cfg_error(path, f"llama3 RoPE scaling needs '{k}'")
+            out[k] = _get_float(params, k, path, 0.0)
+        omp = params.get("original_max_position_embeddings", raw.get(
+            "original_max_position_embeddings", max_pos))
+        if isinstance(omp, bool) or not isinstance(omp, (int, float)) or omp <= 0:
+            raise _cfg_error(path, f"'original_max_position_embeddings' must be positive, got {omp!r}")
+        out["original_max_position_embeddings"] = omp
+        if out["high_freq_factor"] == out["low_freq_factor"]:
+            raise _cfg_error(path, "llama3 RoPE scaling needs high_freq_factor != low_freq_factor")
+        return theta, out
+    raise _cfg_error(path, f"RoPE type '{rope_type}' is not supported (supported: default, "
+                     "linear, llama3)")
+
+
+def parse_config(raw: dict, path="config.json", source_dtype: str = "float32") -> ModelConfig:
+    """Validate a parsed config.json and normalize it into a :class:`ModelConfig`."""
+    if not isinstance(raw, dict):
+        raise _cfg_error(path, "must hold a JSON object")
+    archs = raw.get("architectures")
+    if not isinstance(archs, list) or len(archs) != 1 or not isinstance(archs[0], str):
+        raise _cfg_error(path, f"'architectures' must list exactly one architecture, got {archs!r}")
+    arch = archs[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise _cfg_error(path, f"architecture '{arch}' is not supported; hiquant runs "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    d = _ARCH_DEFAULTS[arch]
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise _cfg_error(path, f"hidden_act '{act}' is not supported (only 'silu')")
+    if raw.get("mlp_bias"):
+        raise _cfg_error(path, "mlp_bias=true is not supported")
+    hidden = _get_int(raw, "hidden_size", path, required=True)
+    layers = _get_int(raw, "num_hidden_layers", path, required=True)
+    heads = _get_int(raw, "num_attention_heads", path, required=True)
+    inter = _get_int(raw, "intermediate_size", path, required=True)
+    vocab = _get_int(raw, "vocab_size", path, required=True)
+    kv = raw["num_key_value_heads"] if "num_key_value_heads" in raw else d["num_key_value_heads"]
+    kv = heads if kv is None else _get_int({"num_key_value_heads": kv}, "num_key_value_heads", path)
+    if heads % kv:
+        raise _cfg_error(path, f"num_attention_heads={heads} is not a multiple of "
+                         f"num_key_value_heads={kv}")
+    hd = raw.get("head_dim", d["head_dim"])
+    if hd is None:
+        if hidden % heads:
+            raise _cfg_error(path, f"hidden_size={hidden} is not a multiple of "
+                             f"num_attention_heads={heads}; give head_dim explicitly")
+        hd = hidden // heads
+    else:
+        hd = _get_int({"head_dim": hd}, "head_dim", path)
+    if hd % 2:
+        raise _cfg_error(path, f"head_dim={hd} must be even for RoPE")
+    eps = _get_float(raw, "rms_norm_eps", path, d["rms_norm_eps"])
+    if eps <= 0:
+        raise _cfg_error(path, f"rms_norm_eps must be positive, got {eps}")
+    max_pos = _get_int(raw, "max_position_embeddings", path, default=d["max_position_embeddings"])
+    theta, scaling = _parse_rope(raw, path, max_pos)
+    tie = _get_bool(raw, "tie_word_embeddings", path, d["tie_word_embeddings"])
+    if arch == "Qwen2ForCausalLM":
+        qkv_bias, o_bias = True, False  # hard-wired in transformers' Qwen2Attention
+    elif arch == "MistralForCausalLM":
+        qkv_bias = o_bias = False
+    else:
+        qkv_bias = o_bias = _get_bool(raw, "attention_bias", path, d["attention_bias"])
+    window = None
+    if arch == "MistralForCausalLM":
+        window = raw["sliding_window"] if "sliding_window" in raw else d["sliding_window"]
+    elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and raw.get("use_sliding_window"):
+        window = raw.get("sliding_window", d["sliding_window"])
+    if window is not None:
+        window = _get_int({"sliding_window": window}, "sliding_window", path)
+    return ModelConfig(
+        arch=arch, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv,
+        head_dim=hd, intermediate_size=inter, vocab_size=vocab, rms_norm_eps=eps,
+        rope_theta=theta, rope_scaling=scaling, tie_word_embeddings=tie,
+        attention_bias=qkv_bias, qk_norm=arch == "Qwen3ForCausalLM", source_dtype=source_dtype,
+        sliding_window=window, max_position_embeddings=max_pos, o_bias=o_bias, raw=raw)
+
+
+# --------------------------------------------------------------------------------------------
+# safetensors
+
+
+def read_safetensors_header(path) -> tuple[dict, dict, int]:
+    """Parse and validate a safetensors header without trusting it.
+
+    Returns ``(tensors, metadata, data_start)`` where ``tensors`` maps each name to
+    ``{"dtype", "shape", "data_offsets"}``. Every offset is checked against the file size, every
+    byte length against shape × dtype size, and tensors may not overlap. Raises CheckpointError.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: file is {size} bytes, too short for a safetensors "
+                                      "header (truncated download?); fetch the file again")
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > _MAX_HEADER or n > size - 8:
+                raise CheckpointError(
+                    f"{path}: header length {n} does not fit in the {size}-byte file "
+                    "(truncated or not a safetensors file); fetch the file again")
+            blob = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from e
+    try:
+        header = json.loads(blob.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}); the file "
+                              "is corrupt, fetch it again") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object; corrupt file")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: '__metadata__' must be an object")
+    data_start = 8 + n
+    data_len = size - data_start
+    spans = []
+    for name, e in header.items():
+        where = f"{path}: tensor '{name}'"
+        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+            raise CheckpointError(f"{where}: header entry lacks dtype/shape/data_offsets; corrupt file")
+        dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+        if (not isinstance(shape, list) or
+                not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+            raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if (not isinstance(offs, list) or len(offs) != 2 or
+                not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+            raise CheckpointError(f"{where}: data_offsets {offs!r} is not a pair of integers")
+        if dt in _ST_DTYPES:
+            itemsize = _ST_DTYPES[dt][1]
+        elif dt in _ST_ITEMSIZE:
+            itemsize = _ST_ITEMSIZE[dt]
+        else:
+            raise CheckpointError(f"{where}: unknown dtype {dt!r}; corrupt file")
+        b, end = offs
+        if not 0 <= b <= end <= data_len:
+            raise CheckpointError(
+                f"{where}: data_offsets [{b}, {end}] lie outside the {data_len}-byte data section "
+                "(truncated or corrupt file); fetch the file again")
+        if end - b != math.prod(shape) * itemsize:
+            raise CheckpointError(
+                f"{where}: holds {end - b} bytes but shape {tuple(shape)} of {dt} needs "
+                f"{math.prod(shape) * itemsize}; corrupt file")
+        spans.append((b, end, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{path}: tensors '{n0}' and '{n1}' overlap in the file; corrupt file")
+    return header, meta, data_start
+
+
+class _SafetensorsFile:
+    """One memory-mapped safetensors file; tensors are views in their stored dtype."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.entries, self.metadata, self.data_start = read_safetensors_header(self.path)
+        size = self.path.stat().st_size
+        self._mm = None
+        if size > self.data_start:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_start,
+                                 shape=(size - self.data_start,))
+
+    def dtype_of(self, name: str) -> str:
+        return self.entries[name]["dtype"]
+
+    def raw(self, name: str) -> np.ndarray:
+        """Read-only view of the stored bits (BF16 as uint16)."""
+        e = self.entries[name]
+        dt = _ST_DTYPES[e["dtype"]][0]
+        b, end = e["data_offsets"]
+        if end == b:
+            return np.empty(e["shape"], dtype=dt)
+        return self._mm[b:end].view(dt).reshape(e["shape"])
+
+    def header_digest(self) -> str:
+        with open(self.path, "rb") as f:
+            return hashlib.sha256(f.read(self.data_start)).hexdigest()
+
+
+def _expand(raw: np.ndarray, st_dtype: str, out_dtype) -> np.ndarray:
+    """Stored bits → a fresh C-contiguous array of out_dtype. BF16 is exact: the 16 bits are the
+    top half of a float32."""
+    if st_dtype == "BF16":
+        u = raw.astype(np.uint32)
+        u <<= 16
+        f = u.view(np.float32)
+        return f if np.dtype(out_dtype) == np.float32 else f.astype(out_dtype)
+    return np.array(raw, dtype=out_dtype, order="C", copy=True)
+
+
+# --------------------------------------------------------------------------------------------
+# BLAS threads
+
+
+def _openblas_setter():
+    """(set, get) thread functions of the OpenBLAS NumPy is linked with, found among the loaded
+    shared libraries (NumPy wheels bundle it under a suffixed name); (None, None) if absent."""
+    try:
+        with open("/proc/self/maps") as f:
+            libs = sorted({ln.split()[-1] for ln in f
+                           if "blas" in ln.lower() and ln.split()[-1].startswith("/")})
+    except OSError:
+        return None, None
+    for lib in libs:
+        try:
+            h = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"),
+                               ("scipy_openblas", ""), ("openblas", "")):
+            setter = getattr(h, f"{prefix}_set_num_threads{suffix}", None)
+            getter = getattr(h, f"{prefix}_get_num_threads{suffix}", None)
+            if setter is not None and getter is not None:
+                getter.restype = ctypes.c_int
+                return setter, getter
+    return None, None
+
+
+def set_blas_threads(n: int) -> bool:
+    """Set the thread count of NumPy's OpenBLAS (the runtime's matrix products). Returns False
+    when NumPy's BLAS is not an OpenBLAS whose setter can be found (then set OPENBLAS_NUM_THREADS
+    or OMP_NUM_THREADS before starting Python)."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    fn, _ = _openblas_setter()
+    if fn is None:
+        return False
+    fn(ctypes.c_int(n))
+    return True
+
+
+def blas_threads() -> int | None:
+    """NumPy's OpenBLAS thread count, or None when it cannot be read."""
+    _, get = _openblas_setter()
+    return int(get()) if get is not None else None
+
+
+# --------------------------------------------------------------------------------------------
+# numerics shared by forward and backward
+
+
+def _rmsnorm(x: np.ndarray, w: np.ndarray, eps: float):
+    """transformers' RMSNorm in the compute dtype: w * (x * rsqrt(mean(x²) + eps)). Returns the
+    output and r = rsqrt(mean(x²) + eps) (kept for the backward pass)."""
+    var = np.mean(np.square(x), axis=-1, keepdims=True)
+    var += x.dtype.type(eps)
+    r = np.sqrt(var, out=var)
+    np.divide(1, r, out=r)
+    return w * (x * r), r
+
+
+def _rmsnorm_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """d/dx of y = w * x * r, r = (mean(x²) + eps)^-1/2:  dx = r·g − x·r³·mean(g·x), g = w·dy."""
+    g = dy * w
+    dot = np.mean(g * x, axis=-1, keepdims=True)
+    dot *= r * r * r
+    g *= r
+    g -= x * dot
+    return g
+
+
+def _rope_apply(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x·cos + rotate_half(x)·sin with half tables (both halves of transformers' cos are equal):
+    out1 = x1·c − x2·s, out2 = x2·c + x1·s, rounded exactly as transformers rounds it."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    out = np.empty(x.shape, dtype=x.dtype)
+    o1, o2 = out[..., :h], out[..., h:]
+    np.multiply(x1, cos, out=o1)
+    o1 -= x2 * sin
+    np.multiply(x2, cos, out=o2)
+    o2 += x1 * sin
+    return out
+
+
+def _rope_backward(d: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Adjoint of _rope_apply: dx1 = d1·c + d2·s, dx2 = d2·c − d1·s."""
+    h = d.shape[-1] // 2
+    d1, d2 = d[..., :h], d[..., h:]
+    out = np.empty(d.shape, dtype=d.dtype)
+    o1, o2 = out[..., :h], out[..., h:]
+    np.multiply(d1, cos, out=o1)
+    o1 += d2 * sin
+    np.multiply(d2, cos, out=o2)
+    o2 -= d1 * sin
+    return out
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies in float32, as transformers computes them (default, linear, llama3)."""
+    dim = cfg.head_dim
+    f32 = np.float32
+    expo = np.arange(0, dim, 2, dtype=np.int64).astype(f32) / f32(dim)
+    inv = f32(1.0) / (f32(cfg.rope_theta) ** expo)
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv
+    if sc["rope_type"] == "linear":
+        return inv / f32(sc["factor"])
+    # llama3 (modeling_rope_utils._compute_llama3_parameters), float32 tensors, Python scalars
+    factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old = sc["original_max_position_embeddings"]
+    low_wl, high_wl = old / lo, old / hi
+    wavelen = f32(2 * math.pi) / inv
+    inv_l = np.where(wavelen > f32(low_wl), inv / f32(factor), inv)
+    smooth = (f32(old) / wavelen - f32(lo)) / f32(hi - lo)
+    smoothed = (f32(1) - smooth) * inv_l / f32(factor) + smooth * inv_l
+    medium = ~(wavelen < f32(high_wl)) & ~(wavelen > f32(low_wl))
+    return np.where(medium, smoothed, inv_l).astype(f32)
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+
+
+class _BlockParams:
+    __slots__ = ("Wqkv", "bqkv", "Wo", "bo", "Wgu", "Wd", "ln1", "ln2", "qn", "kn", "nbytes")
+
+
+class BlockCache:
+    """Activations of one block's forward pass, kept for :meth:`Model.block_backward`."""
+
+    __slots__ = ("block", "shape", "x", "a", "r1", "q", "k", "rq", "rk", "qr", "kr", "v", "P",
+                 "o", "h1", "m", "r2", "gu", "e1", "act", "s")
+
+    def nbytes(self) -> int:
+        return sum(getattr(self, s).nbytes for s in self.__slots__
+                   if isinstance(getattr(self, s, None), np.ndarray))
+
+
+def _is_int_array(a) -> bool:
+    return isinstance(a, np.ndarray) and np.issubdtype(a.dtype, np.integer)
+
+
+class Model:
+    """A loaded checkpoint. Build it with :func:`load_model`.
+
+    Linear layers are named by their Hugging Face tensor stem without ``.weight``
+    (``model.layers.0.self_attn.q_proj``); :meth:`linear_names` lists them in block order
+    q, k, v, o, gate, up, down.
+    """
+
+    def __init__(self, path: Path, config: ModelConfig, files: dict, tensor_file: dict,
+                 tokenizer, compute_dtype, weight_cache_bytes: int):
+        self.path = Path(path)
+        self.config = config
+        self.tokenizer = tokenizer
+        self.compute_dtype = np.dtype(compute_dtype)
+        self.weight_cache_bytes = int(weight_cache_bytes)
+        self._files = files  # filename → _SafetensorsFile
+        self._where = tensor_file  # tensor name → _SafetensorsFile
+        self._overrides: dict[str, np.ndarray] = {}
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_nbytes = 0
+        self._rope_cache: dict = {}
+        self._mask_cache: dict = {}
+        self._inv_freq = rope_inv_freq(config)
+        c = config
+        self._names = [[f"model.layers.{i}.{s}" for s in LINEAR_SUFFIXES]
+                       for i in range(c.num_layers)]
+        self._index = {n: (i, j) for i, ns in enumerate(self._names) for j, n in enumerate(ns)}
+        self._nq = c.num_heads * c.head_dim
+        self._nkv = c.num_kv_heads * c.head_dim
+
+    # ---- introspection
+
+    @property
+    def num_blocks(self) -> int:
+        return self.config.num_layers
+
+    def linear_names(self) -> list[str]:
+        """Every quantizable linear layer, in block order q, k, v, o, gate, up, down."""
+        return [n for ns in self._names for n in ns]
+
+    def block_linear_names(self, i: int) -> list[str]:
+        """The seven linear layers of block ``i``."""
+        return list(self._names[self._check_block(i)])
+
+    def linear_shape(self, name: str) -> tuple[int, int]:
+        """(d_out, d_in) of a linear layer, without reading it."""
+        self._check_name(name)
+        return tuple(self._where[name + ".weight"].entries[name + ".weight"]["shape"])
+
+    def fingerprint(self) -> dict:
+        """What identifies these weights: the config hash and, per safetensors file, its size,
+        mtime and header hash. Caches keyed by it are invalidated by any change of the files."""
+        files = {}
+        for fname, f in sorted(self._files.items()):
+            st = f.path.stat()
+            files[fname] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                            "header_sha256": f.header_digest()}
+        return {"config_sha256": self.config.fingerprint(), "files": files}
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model({str(self.path)!r}, {c.arch}, {c.num_layers} blocks, hidden {c.hidden_size}, "
+                f"heads {c.num_heads}/{c.num_kv_heads}, {c.source_dtype} weights, compute "
+                f"{self.compute_dtype.name})")
+
+    def _check_block(self, i) -> int:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"block index must be an int, got {type(i).__name__}")
+        if not 0 <= i < self.num_blocks:
+            raise IndexError(f"block index {i} out of range; the model has {self.num_blocks} blocks")
+        return int(i)
+
+    def _check_name(self, name) -> tuple[int, int]:
+        if name not in self._index:
+            raise KeyError(f"{name!r} is not a linear layer of this model; see model.linear_names() "
+                           f"(e.g. {self._names[0][0]!r})")
+        return self._index[name]
+
+    # ---- weights
+
+    def _tensor(self, name: str, dtype=None) -> np.ndarray:
+        f = self._where[name]
+        return _expand(f.raw(name), f.dtype_of(name), dtype or self.compute_dtype)
+
+    def get_weight(self, name: str, *, original: bool = False) -> np.ndarray:
+        """A fresh float32 C-contiguous copy of a linear layer's weight ``(d_out, d_in)``: the
+        weight set by :meth:`set_weight` if any (unless ``original=True``), else the checkpoint's."""
+        self._check_name(name)
+        if not original and name in self._overrides:
+            return self._overrides[name].copy()
+        return self._tensor(name + ".weight", np.float32)
+
+    def set_weight(self, name: str, W: np.ndarray) -> None:
+        """Use ``W`` (float32, the layer's shape) for this linear layer in later forward and
+        backward passes, e.g. a quantized-dequantized weight. The array is copied."""
+        i, _ = self._check_name(name)
+        if not isinstance(W, np.ndarray):
+            raise TypeError(f"W must be a numpy.ndarray of float32, got {type(W).__name__}")
+        if W.dtype != np.float32:
+            raise TypeError(f"W must have dtype float32, got {W.dtype}; convert it with "
+                            "W.astype(numpy.float32)")
+        shape = self.linear_shape(name)
+        if W.shape != shape:
+            raise InvalidArgumentError(f"W has shape {W.shape} but {name} has {shape}; pass a "
+                                       "weight of the same layer")
+        if not np.isfinite(W).all():
+            from .errors import NumericalError
+            raise NumericalError(f"W for {name} contains NaN or Inf")
+        self._overrides[name] = np.array(W, dtype=np.float32, order="C", copy=True)
+        self._evict(i)
+
+    def reset_weight(self, name: str) -> None:
+        """Go back to the checkpoint's weight for this linear layer."""
+        i, _ = self._check_name(name)
+        if self._overrides.pop(name, None) is not None:
+            self._evict(i)
+
+    def reset_weights(self) -> None:
+        """Go back to the checkpoint's weights for every linear layer."""
+        for name in list(self._overrides):
+            self.reset_weight(name)
+
+    def modified_weights(self) -> list[str]:
+        """Names of the linear layers whose weight was replaced by :meth:`set_weight`."""
+        return [n for n in self.linear_names() if n in self._overrides]
+
+    def _evict(self, key) -> None:
+        item = self._cache.pop(key, None)
+        if item is not None:
+            self._cache_nbytes -= item.nbytes
+
+    def clear_weight_cache(self) -> None:
+        """Drop every expanded (compute-dtype) weight kept for reuse."""
+        self._cache.clear()
+        self._cache_nbytes = 0
+
+    def _cached(self, key, build):
+        item = self._cache.get(key)
+        if item is not None:
+            self._cache.move_to_end(key)
+            return item
+        item = build()
+        if item.nbytes <= self.weight_cache_bytes:
+            while self._cache and self._cache_nbytes + item.nbytes > self.weight_cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cache_nbytes -= old.nbytes
+            self._cache[key] = item
+            self._cache_nbytes += item.nbytes
+        return item
+
+    def _linear(self, name: str) -> np.ndarray:
+        if name in self._overrides:
+            return self._overrides[name].astype(self.compute_dtype, copy=True)
+        return self._tensor(name + ".weight")
+
+    def _block_params(self, i: int) -> _BlockParams:
+        return self._cached(i, lambda: self._build_block(i))
+
+    def _build_block(self, i: int) -> _BlockParams:
+        c, cd = self.config, self.compute_dtype
+        p = _BlockParams()
+        names = self._names[i]
+        pre = f"model.layers.{i}."
+        D, nq, nkv = c.hidden_size, self._nq, self._nkv
+        # q, k and v (and gate and up) share their input: one stacked matrix, one matrix product.
+        p.Wqkv = np.empty((nq + 2 * nkv, D), dtype=cd)
+        p.Wqkv[:nq] = self._linear(names[0])
+        p.Wqkv[nq:nq + nkv] = self._linear(names[1])
+        p.Wqkv[nq + nkv:] = self._linear(names[2])
+        p.bqkv = None
+        if c.attention_bias:
+            p.bqkv = np.concatenate([self._tensor(n + ".bias") for n in names[:3]])
+        p.Wo = self._linear(names[3])
+        p.bo = self._tensor(names[3] + ".bias") if c.o_bias else None
+        I = c.intermediate_size
+        p.Wgu = np.empty((2 * I, D), dtype=cd)
+        p.Wgu[:I] = self._linear(names[4])
+        p.Wgu[I:] = self._linear(names[5])
+        p.Wd = self._linear(names[6])
+        p.ln1 = self._tensor(pre + "input_layernorm.weight")
+        p.ln2 = self._tensor(pre + "post_attention_layernorm.weight")
+        p.qn = p.kn = None
+        if c.qk_norm:
+            p.qn = self._tensor(pre + "self_attn.q_norm.weight")
+            p.kn = self._tensor(pre + "self_attn.k_norm.weight")
+        p.nbytes = sum(getattr(p, s).nbytes for s in _BlockParams.__slots__[:-1]
+                       if getattr(p, s) is not None)
+        return p
+
+    class _Head:
+        __slots__ = ("norm", "W", "nbytes")
+
+    def _head(self):
+        def build():
+            h = Model._Head()
+            h.norm = self._tensor("model.norm.weight")
+            src = ("model.embed_tokens.weight" if self.config.tie_word_embeddings
+                   else "lm_head.weight")
+            h.W = self._tensor(src)
+            h.nbytes = h.norm.nbytes + h.W.nbytes
+            return h
+        return self._cached("head", build)
+
+    # ---- forward pieces
+
+    def _check_ids(self, ids, name="ids", min_len=1) -> np.ndarray:
+        if not _is_int_array(ids):
+            raise TypeError(f"{name} must be an integer numpy.ndarray of token ids with shape "
+                            f"(batch, seqlen), got {type(ids).__name__}"
+                            + (f" of {ids.dtype}" if isinstance(ids, np.ndarray) else ""))
+        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < min_len:
+            raise InvalidArgumentError(f"{name} must have shape (batch, seqlen) with batch >= 1 and "
+                                       f"seqlen >= {min_len}, got {ids.shape}")
+        V = self.config.vocab_size
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= V:
+            raise InvalidArgumentError(f"{name} holds token id {lo if lo < 0 else hi} outside the "
+                                       f"vocabulary [0, {V}); tokenize with this model's tokenizer")
+        return ids
+
+    def _check_h(self, h, name="h") -> np.ndarray:
+        if not isinstance(h, np.ndarray):
+            raise TypeError(f"{name} must be a numpy.ndarray, got {type(h).__name__}")
+        if h.dtype != self.compute_dtype:
+            raise TypeError(f"{name} must have dtype {self.compute_dtype} (the model's compute "
+                            f"dtype), got {h.dtype}")
+        if h.ndim != 3 or h.shape[2] != self.config.hidden_size or h.shape[0] < 1 or h.shape[1] < 1:
+            raise InvalidArgumentError(f"{name} must have shape (batch, seqlen, "
+                                       f"{self.config.hidden_size}), got {h.shape}")
+        return h
+
+    def _check_seqlen(self, T: int) -> None:
+        w = self.config.sliding_window
+        if w is not None and T > w:
+            raise InvalidArgumentError(
+                f"sequences of {T} tokens exceed this checkpoint's sliding attention window of {w}; "
+                f"hiquant does not implement sliding-window attention, use seqlen <= {w}")
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Token embeddings: int ids (B, T) → compute-dtype hidden states (B, T, hidden)."""
+        ids = self._check_ids(ids)
+        self._check_seqlen(ids.shape[1])
+        name = "model.embed_tokens.weight"
+        f = self._where[name]
+        rows = f.raw(name)[ids.reshape(-1)]  # gathers only the rows used, in the stored dtype
+        out = _expand(rows, f.dtype_of(name), self.compute_dtype)
+        return out.reshape(ids.shape[0], ids.shape[1], self.config.hidden_size)
+
+    def _rope(self, T: int):
+        key = T
+        if key not in self._rope_cache:
+            if len(self._rope_cache) > 8:
+                self._rope_cache.clear()
+            # transformers computes the tables in float32 whatever the model's dtype
+            pos = np.arange(T, dtype=np.float32)
+            freqs = pos[:, None] * self._inv_freq[None, :]
+            cd = self.compute_dtype
+            self._rope_cache[key] = (np.cos(freqs).astype(cd), np.sin(freqs).astype(cd))
+        return self._rope_cache[key]
+
+    def _mask(self, T: int) -> np.ndarray:
+        if T not in self._mask_cache:
+            if len(self._mask_cache) > 8:
+                self._mask_cache.clear()
+            m = np.zeros((T, T), dtype=self.compute_dtype)
+            m[np.triu_indices(T, 1)] = -np.inf
+            self._mask_cache[T] = m
+        return self._mask_cache[T]
+
+    def block_forward(self, i: int, h: np.ndarray, *, cache: bool = False,
+                      capture: Callable[[str, np.ndarray], None] | None = None):
+        """Run decoder block ``i`` on hidden states ``h`` (B, T, hidden).
+
+        ``capture(name, X)`` is called for each linear layer with its input ``X`` of shape
+        ``(B*T, d_in)`` in the compute dtype (q, k and v receive the same array, as do gate and
+        up). ``X`` is read-only for the callee and only valid during the call; copy it to keep it.
+        Returns the output, or ``(output, BlockCache)`` with ``cache=True``.
+        """
+        i = self._check_block(i)
+        h = self._check_h(h)
+        c, cd = self.config, self.compute_dtype
+        B, T, D = h.shape
+        self._check_seqlen(T)
+        P = self._block_params(i)
+        names = self._names[i]
+        KV, G, hd = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
+        nq, nkv, I = self._nq, self._nkv, c.intermediate_size
+        eps = c.rms_norm_eps
+        x = np.ascontiguousarray(h).reshape(B * T, D)
+
+        a, r1 = _rmsnorm(x, P.ln1, eps)
+        if capture is not None:
+            for n in names[:3]:
+                capture(n, a)
+        qkv = a @ P.Wqkv.T
+        if P.bqkv is not None:
+            qkv += P.bqkv
+        q = qkv[:, :nq].reshape(B, T, KV, G, hd)
+        k = qkv[:, nq:nq + nkv].reshape(B, T, KV, hd)
+        v = qkv[:, nq + nkv:].reshape(B, T, KV, hd)
+        rq = rk = None
+        if c.qk_norm:
+            qn, rq = _rmsnorm(q, P.qn, eps)
+            kn, rk = _rmsnorm(k, P.kn, eps)
+        else:
+            qn, kn = q, k
+        cos, sin = self._rope(T)
+        # heads grouped by their key/value head: (B, KV, G, T, hd), so GQA needs no copies of k, v
+        qr = _rope_apply(qn.transpose(0, 2, 3, 1, 4), cos, sin)
+        kr = _rope_apply(kn.transpose(0, 2, 1, 3), cos, sin)
+        vt = v.transpose(0, 2, 1, 3)
+        S = np.matmul(qr.reshape(B, KV, G * T, hd), kr.swapaxes(-1, -2))
+        S *= cd.type(hd ** -0.5)
+        S5 = S.reshape(B, KV, G, T, T)
+        S5 += self._mask(T)
+        S -= S.max(axis=-1, keepdims=True)
+        np.exp(S, out=S)
+        S /= S.sum(axis=-1, keepdims=True)
+        O = np.matmul(S, vt)  # (B, KV, G*T, hd)
+        o = O.reshape(B, KV, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B * T, nq)
+        if capture is not None:
+            capture(names[3], o)
+        h1 = o @ P.Wo.T
+        if P.bo is not None:
+            h1 += P.bo
+        h1 += x
+
+        m, r2 = _rmsnorm(h1, P.ln2, eps)
+        if capture is not None:
+            capture(names[4], m)
+            capture(names[5], m)
+        gu = m @ P.Wgu.T
+        g, u = gu[:, :I], gu[:, I:]
+        with np.errstate(over="ignore"):  # exp(-g) = inf for g << 0 gives silu = -0, as in torch
+            e1 = np.exp(-g)
+        e1 += 1
+        act = g / e1
+        s = act * u
+        if capture is not None:
+            capture(names[6], s)
+        out = s @ P.Wd.T
+        out += h1
+        out = out.reshape(B, T, D)
+        if not cache:
+            return out
+        cch = BlockCache()
+        cch.block, cch.shape = i, (B, T)
+        cch.x, cch.a, cch.r1, cch.q, cch.k, cch.rq, cch.rk = x, a, r1, q, k, rq, rk
+        cch.qr, cch.kr, cch.v, cch.P, cch.o = qr, kr, vt, S, o
+        cch.h1, cch.m, cch.r2, cch.gu, cch.e1, cch.act, cch.s = h1, m, r2, gu, e1, act, s
+        return out, cch
+
+    def block_backward(self, i: int, cache: BlockCache, dh_out: np.ndarray, *,
+                       weight_grads: bool = True):
+        """Backward pass of block ``i`` from the cache of its forward pass.
+
+        ``dh_out`` is the gradient with respect to the block's output (B, T, hidden). Returns
+        ``(dh_in, grads)``: the gradient with respect to the block's input and, when
+        ``weight_grads``, ``{name: dW}`` for its seven linear layers (compute dtype, (d_out, d_in)).
+        """
+        i = self._check_block(i)
+        if not isinstance(cache, BlockCache) or cache.block != i:
+            raise InvalidArgumentError(f"cache must be the BlockCache returned by "
+                                       f"block_forward({i}, ..., cache=True)")
+        dh_out = self._check_h(dh_out, "dh_out")
+        B, T = cache.shape
+        if dh_out.shape[:2] != (B, T):
+            raise InvalidArgumentError(f"dh_out has shape {dh_out.shape} but the cached forward "
+                                       f"ran on ({B}, {T}, {self.config.hidden_size})")
+        c, cd = self.config, self.compute_dtype
+        P = self._block_params(i)
+        names = self._names[i]
+        D, I = c.hidden_size, c.intermediate_size
+        KV, G, hd = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
+        nq, nkv = self._nq, self._nkv
+        H = c.num_heads
+        grads = {}
+        dy = np.ascontiguousarray(dh_out).reshape(B * T, D)
+
+        # MLP: out = h1 + (silu(g) * u) @ Wdᵀ
+        if weight_grads:
+            grads[names[6]] = dy.T @ cache.s
+        ds = dy @ P.Wd
+        g, u = cache.gu[:, :I], cache.gu[:, I:]
+        sg = 1 / cache.e1  # sigmoid(g)
+        dgu = np.empty((B * T, 2 * I), dtype=cd)
+        np.multiply(ds, cache.act, out=dgu[:, I:])
+        dg = dgu[:, :I]
+        # silu'(g) = σ(g)·(1 + g·(1 − σ(g)))
+        np.subtract(1, sg, out=dg)
+        dg *= g
+        dg += 1
+        dg *= sg
+        dg *= ds
+        dg *= u
+        if weight_grads:
+            dWgu = dgu.T @ cache.m
+            grads[names[4]], grads[names[5]] = dWgu[:I], dWgu[I:]
+        dm = dgu @ P.Wgu
+        dh1 = _rmsnorm_backward(dm, cache.h1, P.ln2, cache.r2)
+        dh1 += dy
+
+        # attention: h1 = x + o @ Woᵀ
+        if weight_grads:
+            grads[names[3]] = dh1.T @ cache.o
+        do = dh1 @ P.Wo
+        dO = np.ascontiguousarray(do.reshape(B, T, KV, G, hd).transpose(0, 2, 3, 1, 4))
+        dO = dO.reshape(B, KV, G * T, hd)
+        Pm = cache.P
+        dP = np.matmul(dO, cache.v.swapaxes(-1, -2))  # (B, KV, G*T, T)
+        dv = np.matmul(Pm.swapaxes(-1, -2), dO)  # (B, KV, T, hd), summed over the G query heads
+        # softmax backward: dS = P ⊙ (dP − Σ_j P dP), then the score scale
+        dP *= Pm
+        rs = dP.sum(axis=-1, keepdims=True)
+        dP -= Pm * rs
+        dP *= cd.type(hd ** -0.5)
+        dS = dP
+        dqr = np.matmul(dS, cache.kr)  # (B, KV, G*T, hd)
+        dkr = np.matmul(dS.swapaxes(-1, -2), cache.qr.reshape(B, KV, G * T, hd))  # (B, KV, T, hd)
+        cos, sin = self._rope(T)
+        dqn = _rope_backward(dqr.reshape(B, KV, G, T, hd), cos, sin).transpose(0, 3, 1, 2, 4)
+        dkn = _rope_backward(dkr, cos, sin).transpose(0, 2, 1, 3)  # (B, T, KV, hd)
+        if c.qk_norm:
+            dqn = _rmsnorm_backward(dqn, cache.q, P.qn, cache.rq)
+            dkn = _rmsnorm_backward(dkn, cache.k, P.kn, cache.rk)
+        dqkv = np.empty((B * T, nq + 2 * nkv), dtype=cd)
+        dv4 = dqkv.reshape(B, T, H + 2 * KV, hd)
+        dv4[:, :, :H] = dqn.reshape(B, T, H, hd)
+        dv4[:, :, H:H + KV] = dkn
+        dv4[:, :, H + KV:] = dv.transpose(0, 2, 1, 3)
+        if weight_grads:
+            dW = dqkv.T @ cache.a
+            grads[names[0]], grads[names[1]], grads[names[2]] = (
+                dW[:nq], dW[nq:nq + nkv], dW[nq + nkv:])
+        da = dqkv @ P.Wqkv
+        dx = _rmsnorm_backward(da, cache.x, P.ln1, cache.r1)
+        dx += dh1
+        if weight_grads:
+            grads = {n: np.ascontiguousarray(grads[n]) for n in names}
+        return dx.reshape(B, T, D), grads
+
+    # ---- head
+
+    def _final(self, h: np.ndarray):
+        hd = self._head()
+        B, T, D = h.shape
+        x = np.ascontiguousarray(h).reshape(B * T, D)
+        y, r = _rmsnorm(x, hd.norm, self.config.rms_norm_eps)
+        return hd, x, y, r
+
+    def head_loss(self, h: np.ndarray, ids: np.ndarray, *, grad: bool = False):
+        """Per-sequence mean next-token cross-entropy (float64, (B,)) from the last block's
+        output ``h`` (B, T, hidden); position t predicts ids[:, t+1] (T-1 predictions, no BOS).
+
+        With ``grad=True`` returns ``(losses, dh)`` where ``dh`` is the gradient of
+        ``losses.sum()`` with respect to ``h``.
+        """
+        h = self._check_h(h)
+        ids = self._check_ids(ids, min_len=2)
+        B, T = ids.shape
+        if h.shape[:2] != (B, T):
+            raise InvalidArgumentError(f"h has shape {h.shape} but ids has {ids.shape}")
+        hd, x, y, r = self._final(h)
+        V, D = hd.W.shape
+        cd = self.compute_dtype
+        rows = np.arange(B * T).reshape(B, T)[:, :-1].reshape(-1)  # positions that predict
+        targets = ids[:, 1:].reshape(-1)
+        per_pos = np.empty(rows.size, dtype=np.float64)
+        dy = np.zeros((B * T, D), dtype=cd) if grad else None
+        chunk = max(1, (32768 * 1024) // V)  # bounds the logits buffer near 128 MiB in float32
+        scale = cd.type(1.0 / (T - 1))
+        for s0 in range(0, rows.size, chunk):
+            rr, tt = rows[s0:s0 + chunk], targets[s0:s0 + chunk]
+            logits = y[rr] @ hd.W.T
+            mx = logits.max(axis=1, keepdims=True)
+            logits -= mx
+            tgt = logits[np.arange(rr.size), tt]
+            np.exp(logits, out=logits)
+            se = logits.sum(axis=1)
+            per_pos[s0:s0 + rr.size] = np.log(se) - tgt
+            if grad:
+                logits /= se[:, None]  # softmax
+                logits[np.arange(rr.size), tt] -= 1
+                logits *= scale
+                dy[rr] = logits @ hd.W
+        losses = per_pos.reshape(B, T - 1).mean(axis=1)
+        if not grad:
+            return losses
+        dx = _rmsnorm_backward(dy, x, hd.norm, r)
+        return losses, dx.reshape(B, T, D)
+
+    # ---- whole model
+
+    def _auto_batch(self, T: int, budget: int = 256 << 20) -> int:
+        c = self.config
+        per_seq = self.compute_dtype.itemsize * T * (
+            c.num_heads * T + 4 * c.hidden_size + 2 * (self._nq + 2 * self._nkv)
+            + 4 * c.intermediate_size)
+        return max(1, budget // per_seq)
+
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        """Hidden states after the last block (before the final norm), (B, T, hidden)."""
+        h = self.embed(ids)
+        for i in range(self.num_blocks):
+            h = self.block_forward(i, h)
+        return h
+
+    def sequence_losses(self, ids: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
+        """Per-sequence mean next-token cross-entropy, float64 (B,), block by block."""
+        ids = self._check_ids(ids, min_len=2)
+        bs = batch_size or self._auto_batch(ids.shape[1])
+        out = []
+        for b0 in range(0, ids.shape[0], bs):
+            chunk = ids[b0:b0 + bs]
+            out.append(self.head_loss(self.forward(chunk), chunk))
+        return np.concatenate(out)
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """Next-token logits (B, T, vocab) in the compute dtype."""
+        ids = self._check_ids(ids)
+        h = self.forward(ids)
+        hd, _, y, _ = self._final(h)
+        return (y @ hd.W.T).reshape(ids.shape[0], ids.shape[1], -1)
+
+    def weight_grads(self, ids: np.ndarray, *, checkpoint: bool | None = None) -> dict:
+        """Gradient of the mean over the batch of the per-sequence losses with respect to every
+        linear weight: ``{name: dW}`` (compute dtype, (d_out, d_in)). Call with one sequence
+        (B = 1) for per-sequence gradients. ``checkpoint=True`` keeps only each block's input and
+        recomputes its activations during the backward pass (less memory, one more forward);
+        None chooses it when the activations of all blocks would exceed 2 GiB."""
+        ids = self._check_ids(ids, min_len=2)
+        B, T = ids.shape
+        if checkpoint is None:
+            c = self.config
+            per_block = self.compute_dtype.itemsize * B * T * (
+                c.num_heads * T + 4 * c.hidden_size + 3 * (self._nq + 2 * self._nkv)
+                + 5 * c.intermediate_size)
+            checkpoint = per_block * self.num_blocks > (2 << 30)
+        h = self.embed(ids)
+        saved = []
+        for i in range(self.num_blocks):
+            if checkpoint:
+                saved.append(h)
+                h = self.block_forward(i, h)
+            else:
+                h, cch = self.block_forward(i, h, cache=True)
+                saved.append(cch)
+        _, dh = self.head_loss(h, ids, grad=True)
+        if B > 1:
+            dh /= B
+        grads = {}
+        for i in reversed(range(self.num_blocks)):
+            cch = saved[i]
+            if checkpoint:
+                _, cch = self.block_forward(i, cch, cache=True)
+            saved[i] = None
+            dh, g = self.block_backward(i, cch, dh)
+            grads.update(g)
+        return {n: grads[n] for n in self.linear_names()}
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def _load_json(path: Path, what: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {what} is not valid JSON ({e}); fix or re-download it") from e
+
+
+def _expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    D, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    nq, nkv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
+    exp = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    if not cfg.tie_word_embeddings:
+        exp["lm_head.weight"] = (V, D)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        exp[p + "input_layernorm.weight"] = (D,)
+        exp[p + "post_attention_layernorm.weight"] = (D,)
+        shapes = {"self_attn.q_proj": (nq, D), "self_attn.k_proj": (nkv, D),
+                  "self_attn.v_proj": (nkv, D), "self_attn.o_proj": (D, nq),
+                  "mlp.gate_proj": (I, D), "mlp.up_proj": (I, D), "mlp.down_proj": (D, I)}
+        for s, shp in shapes.items():
+            exp[p + s + ".weight"] = shp
+        if cfg.attention_bias:
+            exp[p + "self_attn.q_proj.bias"] = (nq,)
+            exp[p + "self_attn.k_proj.bias"] = (nkv,)
+            exp[p + "self_attn.v_proj.bias"] = (nkv,)
+        if cfg.o_bias:
+            exp[p + "self_attn.o_proj.bias"] = (D,)
+        if cfg.qk_norm:
+            exp[p + "self_attn.q_norm.weight"] = (hd,)
+            exp[p + "self_attn.k_norm.weight"] = (hd,)
+    return exp
+
+
+def _open_weights(folder: Path) -> tuple[dict, dict]:
+    """filename → _SafetensorsFile and tensor name → file, from model.safetensors or the index."""
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index.exists():
+        idx = _load_json(index, "the shard index")
+        wm = idx.get("weight_map") if isinstance(idx, dict) else None
+        if not isinstance(wm, dict) or not wm or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+            raise CheckpointError(f"{index}: needs a non-empty 'weight_map' of tensor name → "
+                                  "shard file; fix or re-download it")
+        files = {}
+        for fname in sorted(set(wm.values())):
+            fp = folder / fname
+            if Path(fname).name != fname or not fp.is_file():
+                raise CheckpointError(f"{index}: lists shard '{fname}', which is not a file in "
+                                      f"{folder}; download the missing shard")
+            files[fname] = _SafetensorsFile(fp)
+        where = {}
+        for fname, f in files.items():
+            for name in f.entries:
+                if name in where:
+                    raise CheckpointError(f"{f.path}: tensor '{name}' is also in "
+                                          f"{where[name].path}; the shards are inconsistent")
+                if wm.get(name) != fname:
+                    raise CheckpointError(
+                        f"{f.path}: holds tensor '{name}' but {index.name} maps it to "
+                        f"{wm.get(name)!r}; the index and the shards do not match")
+                where[name] = f
+        for name, fname in wm.items():
+            if name not in where:
+                raise CheckpointError(f"{folder / fname}: tensor '{name}' listed in {index.name} "
+                                      "is missing from the shard; re-download it")
+        return files, where
+    if single.exists():
+        f = _SafetensorsFile(single)
+        return {single.name: f}, {n: f for n in f.entries}
+    shards = sorted(p.name for p in folder.glob("model-*-of-*.safetensors"))
+    if shards:
+        raise CheckpointError(f"{folder}: has shards ({shards[0]}, ...) but no "
+                              "model.safetensors.index.json; download the index too")
+    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json; "
+                          "hiquant reads Hugging Face safetensors checkpoints (convert .bin "
+                          "checkpoints with transformers' save_pretrained)")
+
+
+def load_model(path, *, compute_dtype="float32", weight_cache_bytes: int = 1 << 30,
+               load_tokenizer: bool = True) -> Model:
+    """Load a Hugging Face checkpoint folder (see the module docstring for what is supported).
+
+    ``compute_dtype`` "float32" (default) or "float64" (for gradient checks). Weights stay
+    memory-mapped in their stored dtype; ``weight_cache_bytes`` bounds the expanded copies kept
+    between calls. Raises CheckpointError on anything missing, malformed or inconsistent.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder; pass a Hugging Face checkpoint folder "
+                              "holding config.json and model.safetensors")
+    cd = np.dtype(compute_dtype)
+    if cd not in (np.float32, np.float64):
+        raise InvalidArgumentError(f"compute_dtype must be float32 or float64, got {cd}")
+    if isinstance(weight_cache_bytes, bool) or not isinstance(weight_cache_bytes, int) \
+            or weight_cache_bytes < 0:
+        raise InvalidArgumentError(f"weight_cache_bytes must be a non-negative int, got "
+                                   f"{weight_cache_bytes!r}")
+    cfg_path = folder / "config.json"
+    raw = _load_json(cfg_path, "config.json")
+    cfg = parse_config(raw, cfg_path)
+    files, where = _open_weights(folder)
+
+    expected = _expected_tensors(cfg)
+    for name, shape in expected.items():
+        f = where.get(name)
+        if f is None:
+            hint = ""
+            if name == "lm_head.weight":
+                hint = " (or set tie_word_embeddings=true in config.json if the model ties them)"
+            raise CheckpointError(f"{folder}: tensor '{name}' is missing from the checkpoint"
+                                  f"{hint}; the weights do not match config.json")
+        e = f.entries[name]
+        if e["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{f.path}: tensor '{name}' has dtype {e['dtype']}; hiquant "
+                                  "reads F32, F16 and BF16 weights (convert the checkpoint)")
+        if tuple(e["shape"]) != shape:
+            raise CheckpointError(f"{f.path}: tensor '{name}' has shape {tuple(e['shape'])} but "
+                                  f"config.json implies {shape}; the weights and config.json do "
+                                  "not match")
+    extra = sorted(n for n in where if n not in expected and not _IGNORED_TENSOR.match(n))
+    if extra:
+        hint = ""
+        if "lm_head.weight" in extra and cfg.tie_word_embeddings:
+            hint = " (config.json says tie_word_embeddings=true but an lm_head is stored)"
+        raise CheckpointError(f"{where[extra[0]].path}: unexpected tensor '{extra[0]}'"
+                              f"{' and %d more' % (len(extra) - 1) if len(extra) > 1 else ''}"
+                              f"{hint}; the checkpoint does not match config.json "
+                              f"({cfg.arch}, {cfg.num_layers} layers)")
+    lin = f"model.layers.0.{LINEAR_SUFFIXES[0]}.weight"
+    src = _ST_DTYPES[where[lin].dtype_of(lin)][2]
+    cfg = dataclasses.replace(cfg, source_dtype=src)
+
+    tok = None
+    tp = folder / "tokenizer.json"
+    if load_tokenizer and tp.exists():
+        try:
+            from tokenizers import Tokenizer
+            tok = Tokenizer.from_file(str(tp))
+        except Exception as e:  # tokenizers raises its own Exception type
+            raise CheckpointError(f"{tp}: cannot load the tokenizer ({e}); fix or re-download it") from e
+    return Model(folder, cfg, files, where, tok, cd, weight_cache_bytes)
