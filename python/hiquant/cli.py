@@ -26,16 +26,13 @@ def _positive_int(s: str) -> int:
 
 
 def _apply_threads(n: int | None) -> dict:
-    """Thread count for hiquant's kernels and NumPy's BLAS (the runtime's matrix products)."""
+    """hiquant's thread count (native kernels and the runtime's worker threads, each running
+    NumPy's BLAS single-threaded)."""
     from . import _threads
-    from .model import blas_threads, set_blas_threads
 
     if n is not None:
         _threads.set_num_threads(n)
-        if not set_blas_threads(n):
-            print("hiquant: warning: could not set NumPy's BLAS thread count; set "
-                  "OPENBLAS_NUM_THREADS before starting", file=sys.stderr)
-    return {"threads": _threads.get_num_threads(), "blas_threads": blas_threads()}
+    return {"threads": _threads.get_num_threads()}
 
 
 def _emit(result: dict) -> None:
@@ -58,7 +55,7 @@ def cmd_eval(args) -> int:
     print(f"hiquant: {args.text}: {len(ids)} tokens; {args.windows} windows of {args.seqlen}",
           file=sys.stderr)
     res = perplexity(model, ids, args.seqlen, args.windows, batch_size=args.batch_size,
-                     progress=not args.quiet)
+                     n_threads=args.threads, progress=not args.quiet)
     res.pop("window_losses")
     print(f"hiquant: perplexity {res['ppl']:.4f} ({res['tokens_per_s']:.0f} tokens/s)",
           file=sys.stderr)
@@ -86,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="windows per forward pass (default: by memory)")
     p.add_argument("--threads", type=_positive_int, default=None,
-                   help="threads for hiquant kernels and NumPy's BLAS")
+                   help="threads for hiquant (default: OMP_NUM_THREADS or the cores available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
     return ap

@@ -37,6 +37,7 @@ instead when they would exceed 2 GiB), so a model whose float32 copy exceeds RAM
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import hashlib
@@ -45,13 +46,16 @@ import math
 import os
 import re
 import struct
+import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from ._safetensors_io import SafetensorsFile, bf16_to_f32
 from .errors import CheckpointError, InvalidArgumentError
 
 __all__ = [
@@ -61,9 +65,10 @@ __all__ = [
     "BlockCache",
     "load_model",
     "parse_config",
-    "read_safetensors_header",
     "blas_threads",
     "set_blas_threads",
+    "single_threaded_blas",
+    "map_ordered",
 ]
 
 SUPPORTED_ARCHITECTURES = (
@@ -102,15 +107,8 @@ _ARCH_DEFAULTS = {
                              max_position_embeddings=32768),
 }
 
-# safetensors dtype → (NumPy dtype of the stored bits, bytes per element, hiquant's name)
-_ST_DTYPES = {
-    "F32": (np.dtype("<f4"), 4, "float32"),
-    "F16": (np.dtype("<f2"), 2, "float16"),
-    "BF16": (np.dtype("<u2"), 2, "bfloat16"),  # raw bits; expanded by _expand
-}
-_ST_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1,
-                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit on the JSON header
+# safetensors dtypes the runtime computes with → hiquant's name for them
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 # Non-parameter buffers some older checkpoints saved; they carry no information we need.
 _IGNORED_TENSOR = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
@@ -315,112 +313,18 @@ def parse_config(raw: dict, path="config.json", source_dtype: str = "float32") -
 # safetensors
 
 
-def read_safetensors_header(path) -> tuple[dict, dict, int]:
-    """Parse and validate a safetensors header without trusting it.
-
-    Returns ``(tensors, metadata, data_start)`` where ``tensors`` maps each name to
-    ``{"dtype", "shape", "data_offsets"}``. Every offset is checked against the file size, every
-    byte length against shape × dtype size, and tensors may not overlap. Raises CheckpointError.
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: file is {size} bytes, too short for a safetensors "
-                                      "header (truncated download?); fetch the file again")
-            (n,) = struct.unpack("<Q", head)
-            if n == 0 or n > _MAX_HEADER or n > size - 8:
-                raise CheckpointError(
-                    f"{path}: header length {n} does not fit in the {size}-byte file "
-                    "(truncated or not a safetensors file); fetch the file again")
-            blob = f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e})") from e
-    try:
-        header = json.loads(blob.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}); the file "
-                              "is corrupt, fetch it again") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the safetensors header is not a JSON object; corrupt file")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: '__metadata__' must be an object")
-    data_start = 8 + n
-    data_len = size - data_start
-    spans = []
-    for name, e in header.items():
-        where = f"{path}: tensor '{name}'"
-        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
-            raise CheckpointError(f"{where}: header entry lacks dtype/shape/data_offsets; corrupt file")
-        dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-        if (not isinstance(shape, list) or
-                not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
-            raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-        if (not isinstance(offs, list) or len(offs) != 2 or
-                not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
-            raise CheckpointError(f"{where}: data_offsets {offs!r} is not a pair of integers")
-        if dt in _ST_DTYPES:
-            itemsize = _ST_DTYPES[dt][1]
-        elif dt in _ST_ITEMSIZE:
-            itemsize = _ST_ITEMSIZE[dt]
-        else:
-            raise CheckpointError(f"{where}: unknown dtype {dt!r}; corrupt file")
-        b, end = offs
-        if not 0 <= b <= end <= data_len:
-            raise CheckpointError(
-                f"{where}: data_offsets [{b}, {end}] lie outside the {data_len}-byte data section "
-                "(truncated or corrupt file); fetch the file again")
-        if end - b != math.prod(shape) * itemsize:
-            raise CheckpointError(
-                f"{where}: holds {end - b} bytes but shape {tuple(shape)} of {dt} needs "
-                f"{math.prod(shape) * itemsize}; corrupt file")
-        spans.append((b, end, name))
-    spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise CheckpointError(f"{path}: tensors '{n0}' and '{n1}' overlap in the file; corrupt file")
-    return header, meta, data_start
-
-
-class _SafetensorsFile:
-    """One memory-mapped safetensors file; tensors are views in their stored dtype."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.entries, self.metadata, self.data_start = read_safetensors_header(self.path)
-        size = self.path.stat().st_size
-        self._mm = None
-        if size > self.data_start:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_start,
-                                 shape=(size - self.data_start,))
-
-    def dtype_of(self, name: str) -> str:
-        return self.entries[name]["dtype"]
-
-    def raw(self, name: str) -> np.ndarray:
-        """Read-only view of the stored bits (BF16 as uint16)."""
-        e = self.entries[name]
-        dt = _ST_DTYPES[e["dtype"]][0]
-        b, end = e["data_offsets"]
-        if end == b:
-            return np.empty(e["shape"], dtype=dt)
-        return self._mm[b:end].view(dt).reshape(e["shape"])
-
-    def header_digest(self) -> str:
-        with open(self.path, "rb") as f:
-            return hashlib.sha256(f.read(self.data_start)).hexdigest()
+def _header_digest(path: Path) -> str:
+    """sha256 of a safetensors file's length prefix and JSON header (names, dtypes, offsets)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return hashlib.sha256(struct.pack("<Q", n) + f.read(n)).hexdigest()
 
 
 def _expand(raw: np.ndarray, st_dtype: str, out_dtype) -> np.ndarray:
     """Stored bits → a fresh C-contiguous array of out_dtype. BF16 is exact: the 16 bits are the
     top half of a float32."""
     if st_dtype == "BF16":
-        u = raw.astype(np.uint32)
-        u <<= 16
-        f = u.view(np.float32)
+        f = bf16_to_f32(raw)
         return f if np.dtype(out_dtype) == np.float32 else f.astype(out_dtype)
     return np.array(raw, dtype=out_dtype, order="C", copy=True)
 
@@ -453,23 +357,95 @@ def _openblas_setter():
     return None, None
 
 
+_BLAS = None  # (setter, getter) once looked up
+_blas_lock = threading.Lock()
+_blas_depth = 0
+_blas_saved = None
+
+
+def _blas_fns():
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = _openblas_setter()
+    return _BLAS
+
+
 def set_blas_threads(n: int) -> bool:
     """Set the thread count of NumPy's OpenBLAS (the runtime's matrix products). Returns False
     when NumPy's BLAS is not an OpenBLAS whose setter can be found (then set OPENBLAS_NUM_THREADS
     or OMP_NUM_THREADS before starting Python)."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    fn, _ = _openblas_setter()
+    fn, _ = _blas_fns()
     if fn is None:
         return False
-    fn(ctypes.c_int(n))
+    with _blas_lock:
+        if _blas_depth:  # inside single_threaded_blas(): applies when it exits
+            globals()["_blas_saved"] = n
+        else:
+            fn(ctypes.c_int(n))
     return True
 
 
 def blas_threads() -> int | None:
     """NumPy's OpenBLAS thread count, or None when it cannot be read."""
-    _, get = _openblas_setter()
+    _, get = _blas_fns()
     return int(get()) if get is not None else None
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """Run NumPy's OpenBLAS on one thread inside the block (re-entrant; restored on exit).
+
+    The runtime parallelizes over sequences with its own worker threads instead of inside each
+    matrix product: results are then identical for any thread count (OpenBLAS's threaded
+    products are not bitwise reproducible), and a busy machine does not stall BLAS threads at
+    their barriers (measured here with other jobs running: one 4×512-token block took 1.56 s with
+    two BLAS threads, 0.38 s with one). Yields False when the BLAS cannot be controlled.
+    """
+    global _blas_depth, _blas_saved
+    fn, get = _blas_fns()
+    if fn is None:
+        yield False
+        return
+    with _blas_lock:
+        if _blas_depth == 0:
+            _blas_saved = int(get())
+            fn(ctypes.c_int(1))
+        _blas_depth += 1
+    try:
+        yield True
+    finally:
+        with _blas_lock:
+            _blas_depth -= 1
+            if _blas_depth == 0:
+                fn(ctypes.c_int(_blas_saved))
+
+
+def resolve_workers(n_threads: int | None) -> int:
+    """Worker threads for the runtime: n_threads, or hiquant's default thread count."""
+    from ._threads import get_num_threads, resolve_n_threads
+    n = resolve_n_threads(n_threads)
+    return n if n > 0 else max(1, get_num_threads())
+
+
+def map_ordered(fn, items, n_threads: int | None = None):
+    """[fn(x) for x in items] on worker threads with single-threaded BLAS; results in order.
+    NumPy releases the GIL in matrix products and large element-wise operations, so the workers
+    run in parallel. The first exception is re-raised after the others are cancelled."""
+    items = list(items)
+    nw = min(resolve_workers(n_threads), len(items))
+    with single_threaded_blas():
+        if nw <= 1:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(max_workers=nw, thread_name_prefix="hiquant") as ex:
+            futs = [ex.submit(fn, x) for x in items]
+            try:
+                return [f.result() for f in futs]
+            except BaseException:
+                for f in futs:
+                    f.cancel()
+                raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,13 +560,15 @@ class Model:
         self.tokenizer = tokenizer
         self.compute_dtype = np.dtype(compute_dtype)
         self.weight_cache_bytes = int(weight_cache_bytes)
-        self._files = files  # filename → _SafetensorsFile
-        self._where = tensor_file  # tensor name → _SafetensorsFile
+        self._files = files  # filename → SafetensorsFile
+        self._where = tensor_file  # tensor name → SafetensorsFile
         self._overrides: dict[str, np.ndarray] = {}
         self._cache: OrderedDict = OrderedDict()
         self._cache_nbytes = 0
         self._rope_cache: dict = {}
         self._mask_cache: dict = {}
+        # worker threads share the model: the caches are filled under this lock
+        self._lock = threading.RLock()
         self._inv_freq = rope_inv_freq(config)
         c = config
         self._names = [[f"model.layers.{i}.{s}" for s in LINEAR_SUFFIXES]
@@ -616,7 +594,7 @@ class Model:
     def linear_shape(self, name: str) -> tuple[int, int]:
         """(d_out, d_in) of a linear layer, without reading it."""
         self._check_name(name)
-        return tuple(self._where[name + ".weight"].entries[name + ".weight"]["shape"])
+        return tuple(self._where[name + ".weight"].tensors[name + ".weight"].shape)
 
     def fingerprint(self) -> dict:
         """What identifies these weights: the config hash and, per safetensors file, its size,
@@ -625,7 +603,7 @@ class Model:
         for fname, f in sorted(self._files.items()):
             st = f.path.stat()
             files[fname] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                            "header_sha256": f.header_digest()}
+                            "header_sha256": _header_digest(f.path)}
         return {"config_sha256": self.config.fingerprint(), "files": files}
 
     def __repr__(self) -> str:
@@ -651,23 +629,24 @@ class Model:
 
     def _tensor(self, name: str, dtype=None) -> np.ndarray:
         f = self._where[name]
-        return _expand(f.raw(name), f.dtype_of(name), dtype or self.compute_dtype)
+        return _expand(f.array(name), f.tensors[name].dtype, dtype or self.compute_dtype)
 
     def get_weight(self, name: str, *, original: bool = False) -> np.ndarray:
         """A fresh float32 C-contiguous copy of a linear layer's weight ``(d_out, d_in)``: the
         weight set by :meth:`set_weight` if any (unless ``original=True``), else the checkpoint's."""
         self._check_name(name)
         if not original and name in self._overrides:
-            return self._overrides[name].copy()
+            return self._overrides[name].astype(np.float32, copy=True)
         return self._tensor(name + ".weight", np.float32)
 
     def set_weight(self, name: str, W: np.ndarray) -> None:
         """Use ``W`` (float32, the layer's shape) for this linear layer in later forward and
-        backward passes, e.g. a quantized-dequantized weight. The array is copied."""
+        backward passes, e.g. a quantized-dequantized weight. The array is copied. A model
+        computing in float64 also accepts float64 (finite-difference checks need it)."""
         i, _ = self._check_name(name)
         if not isinstance(W, np.ndarray):
             raise TypeError(f"W must be a numpy.ndarray of float32, got {type(W).__name__}")
-        if W.dtype != np.float32:
+        if W.dtype != np.float32 and W.dtype != self.compute_dtype:
             raise TypeError(f"W must have dtype float32, got {W.dtype}; convert it with "
                             "W.astype(numpy.float32)")
         shape = self.linear_shape(name)
@@ -677,7 +656,7 @@ class Model:
         if not np.isfinite(W).all():
             from .errors import NumericalError
             raise NumericalError(f"W for {name} contains NaN or Inf")
-        self._overrides[name] = np.array(W, dtype=np.float32, order="C", copy=True)
+        self._overrides[name] = np.array(W, order="C", copy=True)
         self._evict(i)
 
     def reset_weight(self, name: str) -> None:
@@ -696,16 +675,22 @@ class Model:
         return [n for n in self.linear_names() if n in self._overrides]
 
     def _evict(self, key) -> None:
-        item = self._cache.pop(key, None)
-        if item is not None:
-            self._cache_nbytes -= item.nbytes
+        with self._lock:
+            item = self._cache.pop(key, None)
+            if item is not None:
+                self._cache_nbytes -= item.nbytes
 
     def clear_weight_cache(self) -> None:
         """Drop every expanded (compute-dtype) weight kept for reuse."""
-        self._cache.clear()
-        self._cache_nbytes = 0
+        with self._lock:
+            self._cache.clear()
+            self._cache_nbytes = 0
 
     def _cached(self, key, build):
+        with self._lock:
+            return self._cached_locked(key, build)
+
+    def _cached_locked(self, key, build):
         item = self._cache.get(key)
         if item is not None:
             self._cache.move_to_end(key)
@@ -813,11 +798,15 @@ class Model:
         self._check_seqlen(ids.shape[1])
         name = "model.embed_tokens.weight"
         f = self._where[name]
-        rows = f.raw(name)[ids.reshape(-1)]  # gathers only the rows used, in the stored dtype
-        out = _expand(rows, f.dtype_of(name), self.compute_dtype)
+        rows = f.array(name)[ids.reshape(-1)]  # gathers only the rows used, in the stored dtype
+        out = _expand(rows, f.tensors[name].dtype, self.compute_dtype)
         return out.reshape(ids.shape[0], ids.shape[1], self.config.hidden_size)
 
     def _rope(self, T: int):
+        with self._lock:
+            return self._rope_locked(T)
+
+    def _rope_locked(self, T: int):
         key = T
         if key not in self._rope_cache:
             if len(self._rope_cache) > 8:
@@ -830,6 +819,10 @@ class Model:
         return self._rope_cache[key]
 
     def _mask(self, T: int) -> np.ndarray:
+        with self._lock:
+            return self._mask_locked(T)
+
+    def _mask_locked(self, T: int) -> np.ndarray:
         if T not in self._mask_cache:
             if len(self._mask_cache) > 8:
                 self._mask_cache.clear()
@@ -1062,7 +1055,10 @@ class Model:
 
     # ---- whole model
 
-    def _auto_batch(self, T: int, budget: int = 256 << 20) -> int:
+    def _auto_batch(self, T: int, budget: int = 128 << 20) -> int:
+        """Sequences per forward chunk so that one chunk's activations stay near ``budget``.
+        Independent of the thread count on purpose: the chunking decides the matrix shapes,
+        hence the rounding, so results do not depend on how many workers run the chunks."""
         c = self.config
         per_seq = self.compute_dtype.itemsize * T * (
             c.num_heads * T + 4 * c.hidden_size + 2 * (self._nq + 2 * self._nkv)
@@ -1076,15 +1072,29 @@ class Model:
             h = self.block_forward(i, h)
         return h
 
-    def sequence_losses(self, ids: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
-        """Per-sequence mean next-token cross-entropy, float64 (B,), block by block."""
+    def sequence_losses(self, ids: np.ndarray, *, batch_size: int | None = None,
+                        n_threads: int | None = None, progress=None) -> np.ndarray:
+        """Per-sequence mean next-token cross-entropy, float64 (B,).
+
+        Sequences run in chunks of ``batch_size`` (default: by memory), each chunk through all
+        blocks, chunks spread over ``n_threads`` workers (default: hiquant's thread count) with
+        single-threaded BLAS. Results do not depend on ``n_threads``. ``progress``: optional
+        callable(n_sequences_done) called as chunks finish.
+        """
         ids = self._check_ids(ids, min_len=2)
         bs = batch_size or self._auto_batch(ids.shape[1])
-        out = []
-        for b0 in range(0, ids.shape[0], bs):
+        if isinstance(bs, bool) or not isinstance(bs, (int, np.integer)) or bs < 1:
+            raise InvalidArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
+        self._check_seqlen(ids.shape[1])
+
+        def run(b0):
             chunk = ids[b0:b0 + bs]
-            out.append(self.head_loss(self.forward(chunk), chunk))
-        return np.concatenate(out)
+            out = self.head_loss(self.forward(chunk), chunk)
+            if progress is not None:
+                progress(len(chunk))
+            return out
+
+        return np.concatenate(map_ordered(run, range(0, ids.shape[0], bs), n_threads))
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         """Next-token logits (B, T, vocab) in the compute dtype."""
@@ -1172,7 +1182,7 @@ def _expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _open_weights(folder: Path) -> tuple[dict, dict]:
-    """filename → _SafetensorsFile and tensor name → file, from model.safetensors or the index."""
+    """filename → SafetensorsFile and tensor name → file, from model.safetensors or the index."""
     index = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"
     if index.exists():
@@ -1188,10 +1198,10 @@ def _open_weights(folder: Path) -> tuple[dict, dict]:
             if Path(fname).name != fname or not fp.is_file():
                 raise CheckpointError(f"{index}: lists shard '{fname}', which is not a file in "
                                       f"{folder}; download the missing shard")
-            files[fname] = _SafetensorsFile(fp)
+            files[fname] = SafetensorsFile(fp)
         where = {}
         for fname, f in files.items():
-            for name in f.entries:
+            for name in f.tensors:
                 if name in where:
                     raise CheckpointError(f"{f.path}: tensor '{name}' is also in "
                                           f"{where[name].path}; the shards are inconsistent")
@@ -1206,8 +1216,8 @@ def _open_weights(folder: Path) -> tuple[dict, dict]:
                                       "is missing from the shard; re-download it")
         return files, where
     if single.exists():
-        f = _SafetensorsFile(single)
-        return {single.name: f}, {n: f for n in f.entries}
+        f = SafetensorsFile(single)
+        return {single.name: f}, {n: f for n in f.tensors}
     shards = sorted(p.name for p in folder.glob("model-*-of-*.safetensors"))
     if shards:
         raise CheckpointError(f"{folder}: has shards ({shards[0]}, ...) but no "
@@ -1250,12 +1260,12 @@ def load_model(path, *, compute_dtype="float32", weight_cache_bytes: int = 1 << 
                 hint = " (or set tie_word_embeddings=true in config.json if the model ties them)"
             raise CheckpointError(f"{folder}: tensor '{name}' is missing from the checkpoint"
                                   f"{hint}; the weights do not match config.json")
-        e = f.entries[name]
-        if e["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{f.path}: tensor '{name}' has dtype {e['dtype']}; hiquant "
+        e = f.tensors[name]
+        if e.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{f.path}: tensor '{name}' has dtype {e.dtype}; hiquant "
                                   "reads F32, F16 and BF16 weights (convert the checkpoint)")
-        if tuple(e["shape"]) != shape:
-            raise CheckpointError(f"{f.path}: tensor '{name}' has shape {tuple(e['shape'])} but "
+        if tuple(e.shape) != shape:
+            raise CheckpointError(f"{f.path}: tensor '{name}' has shape {tuple(e.shape)} but "
                                   f"config.json implies {shape}; the weights and config.json do "
                                   "not match")
     extra = sorted(n for n in where if n not in expected and not _IGNORED_TENSOR.match(n))
@@ -1268,7 +1278,7 @@ def load_model(path, *, compute_dtype="float32", weight_cache_bytes: int = 1 << 
                               f"{hint}; the checkpoint does not match config.json "
                               f"({cfg.arch}, {cfg.num_layers} layers)")
     lin = f"model.layers.0.{LINEAR_SUFFIXES[0]}.weight"
-    src = _ST_DTYPES[where[lin].dtype_of(lin)][2]
+    src = _ST_DTYPES[where[lin].tensors[lin].dtype]
     cfg = dataclasses.replace(cfg, source_dtype=src)
 
     tok = None
