@@ -1,0 +1,92 @@
+"""Float64 NumPy references for hiquant.allocate (independent of the C++ core).
+
+* :func:`layer_cost_bits` — the storage cost of one layer, written from the specification
+  (not from :mod:`hiquant.layers`), so tests can check the library's single cost function.
+* :func:`iqp_objective` — δᵀMδ of a one-hot choice.
+* :func:`brute_force` — exhaustive enumeration of every choice (itertools order), the ground
+  truth the native solver is tested against on small instances.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+__all__ = ["n_groups", "layer_cost_bits", "iqp_objective", "brute_force", "BruteForce"]
+
+
+def n_groups(n: int, group_size: int) -> int:
+    """Parameter groups of ``n`` columns: 0 if n == 0; 1 if g <= 0 or g >= n; else ceil(n/g)."""
+    if n == 0:
+        return 0
+    if group_size <= 0 or group_size >= n:
+        return 1
+    return math.ceil(n / group_size)
+
+
+def layer_cost_bits(d_out: int, d_in: int, k: int, b_low: int, b_high: int, group_size: int,
+                    scale_bits: int = 16) -> int:
+    """Bits of a layer with ``k`` high-impact columns (see hiquant.allocate.layer_cost_bits)."""
+    low = d_out * (d_in - k) * b_low + d_out * n_groups(d_in - k, group_size) * (scale_bits + b_low)
+    if b_high == 16:
+        high = d_out * k * 16
+    else:
+        high = d_out * k * b_high + d_out * n_groups(k, group_size) * (scale_bits + b_high)
+    mask = d_in if k > 0 else 0
+    return low + high + mask
+
+
+def iqp_objective(M: np.ndarray, choice) -> float:
+    """δᵀMδ for the one-hot δ selecting option ``choice[l]`` of layer ``l``."""
+    M = np.asarray(M, np.float64)
+    choice = np.asarray(choice, np.int64)
+    K = M.shape[0] // choice.size
+    v = np.arange(choice.size) * K + choice
+    return float(M[np.ix_(v, v)].sum())
+
+
+class BruteForce:
+    """Result of :func:`brute_force`."""
+
+    def __init__(self, objective, choices, cost, second, n_feasible, min_cost):
+        self.objective = objective  # optimal δᵀMδ
+        self.choices = choices  # (n_opt, L) every choice within `rtol` of the optimum
+        self.cost = cost  # cost of choices[0]
+        self.second = second  # best objective among the other, non-optimal feasible choices
+        self.n_feasible = n_feasible
+        self.min_cost = min_cost  # smallest feasible budget
+
+    @property
+    def unique(self) -> bool:
+        return self.choices.shape[0] == 1
+
+
+def brute_force(M: np.ndarray, costs: np.ndarray, budget: int, rtol: float = 1e-9) -> BruteForce:
+    """Every one-hot choice enumerated (K**L of them; keep K**L below a few million).
+
+    Returns the optimum of ``δᵀMδ`` subject to ``Σ cost <= budget``; ``choices`` lists all
+    optimal choices (objective within ``rtol`` relative of the best). ``min_cost`` is the
+    cheapest total; ``objective`` is ``inf`` and ``choices`` empty when nothing fits."""
+    M = np.asarray(M, np.float64)
+    costs = np.asarray(costs, np.int64)
+    L, K = costs.shape
+    combos = np.array(list(itertools.product(range(K), repeat=L)), np.int64).reshape(-1, L)
+    V = combos + np.arange(L) * K
+    total = costs[np.arange(L), combos].sum(axis=1)
+    min_cost = int(costs.min(axis=1).sum())
+    ok = total <= budget
+    if not ok.any():
+        return BruteForce(math.inf, np.zeros((0, L), np.int64), None, math.inf, 0, min_cost)
+    V, combos, total = V[ok], combos[ok], total[ok]
+    obj = np.empty(V.shape[0])
+    for s in range(0, V.shape[0], 8192):  # chunks keep memory at 8192 * L * L
+        Vs = V[s:s + 8192]
+        obj[s:s + 8192] = M[Vs[:, :, None], Vs[:, None, :]].sum(axis=(1, 2))
+    best = float(obj.min())
+    near = obj <= best + rtol * max(abs(best), 1e-300)
+    order = np.flatnonzero(near)
+    rest = obj[~near]
+    second = float(rest.min()) if rest.size else math.inf
+    return BruteForce(best, combos[order], int(total[order[0]]), second, int(ok.sum()), min_cost)
