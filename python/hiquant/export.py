@@ -150,3 +150,115 @@ def read_quant_config(folder: Path) -> dict | None:
 
 
 __all__ += ["atomic_dir", "copy_side_files", "read_quant_config"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole checkpoints
+
+_ST_OF_NUMPY = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.uint8): "U8",
+                np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
+
+
+def _source_tensors(model):
+    """(name, stored dtype, shape, raw-bytes producer) of every tensor of the source checkpoint."""
+    out = []
+    for name, f in sorted(model._where.items()):
+        e = f.entries[name]
+        out.append((name, e["dtype"], tuple(e["shape"]), (lambda f=f, n=name: f.raw(n))))
+    return out
+
+
+def _to_stored_dtype(W: np.ndarray, dtype: str) -> np.ndarray:
+    from ._safetensors_io import f32_to_bf16
+    if dtype == "BF16":
+        return f32_to_bf16(W)
+    return W.astype({"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype])
+
+
+def write_fake_quant(folder: Path, model, qlayers: dict) -> dict:
+    """A Hugging Face folder: same config and tokenizer, dequantized weights in the source dtype."""
+    from ._safetensors_io import write_streaming
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for name, dtype, shape, raw in _source_tensors(model):
+        stem = name[: -len(".weight")] if name.endswith(".weight") else None
+        if stem in qlayers:
+            ql = qlayers[stem]
+            entries.append((name, dtype, shape,
+                            lambda ql=ql, dtype=dtype: _to_stored_dtype(ql.dequantize(), dtype)))
+        else:
+            entries.append((name, dtype, shape, raw))
+    size = write_streaming(folder / "model.safetensors", entries, {"format": "pt"})
+    shutil.copy2(Path(model.path) / "config.json", folder / "config.json")
+    copy_side_files(Path(model.path), folder)
+    return {"path": str(folder), "bytes": size}
+
+
+def write_packed(folder: Path, model, qlayers: dict, report_settings: dict) -> dict:
+    """hiquant's packed format (see the module docstring)."""
+    from ._safetensors_io import write_streaming
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    quant_bytes = 0
+    for name, dtype, shape, raw in _source_tensors(model):
+        stem = name[: -len(".weight")] if name.endswith(".weight") else None
+        if stem in qlayers:
+            for tname, t in layer_tensors(qlayers[stem]).items():
+                entries.append((tname, _ST_OF_NUMPY[t.dtype], t.shape, (lambda t=t: t)))
+                quant_bytes += t.nbytes
+        else:
+            entries.append((name, dtype, shape, raw))
+    size = write_streaming(folder / "model.safetensors", entries, {"format": "hiquant-packed"})
+    total_bits = sum(ql.storage_bits() for ql in qlayers.values())
+    n_weights = sum(ql.d_out * ql.d_in for ql in qlayers.values())
+    cfg = {
+        "format": PACKED_FORMAT, "version": PACKED_VERSION,
+        "method": report_settings.get("method"), "settings": report_settings,
+        "layers": {n: layer_entry(ql) for n, ql in qlayers.items()},
+        "accounting": {"storage_bits": int(total_bits), "avg_bits": total_bits / n_weights,
+                       "n_weights": int(n_weights), "quantized_payload_bytes": int(quant_bytes),
+                       "file_bytes": int(size)},
+    }
+    (folder / "quantization_config.json").write_text(json.dumps(cfg, indent=1, default=str))
+    shutil.copy2(Path(model.path) / "config.json", folder / "config.json")
+    copy_side_files(Path(model.path), folder)
+    return {"path": str(folder), "bytes": size, "quantized_payload_bytes": int(quant_bytes),
+            "payload_bits_per_weight": 8 * quant_bytes / n_weights}
+
+
+def write_outputs(out, model, qlayers: dict, report, *, export: str = "both",
+                  overwrite: bool = False) -> dict:
+    """Everything a run writes, atomically: fake/ and/or packed/, report.json, report.md."""
+    result = {"path": str(Path(out).absolute())}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        if export in ("fake", "both"):
+            result["fake"] = write_fake_quant(tmp / "fake", model, qlayers)
+        if export in ("packed", "both"):
+            result["packed"] = write_packed(tmp / "packed", model, qlayers, report.settings)
+        for k in ("fake", "packed"):
+            if k in result:
+                result[k]["path"] = str(Path(out).absolute() / k)
+        report.output = result
+        (tmp / "report.json").write_text(report.to_json())
+        (tmp / "report.md").write_text(report.markdown())
+    return result
+
+
+def load_packed(folder, **kw):
+    """Load a packed checkpoint as a hiquant Model whose linear weights are the exact
+    dequantized weights that were evaluated. Keyword arguments go to ``load_model``."""
+    from ._safetensors_io import SafetensorsFile
+    from .model import load_model
+    folder = Path(folder)
+    cfg = read_quant_config(folder)
+    if cfg is None:
+        raise CheckpointError(f"{folder}: no quantization_config.json; not a packed checkpoint")
+    st = SafetensorsFile(folder / "model.safetensors")
+    tensors = {n: st.array(n) for n in st.tensors}
+    model = load_model(folder, packed_layers=cfg["layers"], **kw)
+    for name, entry in cfg["layers"].items():
+        ql = layer_from_tensors(name, entry, tensors, where=str(folder / "model.safetensors"))
+        model.set_weight(name, ql.dequantize())
+    return model

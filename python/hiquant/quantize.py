@@ -1,0 +1,406 @@
+"""The quantization pipeline: statistics → M → ratio allocation → block-by-block quantization →
+evaluation → export, for every method in :mod:`hiquant.methods`.
+
+Blocks are quantized in order; the calibration inputs of block b+1 are the outputs of the
+already-quantized blocks 0..b (as in GPTQ and OmniQuant). Within a block, the Gram matrices of all
+seven linears come from one pass with the block's full-precision weights, then the seven layers
+are quantized, then the block's outputs under quantized weights feed the next block.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+from .methods import LayerPlan, method_info
+
+__all__ = ["QuantizeSettings", "Report", "quantize"]
+
+DEFAULT_CANDIDATES = (0.02, 0.05, 0.10, 0.15, 0.20)
+
+
+@dataclass
+class QuantizeSettings:
+    """Every knob of a run; recorded verbatim in its report."""
+
+    method: str = "hiq"
+    wbits: int = 2
+    hbits: int | None = None  # default wbits + 1; 16 = FP16 retention
+    group_size: int = 64
+    avg_bits: float | None = None  # budget (average bits per weight over quantized layers)
+    ratio: float | None = None  # fixed-ratio: the ratio of every layer
+    candidates: tuple = DEFAULT_CANDIDATES
+    estimator: str = "fisher"  # M estimator for hiq: measured | fisher | diagonal
+    n_calib: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    calib_batch: int = 8
+    lwc_iters: int = 200
+    lwc_lr: float = 1e-2
+    adaround_iters: int = 500
+    adaround_lr: float = 1e-3
+    gptq_percdamp: float = 0.01
+    gptq_blocksize: int = 128
+    gptq_act_order: bool = False
+    eval_seqlen: int = 512
+    eval_windows: int = 200
+    n_threads: int | None = None
+
+    def resolved(self) -> "QuantizeSettings":
+        s = QuantizeSettings(**asdict(self))
+        method_info(s.method)
+        if s.hbits is None:
+            s.hbits = 16 if s.method == "fp16-retention" else s.wbits + 1
+        if s.wbits not in (2, 3, 4, 8):
+            raise InvalidArgumentError(f"wbits must be 2, 3, 4 or 8 (packable widths), got {s.wbits}")
+        if s.hbits not in (2, 3, 4, 8, 16):
+            raise InvalidArgumentError(f"hbits must be 2, 3, 4, 8 or 16 (FP16), got {s.hbits}")
+        if s.avg_bits is not None and not (math.isfinite(s.avg_bits) and s.avg_bits > 0):
+            raise InvalidArgumentError(f"avg_bits must be a positive number, got {s.avg_bits}")
+        if s.ratio is not None and not (0.0 <= s.ratio <= 1.0):
+            raise InvalidArgumentError(f"ratio must be in [0, 1], got {s.ratio}")
+        s.candidates = tuple(float(c) for c in s.candidates)
+        if any(not (0.0 <= c <= 1.0) for c in s.candidates) or not s.candidates:
+            raise InvalidArgumentError(f"candidate ratios must be in [0, 1], got {s.candidates}")
+        return s
+
+
+@dataclass
+class Report:
+    settings: dict
+    model: str
+    layers: list = field(default_factory=list)  # per-layer dicts
+    avg_bits: float = float("nan")
+    total_bits: int = 0
+    n_weights: int = 0
+    ppl: float | None = None
+    fp_ppl: float | None = None
+    timings: dict = field(default_factory=dict)
+    allocation: dict | None = None
+    versions: dict = field(default_factory=dict)
+    output: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, default=_json_default)
+
+    def markdown(self) -> str:
+        s = self.settings
+        lines = [
+            f"# hiquant report: {s['method']} W{s['wbits']} (b_H {s['hbits']}) g{s['group_size']}",
+            "",
+            f"model `{self.model}` · avg bits **{self.avg_bits:.4f}** · "
+            f"ppl **{self.ppl if self.ppl is not None else '–'}** (FP {self.fp_ppl if self.fp_ppl is not None else '–'})",
+            "",
+            "| layer | shape | ratio | k | b_L | b_H | bits/weight |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for L in self.layers:
+            lines.append(f"| {L['name']} | {L['d_out']}×{L['d_in']} | {L['ratio']:.3f} | {L['k']} | "
+                         f"{L['b_low']} | {L['b_high'] if L['k'] else '–'} | {L['bits_per_weight']:.4f} |")
+        lines += ["", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in self.timings.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+def versions() -> dict:
+    from importlib import metadata
+    out = {"python": platform.python_version()}
+    for n in ("hiquant", "numpy", "safetensors", "tokenizers"):
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    from . import _core
+    out["build_flags"] = _core.build_flags
+    return out
+
+
+class _Timer:
+    def __init__(self, timings: dict, key: str):
+        self.timings, self.key = timings, key
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timings[self.key] = self.timings.get(self.key, 0.0) + time.perf_counter() - self.t0
+
+
+# ------------------------------------------------------------------------------------------------
+# Plans: how many high-impact columns each layer gets, and which.
+
+def top_columns(fisher_col: np.ndarray, k: int) -> np.ndarray:
+    """The k input channels with the largest Fisher score (ties: lower index first), ascending."""
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    order = np.lexsort((np.arange(fisher_col.size), -np.asarray(fisher_col, np.float64)))
+    return np.sort(order[:k]).astype(np.int64)
+
+
+def n_high(ratio: float, d_in: int) -> int:
+    """k = ceil(ratio * d_in), with a tolerance so that e.g. 0.1 * 1000 is 100, not 101."""
+    return min(d_in, int(math.ceil(ratio * d_in - 1e-9)))
+
+
+def _total_bits(shapes: dict, ks: dict, s: QuantizeSettings) -> int:
+    from .layers import storage_bits
+    return sum(storage_bits(d_out, d_in, ks[n], s.wbits, s.hbits, s.group_size)
+               for n, (d_out, d_in) in shapes.items())
+
+
+def uniform_ratio_for_budget(shapes: dict, s: QuantizeSettings, budget_bits: float) -> float:
+    """The largest ratio, the same in every layer, whose exact storage fits the budget."""
+    from .errors import InfeasibleBudgetError
+    n_weights = sum(a * b for a, b in shapes.values())
+    bits_at = lambda r: _total_bits(shapes, {n: n_high(r, d_in) for n, (_, d_in) in shapes.items()}, s)  # noqa: E731
+    if bits_at(0.0) > budget_bits:
+        raise InfeasibleBudgetError(
+            f"a budget of {budget_bits / n_weights:.4f} bits per weight is below the cost of "
+            f"W{s.wbits} g{s.group_size} with no high-impact columns "
+            f"({bits_at(0.0) / n_weights:.4f}); raise the budget", bits_at(0.0) / n_weights)
+    lo, hi = 0.0, 1.0
+    if bits_at(1.0) <= budget_bits:
+        return 1.0
+    for _ in range(50):  # bisection on a monotone step function
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if bits_at(mid) <= budget_bits else (lo, mid)
+    return lo
+
+
+# ------------------------------------------------------------------------------------------------
+# Gram matrices of one block's linear inputs (q/k/v share one input, as do gate/up).
+
+def _input_key(name: str) -> str:
+    for suffix, key in ((".self_attn.q_proj", "attn_in"), (".self_attn.k_proj", "attn_in"),
+                        (".self_attn.v_proj", "attn_in"), (".mlp.gate_proj", "mlp_in"),
+                        (".mlp.up_proj", "mlp_in")):
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + "." + key
+    return name
+
+
+class _GramCollector:
+    """capture() callback accumulating G = Σ x xᵀ (float64) per distinct linear input."""
+
+    def __init__(self):
+        self.grams: dict[str, np.ndarray] = {}
+        self.tokens: dict[str, int] = {}
+        self._seen_in_call: set = set()
+
+    def __call__(self, name: str, X: np.ndarray) -> None:
+        key = _input_key(name)
+        if key in self._seen_in_call:  # q, k, v (gate, up) receive the same array
+            return
+        self._seen_in_call.add(key)
+        G = self.grams.get(key)
+        if G is None:
+            G = self.grams[key] = np.zeros((X.shape[1], X.shape[1]), np.float64)
+            self.tokens[key] = 0
+        _gram_accumulate(G, np.ascontiguousarray(X, np.float32))
+        self.tokens[key] += X.shape[0]
+
+    def next_batch(self) -> None:
+        self._seen_in_call = set()
+
+    def gram(self, name: str) -> tuple[np.ndarray, int]:
+        key = _input_key(name)
+        return self.grams[key], self.tokens[key]
+
+
+def _gram_accumulate(G: np.ndarray, X: np.ndarray) -> None:
+    try:
+        from .stats import gram_accumulate
+    except ImportError:  # pragma: no cover - the native kernel is the normal path
+        G += (X.T @ X).astype(np.float64)
+        return
+    gram_accumulate(G, X)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layer quantizers (one per registry entry); each returns a QuantizedLayer.
+
+def _quantize_layer(kind: str, name: str, W: np.ndarray, H: np.ndarray, n_tokens: int,
+                    plan: LayerPlan, s: QuantizeSettings):
+    from .layers import QuantizedLayer, QuantPart
+    if kind == "rtn":
+        return QuantizedLayer.rtn(name, W, plan.b_low, plan.group_size, plan.high_idx, plan.b_high)
+    if kind == "gptq":
+        from . import kernels
+        res = kernels.gptq(W, H, bits=plan.b_low, group_size=plan.group_size,
+                           percdamp=s.gptq_percdamp, blocksize=s.gptq_blocksize,
+                           act_order=s.gptq_act_order, n_threads=s.n_threads)
+        low = QuantPart(plan.b_low, plan.group_size, res.codes, res.scale.astype(np.float16), res.zero)
+        return QuantizedLayer(name, W.shape[0], W.shape[1], np.zeros(0, np.int64), low)
+    from . import hybrid
+    mode = {"lwc": "lwc", "adaround": "adaround", "hybrid": "hybrid"}[kind]
+    return hybrid.quantize_layer_as(name, W, H, n_tokens, plan, mode=mode, settings=s)
+
+
+# ------------------------------------------------------------------------------------------------
+# The pipeline.
+
+def _progress(iterable, enabled: bool, **kw):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, **kw)
+
+
+def _batches(n: int, size: int):
+    for a in range(0, n, size):
+        yield slice(a, min(n, a + size))
+
+
+def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=None,
+             export: str = "both", eval_text=None, fp_eval: bool = False, overwrite: bool = False,
+             progress: bool = True, model=None, **overrides) -> Report:
+    """Quantize a Hugging Face checkpoint and return the run :class:`Report`.
+
+    ``model_dir``: the checkpoint folder; ``calib``: a calibration text file (plain text, WikiText
+    raw or C4-style json/jsonl(.gz)); ``settings`` (or keyword overrides of
+    :class:`QuantizeSettings`, e.g. ``method="hiq", wbits=2, group_size=64, avg_bits=2.3``);
+    ``out``: an output folder (written atomically; never overwritten unless ``overwrite``) that
+    receives ``fake/`` (a Hugging Face folder with dequantized weights in the source dtype) and/or
+    ``packed/`` (hiquant's packed format) as ``export`` says ("fake", "packed", "both"), plus
+    ``report.json`` and ``report.md``; ``eval_text``: a text file to measure perplexity on.
+    """
+    from . import calib as calib_mod
+    from .evaluate import perplexity
+    from .model import load_model
+
+    s = (settings or QuantizeSettings())
+    s = QuantizeSettings(**{**asdict(s), **overrides}).resolved()
+    info = method_info(s.method)
+    timings: dict = {}
+    if export not in ("fake", "packed", "both"):
+        raise InvalidArgumentError(f"export must be 'fake', 'packed' or 'both', got {export!r}")
+    if out is not None and Path(out).exists() and not overwrite:
+        raise InvalidArgumentError(f"{out} already exists; choose another folder or pass overwrite=True")
+
+    with _Timer(timings, "load"):
+        if model is None:
+            model = load_model(model_dir)
+        else:
+            model.reset_weights()
+    names = model.linear_names()
+    shapes = {n: model.linear_shape(n) for n in names}
+    n_weights = sum(a * b for a, b in shapes.values())
+
+    with _Timer(timings, "calibration data"):
+        windows, calib_settings = calib_mod.calibration_windows(model.tokenizer, calib, s.n_calib,
+                                                               s.seqlen, s.seed)
+
+    # ---- statistics and plans
+    fisher_col = None
+    allocation = None
+    if info["fisher"]:
+        with _Timer(timings, "fisher"):
+            from .stats import collect_stats
+            st = collect_stats(model, windows, gram=False, fisher=True, progress=progress)
+            fisher_col = st.fisher_col
+    budget_bits = s.avg_bits * n_weights if s.avg_bits is not None else None
+    with _Timer(timings, "allocation"):
+        ratios = {}
+        if info["allocation"] == "none":
+            ratios = {n: 0.0 for n in names}
+        elif info["allocation"] in ("fixed", "fixed-budget"):
+            if s.ratio is not None:
+                r = s.ratio
+            elif budget_bits is not None:
+                r = uniform_ratio_for_budget(shapes, s, budget_bits)
+            else:
+                r = 0.05 if info["allocation"] == "fixed" else 0.01
+            ratios = {n: r for n in names}
+        else:  # iqp
+            if budget_bits is None:
+                raise InvalidArgumentError("method 'hiq' needs a budget: pass avg_bits (e.g. 2.3)")
+            from . import allocate
+            res = allocate.allocate_model(model, windows, st, settings=s, budget_bits=budget_bits,
+                                          progress=progress)
+            ratios = res.ratios
+            allocation = res.summary()
+        plans = {}
+        for n in names:
+            d_out, d_in = shapes[n]
+            k = n_high(ratios[n], d_in) if s.hbits != s.wbits else 0
+            idx = top_columns(fisher_col[n], k) if k else np.zeros(0, np.int64)
+            plans[n] = LayerPlan(k, idx, s.wbits, s.hbits, s.group_size, ratios[n])
+
+    # ---- block-by-block quantization
+    kind = info["quantizer"]
+    qlayers = {}
+    t_q = time.perf_counter()
+    bs = max(1, s.calib_batch)
+    h = np.concatenate([model.embed(windows[sl]) for sl in _batches(len(windows), bs)])
+    for b in _progress(range(model.num_blocks), progress, desc=f"quantize ({s.method})", unit="block"):
+        grams = _GramCollector()
+        if kind != "rtn":
+            for sl in _batches(len(h), bs):
+                grams.next_batch()
+                model.block_forward(b, h[sl], capture=grams)
+        for name in model.block_linear_names(b):
+            W = model.get_weight(name)
+            H, ntok = grams.gram(name) if kind != "rtn" else (None, 0)
+            ql = _quantize_layer(kind, name, W, H, ntok, plans[name], s)
+            model.set_weight(name, ql.dequantize())
+            qlayers[name] = ql
+        for sl in _batches(len(h), bs):
+            h[sl] = model.block_forward(b, h[sl])
+    timings["quantize"] = time.perf_counter() - t_q
+    del h
+
+    total_bits = sum(ql.storage_bits() for ql in qlayers.values())
+    layers = [dict(name=n, d_out=shapes[n][0], d_in=shapes[n][1], ratio=float(plans[n].ratio),
+                   k=qlayers[n].k, b_low=qlayers[n].b_low, b_high=qlayers[n].b_high,
+                   bits=qlayers[n].storage_bits(),
+                   bits_per_weight=qlayers[n].storage_bits() / (shapes[n][0] * shapes[n][1]),
+                   **{k: v for k, v in qlayers[n].info.items() if isinstance(v, (int, float, str))})
+              for n in names]
+    report = Report(settings=asdict(s), model=str(Path(model.path).resolve()), layers=layers,
+                    avg_bits=total_bits / n_weights, total_bits=int(total_bits), n_weights=int(n_weights),
+                    timings=timings, allocation=allocation, versions=versions())
+    report.settings["calibration"] = calib_settings
+    if budget_bits is not None and total_bits > budget_bits + 1e-6:
+        raise AssertionError(f"internal error: {total_bits} bits exceed the budget {budget_bits}")
+
+    # ---- evaluation
+    if eval_text is not None:
+        with _Timer(timings, "evaluate"):
+            test_ids = calib_mod.tokenize_text(model.tokenizer, calib_mod.load_text(eval_text))
+            report.ppl = perplexity(model, test_ids, s.eval_seqlen, s.eval_windows, progress=progress)["ppl"]
+            if fp_eval:
+                model.reset_weights()
+                report.fp_ppl = perplexity(model, test_ids, s.eval_seqlen, s.eval_windows,
+                                           progress=progress)["ppl"]
+                for n, ql in qlayers.items():
+                    model.set_weight(n, ql.dequantize())
+        report.settings["eval"] = {"file": str(Path(eval_text).resolve()), "seqlen": s.eval_seqlen,
+                                   "windows": s.eval_windows}
+
+    # ---- export
+    if out is not None:
+        with _Timer(timings, "export"):
+            from .export import write_outputs
+            report.output = write_outputs(out, model, qlayers, report, export=export,
+                                          overwrite=overwrite)
+    return report
