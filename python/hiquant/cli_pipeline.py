@@ -1,0 +1,172 @@
+"""The pipeline's subcommands: ``quantize``, ``inspect`` and ``demo`` (registered by cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import fields
+
+__all__ = ["add_pipeline_commands"]
+
+DEMO_METHODS = ("rtn", "gptq", "lwc", "fixed-ratio", "fp16-retention", "hiq")
+
+
+def _emit(result: dict) -> None:
+    sys.stdout.write(json.dumps(result, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _settings_from_args(args):
+    from .quantize import QuantizeSettings
+    names = {f.name for f in fields(QuantizeSettings)}
+    kw = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if getattr(args, "candidates", None):
+        kw["candidates"] = tuple(float(x) for x in args.candidates.split(","))
+    return QuantizeSettings(**kw)
+
+
+def cmd_quantize(args) -> int:
+    """Quantize a checkpoint; the last stdout line is the run's JSON summary."""
+    from .quantize import quantize
+    from . import _threads
+    if args.threads:
+        _threads.set_num_threads(args.threads)
+    s = _settings_from_args(args)
+    t0 = time.perf_counter()
+    rep = quantize(args.model, args.calib, settings=s, out=args.out, export=args.export,
+                   eval_text=args.eval_text, fp_eval=args.fp_eval, overwrite=args.overwrite,
+                   progress=not args.quiet)
+    print(rep.markdown(), file=sys.stderr)
+    _emit({"command": "quantize", "method": rep.settings["method"], "avg_bits": rep.avg_bits,
+           "ppl": rep.ppl, "fp_ppl": rep.fp_ppl, "total_bits": rep.total_bits,
+           "timings": rep.timings, "seconds": time.perf_counter() - t0, "output": rep.output,
+           "settings": rep.settings})
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    """Per-layer Fisher column scores (and, for a hiquant output folder, the chosen ratios),
+    with a PNG plot."""
+    import numpy as np
+    from .calib import calibration_windows
+    from .model import load_model
+    from .stats import collect_stats
+    model = load_model(args.model)
+    win, _ = calibration_windows(model.tokenizer, args.calib, args.n_calib, args.seqlen, args.seed)
+    st = collect_stats(model, win, gram=False, fisher=True, progress=not args.quiet)
+    rows = []
+    for n in model.linear_names():
+        fc = np.asarray(st.fisher_col[n], np.float64)
+        top = np.sort(fc)[::-1]
+        k = max(1, int(0.05 * fc.size))
+        rows.append({"name": n, "d_in": int(fc.size), "fisher_total": float(fc.sum()),
+                     "top5pct_share": float(top[:k].sum() / max(fc.sum(), 1e-300))})
+    ratios = None
+    if args.report:
+        rep = json.loads(open(args.report).read())
+        ratios = {L["name"]: L["ratio"] for L in rep["layers"]}
+    if args.plot:
+        from .plots import plot_fisher_and_ratios
+        plot_fisher_and_ratios(model.linear_names(), st.fisher_col, ratios, args.plot)
+    for r in rows:
+        print(f"{r['name']:<45} Fisher {r['fisher_total']:.3e}  top-5% share {r['top5pct_share']:.3f}"
+              + (f"  ratio {ratios[r['name']]:.3f}" if ratios else ""), file=sys.stderr)
+    _emit({"command": "inspect", "model": os.path.abspath(args.model), "layers": rows,
+           "ratios": ratios, "plot": args.plot})
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Quantize the embedded model with hiq and the baselines and print the table."""
+    from .datasets import embedded_calib_path, embedded_model_path, embedded_test_path
+    from .evaluate import perplexity
+    from .calib import load_text, tokenize_text
+    from .model import load_model
+    from .quantize import QuantizeSettings, quantize
+
+    model = load_model(embedded_model_path())
+    seqlen = min(256, model.config.raw.get("max_position_embeddings", 256))
+    ids = tokenize_text(model.tokenizer, load_text(embedded_test_path()))
+    fp = perplexity(model, ids, seqlen, args.windows, progress=False)["ppl"]
+    rows = [("FP16", "-", 16.0, fp, 0.0)]
+    methods = args.methods.split(",")
+    if args.avg_bits is None:  # the budget: plain W{wbits} storage plus 0.1 bit per weight
+        from .layers import storage_bits
+        names = model.linear_names()
+        n_w = sum(a * b for a, b in map(model.linear_shape, names))
+        base = sum(storage_bits(*model.linear_shape(n), 0, args.wbits, args.wbits, args.group)
+                   for n in names) / n_w
+        args.avg_bits = round(base + 0.1, 3)
+        print(f"hiquant demo: budget {args.avg_bits} bits per weight (W{args.wbits} g{args.group} "
+              f"costs {base:.3f})", file=sys.stderr)
+    for m in methods:
+        s = QuantizeSettings(method=m, wbits=args.wbits, group_size=args.group, seqlen=seqlen,
+                             n_calib=args.n_calib, eval_seqlen=seqlen, eval_windows=args.windows,
+                             avg_bits=args.avg_bits if m in ("hiq", "fixed-ratio", "fp16-retention") else None)
+        t0 = time.perf_counter()
+        rep = quantize(embedded_model_path(), embedded_calib_path(), settings=s, model=model,
+                       eval_text=embedded_test_path(), progress=False)
+        rows.append((m, f"W{args.wbits} g{args.group}", rep.avg_bits, rep.ppl, time.perf_counter() - t0))
+        print(f"  {m:<15} avg bits {rep.avg_bits:.3f}  ppl {rep.ppl:.3f}", file=sys.stderr)
+    print("\n| method | config | avg bits | perplexity | seconds |\n|---|---|---|---|---|")
+    for m, c, b, p, t in rows:
+        print(f"| {m} | {c} | {b:.3f} | {p:.3f} | {t:.1f} |")
+    _emit({"command": "demo", "fp_ppl": fp, "rows": [dict(method=m, config=c, avg_bits=b, ppl=p, seconds=t)
+                                                     for m, c, b, p, t in rows]})
+    return 0
+
+
+def add_pipeline_commands(sub) -> None:
+    from .methods import METHODS
+    from .quantize import DEFAULT_CANDIDATES
+
+    p = sub.add_parser("quantize", help="quantize a checkpoint", description=cmd_quantize.__doc__)
+    p.add_argument("model", metavar="MODEL_DIR")
+    p.add_argument("--calib", required=True, help="calibration text file")
+    p.add_argument("--method", default="hiq", choices=tuple(METHODS))
+    p.add_argument("--wbits", type=int, default=2, help="low bit width b_L")
+    p.add_argument("--hbits", type=int, default=None, help="high-impact width b_H (default wbits+1; 16 = FP16)")
+    p.add_argument("--group", dest="group_size", type=int, default=64, help="group size (0: per row)")
+    p.add_argument("--avg-bits", dest="avg_bits", type=float, default=None, help="bit budget per weight")
+    p.add_argument("--ratio", type=float, default=None, help="fixed-ratio: the ratio of every layer")
+    p.add_argument("--candidates", default=None,
+                   help=f"comma-separated candidate ratios (default {','.join(map(str, DEFAULT_CANDIDATES))})")
+    p.add_argument("--estimator", default=None, choices=("measured", "fisher", "diagonal"))
+    p.add_argument("--n-calib", dest="n_calib", type=int, default=None)
+    p.add_argument("--seqlen", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--lwc-iters", dest="lwc_iters", type=int, default=None)
+    p.add_argument("--adaround-iters", dest="adaround_iters", type=int, default=None)
+    p.add_argument("--eval-text", dest="eval_text", default=None)
+    p.add_argument("--fp-eval", dest="fp_eval", action="store_true", help="also evaluate the FP model")
+    p.add_argument("--out", default=None, help="output folder (written atomically)")
+    p.add_argument("--export", default="both", choices=("fake", "packed", "both"))
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("inspect", help="per-layer Fisher scores and chosen ratios, with a plot",
+                       description=cmd_inspect.__doc__)
+    p.add_argument("model", metavar="MODEL_DIR")
+    p.add_argument("--calib", required=True)
+    p.add_argument("--n-calib", dest="n_calib", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", default=None, help="a run's report.json, to show its ratios")
+    p.add_argument("--plot", default=None, help="write a PNG plot here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="quantize the embedded model with hiq and the baselines",
+                       description=cmd_demo.__doc__)
+    p.add_argument("--methods", default=",".join(DEMO_METHODS))
+    p.add_argument("--wbits", type=int, default=2)
+    p.add_argument("--group", type=int, default=64)
+    p.add_argument("--avg-bits", dest="avg_bits", type=float, default=None)
+    p.add_argument("--n-calib", dest="n_calib", type=int, default=64)
+    p.add_argument("--windows", type=int, default=100)
+    p.set_defaults(func=cmd_demo)
