@@ -163,8 +163,8 @@ def _source_tensors(model):
     """(name, stored dtype, shape, raw-bytes producer) of every tensor of the source checkpoint."""
     out = []
     for name, f in sorted(model._where.items()):
-        e = f.entries[name]
-        out.append((name, e["dtype"], tuple(e["shape"]), (lambda f=f, n=name: f.raw(n))))
+        t = f.tensors[name]
+        out.append((name, t.dtype, tuple(t.shape), (lambda f=f, n=name: f.raw(n))))
     return out
 
 

@@ -310,6 +310,9 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
         windows, calib_settings = calib_mod.calibration_windows(model.tokenizer, calib, s.n_calib,
                                                                s.seqlen, s.seed)
 
+    if info["allocation"] == "iqp" and s.avg_bits is None:
+        raise InvalidArgumentError("method 'hiq' needs a budget: pass avg_bits (e.g. 2.3)")
+
     # ---- statistics and plans
     fisher_col = None
     allocation = None

@@ -1,0 +1,86 @@
+"""End to end on the embedded model: the pipeline, its report, its exports and their reloading."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import hiquant
+from hiquant.datasets import embedded_calib_path, embedded_model_path, embedded_test_path
+from hiquant.model import load_model
+from hiquant.quantize import QuantizeSettings, quantize, top_columns, uniform_ratio_for_budget
+
+FAST = dict(n_calib=8, seqlen=128, eval_seqlen=128, eval_windows=8)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(embedded_model_path())
+
+
+def test_top_columns_takes_the_largest_scores_with_ties_to_the_lower_index():
+    fc = np.array([1.0, 5.0, 3.0, 5.0, 0.0, 3.0])
+    np.testing.assert_array_equal(top_columns(fc, 3), [1, 2, 3])
+    np.testing.assert_array_equal(top_columns(fc, 0), [])
+
+
+def test_uniform_ratio_meets_the_budget_exactly_and_is_maximal():
+    from hiquant.layers import storage_bits
+    shapes = {"a": (64, 128), "b": (128, 384)}
+    s = QuantizeSettings(method="fixed-ratio", wbits=2, hbits=3, group_size=64).resolved()
+    n_w = 64 * 128 + 128 * 384
+    budget = 2.4 * n_w
+    r = uniform_ratio_for_budget(shapes, s, budget)
+    bits = lambda r: sum(storage_bits(o, i, int(np.ceil(r * i - 1e-9)), 2, 3, 64) for o, i in shapes.values())  # noqa: E731
+    assert bits(r) <= budget < bits(r + 1 / 384 + 1e-6)
+    with pytest.raises(hiquant.InfeasibleBudgetError) as e:
+        uniform_ratio_for_budget(shapes, s, 2.0 * n_w)
+    assert e.value.min_feasible > 2.0
+
+
+def test_rtn_run_reports_exact_bits_and_its_export_reloads_identically(model, tmp_path):
+    out = tmp_path / "run"
+    rep = quantize(embedded_model_path(), embedded_calib_path(), method="rtn", wbits=3, group_size=64,
+                   eval_text=embedded_test_path(), out=out, model=model, progress=False, **FAST)
+    n_w = sum(a * b for a, b in map(model.linear_shape, model.linear_names()))
+    assert rep.n_weights == n_w
+    assert rep.avg_bits == pytest.approx(3 + (16 + 3) / 64, abs=0.02)
+    assert rep.total_bits == sum(L["bits"] for L in rep.layers)
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["method"] == "rtn" and report["settings"]["seed"] == 0
+    assert "| stage | seconds |" in (out / "report.md").read_text()
+    # the packed payload is exactly the counted bits (every tensor here ends on a byte)
+    packed = rep.output["packed"]
+    assert packed["quantized_payload_bytes"] * 8 == rep.total_bits
+    # the fake-quant folder is a normal checkpoint whose perplexity is the reported one
+    fake = load_model(out / "fake")
+    from hiquant.evaluate import perplexity_of_text
+    ppl = perplexity_of_text(fake, embedded_test_path(), 128, 8, progress=False)["ppl"]
+    assert ppl == pytest.approx(rep.ppl, rel=2e-3)  # fp16 storage of the dequantized weights
+
+
+def test_existing_output_is_never_overwritten_unless_asked(model, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists"):
+        quantize(embedded_model_path(), embedded_calib_path(), method="rtn", out=out, model=model,
+                 progress=False, **FAST)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_same_seed_gives_identical_reports(model):
+    a = quantize(embedded_model_path(), embedded_calib_path(), method="rtn", model=model, progress=False, **FAST)
+    b = quantize(embedded_model_path(), embedded_calib_path(), method="rtn", model=model, progress=False, **FAST)
+    assert a.layers == b.layers and a.avg_bits == b.avg_bits
+
+
+def test_bad_settings_raise_clear_errors(model):
+    with pytest.raises(ValueError, match="unknown method"):
+        quantize(embedded_model_path(), embedded_calib_path(), method="nope", model=model)
+    with pytest.raises(ValueError, match="wbits"):
+        quantize(embedded_model_path(), embedded_calib_path(), method="rtn", wbits=5, model=model)
+    with pytest.raises(ValueError, match="needs a budget"):
+        quantize(embedded_model_path(), embedded_calib_path(), method="hiq", model=model, progress=False, **FAST)
