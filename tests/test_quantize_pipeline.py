@@ -54,6 +54,11 @@ def test_rtn_run_reports_exact_bits_and_its_export_reloads_identically(model, tm
     # the packed payload is exactly the counted bits (every tensor here ends on a byte)
     packed = rep.output["packed"]
     assert packed["quantized_payload_bytes"] * 8 == rep.total_bits
+    # the packed folder loads back to exactly the evaluated weights
+    from hiquant.export import load_packed
+    pm = load_packed(out / "packed")
+    for name in model.linear_names()[:7]:
+        np.testing.assert_array_equal(pm.get_weight(name), model.get_weight(name))
     # the fake-quant folder is a normal checkpoint whose perplexity is the reported one
     fake = load_model(out / "fake")
     from hiquant.evaluate import perplexity_of_text

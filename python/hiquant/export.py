@@ -246,19 +246,75 @@ def write_outputs(out, model, qlayers: dict, report, *, export: str = "both",
     return result
 
 
-def load_packed(folder, **kw):
-    """Load a packed checkpoint as a hiquant Model whose linear weights are the exact
-    dequantized weights that were evaluated. Keyword arguments go to ``load_model``."""
-    from ._safetensors_io import SafetensorsFile
-    from .model import load_model
+class _PackedLinears:
+    """Looks like a safetensors file to the model runtime: the quantized linears' weights,
+    dequantized on demand (exactly) from the packed tensors, as float32."""
+
+    def __init__(self, path: Path, qcfg: dict, st):
+        from ._safetensors_io import TensorInfo
+        self.path = path
+        self._st = st
+        self._entries = qcfg["layers"]
+        self.tensors = {}
+        for stem, e in self._entries.items():
+            try:
+                shape = (int(e["d_out"]), int(e["d_in"]))
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: layer {stem} has a malformed entry") from None
+            self.tensors[stem + ".weight"] = TensorInfo(stem + ".weight", "F32", shape, 0, 4 * shape[0] * shape[1])
+
+    def layer(self, stem: str) -> QuantizedLayer:
+        prefix = stem + "."
+        tensors = {n: self._st.array(n) for n in self._st.tensors if n.startswith(prefix)}
+        return layer_from_tensors(stem, self._entries[stem], tensors, where=str(self._st.path))
+
+    def array(self, name: str) -> np.ndarray:
+        return self.layer(name[: -len(".weight")]).dequantize()
+
+    raw = array
+
+
+def load_packed(folder, *, compute_dtype="float32", weight_cache_bytes: int = 1 << 30):
+    """Load a packed checkpoint as a hiquant Model. Its linear weights are the exact dequantized
+    weights that were evaluated when it was exported (decoded lazily, one layer at a time)."""
+    from . import model as M
     folder = Path(folder)
-    cfg = read_quant_config(folder)
-    if cfg is None:
-        raise CheckpointError(f"{folder}: no quantization_config.json; not a packed checkpoint")
-    st = SafetensorsFile(folder / "model.safetensors")
-    tensors = {n: st.array(n) for n in st.tensors}
-    model = load_model(folder, packed_layers=cfg["layers"], **kw)
-    for name, entry in cfg["layers"].items():
-        ql = layer_from_tensors(name, entry, tensors, where=str(folder / "model.safetensors"))
-        model.set_weight(name, ql.dequantize())
-    return model
+    qcfg = read_quant_config(folder)
+    if qcfg is None:
+        raise CheckpointError(f"{folder}: no quantization_config.json; not a packed checkpoint "
+                              "(use hiquant.model.load_model for ordinary checkpoints)")
+    cfg = M.parse_config(M._load_json(folder / "config.json", "config.json"), folder / "config.json")
+    files, where = M._open_weights(folder)
+    st = files["model.safetensors"] if "model.safetensors" in files else next(iter(files.values()))
+    virtual = _PackedLinears(folder / "model.safetensors", qcfg, st)
+    prefixes = tuple(stem + "." for stem in qcfg["layers"])
+    where = {n: f for n, f in where.items() if not n.startswith(prefixes)}
+    where.update({n: virtual for n in virtual.tensors})
+    expected = M._expected_tensors(cfg)
+    for name, shape in expected.items():
+        if name not in where:
+            raise CheckpointError(f"{folder}: tensor {name!r} is missing from the packed checkpoint")
+        if tuple(where[name].tensors[name].shape) != tuple(shape):
+            raise CheckpointError(f"{folder}: tensor {name!r} has shape {where[name].tensors[name].shape}, "
+                                  f"config.json implies {shape}")
+    extra = sorted(n for n in where if n not in expected)
+    if extra:
+        raise CheckpointError(f"{folder}: unexpected tensor {extra[0]!r}; the packed checkpoint "
+                              "does not match config.json")
+    raw_dtype = cfg.raw.get("dtype") or cfg.raw.get("torch_dtype") or "float16"
+    import dataclasses
+    cfg = dataclasses.replace(cfg, source_dtype=str(raw_dtype))
+    tok = None
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return M.Model(folder, cfg, files, where, tok, np.dtype(compute_dtype), weight_cache_bytes)
+
+
+def open_checkpoint(path, **kw):
+    """Load any checkpoint hiquant reads: a packed folder (quantization_config.json) through
+    :func:`load_packed`, anything else through ``hiquant.model.load_model``."""
+    if (Path(path) / "quantization_config.json").is_file():
+        return load_packed(path, **kw)
+    from .model import load_model
+    return load_model(path, **kw)
