@@ -39,6 +39,8 @@ class QuantizeSettings:
     ratio: float | None = None  # fixed-ratio: the ratio of every layer
     candidates: tuple = DEFAULT_CANDIDATES
     estimator: str = "fisher"  # M estimator for hiq: measured | fisher | diagonal
+    m_windows: int = 32  # calibration windows used to build M (its cost grows with them)
+    m_pairs: bool = True  # measured estimator: include the same-block pair terms
     n_calib: int = 128
     seqlen: int = 512
     seed: int = 0
@@ -151,15 +153,14 @@ class _Timer:
 
 def top_columns(fisher_col: np.ndarray, k: int) -> np.ndarray:
     """The k input channels with the largest Fisher score (ties: lower index first), ascending."""
-    if k <= 0:
-        return np.zeros(0, np.int64)
-    order = np.lexsort((np.arange(fisher_col.size), -np.asarray(fisher_col, np.float64)))
-    return np.sort(order[:k]).astype(np.int64)
+    from .allocate import high_columns
+    return high_columns(fisher_col, int(k))
 
 
 def n_high(ratio: float, d_in: int) -> int:
-    """k = ceil(ratio * d_in), with a tolerance so that e.g. 0.1 * 1000 is 100, not 101."""
-    return min(d_in, int(math.ceil(ratio * d_in - 1e-9)))
+    """k = ceil(ratio * d_in) in exact decimal arithmetic (0.1 * 1000 is 100, not 101)."""
+    from .allocate import ratio_to_k
+    return ratio_to_k(ratio, d_in)
 
 
 def _total_bits(shapes: dict, ks: dict, s: QuantizeSettings) -> int:
@@ -338,10 +339,18 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
             if budget_bits is None:
                 raise InvalidArgumentError("method 'hiq' needs a budget: pass avg_bits (e.g. 2.3)")
             from . import allocate
-            res = allocate.allocate_model(model, windows, st, settings=s, budget_bits=budget_bits,
-                                          progress=progress)
-            ratios = res.ratios
-            allocation = res.summary()
+            t_m = time.perf_counter()
+            sm = allocate.sensitivity_matrix(
+                model, windows, estimator=s.estimator, fisher_col=fisher_col,
+                fisher=st.fisher if s.estimator == "diagonal" else None, candidates=s.candidates,
+                b_low=s.wbits, b_high=s.hbits, group_size=s.group_size, names=names,
+                n_windows=min(s.m_windows, len(windows)), pairs=s.m_pairs)
+            timings["sensitivity matrix"] = time.perf_counter() - t_m
+            alloc = allocate.allocate(shapes, fisher_col, sm, avg_bits=s.avg_bits,
+                                      n_threads=s.n_threads)
+            ratios = alloc.ratios
+            allocation = {k: v for k, v in alloc.to_dict().items() if k != "layers"}
+            allocation["m_seconds"] = sm.seconds
         plans = {}
         for n in names:
             d_out, d_in = shapes[n]
