@@ -1,0 +1,754 @@
+"""High-impact ratio allocation: the cost model, the sensitivity matrix M and the IQP.
+
+Every quantized linear layer ``l`` gets one of K candidate ratios ``β_1..β_K`` (default 0.02,
+0.05, 0.10, 0.15, 0.20; any values in [0, 1], 0 included). Option ``m`` of layer ``l`` keeps its
+``k = ceil(β_m · d_in)`` input columns of highest Fisher column score at ``b_high`` bits and the
+rest at ``b_low`` bits, both in groups of ``group_size``. A one-hot ``δ`` picks one option per
+layer::
+
+    minimize  δᵀ M δ   subject to   Σ_l Σ_m c[l, m] δ[l, m] <= budget,   Σ_m δ[l, m] = 1.
+
+* :func:`layer_cost_bits` — the exact storage of one layer, in bits (the packed export writes
+  exactly this many payload bits; it is :func:`hiquant.layers.storage_bits`, one formula).
+* :func:`sensitivity_matrix` — M by one of three estimators (``"measured"``, ``"fisher"``,
+  ``"diagonal"``), recorded in the result. All three estimate ``ΔᵀHΔ`` (twice the second-order
+  loss increase) of the quantization error ``Δ``, so their scales are comparable.
+* :func:`solve` — the raw IQP (C++: exact for block-diagonal M, a bounded heuristic otherwise).
+* :func:`allocate` — layer shapes + Fisher column scores + M + a budget (average bits per weight
+  or total bits) → per-layer ratio, ``k``, high-impact column indices and bits.
+
+Δ of an option: round-to-nearest min-max quantization of the layer at the option's split
+(:meth:`hiquant.layers.QuantizedLayer.rtn`: the :mod:`hiquant.quantizer` primitives applied to the
+low and the high column subsets separately, each in its own groups, scales rounded through
+float16 as stored), minus the full-precision weight. ``b_high = 16`` keeps the high columns in
+FP16 (their Δ is the float16 rounding error).
+
+The choice of k from a ratio is exact decimal arithmetic: ``k = ceil(Decimal(repr(β)) · d_in)``,
+so ``β = 0.07`` with ``d_in = 100`` gives 7, not 8 (``0.07 * 100`` is 7.000000000000001 in binary
+floating point).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from fractions import Fraction
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from . import _core
+from ._threads import resolve_n_threads
+from .errors import InfeasibleBudgetError, InvalidArgumentError, NumericalError
+from .layers import QuantizedLayer, storage_bits
+
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "ESTIMATORS",
+    "ratio_to_k",
+    "high_columns",
+    "layer_cost_bits",
+    "option_costs",
+    "IQPResult",
+    "solve",
+    "iqp_objective",
+    "option_deltas",
+    "SensitivityMatrix",
+    "sensitivity_matrix",
+    "LayerAllocation",
+    "Allocation",
+    "allocate",
+]
+
+DEFAULT_CANDIDATES = (0.02, 0.05, 0.10, 0.15, 0.20)
+ESTIMATORS = ("measured", "fisher", "diagonal")
+_METHODS = ("auto", "exact", "general")
+
+
+# --------------------------------------------------------------------------------------------
+# small validators
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _pos_int(v, name: str, minimum: int = 1) -> int:
+    if not _is_int(v) or v < minimum:
+        raise InvalidArgumentError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    return int(v)
+
+
+def _bits(v, name: str, allowed) -> int:
+    if not _is_int(v) or int(v) not in allowed:
+        raise InvalidArgumentError(f"{name} must be one of {sorted(allowed)}, got {v!r}")
+    return int(v)
+
+
+def _group(v) -> int:
+    if v is None:
+        return 0
+    if not _is_int(v) or v < -1:
+        raise InvalidArgumentError(f"group_size must be a positive int, or 0 / -1 / None for one "
+                                   f"group per output row; got {v!r}")
+    return int(v)
+
+
+def _candidates(c) -> tuple:
+    try:
+        vals = tuple(float(x) for x in c)
+    except TypeError:
+        raise TypeError(f"candidates must be a sequence of ratios, got {type(c).__name__}") from None
+    if not vals:
+        raise InvalidArgumentError("candidates is empty; pass at least one ratio in [0, 1]")
+    for x in vals:
+        if not (math.isfinite(x) and 0.0 <= x <= 1.0):
+            raise InvalidArgumentError(f"candidate ratios must be in [0, 1], got {x!r}")
+    if len(set(vals)) != len(vals):
+        raise InvalidArgumentError(f"candidate ratios must be distinct, got {vals}")
+    return vals
+
+
+def _exact(x: float) -> Fraction:
+    """The decimal value a float was written as (repr), as an exact fraction."""
+    return Fraction(Decimal(repr(float(x))))
+
+
+# --------------------------------------------------------------------------------------------
+# cost model
+
+
+def ratio_to_k(ratio: float, d_in: int) -> int:
+    """High-impact columns for a ratio: ``ceil(ratio · d_in)`` in exact decimal arithmetic."""
+    d_in = _pos_int(d_in, "d_in")
+    r = float(ratio)
+    if not (math.isfinite(r) and 0.0 <= r <= 1.0):
+        raise InvalidArgumentError(f"ratio must be in [0, 1], got {ratio!r}")
+    return int(math.ceil(_exact(r) * d_in))
+
+
+def high_columns(fisher_col: np.ndarray, k: int) -> np.ndarray:
+    """Ascending int64 indices of the ``k`` columns of highest score (ties: lower index first)."""
+    s = np.asarray(fisher_col)
+    if s.ndim != 1 or s.size == 0:
+        raise InvalidArgumentError(f"fisher_col must be a non-empty 1-D array of column scores, "
+                                   f"got shape {s.shape}")
+    if not np.issubdtype(s.dtype, np.number) or np.iscomplexobj(s):
+        raise TypeError(f"fisher_col must hold real numbers, got dtype {s.dtype}")
+    s = s.astype(np.float64, copy=False)
+    if not np.all(np.isfinite(s)):
+        raise NumericalError("fisher_col contains NaN or Inf; recompute the Fisher statistics")
+    if not _is_int(k) or not 0 <= k <= s.size:
+        raise InvalidArgumentError(f"k must be an integer in [0, {s.size}], got {k!r}")
+    order = np.argsort(-s, kind="stable")  # stable: equal scores keep ascending index order
+    return np.sort(order[:int(k)]).astype(np.int64)
+
+
+def layer_cost_bits(d_out: int, d_in: int, k: int, b_low: int, b_high: int,
+                    group_size: int | None, scale_bits: int = 16) -> int:
+    """Exact storage of a layer ``(d_out, d_in)`` with ``k`` high-impact columns, in bits.
+
+    * low part: ``d_out·(d_in−k)·b_low`` code bits + ``d_out·ng(d_in−k, g)·(scale_bits + b_low)``
+      (a scale and an integer zero point of the part's width per group);
+    * high part, groups of g among the k high columns in ascending order:
+      ``d_out·k·b_high + d_out·ng(k, g)·(scale_bits + b_high)``; with ``b_high == 16`` the high
+      part is kept in FP16: ``d_out·k·16``, no scales or zeros;
+    * the high-column mask: ``d_in`` bits when ``k > 0``.
+
+    ``ng(n, g)`` is 0 for n == 0, 1 when g <= 0 or g >= n, else ``ceil(n/g)``. The packed export
+    writes exactly this payload (this is :func:`hiquant.layers.storage_bits`).
+    """
+    d_out = _pos_int(d_out, "d_out")
+    d_in = _pos_int(d_in, "d_in")
+    if not _is_int(k) or not 0 <= k <= d_in:
+        raise InvalidArgumentError(f"k must be an integer in [0, d_in = {d_in}], got {k!r}")
+    b_low = _bits(b_low, "b_low", range(1, 9))
+    b_high = _bits(b_high, "b_high", set(range(1, 9)) | {16})
+    scale_bits = _pos_int(scale_bits, "scale_bits")
+    return storage_bits(d_out, d_in, int(k), b_low, b_high, _group(group_size), scale_bits)
+
+
+def _shape_list(shapes) -> tuple[list[str], list[tuple[int, int]]]:
+    """(names, shapes) from a mapping name → (d_out, d_in), a sequence of shapes, or a Model."""
+    if hasattr(shapes, "linear_names") and hasattr(shapes, "linear_shape"):
+        names = list(shapes.linear_names())
+        return names, [tuple(shapes.linear_shape(n)) for n in names]
+    if isinstance(shapes, Mapping):
+        names = [str(n) for n in shapes]
+        vals = list(shapes.values())
+    else:
+        vals = list(shapes)
+        names = [f"layer{i}" for i in range(len(vals))]
+    out = []
+    for n, s in zip(names, vals):
+        try:
+            d_out, d_in = s
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"the shape of {n} must be (d_out, d_in), got {s!r}") from None
+        out.append((_pos_int(d_out, f"d_out of {n}"), _pos_int(d_in, f"d_in of {n}")))
+    if not out:
+        raise InvalidArgumentError("shapes is empty; pass the shape of every quantized layer")
+    return names, out
+
+
+def option_costs(shapes, candidates=DEFAULT_CANDIDATES, b_low: int = 2, b_high: int = 3,
+                 group_size: int | None = 64, scale_bits: int = 16) -> np.ndarray:
+    """int64 (L, K) matrix of :func:`layer_cost_bits` for every layer and candidate ratio."""
+    _, sh = _shape_list(shapes)
+    cand = _candidates(candidates)
+    return np.array([[layer_cost_bits(do, di, ratio_to_k(b, di), b_low, b_high, group_size,
+                                      scale_bits) for b in cand] for do, di in sh], np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# the IQP
+
+
+@dataclass(frozen=True)
+class IQPResult:
+    """Outcome of :func:`solve`.
+
+    ``status`` is ``"optimal"`` (exact path, or a bound that closes the gap) or ``"feasible"``
+    (``lower_bound <= true optimum <= objective``); ``"infeasible"`` only for the cheapest
+    fallback of :func:`allocate` with ``on_infeasible="cheapest"``. ``gap`` is
+    ``(objective - lower_bound) / |objective|``. ``bound_method`` says how the bound was obtained.
+    """
+
+    status: str
+    method: str  # "exact" or "general"
+    objective: float
+    lower_bound: float
+    gap: float
+    abs_gap: float
+    choice: np.ndarray  # int64 (L,): option index per layer
+    cost_bits: int
+    budget_bits: int
+    min_cost_bits: int
+    bound_method: str
+    iterations: int
+    nodes: int
+    n_components: int
+    largest_component: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["choice"] = self.choice.tolist()
+        return d
+
+
+def _as_M(M, L: int, K: int) -> np.ndarray:
+    if not isinstance(M, np.ndarray):
+        raise TypeError(f"M must be a numpy.ndarray of float64, got {type(M).__name__}")
+    if M.dtype == np.float32:  # lossless, and said here rather than done silently in C++
+        M = M.astype(np.float64)
+    if M.dtype != np.float64:
+        raise TypeError(f"M must have dtype float64, got {M.dtype}; convert it with "
+                        "M.astype(numpy.float64)")
+    n = L * K
+    if M.shape != (n, n):
+        raise InvalidArgumentError(
+            f"M has shape {M.shape} but costs has shape ({L}, {K}): M must be ({n}, {n}), "
+            "variables numbered layer-major (v = l * n_options + m)")
+    return np.ascontiguousarray(M)
+
+
+def _as_costs(costs) -> np.ndarray:
+    c = np.asarray(costs)
+    if c.ndim != 2 or c.size == 0:
+        raise InvalidArgumentError(f"costs must be a non-empty (n_layers, n_options) array, got "
+                                   f"shape {c.shape}")
+    if np.issubdtype(c.dtype, np.floating):
+        if not np.all(np.isfinite(c)):
+            raise NumericalError("costs contains NaN or Inf; costs are bit counts")
+        if np.any(c != np.round(c)) or np.any(np.abs(c) >= 2.0**62):
+            raise InvalidArgumentError("costs must be integers (bit counts); round them or use "
+                                       "layer_cost_bits")
+        c = c.astype(np.int64)
+    elif np.issubdtype(c.dtype, np.integer) and not np.issubdtype(c.dtype, np.bool_):
+        if np.issubdtype(c.dtype, np.unsignedinteger) and c.size and c.max() >= 2**63:
+            raise InvalidArgumentError("costs exceed the int64 range")
+        c = c.astype(np.int64)
+    else:
+        raise TypeError(f"costs must be an integer array of bit counts, got dtype {c.dtype}")
+    if np.any(c < 0):
+        raise InvalidArgumentError("costs must be >= 0 (bit counts)")
+    return np.ascontiguousarray(c)
+
+
+def _as_budget(b, name="budget_bits") -> int:
+    if isinstance(b, bool) or not isinstance(b, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number of bits, got {type(b).__name__}")
+    if isinstance(b, (float, np.floating)):
+        if not math.isfinite(b):
+            raise NumericalError(f"{name} is {b}; pass a finite number of bits")
+        b = math.floor(b)
+    b = int(b)
+    if b < 0:
+        raise InvalidArgumentError(f"{name} must be >= 0, got {b}")
+    return min(b, 2**63 - 1)
+
+
+def solve(M: np.ndarray, costs, budget_bits, *, blocks=None, method: str = "auto",
+          n_threads: int | None = None, progress: Callable[[int, int], None] | None = None,
+          max_enumeration: int = 1 << 21, max_states: int = 20_000_000, fw_iterations: int = 400,
+          restarts: int = 32, seed: int = 0, gap_tolerance: float = 1e-9) -> IQPResult:
+    """Solve ``min δᵀMδ`` over one option per layer with ``Σ cost <= budget_bits``.
+
+    ``M``: float64 ``(L·K, L·K)``, variable ``v = l·K + m`` (need not be symmetric; entries between
+    two options of the same layer never matter). ``costs``: integer ``(L, K)`` bits.
+    ``blocks``: optional block id per layer, asserting that M vanishes between blocks (checked).
+
+    ``method="auto"`` uses the exact path when every group of coupled layers has at most
+    ``max_enumeration`` option combinations, else the general path (``"exact"`` / ``"general"``
+    force one). The general path returns a feasible solution, a valid lower bound and the gap:
+    see ``cpp/include/hiquant/allocation.hpp`` for how the bound is computed. The result never
+    exceeds the budget; a budget below the cheapest choice raises
+    :class:`~hiquant.InfeasibleBudgetError` with ``min_feasible`` in bits. Deterministic for any
+    ``n_threads``. ``progress(done, total)`` is called from the solver; Ctrl-C interrupts it.
+    """
+    c = _as_costs(costs)
+    L, K = c.shape
+    Mx = _as_M(M, L, K)
+    budget = _as_budget(budget_bits)
+    if method not in _METHODS:
+        raise InvalidArgumentError(f"method must be one of {_METHODS}, got {method!r}")
+    b = None
+    if blocks is not None:
+        b = np.asarray(blocks)
+        if b.shape != (L,) or not np.issubdtype(b.dtype, np.integer):
+            raise InvalidArgumentError(f"blocks must be {L} integer block ids (one per layer), got "
+                                       f"shape {b.shape} and dtype {b.dtype}")
+        b = np.ascontiguousarray(b, np.int64)
+    for name, v, lo in (("max_enumeration", max_enumeration, 1), ("max_states", max_states, 1),
+                        ("fw_iterations", fw_iterations, 0), ("restarts", restarts, 0),
+                        ("seed", seed, 0)):
+        _pos_int(v, name, lo)
+    if not (isinstance(gap_tolerance, (int, float)) and gap_tolerance >= 0):
+        raise InvalidArgumentError(f"gap_tolerance must be a number >= 0, got {gap_tolerance!r}")
+    r = _core.solve_iqp(Mx, c, budget, b, method, int(max_enumeration), int(max_states),
+                        int(fw_iterations), 100000, int(restarts), int(seed), float(gap_tolerance),
+                        resolve_n_threads(n_threads), progress)
+    return IQPResult(status=r["status"], method=r["method"], objective=r["objective"],
+                     lower_bound=r["lower_bound"], gap=r["gap"], abs_gap=r["abs_gap"],
+                     choice=r["choice"], cost_bits=int(r["cost"]), budget_bits=int(r["budget"]),
+                     min_cost_bits=int(r["min_cost"]), bound_method=r["bound_method"],
+                     iterations=int(r["iterations"]), nodes=int(r["nodes"]),
+                     n_components=int(r["n_components"]),
+                     largest_component=int(r["largest_component"]), seconds=float(r["seconds"]))
+
+
+def iqp_objective(M: np.ndarray, costs, choice) -> float:
+    """``δᵀMδ`` of a choice (one option index per layer), as the solver computes it."""
+    c = _as_costs(costs)
+    Mx = _as_M(M, *c.shape)
+    ch = np.ascontiguousarray(np.asarray(choice), np.int64)
+    return float(_core.iqp_objective(Mx, c, ch))
+
+
+# --------------------------------------------------------------------------------------------
+# the sensitivity matrix M
+
+
+def option_deltas(W: np.ndarray, fisher_col: np.ndarray, candidates=DEFAULT_CANDIDATES,
+                  b_low: int = 2, b_high: int = 3, group_size: int | None = 64) -> list:
+    """Δ (float32 ``W``'s shape) of each candidate ratio: RTN of the split layer minus ``W``."""
+    W = np.ascontiguousarray(W, np.float32)
+    d_out, d_in = W.shape
+    cand = _candidates(candidates)
+    g = _group(group_size)
+    out = []
+    for beta in cand:
+        k = ratio_to_k(beta, d_in)
+        idx = high_columns(fisher_col, k)
+        ql = QuantizedLayer.rtn("delta", W, b_low, g, high_idx=idx, b_high=b_high)
+        out.append(ql.dequantize() - W)
+    return out
+
+
+@dataclass
+class SensitivityMatrix:
+    """M of the allocation IQP and how it was built.
+
+    ``M``: float64 ``(L·K, L·K)``, layer-major over ``names`` × ``candidates``. ``blocks``: the
+    transformer block of each layer (M vanishes between blocks for ``measured`` and ``diagonal``).
+    ``estimator`` and ``settings`` are recorded in every allocation made with it.
+    """
+
+    M: np.ndarray
+    names: list
+    candidates: tuple
+    estimator: str
+    blocks: np.ndarray
+    b_low: int
+    b_high: int
+    group_size: int
+    seconds: float
+    settings: dict = field(default_factory=dict)
+
+    def diagonal(self) -> np.ndarray:
+        """``M[v, v]`` reshaped to (L, K): the loss estimate of each option alone."""
+        return np.diag(self.M).reshape(len(self.names), len(self.candidates)).copy()
+
+
+def _model_layers(model, names):
+    if names is None:
+        names = list(model.linear_names())
+    else:
+        names = [str(n) for n in names]
+        known = set(model.linear_names())
+        for n in names:
+            if n not in known:
+                raise InvalidArgumentError(f"{n!r} is not a linear layer of the model; see "
+                                           "model.linear_names()")
+    block_of = {}
+    for i in range(model.num_blocks):
+        for n in model.block_linear_names(i):
+            block_of[n] = i
+    return names, np.array([block_of[n] for n in names], np.int64)
+
+
+def _windows(ids, n_windows, seqlen) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.shape[1] < 2:
+        raise InvalidArgumentError(f"ids must be an integer array (n_windows, seqlen >= 2), got "
+                                   f"shape {ids.shape} and dtype {ids.dtype}")
+    if n_windows is not None:
+        ids = ids[:_pos_int(n_windows, "n_windows")]
+    if seqlen is not None:
+        ids = ids[:, :_pos_int(seqlen, "seqlen", 2)]
+    return np.ascontiguousarray(ids, np.int64)
+
+
+def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Mapping,
+                       fisher: Mapping | None = None, candidates=DEFAULT_CANDIDATES,
+                       b_low: int = 2, b_high: int = 3, group_size: int | None = 64,
+                       names: Sequence[str] | None = None, n_windows: int | None = None,
+                       seqlen: int | None = None, pairs: bool = True,
+                       progress: Callable[[int, int], None] | None = None) -> SensitivityMatrix:
+    """Build M with one of :data:`ESTIMATORS` from a model and calibration windows ``ids``.
+
+    ``fisher_col[name]``: the Fisher column scores that choose each option's high columns
+    (``hiquant.stats.collect_stats(...).fisher_col``). ``n_windows`` / ``seqlen`` use the first
+    windows / tokens of ``ids`` only (the estimators' cost grows with them).
+
+    * ``"measured"`` (the paper's): ``M[i,i] = 2 (L(θ+Δ_i) − L(θ))`` and, for two options of
+      different layers of the same transformer block, ``M[i,j] = M[j,i] = L(θ+Δ_i+Δ_j) −
+      L(θ+Δ_i) − L(θ+Δ_j) + L(θ)`` (the FULL value in both entries), so that
+      ``δᵀMδ = 2 (Σ_i ΔL_i + Σ_{i<j} ΔL_ij)``: twice the second-order inclusion-exclusion estimate
+      of the loss increase, the same scale as ``ΔᵀHΔ``. Pairs in different blocks are 0. L is the
+      mean per-sequence calibration loss over the windows. Block inputs are cached, so a
+      perturbation in block b recomputes blocks b..end only. ``pairs=False`` skips the cross terms
+      (K·L evaluations instead of about K²·21·n_blocks).
+    * ``"fisher"``: ``a[s, v] = ⟨G_s, Δ_v⟩`` from per-sequence gradients ``G_s`` (one backward pass
+      per window), ``M = AᵀA / S``: every pair of layers, across blocks too (``δᵀMδ`` is the
+      empirical-Fisher quadratic form of the total Δ). Memory: the K Δ's of every layer.
+    * ``"diagonal"``: ``M[v,v] = Σ F ⊙ Δ_v²`` with ``F = fisher[name]`` (the empirical Fisher
+      diagonal), no cross terms.
+    """
+    if estimator not in ESTIMATORS:
+        raise InvalidArgumentError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    cand = _candidates(candidates)
+    b_low = _bits(b_low, "b_low", range(2, 9))
+    b_high = _bits(b_high, "b_high", set(range(2, 9)) | {16})
+    g = _group(group_size)
+    names, blocks = _model_layers(model, names)
+    K, L = len(cand), len(names)
+    if fisher_col is None:
+        raise InvalidArgumentError("fisher_col is required: it chooses the high-impact columns")
+    for n in names:
+        if n not in fisher_col:
+            raise InvalidArgumentError(f"fisher_col has no entry for {n!r}; pass the column scores "
+                                       "of every layer (stats.collect_stats(...).fisher_col)")
+    if estimator == "diagonal":
+        if fisher is None:
+            raise InvalidArgumentError("estimator='diagonal' needs fisher (the empirical Fisher "
+                                       "diagonal of every layer, stats.collect_stats(...).fisher)")
+        for n in names:
+            if n not in fisher:
+                raise InvalidArgumentError(f"fisher has no entry for {n!r}")
+    ids = _windows(ids, n_windows, seqlen) if estimator != "diagonal" else None
+    t0 = time.perf_counter()
+    settings = dict(b_low=b_low, b_high=b_high, group_size=g, candidates=list(cand))
+
+    def deltas(n):
+        return option_deltas(model.get_weight(n), fisher_col[n], cand, b_low, b_high, g)
+
+    M = np.zeros((L * K, L * K), np.float64)
+    if estimator == "diagonal":
+        for li, n in enumerate(names):
+            F = np.asarray(fisher[n])
+            W = model.get_weight(n)
+            if F.shape != W.shape:
+                raise InvalidArgumentError(f"fisher[{n!r}] has shape {F.shape} but the weight has "
+                                           f"{W.shape}; pass the Fisher diagonal of the same layer")
+            F64 = F.astype(np.float64)
+            for m, D in enumerate(deltas(n)):
+                D64 = D.astype(np.float64)
+                M[li * K + m, li * K + m] = float(np.sum(F64 * D64 * D64))
+            if progress is not None:
+                progress(li + 1, L)
+    elif estimator == "fisher":
+        settings.update(n_windows=int(ids.shape[0]), seqlen=int(ids.shape[1]))
+        D = {n: np.stack([d.reshape(-1) for d in deltas(n)]) for n in names}  # (K, d_out*d_in)
+        S = ids.shape[0]
+        A = np.zeros((S, L * K), np.float64)
+        for s in range(S):
+            G = model.weight_grads(ids[s:s + 1])
+            for li, n in enumerate(names):
+                g_s = np.asarray(G[n], np.float32).reshape(-1)
+                A[s, li * K:(li + 1) * K] = D[n].astype(np.float64) @ g_s.astype(np.float64)
+            if progress is not None:
+                progress(s + 1, S)
+        M = A.T @ A / S
+        settings["A_rank"] = int(np.linalg.matrix_rank(A)) if A.size else 0
+    else:  # measured
+        settings.update(n_windows=int(ids.shape[0]), seqlen=int(ids.shape[1]), pairs=bool(pairs))
+        M = _measured(model, ids, names, blocks, cand, deltas, pairs, progress)
+    M = 0.5 * (M + M.T)
+    if not np.all(np.isfinite(M)):
+        raise NumericalError(f"the {estimator} estimator produced a non-finite M; check the "
+                             "model's losses and gradients on these windows")
+    return SensitivityMatrix(M=np.ascontiguousarray(M), names=names, candidates=cand,
+                             estimator=estimator, blocks=blocks, b_low=b_low, b_high=b_high,
+                             group_size=g, seconds=time.perf_counter() - t0, settings=settings)
+
+
+def _measured(model, ids, names, blocks, cand, deltas, pairs, progress) -> np.ndarray:
+    K, L = len(cand), len(names)
+    nb = model.num_blocks
+    # Inputs of every block under the current (unperturbed) weights, computed once.
+    h = model.embed(ids)
+    h_in = []
+    for i in range(nb):
+        h_in.append(h)
+        h = model.block_forward(i, h)
+    base = float(np.mean(model.head_loss(h, ids)))
+
+    def loss_from(b: int) -> float:
+        x = h_in[b]
+        for i in range(b, nb):
+            x = model.block_forward(i, x)
+        return float(np.mean(model.head_loss(x, ids)))
+
+    M = np.zeros((L * K, L * K), np.float64)
+    by_block: dict[int, list[int]] = {}
+    for li in range(L):
+        by_block.setdefault(int(blocks[li]), []).append(li)
+    total = L * K + (sum(len(v) * (len(v) - 1) // 2 for v in by_block.values()) * K * K
+                     if pairs else 0)
+    done = 0
+    for b, lis in sorted(by_block.items()):
+        W = {li: model.get_weight(names[li]) for li in lis}
+        D = {li: deltas(names[li]) for li in lis}
+        single = {}
+        try:
+            for li in lis:
+                for m in range(K):
+                    model.set_weight(names[li], W[li] + D[li][m])
+                    single[li, m] = loss_from(b)
+                    done += 1
+                model.reset_weight(names[li])
+                if progress is not None:
+                    progress(done, total)
+            for li in lis:
+                for m in range(K):
+                    M[li * K + m, li * K + m] = 2.0 * (single[li, m] - base)
+            if pairs:
+                for x, li in enumerate(lis):
+                    for lj in lis[x + 1:]:
+                        for m in range(K):
+                            model.set_weight(names[li], W[li] + D[li][m])
+                            for m2 in range(K):
+                                model.set_weight(names[lj], W[lj] + D[lj][m2])
+                                v = loss_from(b) - single[li, m] - single[lj, m2] + base
+                                M[li * K + m, lj * K + m2] = M[lj * K + m2, li * K + m] = v
+                                done += 1
+                            if progress is not None:
+                                progress(done, total)
+                        model.reset_weight(names[li])
+                        model.reset_weight(names[lj])
+        finally:
+            for li in lis:
+                model.reset_weight(names[li])
+    return M
+
+
+# --------------------------------------------------------------------------------------------
+# allocation
+
+
+@dataclass(frozen=True)
+class LayerAllocation:
+    name: str
+    d_out: int
+    d_in: int
+    option: int  # index into the candidates
+    ratio: float
+    k: int
+    high_idx: np.ndarray  # ascending int64 (k,)
+    bits: int  # layer_cost_bits of this choice
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.bits / (self.d_out * self.d_in)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["high_idx"] = self.high_idx.tolist()
+        d["bits_per_weight"] = self.bits_per_weight
+        return d
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Per-layer ratios chosen by :func:`allocate`, with the exact bits achieved."""
+
+    layers: list  # LayerAllocation, in the order of the shapes given
+    total_bits: int
+    n_weights: int
+    budget_bits: int
+    candidates: tuple
+    b_low: int
+    b_high: int
+    group_size: int
+    scale_bits: int
+    estimator: str | None  # from a SensitivityMatrix, else None (a raw M)
+    result: IQPResult
+
+    @property
+    def avg_bits(self) -> float:
+        """Average bits per weight achieved (exact count / weights)."""
+        return self.total_bits / self.n_weights
+
+    @property
+    def ratios(self) -> dict:
+        return {la.name: la.ratio for la in self.layers}
+
+    def to_dict(self) -> dict:
+        return {
+            "avg_bits": self.avg_bits, "total_bits": self.total_bits, "n_weights": self.n_weights,
+            "budget_bits": self.budget_bits, "budget_avg_bits": self.budget_bits / self.n_weights,
+            "candidates": list(self.candidates), "b_low": self.b_low, "b_high": self.b_high,
+            "group_size": self.group_size, "scale_bits": self.scale_bits,
+            "estimator": self.estimator, "result": self.result.to_dict(),
+            "layers": [la.to_dict() for la in self.layers],
+        }
+
+
+def _min_avg(min_cost: int, n_weights: int) -> float:
+    """Smallest float x with floor(x · n_weights) >= min_cost, x as repr'd (so passing it back as
+    avg_bits is feasible)."""
+    x = min_cost / n_weights
+    while math.floor(_exact(x) * n_weights) < min_cost:
+        x = math.nextafter(x, math.inf)
+    return x
+
+
+def allocate(shapes, fisher_col: Mapping, M, *, avg_bits: float | None = None,
+             total_bits: int | None = None, candidates=None, b_low: int | None = None,
+             b_high: int | None = None, group_size: int | None = None, scale_bits: int = 16,
+             blocks=None, method: str = "auto", on_infeasible: str = "raise",
+             n_threads: int | None = None, progress=None, **solver_options) -> Allocation:
+    """Choose each layer's high-impact ratio under a bit budget.
+
+    ``shapes``: name → (d_out, d_in) (or a Model); ``fisher_col``: name → column scores (d_in,);
+    ``M``: a :class:`SensitivityMatrix` (its candidates, widths, group size, blocks and estimator
+    are used and recorded) or a float64 array over ``shapes`` × ``candidates``. Budget: exactly
+    one of ``avg_bits`` (average bits per weight over these layers, counted by
+    :func:`layer_cost_bits`; the budget is ``floor(avg_bits · n_weights)`` bits in exact decimal
+    arithmetic) or ``total_bits``.
+
+    Returns an :class:`Allocation`: per layer the ratio, ``k``, the ascending indices of its ``k``
+    highest-scoring columns (ties: lower index) and its bits; the exact average achieved.
+    An infeasible budget raises :class:`~hiquant.InfeasibleBudgetError` whose ``min_feasible`` is
+    in the unit the budget was given in; ``on_infeasible="cheapest"`` returns the cheapest
+    allocation instead (status ``"infeasible"``).
+    """
+    names, sh = _shape_list(shapes)
+    estimator = None
+    if isinstance(M, SensitivityMatrix):
+        sm = M
+        if list(sm.names) != names:
+            raise InvalidArgumentError("M was built for other layers (or another order) than "
+                                       "shapes; build it with names=list(shapes)")
+        for arg, have, mine in (("candidates", candidates, sm.candidates), ("b_low", b_low, sm.b_low),
+                                ("b_high", b_high, sm.b_high), ("group_size", group_size, sm.group_size)):
+            if have is not None and ((_candidates(have) if arg == "candidates" else
+                                      (_group(have) if arg == "group_size" else have)) != mine):
+                raise InvalidArgumentError(f"{arg}={have!r} differs from the {mine!r} M was built "
+                                           "with; leave it unset or rebuild M")
+        candidates, b_low, b_high, group_size = sm.candidates, sm.b_low, sm.b_high, sm.group_size
+        if blocks is None:
+            blocks = sm.blocks if sm.estimator != "fisher" else None
+        estimator = sm.estimator
+        Mx = sm.M
+    else:
+        Mx = M
+    cand = _candidates(DEFAULT_CANDIDATES if candidates is None else candidates)
+    b_low = _bits(2 if b_low is None else b_low, "b_low", range(1, 9))
+    b_high = _bits(3 if b_high is None else b_high, "b_high", set(range(1, 9)) | {16})
+    g = _group(64 if group_size is None else group_size)
+    if on_infeasible not in ("raise", "cheapest"):
+        raise InvalidArgumentError(f"on_infeasible must be 'raise' or 'cheapest', got {on_infeasible!r}")
+    for n, (_, di) in zip(names, sh):
+        if n not in fisher_col:
+            raise InvalidArgumentError(f"fisher_col has no entry for {n!r}; pass the column "
+                                       "scores of every layer")
+        if np.shape(fisher_col[n]) != (di,):
+            raise InvalidArgumentError(f"fisher_col[{n!r}] has shape {np.shape(fisher_col[n])} but "
+                                       f"the layer has d_in = {di}; pass its (d_in,) column scores")
+    ks = [[ratio_to_k(b, di) for b in cand] for _, di in sh]
+    costs = np.array([[layer_cost_bits(do, di, k, b_low, b_high, g, scale_bits) for k in kk]
+                      for (do, di), kk in zip(sh, ks)], np.int64)
+    n_weights = sum(do * di for do, di in sh)
+    if (avg_bits is None) == (total_bits is None):
+        raise InvalidArgumentError("pass exactly one budget: avg_bits (bits per weight) or "
+                                   "total_bits")
+    if avg_bits is not None:
+        if isinstance(avg_bits, bool) or not isinstance(avg_bits, (int, float, np.integer, np.floating)):
+            raise TypeError(f"avg_bits must be a number, got {type(avg_bits).__name__}")
+        if not math.isfinite(avg_bits):
+            raise NumericalError(f"avg_bits is {avg_bits}; pass a finite number")
+        if avg_bits <= 0:
+            raise InvalidArgumentError(f"avg_bits must be positive, got {avg_bits}")
+        budget = int(math.floor(_exact(avg_bits) * n_weights))
+    else:
+        budget = _as_budget(total_bits, "total_bits")
+    try:
+        res = solve(Mx, costs, budget, blocks=blocks, method=method, n_threads=n_threads,
+                    progress=progress, **solver_options)
+    except InfeasibleBudgetError as e:
+        min_cost = int(costs.min(axis=1).sum())
+        if on_infeasible == "raise":
+            if avg_bits is not None:
+                mf = _min_avg(min_cost, n_weights)
+                raise InfeasibleBudgetError(
+                    f"avg_bits={avg_bits} is infeasible: even the smallest ratio in every layer "
+                    f"needs {min_cost / n_weights:.6f} bits per weight (b_low={b_low}, "
+                    f"b_high={b_high}, group_size={g}, {scale_bits}-bit scales); pass "
+                    f"avg_bits >= {mf!r}", mf) from e
+            raise InfeasibleBudgetError(
+                f"total_bits={budget} is infeasible: the cheapest allocation needs {min_cost} "
+                f"bits; pass total_bits >= {min_cost}", min_cost) from e
+        choice = np.argmin(costs, axis=1).astype(np.int64)
+        obj = iqp_objective(Mx, costs, choice)
+        res = IQPResult(status="infeasible", method="cheapest", objective=obj,
+                        lower_bound=float("nan"), gap=float("nan"), abs_gap=float("nan"),
+                        choice=choice, cost_bits=int(costs[np.arange(len(sh)), choice].sum()),
+                        budget_bits=budget, min_cost_bits=min_cost,
+                        bound_method="none (budget infeasible)", iterations=0, nodes=0,
+                        n_components=0, largest_component=0, seconds=0.0)
+    layers = []
+    for li, ((do, di), n) in enumerate(zip(sh, names)):
+        m = int(res.choice[li])
+        k = ks[li][m]
+        layers.append(LayerAllocation(name=n, d_out=do, d_in=di, option=m, ratio=cand[m], k=k,
+                                      high_idx=high_columns(fisher_col[n], k),
+                                      bits=int(costs[li, m])))
+    total = sum(la.bits for la in layers)
+    return Allocation(layers=layers, total_bits=total, n_weights=n_weights, budget_bits=budget,
+                      candidates=cand, b_low=b_low, b_high=b_high, group_size=g,
+                      scale_bits=scale_bits, estimator=estimator, result=res)
