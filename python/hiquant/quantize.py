@@ -58,9 +58,13 @@ class QuantizeSettings:
 
     def resolved(self) -> "QuantizeSettings":
         s = QuantizeSettings(**asdict(self))
-        method_info(s.method)
-        if s.hbits is None:
-            s.hbits = 16 if s.method == "fp16-retention" else s.wbits + 1
+        info = method_info(s.method)
+        if info["allocation"] == "none":
+            s.hbits = s.wbits  # no high-impact part
+        elif s.method == "fp16-retention":
+            s.hbits = 16
+        elif s.hbits is None:
+            s.hbits = {2: 3, 3: 4, 4: 8, 8: 16}[s.wbits] if s.wbits in (2, 3, 4, 8) else s.wbits + 1
         if s.wbits not in (2, 3, 4, 8):
             raise InvalidArgumentError(f"wbits must be 2, 3, 4 or 8 (packable widths), got {s.wbits}")
         if s.hbits not in (2, 3, 4, 8, 16):
@@ -274,7 +278,7 @@ def _batches(n: int, size: int):
 
 def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=None,
              export: str = "both", eval_text=None, fp_eval: bool = False, overwrite: bool = False,
-             progress: bool = True, model=None, **overrides) -> Report:
+             progress: bool = True, model=None, cache_dir=None, **overrides) -> Report:
     """Quantize a Hugging Face checkpoint and return the run :class:`Report`.
 
     ``model_dir``: the checkpoint folder; ``calib``: a calibration text file (plain text, WikiText
@@ -283,7 +287,9 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
     ``out``: an output folder (written atomically; never overwritten unless ``overwrite``) that
     receives ``fake/`` (a Hugging Face folder with dequantized weights in the source dtype) and/or
     ``packed/`` (hiquant's packed format) as ``export`` says ("fake", "packed", "both"), plus
-    ``report.json`` and ``report.md``; ``eval_text``: a text file to measure perplexity on.
+    ``report.json`` and ``report.md``; ``eval_text``: a text file to measure perplexity on;
+    ``cache_dir``: where calibration statistics are cached, keyed to the model files and the
+    calibration settings, so that repeated runs (ablations) never recollect them.
     """
     from . import calib as calib_mod
     from .evaluate import perplexity
@@ -319,8 +325,13 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
     allocation = None
     if info["fisher"]:
         with _Timer(timings, "fisher"):
-            from .stats import collect_stats
-            st = collect_stats(model, windows, gram=False, fisher=True, progress=progress)
+            from .stats import collect_stats, load_or_collect
+            if cache_dir is not None:
+                st = load_or_collect(cache_dir, model, windows, gram=False, fisher=True,
+                                     calib=calib_settings, progress=progress, n_threads=s.n_threads)
+            else:
+                st = collect_stats(model, windows, gram=False, fisher=True, progress=progress,
+                                   n_threads=s.n_threads)
             fisher_col = st.fisher_col
     budget_bits = s.avg_bits * n_weights if s.avg_bits is not None else None
     with _Timer(timings, "allocation"):
