@@ -36,9 +36,10 @@ def cmd_quantize(args) -> int:
         _threads.set_num_threads(args.threads)
     s = _settings_from_args(args)
     t0 = time.perf_counter()
+    ckpt = (args.out.rstrip("/") + ".progress") if args.out else None
     rep = quantize(args.model, args.calib, settings=s, out=args.out, export=args.export,
                    eval_text=args.eval_text, fp_eval=args.fp_eval, overwrite=args.overwrite,
-                   progress=not args.quiet)
+                   progress=not args.quiet, checkpoint_dir=ckpt, resume=args.resume)
     print(rep.markdown(), file=sys.stderr)
     _emit({"command": "quantize", "method": rep.settings["method"], "avg_bits": rep.avg_bits,
            "ppl": rep.ppl, "fp_ppl": rep.fp_ppl, "total_bits": rep.total_bits,
@@ -145,6 +146,8 @@ def add_pipeline_commands(sub) -> None:
     p.add_argument("--out", default=None, help="output folder (written atomically)")
     p.add_argument("--export", default="both", choices=("fake", "packed", "both"))
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run from OUT.progress (saved after every block)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_quantize)

@@ -278,7 +278,8 @@ def _batches(n: int, size: int):
 
 def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=None,
              export: str = "both", eval_text=None, fp_eval: bool = False, overwrite: bool = False,
-             progress: bool = True, model=None, cache_dir=None, **overrides) -> Report:
+             progress: bool = True, model=None, cache_dir=None, checkpoint_dir=None,
+             resume: bool = False, **overrides) -> Report:
     """Quantize a Hugging Face checkpoint and return the run :class:`Report`.
 
     ``model_dir``: the checkpoint folder; ``calib``: a calibration text file (plain text, WikiText
@@ -289,7 +290,10 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
     ``packed/`` (hiquant's packed format) as ``export`` says ("fake", "packed", "both"), plus
     ``report.json`` and ``report.md``; ``eval_text``: a text file to measure perplexity on;
     ``cache_dir``: where calibration statistics are cached, keyed to the model files and the
-    calibration settings, so that repeated runs (ablations) never recollect them.
+    calibration settings, so that repeated runs (ablations) never recollect them;
+    ``checkpoint_dir``: where progress is saved after every block (atomically); with
+    ``resume=True`` a killed run continues from its last completed block and produces the same
+    result as an uninterrupted run. The folder is removed when the run completes.
     """
     from . import calib as calib_mod
     from .evaluate import perplexity
@@ -320,10 +324,22 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
     if info["allocation"] == "iqp" and s.avg_bits is None:
         raise InvalidArgumentError("method 'hiq' needs a budget: pass avg_bits (e.g. 2.3)")
 
+    state = None
+    if checkpoint_dir is not None:
+        from ._progress_state import ProgressState, plans_from_json, run_key
+        state = ProgressState(checkpoint_dir, run_key(asdict(s), model.fingerprint(), calib_settings),
+                              resume=resume)
+        if cache_dir is None:  # statistics survive a crash too
+            cache_dir = Path(checkpoint_dir) / "stats"
+
     # ---- statistics and plans
     fisher_col = None
     allocation = None
-    if info["fisher"]:
+    restored = state.plans() if state is not None else None
+    if restored is not None:
+        plans = plans_from_json(restored)
+        allocation = state.meta.get("allocation")
+    elif info["fisher"]:
         with _Timer(timings, "fisher"):
             from .stats import collect_stats, load_or_collect
             if cache_dir is not None:
@@ -334,48 +350,61 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
                                    n_threads=s.n_threads)
             fisher_col = st.fisher_col
     budget_bits = s.avg_bits * n_weights if s.avg_bits is not None else None
-    with _Timer(timings, "allocation"):
-        ratios = {}
-        if info["allocation"] == "none":
-            ratios = {n: 0.0 for n in names}
-        elif info["allocation"] in ("fixed", "fixed-budget"):
-            if s.ratio is not None:
-                r = s.ratio
-            elif budget_bits is not None:
-                r = uniform_ratio_for_budget(shapes, s, budget_bits)
-            else:
-                r = 0.05 if info["allocation"] == "fixed" else 0.01
-            ratios = {n: r for n in names}
-        else:  # iqp
-            if budget_bits is None:
-                raise InvalidArgumentError("method 'hiq' needs a budget: pass avg_bits (e.g. 2.3)")
-            from . import allocate
-            t_m = time.perf_counter()
-            sm = allocate.sensitivity_matrix(
-                model, windows, estimator=s.estimator, fisher_col=fisher_col,
-                fisher=st.fisher if s.estimator == "diagonal" else None, candidates=s.candidates,
-                b_low=s.wbits, b_high=s.hbits, group_size=s.group_size, names=names,
-                n_windows=min(s.m_windows, len(windows)), pairs=s.m_pairs)
-            timings["sensitivity matrix"] = time.perf_counter() - t_m
-            alloc = allocate.allocate(shapes, fisher_col, sm, avg_bits=s.avg_bits,
-                                      n_threads=s.n_threads)
-            ratios = alloc.ratios
-            allocation = {k: v for k, v in alloc.to_dict().items() if k != "layers"}
-            allocation["m_seconds"] = sm.seconds
-        plans = {}
-        for n in names:
-            d_out, d_in = shapes[n]
-            k = n_high(ratios[n], d_in) if s.hbits != s.wbits else 0
-            idx = top_columns(fisher_col[n], k) if k else np.zeros(0, np.int64)
-            plans[n] = LayerPlan(k, idx, s.wbits, s.hbits, s.group_size, ratios[n])
+    if restored is None:
+        with _Timer(timings, "allocation"):
+            ratios = {}
+            if info["allocation"] == "none":
+                ratios = {n: 0.0 for n in names}
+            elif info["allocation"] in ("fixed", "fixed-budget"):
+                if s.ratio is not None:
+                    r = s.ratio
+                elif budget_bits is not None:
+                    r = uniform_ratio_for_budget(shapes, s, budget_bits)
+                else:
+                    r = 0.05 if info["allocation"] == "fixed" else 0.01
+                ratios = {n: r for n in names}
+            else:  # iqp
+                if budget_bits is None:
+                    raise InvalidArgumentError("method 'hiq' needs a budget: pass avg_bits (e.g. 2.3)")
+                from . import allocate
+                t_m = time.perf_counter()
+                sm = allocate.sensitivity_matrix(
+                    model, windows, estimator=s.estimator, fisher_col=fisher_col,
+                    fisher=st.fisher if s.estimator == "diagonal" else None, candidates=s.candidates,
+                    b_low=s.wbits, b_high=s.hbits, group_size=s.group_size, names=names,
+                    n_windows=min(s.m_windows, len(windows)), pairs=s.m_pairs)
+                timings["sensitivity matrix"] = time.perf_counter() - t_m
+                alloc = allocate.allocate(shapes, fisher_col, sm, avg_bits=s.avg_bits,
+                                          n_threads=s.n_threads)
+                ratios = alloc.ratios
+                allocation = {k: v for k, v in alloc.to_dict().items() if k != "layers"}
+                allocation["m_seconds"] = sm.seconds
+            plans = {}
+            for n in names:
+                d_out, d_in = shapes[n]
+                k = n_high(ratios[n], d_in) if s.hbits != s.wbits else 0
+                idx = top_columns(fisher_col[n], k) if k else np.zeros(0, np.int64)
+                plans[n] = LayerPlan(k, idx, s.wbits, s.hbits, s.group_size, ratios[n])
 
     # ---- block-by-block quantization
     kind = info["quantizer"]
     qlayers = {}
     t_q = time.perf_counter()
     bs = max(1, s.calib_batch)
-    h = np.concatenate([model.embed(windows[sl]) for sl in _batches(len(windows), bs)])
-    for b in _progress(range(model.num_blocks), progress, desc=f"quantize ({s.method})", unit="block"):
+    start = 0
+    if state is not None and state.done_blocks:
+        start = state.done_blocks
+        entries = state.meta["entries"]
+        for b in range(start):
+            names_b = model.block_linear_names(b)
+            for name, ql in state.load_block(b, names_b, entries).items():
+                model.set_weight(name, ql.dequantize())
+                qlayers[name] = ql
+        h = state.load_hidden()
+    else:
+        h = np.concatenate([model.embed(windows[sl]) for sl in _batches(len(windows), bs)])
+    for b in _progress(range(start, model.num_blocks), progress, desc=f"quantize ({s.method})",
+                       unit="block", initial=start, total=model.num_blocks):
         grams = _GramCollector()
         if kind != "rtn":
             for sl in _batches(len(h), bs):
@@ -389,6 +418,16 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
             qlayers[name] = ql
         for sl in _batches(len(h), bs):
             h[sl] = model.block_forward(b, h[sl])
+        if state is not None:
+            from ._progress_state import plans_to_json
+            from .export import layer_entry
+            names_b = model.block_linear_names(b)
+            entries = dict(state.meta["entries"]) if state.meta else {}
+            entries.update({n: layer_entry(qlayers[n]) for n in names_b})
+            state.save_block(b, {n: qlayers[n] for n in names_b}, h, plans_to_json(plans), entries,
+                             allocation)
+            if os.environ.get("HIQUANT_TEST_SLOW_BLOCKS"):  # test hook: widen the kill window
+                time.sleep(float(os.environ["HIQUANT_TEST_SLOW_BLOCKS"]))
     timings["quantize"] = time.perf_counter() - t_q
     del h
 
@@ -426,4 +465,6 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
             from .export import write_outputs
             report.output = write_outputs(out, model, qlayers, report, export=export,
                                           overwrite=overwrite)
+    if state is not None:
+        state.remove()
     return report

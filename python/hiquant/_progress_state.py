@@ -1,0 +1,111 @@
+"""Crash-safe progress of a quantization run: after every block, the block's quantized layers
+and the calibration hidden states are written atomically, so a run killed at any point (SIGKILL
+included) resumes from its last completed block and ends with a result identical to an
+uninterrupted run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ._atomic import atomic_write_bytes, atomic_write_text
+from .errors import InvalidArgumentError
+
+STATE_VERSION = 1
+
+
+def run_key(settings: dict, model_fingerprint: dict, calib: dict) -> str:
+    blob = json.dumps({"v": STATE_VERSION, "settings": settings, "model": model_fingerprint,
+                       "calib": calib}, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+class ProgressState:
+    """A folder holding ``meta.json`` (run key, last completed block, plans), ``block-<b>.safetensors``
+    (packed layers of block b) and ``hidden.npy`` (the calibration hidden states after the last
+    completed block). Each file is replaced atomically; meta.json is written last, so it never
+    points at a block whose files are incomplete."""
+
+    def __init__(self, folder, key: str, *, resume: bool):
+        self.dir = Path(folder)
+        self.key = key
+        meta = self.dir / "meta.json"
+        self.meta = None
+        if meta.exists():
+            m = json.loads(meta.read_text())
+            if not resume:
+                raise InvalidArgumentError(
+                    f"{self.dir} holds the progress of an earlier run; pass resume=True (--resume) "
+                    "to continue it, or delete the folder to start over")
+            if m.get("key") != key:
+                raise InvalidArgumentError(
+                    f"{self.dir} holds the progress of a run with other settings, model or "
+                    "calibration data; it cannot be resumed with these (delete it to start over)")
+            self.meta = m
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def done_blocks(self) -> int:
+        return int(self.meta["done_blocks"]) if self.meta else 0
+
+    def plans(self) -> dict | None:
+        return self.meta.get("plans") if self.meta else None
+
+    def load_hidden(self) -> np.ndarray:
+        return np.load(self.dir / "hidden.npy")
+
+    def load_block(self, b: int, layer_names, entries: dict):
+        from safetensors.numpy import load_file
+        from .export import layer_from_tensors
+        tensors = load_file(str(self.dir / f"block-{b}.safetensors"))
+        return {n: layer_from_tensors(n, entries[n], tensors, where=str(self.dir)) for n in layer_names}
+
+    def save_block(self, b: int, qlayers: dict, hidden: np.ndarray, plans: dict, entries: dict,
+                   allocation: dict | None = None) -> None:
+        from safetensors.numpy import save
+        from .export import layer_tensors
+        tensors = {}
+        for ql in qlayers.values():
+            tensors.update(layer_tensors(ql))
+        atomic_write_bytes(self.dir / f"block-{b}.safetensors", save(tensors))
+        import io
+        buf = io.BytesIO()
+        np.save(buf, hidden)
+        atomic_write_bytes(self.dir / "hidden.npy", buf.getvalue())
+        self.meta = {"key": self.key, "version": STATE_VERSION, "done_blocks": b + 1,
+                     "plans": plans, "entries": entries, "allocation": allocation}
+        atomic_write_text(self.dir / "meta.json", json.dumps(self.meta, default=_jsonable))
+
+    def remove(self) -> None:
+        import shutil
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def plans_to_json(plans: dict) -> dict:
+    return {n: {"k": p.k, "high_idx": np.asarray(p.high_idx).tolist(), "b_low": p.b_low,
+                "b_high": p.b_high, "group_size": p.group_size, "ratio": p.ratio}
+            for n, p in plans.items()}
+
+
+def plans_from_json(d: dict) -> dict:
+    from .methods import LayerPlan
+    return {n: LayerPlan(v["k"], np.asarray(v["high_idx"], np.int64), v["b_low"], v["b_high"],
+                         v["group_size"], v["ratio"]) for n, v in d.items()}
+
+
+__all__ = ["ProgressState", "run_key", "plans_to_json", "plans_from_json"]
+_ = os
+
+
+def _jsonable(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
