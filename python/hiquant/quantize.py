@@ -41,6 +41,7 @@ class QuantizeSettings:
     estimator: str = "fisher"  # M estimator for hiq: measured | fisher | diagonal
     m_windows: int = 32  # calibration windows used to build M (its cost grows with them)
     m_pairs: bool = True  # measured estimator: include the same-block pair terms
+    quantizer: str = "auto"  # layer quantizer: the method's own, or rtn/gptq/lwc/adaround/hybrid (ablations)
     n_calib: int = 128
     seqlen: int = 512
     seed: int = 0
@@ -232,6 +233,34 @@ class _GramCollector:
         return self.grams[key], self.tokens[key]
 
 
+def _block_grams(model, b: int, h: np.ndarray, bs: int, n_threads) -> "_GramCollector":
+    """Gram matrices of block b's linear inputs over all calibration windows. Batches run on
+    worker threads, each into its own partial sums; the partials are added in batch order, so
+    the result does not depend on the thread count."""
+    from .model import map_ordered
+
+    def run(sl):
+        col = _GramCollector()
+        model.block_forward(b, h[sl], capture=col)
+        return col
+
+    total = None
+    for part in map_ordered(run, list(_batches(len(h), bs)), n_threads):
+        if total is None:
+            total = part
+        else:
+            for key, G in part.grams.items():
+                total.grams[key] += G
+                total.tokens[key] += part.tokens[key]
+    return total
+
+
+def _block_outputs(model, b: int, h: np.ndarray, bs: int, n_threads) -> np.ndarray:
+    from .model import map_ordered
+    outs = map_ordered(lambda sl: model.block_forward(b, h[sl]), list(_batches(len(h), bs)), n_threads)
+    return np.concatenate(outs)
+
+
 def _gram_accumulate(G: np.ndarray, X: np.ndarray) -> None:
     try:
         from .stats import gram_accumulate
@@ -387,7 +416,9 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
                 plans[n] = LayerPlan(k, idx, s.wbits, s.hbits, s.group_size, ratios[n])
 
     # ---- block-by-block quantization
-    kind = info["quantizer"]
+    kind = info["quantizer"] if s.quantizer == "auto" else s.quantizer
+    if kind not in ("rtn", "gptq", "lwc", "adaround", "hybrid"):
+        raise InvalidArgumentError(f"quantizer must be auto, rtn, gptq, lwc, adaround or hybrid, got {kind!r}")
     qlayers = {}
     t_q = time.perf_counter()
     bs = max(1, s.calib_batch)
@@ -405,19 +436,15 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
         h = np.concatenate([model.embed(windows[sl]) for sl in _batches(len(windows), bs)])
     for b in _progress(range(start, model.num_blocks), progress, desc=f"quantize ({s.method})",
                        unit="block", initial=start, total=model.num_blocks):
-        grams = _GramCollector()
-        if kind != "rtn":
-            for sl in _batches(len(h), bs):
-                grams.next_batch()
-                model.block_forward(b, h[sl], capture=grams)
+        grams = _block_grams(model, b, h, bs, s.n_threads) if kind != "rtn" else None
         for name in model.block_linear_names(b):
             W = model.get_weight(name)
-            H, ntok = grams.gram(name) if kind != "rtn" else (None, 0)
+            H, ntok = grams.gram(name) if grams is not None else (None, 0)
             ql = _quantize_layer(kind, name, W, H, ntok, plans[name], s)
             model.set_weight(name, ql.dequantize())
             qlayers[name] = ql
-        for sl in _batches(len(h), bs):
-            h[sl] = model.block_forward(b, h[sl])
+        del grams
+        h = _block_outputs(model, b, h, bs, s.n_threads)
         if state is not None:
             from ._progress_state import plans_to_json
             from .export import layer_entry
