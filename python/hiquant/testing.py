@@ -58,8 +58,10 @@ def quantize_and_eval(request, hiquant_cache_dir):
         rep = quantize(model_dir, calib, eval_text=eval_text, model=_MODELS[key],
                        cache_dir=hiquant_cache_dir, progress=False, **settings)
         s = rep.settings
+        nodeid = request.node.nodeid
         _RESULTS.append({
-            "test": request.node.nodeid, "model": Path(model_dir).name, "method": s["method"],
+            "test": nodeid, "case": nodeid[nodeid.index("[") + 1:-1] if "[" in nodeid else request.node.name,
+            "quantizer": s.get("quantizer", "auto"), "model": Path(model_dir).name, "method": s["method"],
             "wbits": s["wbits"], "hbits": s["hbits"], "group_size": s["group_size"],
             "estimator": s["estimator"] if s["method"] == "hiq" else None,
             "candidates": list(s["candidates"]) if s["method"] == "hiq" else None,
@@ -72,8 +74,8 @@ def quantize_and_eval(request, hiquant_cache_dir):
 
 
 def summary_markdown(results: list) -> str:
-    cols = ["model", "method", "wbits", "hbits", "group_size", "estimator", "candidates",
-            "avg_bits", "ppl", "seconds"]
+    cols = ["case", "model", "method", "wbits", "hbits", "group_size", "estimator", "candidates",
+            "quantizer", "avg_bits", "ppl", "seconds"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         cells = []

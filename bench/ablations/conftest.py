@@ -1,0 +1,38 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# The hiquant.testing plugin's fixtures and hooks (pytest_plugins is only allowed in a root conftest).
+from hiquant import testing as _hq
+from hiquant.testing import hiquant_cache_dir, hiquant_results, quantize_and_eval  # noqa: F401
+from hiquant.testing import pytest_terminal_summary  # noqa: F401
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "bench"
+
+
+def pytest_addoption(parser):
+    _hq.pytest_addoption(parser)
+    parser.addoption("--model", default=None,
+                     help="checkpoint folder (default: the embedded model); e.g. ../shared/bench/llama-bench")
+    parser.addoption("--calib", default=None, help="calibration text (default: the model's own)")
+    parser.addoption("--eval-text", default=None, help="evaluation text")
+    parser.addoption("--quick", action="store_true", help="a small grid with few iterations")
+
+
+@pytest.fixture(scope="session")
+def setup(request):
+    from hiquant.datasets import embedded_calib_path, embedded_model_path, embedded_test_path
+    model = request.config.getoption("--model")
+    quick = request.config.getoption("--quick")
+    if model is None:
+        model, calib, test = embedded_model_path(), embedded_calib_path(), embedded_test_path()
+        seqlen = 256
+    else:
+        calib = request.config.getoption("--calib") or SHARED / "corpus" / "calib.txt"
+        test = request.config.getoption("--eval-text") or SHARED / "corpus" / "test.txt"
+        seqlen = 512
+    common = dict(seqlen=seqlen, eval_seqlen=seqlen)
+    if quick:
+        common.update(n_calib=8, eval_windows=16, lwc_iters=20, adaround_iters=40, m_windows=4)
+    return dict(model=model, calib=calib, test=test, common=common, quick=quick)

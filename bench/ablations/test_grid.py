@@ -1,0 +1,57 @@
+"""The paper's ablation grid, driven from pytest with the hiquant.testing plugin:
+
+    python -m pytest bench/ablations -q                                   # embedded model
+    python -m pytest bench/ablations -q --model ../shared/bench/llama-bench
+    python -m pytest bench/ablations -q --quick                            # a smoke run (CI)
+
+Axes: method × bit config × M estimator × candidate ratio set × b_H (16 = FP16 retention at the
+same budget) — fixed vs optimized ratios, with and without the hybrid quantizer (`quantizer=rtn`),
+with and without inter-layer terms (`diagonal` M). The session prints one table of every result
+and writes hiquant-summary.json/.md.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+W2 = dict(wbits=2, group_size=64, budget=2.45)
+W3 = dict(wbits=3, group_size=128, budget=3.30)
+CANDIDATES = {"paper": (0.02, 0.05, 0.10, 0.15, 0.20), "wide": (0.0, 0.02, 0.05, 0.1, 0.2, 0.3)}
+
+GRID = [
+    # (label, method, bit config, estimator, candidate set, b_H, layer quantizer)
+    ("rtn", "rtn", W2, None, None, None, "auto"),
+    ("gptq", "gptq", W2, None, None, None, "auto"),
+    ("lwc", "lwc", W2, None, None, None, "auto"),
+    ("fixed ratio, hybrid", "fixed-ratio", W2, None, None, 3, "auto"),
+    ("fixed ratio, fp16 retention", "fp16-retention", W2, None, None, 16, "auto"),
+    ("hiq, fisher M", "hiq", W2, "fisher", "paper", 3, "auto"),
+    ("hiq, measured M", "hiq", W2, "measured", "paper", 3, "auto"),
+    ("hiq, diagonal M (no inter-layer)", "hiq", W2, "diagonal", "paper", 3, "auto"),
+    ("hiq, wide candidates", "hiq", W2, "fisher", "wide", 3, "auto"),
+    ("hiq, without hybrid quantizer", "hiq", W2, "fisher", "paper", 3, "rtn"),
+    ("hiq, b_H = 16", "hiq", W2, "fisher", "paper", 16, "auto"),
+    ("hiq W3", "hiq", W3, "fisher", "paper", 4, "auto"),
+    ("rtn W3", "rtn", W3, None, None, None, "auto"),
+]
+QUICK = {"rtn", "fixed ratio, hybrid", "hiq, fisher M", "hiq, diagonal M (no inter-layer)"}
+
+
+@pytest.mark.parametrize("label,method,cfg,estimator,cands,hbits,quantizer", GRID, ids=[g[0] for g in GRID])
+def test_ablation(setup, quantize_and_eval, label, method, cfg, estimator, cands, hbits, quantizer):
+    if setup["quick"] and label not in QUICK:
+        pytest.skip("not in the --quick grid")
+    kw = dict(method=method, wbits=cfg["wbits"], group_size=cfg["group_size"], quantizer=quantizer,
+              **setup["common"])
+    if method in ("hiq", "fixed-ratio", "fp16-retention"):
+        kw["avg_bits"] = cfg["budget"]
+    if hbits is not None and method != "fp16-retention":
+        kw["hbits"] = hbits
+    if estimator:
+        kw["estimator"] = estimator
+    if cands:
+        kw["candidates"] = CANDIDATES[cands]
+    rep = quantize_and_eval(setup["model"], setup["calib"], setup["test"], **kw)
+    if "avg_bits" in kw:
+        assert rep.avg_bits <= kw["avg_bits"] + 1e-12
+    assert rep.ppl > 1.0
