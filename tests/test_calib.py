@@ -1,0 +1,131 @@
+"""Calibration text loaders, tokenization and the reference window protocol."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+
+import numpy as np
+import pytest
+
+from hiquant.calib import (calibration_windows, leading_windows, load_jsonl_text, load_text,
+                           load_wikitext2, sample_windows, tokenize_text)
+from hiquant.errors import InvalidArgumentError
+from hiquant.model import load_model
+
+
+def test_sample_windows_reproduces_the_global_random_protocol():
+    ids = np.arange(5000, dtype=np.int64) * 7 % 1013
+    for seed, n, seqlen in ((0, 128, 512), (3, 10, 100), (1234, 1, 4998)):
+        got = sample_windows(ids, n, seqlen, seed)
+        random.seed(seed)  # the reference code: global state, then randint per window
+        want = []
+        for _ in range(n):
+            i = random.randint(0, len(ids) - seqlen - 1)
+            want.append(ids[i:i + seqlen])
+        np.testing.assert_array_equal(got, np.stack(want))
+        assert got.dtype == np.int64 and got.shape == (n, seqlen)
+
+
+def test_sample_windows_leaves_the_global_random_state_alone():
+    random.seed(42)
+    expected = random.random()
+    random.seed(42)
+    sample_windows(np.arange(1000), 5, 10, seed=0)
+    assert random.random() == expected
+
+
+def test_sample_windows_rejects_too_short_text_and_bad_arguments():
+    with pytest.raises(InvalidArgumentError, match="at least 513"):
+        sample_windows(np.arange(512), 1, 512)
+    with pytest.raises(InvalidArgumentError, match="n must be"):
+        sample_windows(np.arange(100), 0, 10)
+    with pytest.raises(InvalidArgumentError, match="1-D integer"):
+        sample_windows(np.zeros((10, 10), np.int64), 1, 5)
+
+
+def test_leading_windows_are_the_first_non_overlapping_windows():
+    ids = np.arange(1050)
+    w = leading_windows(ids, 100, 10)
+    np.testing.assert_array_equal(w, np.arange(1000).reshape(10, 100))
+    assert leading_windows(ids, 100).shape == (10, 100)
+    with pytest.raises(InvalidArgumentError, match="windows <= 10"):
+        leading_windows(ids, 100, 11)
+
+
+def test_wikitext2_join_matches_gptq_datautils(tmp_path):
+    # the HF dataset rows are the raw file's lines (with their newline; "" for blank lines),
+    # and GPTQ joins them with "\n\n"
+    raw = " \n = Valkyria Chronicles III = \n \n Senjō no Valkyria 3 : Unrecorded Chronicles \n"
+    p = tmp_path / "wiki.train.raw"
+    p.write_text(raw, encoding="utf-8")
+    rows = ["", " = Valkyria Chronicles III = \n", "",
+            " Senjō no Valkyria 3 : Unrecorded Chronicles \n"]
+    assert load_wikitext2(p) == "\n\n".join(rows)
+    assert load_text(p) == "\n\n".join(rows)  # detected by name
+
+
+def test_jsonl_and_json_and_gzip_records_are_joined(tmp_path):
+    recs = [{"text": "first doc", "url": "a"}, {"text": "second\ndoc", "url": "b"}]
+    p = tmp_path / "c4-train.00000-of-01024.json.gz"
+    with gzip.open(p, "wt", encoding="utf-8") as f:
+        for r in recs:
+            f.write(json.dumps(r) + "\n")
+    assert load_text(p) == "first doc\n\nsecond\ndoc"
+    q = tmp_path / "val.json"
+    q.write_text(json.dumps(recs))
+    assert load_jsonl_text(q) == "first doc\n\nsecond\ndoc"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"content": "no text"}\n')
+    with pytest.raises(InvalidArgumentError, match="record 1 has no string field 'text'"):
+        load_text(bad)
+    bad.write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(InvalidArgumentError, match="bad.jsonl:2: not valid JSON"):
+        load_text(bad)
+
+
+def test_empty_missing_and_non_utf8_files_raise_clear_errors(tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n\n")
+    with pytest.raises(InvalidArgumentError, match="contains no text"):
+        load_text(tmp_path / "empty.txt")
+    with pytest.raises(InvalidArgumentError, match="no such file"):
+        load_text(tmp_path / "absent.txt")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(InvalidArgumentError, match="UTF-8"):
+        load_text(tmp_path / "latin1.txt")
+    with pytest.raises(InvalidArgumentError, match="format must be"):
+        load_text(tmp_path / "latin1.txt", format="parquet")
+
+
+def test_tokenize_text_is_the_whole_text_without_special_tokens(tiny_llama):
+    m = load_model(tiny_llama[0])
+    ids = tokenize_text(m.tokenizer, "ab\nc")
+    assert ids.dtype == np.int64
+    assert ids.tolist() == m.tokenizer.encode("ab\nc", add_special_tokens=False).ids
+    assert len(ids) == 4
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        tokenize_text(m.tokenizer, "")
+    with pytest.raises(InvalidArgumentError, match="no tokenizer"):
+        tokenize_text(None, "text")
+
+
+def test_calibration_windows_records_settings(tiny_llama, tmp_path):
+    m = load_model(tiny_llama[0])
+    p = tmp_path / "calib.txt"
+    p.write_text("def f(x):\n    return x * 2\n" * 50)
+    win, settings = calibration_windows(m.tokenizer, p, n=4, seqlen=32, seed=1)
+    ids = tokenize_text(m.tokenizer, p.read_text())
+    np.testing.assert_array_equal(win, sample_windows(ids, 4, 32, 1))
+    assert settings["n"] == 4 and settings["seqlen"] == 32 and settings["seed"] == 1
+    assert len(settings["file_sha256"]) == 64 and settings["n_text_tokens"] == len(ids)
+
+
+@pytest.mark.bench_assets
+def test_bench_calibration_protocol_matches_reference_starts(bench_assets):
+    m = load_model(f"{bench_assets}/llama-bench")
+    ids = tokenize_text(m.tokenizer, load_text(f"{bench_assets}/corpus/calib.txt"))
+    win = sample_windows(ids, 128, 512, 0)
+    random.seed(0)
+    starts = [random.randint(0, len(ids) - 513) for _ in range(128)]
+    np.testing.assert_array_equal(win[:, 0], ids[starts])
