@@ -96,7 +96,9 @@ TRAIN = {
     "dtype": "float32",
 }
 
-EVAL = {"seqlen": 256, "first_windows": 32, "rtn": [[2, 64], [4, 128], [3, 64]]}
+EVAL = {"seqlen": 256, "first_windows": 32,
+        # [bits, group_size]; group 0 = one group per output row
+        "rtn": [[2, 64], [2, 128], [2, 0], [3, 64], [3, 128], [4, 128]]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -357,6 +359,7 @@ def rtn_fake_quant(W: np.ndarray, bits: int, group: int) -> np.ndarray:
     maxq = 2 ** bits - 1
     W = W.astype(np.float64)
     out = np.empty_like(W)
+    group = W.shape[1] if group <= 0 else group
     for a in range(0, W.shape[1], group):
         blk = W[:, a:a + group]
         lo = np.minimum(blk.min(axis=1, keepdims=True), 0.0)
@@ -491,6 +494,11 @@ def main(argv=None) -> int:
     for s in ("calib", "test"):
         with open(cdir / f"{s}.txt", "w", encoding="utf-8", newline="\n") as f:
             f.write(texts[s])
+    # The PSF licence asks that its text travel with derived copies of the sources.
+    if (root / "LICENSE.txt").is_file():
+        shutil.copyfile(root / "LICENSE.txt", cdir / "LICENSE-PSF.txt")
+    else:
+        log(f"warning: {root / 'LICENSE.txt'} not found; add the PSF licence text by hand")
 
     # -- verify the exported files ---------------------------------------------------------------
     from safetensors.numpy import load_file
@@ -526,7 +534,7 @@ def main(argv=None) -> int:
         qm.eval()
         qp, _ = perplexity(torch, qm, test_ids, S, n_all)
         rtn.append({"bits": bits, "group_size": group, "test_ppl_seq256": round(qp, 4)})
-        log(f"RTN w{bits} g{group}: test ppl {qp:.4f}")
+        log(f"RTN w{bits} g{group or 'row'}: test ppl {qp:.4f}")
 
     hf_check = {"transformers": None}
     try:
@@ -587,7 +595,8 @@ def main(argv=None) -> int:
         "calib_windows_seq256": n_calib_win,
         "rtn_test_ppl_seq256": rtn,
         "rtn_note": "min-max (range incl. 0) round-to-nearest of the 7 linears of every block, "
-                    "per group of input columns; embeddings, norms and lm_head kept",
+                    "per group of input columns (group_size 0: per output row); embeddings, norms "
+                    "and lm_head kept",
         "hf_check": hf_check,
     }
     (mdir / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
