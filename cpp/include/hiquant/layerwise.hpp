@@ -1,0 +1,95 @@
+// The layer-wise objective and the training loops of the learned quantizer parts.
+//
+//   L(W_q) = tr((W_q - W) H (W_q - W)^T) / N,     dL/dW_q = 2 (W_q - W) H / N
+// H = X^T X is the calibration Gram matrix (float64 from the statistics, packed here as float32 for
+// the products) and N its token count: a step costs the same whatever the number of tokens, and
+// L equals the explicit ||(W_q - W) X^T||^2 / N.
+//
+// Active window: only the columns [a0, a1) are being learned; the others are frozen at their
+// current W_q. With E = W_q - W, E_a its active columns and E_0 = E with the active columns zeroed,
+//   N L = sum(E_a o (E_a H_aa + 2 C0)) + c_fix,   C0 = E_0 H[:, a],  c_fix = sum(E_0 o (E_0 H))
+//   N dL/dE_a = 2 (E_a H_aa + C0)
+// C0 and c_fix are computed once per window (set_active), so a step costs one product of
+// d_out x n_a x n_a: AdaRound on the high columns of a layer whose low part is already quantized
+// costs O(d_out k^2) per step instead of O(d_out d_in^2).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "hiquant/adaround.hpp"
+#include "hiquant/gemm.hpp"
+#include "hiquant/lwc.hpp"
+#include "hiquant/optim.hpp"
+#include "hiquant/parallel.hpp"
+
+namespace hiquant {
+
+// Validates a Gram matrix (d x d, float64): finite, symmetric, non-negative diagonal.
+void check_gram(const double* H, int64_t d, int n_threads = 0);
+
+class LayerwiseObjective {
+ public:
+  // W: d_out x d_in float32; H: d_in x d_in float64 (symmetric); n_tokens > 0. W_q starts as W.
+  LayerwiseObjective(const float* W, int64_t d_out, int64_t d_in, const double* H,
+                     double n_tokens, int n_threads = 0);
+
+  int64_t d_out() const { return d_out_; }
+  int64_t d_in() const { return d_in_; }
+  double n_tokens() const { return n_tokens_; }
+  const float* weights() const { return W_.data(); }
+  float* wq() { return Wq_.data(); }
+  const float* wq() const { return Wq_.data(); }
+  int64_t a0() const { return a0_; }
+  int64_t a1() const { return a1_; }
+
+  // Learn columns [a0, a1); the others stay at their current W_q (see the header comment).
+  void set_active(int64_t a0, int64_t a1, int n_threads = 0);
+  // Loss at the current W_q, and dL/dW_q of the active columns into grad() (d_out x n_active).
+  double evaluate(int n_threads = 0);
+  const float* grad() const { return G_.data(); }
+  // Loss at the current W_q over the whole layer (one full product; does not touch grad()).
+  double full_loss(int n_threads = 0) const;
+  // Floating-point operations of one evaluate() (the product), for throughput reports.
+  double step_flops() const { return 2.0 * double(d_out_) * double(na_) * double(na_); }
+
+ private:
+  int64_t d_out_, d_in_;
+  double n_tokens_;
+  const double* H_;  // borrowed: the caller keeps it alive (the binding holds a reference)
+  std::vector<float> W_, Wq_;
+  int64_t a0_ = 0, a1_ = 0, na_ = 0;
+  PackedB Haa_;
+  std::vector<float> Ea_, G_, C0_;
+  std::vector<double> row_loss_;
+  double c_fix_ = 0.0;
+};
+
+// Loss history of a fit: the objective before each step, and the regularizer (AdaRound).
+struct FitLog {
+  std::vector<double> loss;
+  std::vector<double> reg;
+  std::vector<double> b;
+  double seconds = 0.0;
+};
+
+// A part placed at column col0 of the objective's (column-permuted) layer.
+struct LwcSlot {
+  LwcPart* part;
+  Adam* adam;
+  int64_t col0;
+};
+struct AdaRoundSlot {
+  AdaRoundPart* part;
+  Adam* adam;
+  int64_t col0;
+};
+
+// Runs `iters` steps on the objective's active window, which must cover exactly the learned
+// parts (and may be the whole layer, for joint learning). Either slot may be absent (nullptr
+// part). AdaRound follows `schedule` (step t = 1..schedule.iters; iters must equal it when an
+// AdaRound part is present). After the loop the parts' current soft forward is left in W_q.
+void fit_layerwise(LayerwiseObjective& obj, const LwcSlot& lwc, const AdaRoundSlot& ada,
+                   int64_t iters, const AdaRoundSchedule& schedule, FitLog& log,
+                   const RunControl& rc, int n_threads = 0);
+
+}  // namespace hiquant

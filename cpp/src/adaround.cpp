@@ -1,0 +1,210 @@
+#include "hiquant/adaround.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include "hiquant/errors.hpp"
+#include "hiquant/quant_math.hpp"
+#include "hiquant/quantizer.hpp"
+
+namespace hiquant {
+
+double AdaRoundSchedule::b(int64_t t) const {
+  const double start = warmup * double(iters);
+  if (double(t) < start) return b_start;
+  const double rel = (double(t) - start) / (double(iters) - start);
+  return b_end + (b_start - b_end) * std::max(0.0, 1.0 - rel);
+}
+
+void validate_schedule(const AdaRoundSchedule& s) {
+  HQ_CHECK(s.iters >= 0, "AdaRound iterations must be >= 0, got ", s.iters);
+  HQ_CHECK(s.warmup >= 0 && s.warmup < 1, "AdaRound warmup must be a fraction in [0, 1), got ",
+           s.warmup);
+  HQ_CHECK(std::isfinite(s.b_start) && std::isfinite(s.b_end) && s.b_start >= 1 && s.b_end >= 1,
+           "AdaRound exponents b_start, b_end must be >= 1, got ", s.b_start, ", ", s.b_end);
+  HQ_CHECK(std::isfinite(s.lam) && s.lam >= 0, "AdaRound lambda must be >= 0, got ", s.lam);
+}
+
+namespace {
+
+inline float sigmoid_f(float x) {
+  // The two branches avoid exp overflow; both are exact formulas of the logistic function.
+  if (x >= 0.0f) return 1.0f / (1.0f + std::exp(-x));
+  const float e = std::exp(x);
+  return e / (1.0f + e);
+}
+
+inline float clip01(float u) { return u < 0.0f ? 0.0f : (u > 1.0f ? 1.0f : u); }
+
+}  // namespace
+
+AdaRoundPart::AdaRoundPart(const float* W, int64_t ldw, int64_t rows, int64_t cols,
+                           const AdaRoundSpec& spec, int n_threads)
+    : spec_(spec), rows_(rows), cols_(cols) {
+  HQ_CHECK(spec.bits >= 2 && spec.bits <= 8, "AdaRound bits must be in 2..8, got ", spec.bits);
+  HQ_CHECK(rows > 0 && cols > 0, "AdaRound part needs a non-empty weight matrix, got ", rows,
+           " x ", cols);
+  HQ_CHECK(ldw >= cols, "AdaRound: leading dimension ", ldw, " < cols ", cols);
+  ng_ = hiquant::n_groups(cols, spec.group_size);
+  gw_ = group_width(cols, spec.group_size);
+  maxq_ = (1 << spec.bits) - 1;
+  const size_t n = static_cast<size_t>(rows * cols);
+  W_.resize(n);
+  base_.resize(n);
+  V_.resize(n);
+  scale_.resize(static_cast<size_t>(rows * ng_));
+  zero_.resize(static_cast<size_t>(rows * ng_));
+  const double zeta = kAdaZeta, gamma = kAdaGamma;
+  parallel_for(rows, n_threads, [&](int64_t r) {
+    std::copy(W + r * ldw, W + r * ldw + cols, W_.data() + r * cols);
+    for (int64_t g = 0; g < ng_; ++g) {
+      const int64_t c0 = g * gw_, m = std::min(gw_, cols - c0);
+      const float* w = W_.data() + r * cols + c0;
+      const GroupRange gr = group_range(w, m, r, c0);
+      const float s = fp16_round_scale(
+          static_cast<float>((double(gr.hi) - double(gr.lo)) / maxq_));
+      const double z = std::min(std::max(rint_d(-double(gr.lo) / double(s)), 0.0), double(maxq_));
+      scale_[r * ng_ + g] = s;
+      zero_[r * ng_ + g] = static_cast<uint8_t>(z);
+      for (int64_t c = 0; c < m; ++c) {
+        const double q = double(w[c]) / double(s);
+        const double fl = std::floor(q);
+        const double rest = q - fl;  // [0, 1)
+        base_[r * cols + c0 + c] = static_cast<float>(fl + z);
+        // sigmoid(V) = (rest - gamma) / (zeta - gamma)  =>  V = log((rest - gamma) / (zeta - rest))
+        V_[r * cols + c0 + c] = static_cast<float>(std::log((rest - gamma) / (zeta - rest)));
+      }
+    }
+  });
+}
+
+void AdaRoundPart::check_params() const {
+  const int64_t bad = first_nonfinite(V_.data(), n_params());
+  if (bad >= 0)
+    throw NumericalError(detail::concat("AdaRound parameter V became non-finite at row ",
+                                        bad / cols_, ", column ", bad % cols_,
+                                        "; lower the learning rate or check the gradients"));
+}
+
+void AdaRoundPart::forward(float* out, int64_t ldo, bool hard, int n_threads) const {
+  check_params();
+  const float maxq = float(maxq_), span = kAdaZeta - kAdaGamma;
+  parallel_for(rows_, n_threads, [&](int64_t r) {
+    for (int64_t g = 0; g < ng_; ++g) {
+      const int64_t c0 = g * gw_, m = std::min(gw_, cols_ - c0);
+      const float s = scale_[r * ng_ + g], z = float(zero_[r * ng_ + g]);
+      const float* base = base_.data() + r * cols_ + c0;
+      const float* V = V_.data() + r * cols_ + c0;
+      float* o = out + r * ldo + c0;
+      for (int64_t c = 0; c < m; ++c) {
+        const float h = hard ? (V[c] >= 0.0f ? 1.0f : 0.0f)
+                             : clip01(sigmoid_f(V[c]) * span + kAdaGamma);
+        float v = base[c] + h;
+        v = v < 0.0f ? 0.0f : (v > maxq ? maxq : v);
+        o[c] = s * (v - z);
+      }
+    }
+  });
+}
+
+double AdaRoundPart::backward(const float* dwq, int64_t ldd, double lam, double b, float* grad,
+                              int n_threads) const {
+  check_params();
+  HQ_CHECK(lam >= 0 && std::isfinite(lam), "AdaRound lambda must be >= 0");
+  HQ_CHECK(b >= 1 && std::isfinite(b), "AdaRound exponent b must be >= 1, got ", b);
+  const float maxq = float(maxq_), span = kAdaZeta - kAdaGamma;
+  std::vector<double> reg_rows(static_cast<size_t>(rows_), 0.0);
+  parallel_for(rows_, n_threads, [&](int64_t r) {
+    double reg = 0.0;
+    for (int64_t g = 0; g < ng_; ++g) {
+      const int64_t c0 = g * gw_, m = std::min(gw_, cols_ - c0);
+      const float s = scale_[r * ng_ + g];
+      const float* base = base_.data() + r * cols_ + c0;
+      const float* V = V_.data() + r * cols_ + c0;
+      const float* d = dwq + r * ldd + c0;
+      float* gr = grad + r * cols_ + c0;
+      for (int64_t c = 0; c < m; ++c) {
+        const float sig = sigmoid_f(V[c]);
+        const float u = sig * span + kAdaGamma;
+        const float h = clip01(u);
+        const float v = base[c] + h;
+        const bool in_q = v >= 0.0f && v <= maxq;
+        const bool in_h = u >= 0.0f && u <= 1.0f;
+        float dh = in_q ? d[c] * s : 0.0f;
+        if (lam > 0.0) {
+          // R = lam * (1 - |2h - 1|^b);  dR/dh = -lam * b * |2h - 1|^(b-1) * sign(2h - 1) * 2
+          const double x = 2.0 * double(h) - 1.0, ax = std::fabs(x);
+          const double p = std::pow(ax, b);
+          reg += 1.0 - p;
+          if (ax > 0.0) {
+            const double dr = -lam * b * (p / ax) * (x > 0 ? 2.0 : -2.0);
+            dh += static_cast<float>(dr);
+          }
+        }
+        gr[c] = in_h ? dh * span * sig * (1.0f - sig) : 0.0f;
+      }
+    }
+    reg_rows[r] = reg;
+  });
+  double total = 0.0;
+  for (double x : reg_rows) total += x;  // fixed order: identical for any thread count
+  return lam * total;
+}
+
+double AdaRoundPart::reg_loss(double lam, double b, int n_threads) const {
+  check_params();
+  const float span = kAdaZeta - kAdaGamma;
+  std::vector<double> reg_rows(static_cast<size_t>(rows_), 0.0);
+  parallel_for(rows_, n_threads, [&](int64_t r) {
+    double reg = 0.0;
+    const float* V = V_.data() + r * cols_;
+    for (int64_t c = 0; c < cols_; ++c) {
+      const float h = clip01(sigmoid_f(V[c]) * span + kAdaGamma);
+      reg += 1.0 - std::pow(std::fabs(2.0 * double(h) - 1.0), b);
+    }
+    reg_rows[r] = reg;
+  });
+  double total = 0.0;
+  for (double x : reg_rows) total += x;
+  return lam * total;
+}
+
+double AdaRoundPart::soft_fraction(int n_threads) const {
+  const float span = kAdaZeta - kAdaGamma;
+  std::vector<int64_t> cnt(static_cast<size_t>(rows_), 0);
+  parallel_for(rows_, n_threads, [&](int64_t r) {
+    const float* V = V_.data() + r * cols_;
+    int64_t k = 0;
+    for (int64_t c = 0; c < cols_; ++c) {
+      const float u = sigmoid_f(V[c]) * span + kAdaGamma;
+      k += (u > 0.0f && u < 1.0f) ? 1 : 0;
+    }
+    cnt[r] = k;
+  });
+  int64_t total = 0;
+  for (int64_t x : cnt) total += x;
+  return double(total) / double(rows_ * cols_);
+}
+
+void AdaRoundPart::export_codes(uint8_t* codes, float* scale, uint8_t* zero, float* wq,
+                                int64_t ldq, int n_threads) const {
+  check_params();
+  const float maxq = float(maxq_);
+  parallel_for(rows_, n_threads, [&](int64_t r) {
+    for (int64_t g = 0; g < ng_; ++g) {
+      const int64_t c0 = g * gw_, m = std::min(gw_, cols_ - c0);
+      const float s = scale_[r * ng_ + g], z = float(zero_[r * ng_ + g]);
+      scale[r * ng_ + g] = s;
+      zero[r * ng_ + g] = zero_[r * ng_ + g];
+      for (int64_t c = 0; c < m; ++c) {
+        const int64_t i = r * cols_ + c0 + c;
+        float v = base_[i] + (V_[i] >= 0.0f ? 1.0f : 0.0f);
+        v = v < 0.0f ? 0.0f : (v > maxq ? maxq : v);
+        codes[i] = static_cast<uint8_t>(v);
+        wq[r * ldq + c0 + c] = s * (v - z);
+      }
+    }
+  });
+}
+
+}  // namespace hiquant

@@ -1,0 +1,330 @@
+#include "hiquant/gemm.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <new>
+
+#include "hiquant/errors.hpp"
+#include "hiquant/parallel.hpp"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HQ_GEMM_X86 1
+#include <immintrin.h>
+#endif
+
+namespace hiquant {
+
+namespace {
+
+constexpr int64_t kMR = 6;  // rows of a micro-tile: 6 x 16 uses 12 of the 16 AVX2 registers
+constexpr int64_t kNR = PackedB::kNR;
+constexpr int64_t kKC = PackedB::kKC;
+constexpr int64_t kMC = 144;  // rows per A block: 144 x 256 floats = 144 KiB (fits L2)
+
+float* aligned_floats(size_t n) {
+  // 64-byte alignment: a cache line, and enough for any vector load.
+  const size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
+  void* p = std::aligned_alloc(64, bytes > 0 ? bytes : 64);
+  if (!p) throw std::bad_alloc();
+  return static_cast<float*>(p);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Micro-kernels: c[i*ldc + j] (+)= sum_k a[k*MR + i] * b[k*NR + j] for a full 6 x 16 tile.
+
+#if defined(HQ_GEMM_X86)
+__attribute__((target("avx2,fma"))) void kernel_avx2(int64_t kc, const float* a, const float* b,
+                                                     float* c, int64_t ldc, bool acc) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
+  __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
+  __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
+  __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+    __m256 ai = _mm256_broadcast_ss(a);
+    c00 = _mm256_fmadd_ps(ai, b0, c00);
+    c01 = _mm256_fmadd_ps(ai, b1, c01);
+    ai = _mm256_broadcast_ss(a + 1);
+    c10 = _mm256_fmadd_ps(ai, b0, c10);
+    c11 = _mm256_fmadd_ps(ai, b1, c11);
+    ai = _mm256_broadcast_ss(a + 2);
+    c20 = _mm256_fmadd_ps(ai, b0, c20);
+    c21 = _mm256_fmadd_ps(ai, b1, c21);
+    ai = _mm256_broadcast_ss(a + 3);
+    c30 = _mm256_fmadd_ps(ai, b0, c30);
+    c31 = _mm256_fmadd_ps(ai, b1, c31);
+    ai = _mm256_broadcast_ss(a + 4);
+    c40 = _mm256_fmadd_ps(ai, b0, c40);
+    c41 = _mm256_fmadd_ps(ai, b1, c41);
+    ai = _mm256_broadcast_ss(a + 5);
+    c50 = _mm256_fmadd_ps(ai, b0, c50);
+    c51 = _mm256_fmadd_ps(ai, b1, c51);
+    a += kMR;
+    b += kNR;
+  }
+  float* r0 = c;
+  float* r1 = c + ldc;
+  float* r2 = c + 2 * ldc;
+  float* r3 = c + 3 * ldc;
+  float* r4 = c + 4 * ldc;
+  float* r5 = c + 5 * ldc;
+  if (acc) {
+    c00 = _mm256_add_ps(c00, _mm256_loadu_ps(r0));
+    c01 = _mm256_add_ps(c01, _mm256_loadu_ps(r0 + 8));
+    c10 = _mm256_add_ps(c10, _mm256_loadu_ps(r1));
+    c11 = _mm256_add_ps(c11, _mm256_loadu_ps(r1 + 8));
+    c20 = _mm256_add_ps(c20, _mm256_loadu_ps(r2));
+    c21 = _mm256_add_ps(c21, _mm256_loadu_ps(r2 + 8));
+    c30 = _mm256_add_ps(c30, _mm256_loadu_ps(r3));
+    c31 = _mm256_add_ps(c31, _mm256_loadu_ps(r3 + 8));
+    c40 = _mm256_add_ps(c40, _mm256_loadu_ps(r4));
+    c41 = _mm256_add_ps(c41, _mm256_loadu_ps(r4 + 8));
+    c50 = _mm256_add_ps(c50, _mm256_loadu_ps(r5));
+    c51 = _mm256_add_ps(c51, _mm256_loadu_ps(r5 + 8));
+  }
+  _mm256_storeu_ps(r0, c00);
+  _mm256_storeu_ps(r0 + 8, c01);
+  _mm256_storeu_ps(r1, c10);
+  _mm256_storeu_ps(r1 + 8, c11);
+  _mm256_storeu_ps(r2, c20);
+  _mm256_storeu_ps(r2 + 8, c21);
+  _mm256_storeu_ps(r3, c30);
+  _mm256_storeu_ps(r3 + 8, c31);
+  _mm256_storeu_ps(r4, c40);
+  _mm256_storeu_ps(r4 + 8, c41);
+  _mm256_storeu_ps(r5, c50);
+  _mm256_storeu_ps(r5 + 8, c51);
+}
+
+bool cpu_has_avx2_fma() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+// Four-lane vectors: SSE2 on any x86-64, NEON on ARM64. The 6 x 16 tile is done in two halves of
+// 6 x 8 so that the 12 accumulators fit the 16 vector registers of SSE2.
+typedef float v4f __attribute__((vector_size(16)));
+
+void kernel_portable(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
+                     bool acc) {
+  for (int half = 0; half < 2; ++half) {
+    v4f s[kMR][2];
+    for (int i = 0; i < kMR; ++i) s[i][0] = s[i][1] = v4f{0, 0, 0, 0};
+    const float* ap = a;
+    const float* bp = b + 8 * half;
+    for (int64_t k = 0; k < kc; ++k) {
+      v4f b0, b1;
+      std::memcpy(&b0, bp, sizeof b0);
+      std::memcpy(&b1, bp + 4, sizeof b1);
+      for (int i = 0; i < kMR; ++i) {
+        const v4f ai = v4f{ap[i], ap[i], ap[i], ap[i]};
+        s[i][0] += ai * b0;
+        s[i][1] += ai * b1;
+      }
+      ap += kMR;
+      bp += kNR;
+    }
+    for (int i = 0; i < kMR; ++i) {
+      float* ci = c + i * ldc + 8 * half;
+      if (acc) {
+        v4f o0, o1;
+        std::memcpy(&o0, ci, sizeof o0);
+        std::memcpy(&o1, ci + 4, sizeof o1);
+        s[i][0] += o0;
+        s[i][1] += o1;
+      }
+      std::memcpy(ci, &s[i][0], sizeof s[i][0]);
+      std::memcpy(ci + 4, &s[i][1], sizeof s[i][1]);
+    }
+  }
+}
+#else
+void kernel_portable(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
+                     bool acc) {
+  float s[kMR][kNR] = {};
+  for (int64_t k = 0; k < kc; ++k)
+    for (int i = 0; i < kMR; ++i)
+      for (int j = 0; j < kNR; ++j) s[i][j] += a[k * kMR + i] * b[k * kNR + j];
+  for (int i = 0; i < kMR; ++i)
+    for (int j = 0; j < kNR; ++j) c[i * ldc + j] = acc ? s[i][j] + c[i * ldc + j] : s[i][j];
+}
+#endif
+
+using KernelFn = void (*)(int64_t, const float*, const float*, float*, int64_t, bool);
+
+KernelFn resolve_kernel(GemmKernel kernel) {
+  switch (kernel) {
+    case GemmKernel::Portable:
+      return kernel_portable;
+    case GemmKernel::Avx2:
+#if defined(HQ_GEMM_X86)
+      HQ_CHECK(gemm_avx2_available(), "the AVX2+FMA GEMM kernel is not available on this CPU");
+      return kernel_avx2;
+#else
+      throw InvalidArgument("the AVX2+FMA GEMM kernel is not compiled in on this platform");
+#endif
+    case GemmKernel::Auto:
+    default:
+#if defined(HQ_GEMM_X86)
+      if (gemm_avx2_available()) return kernel_avx2;
+#endif
+      return kernel_portable;
+  }
+}
+
+// Packs rows [0, mc) x k block [k0, k0 + kcp) of A into micro-panels of MR rows (k-major inside a
+// panel), zero-padding the last panel to MR rows.
+void pack_a(const float* A, int64_t lda, int64_t mc, int64_t k0, int64_t kcp, float* out) {
+  for (int64_t i0 = 0; i0 < mc; i0 += kMR) {
+    const int64_t mr = std::min(kMR, mc - i0);
+    float* o = out + i0 * kcp;
+    if (mr == kMR) {
+      const float* r[kMR];
+      for (int i = 0; i < kMR; ++i) r[i] = A + (i0 + i) * lda + k0;
+      for (int64_t k = 0; k < kcp; ++k)
+        for (int i = 0; i < kMR; ++i) o[k * kMR + i] = r[i][k];
+    } else {
+      for (int64_t k = 0; k < kcp; ++k)
+        for (int i = 0; i < kMR; ++i)
+          o[k * kMR + i] = i < mr ? A[(i0 + i) * lda + k0 + k] : 0.0f;
+    }
+  }
+}
+
+// A per-thread scratch buffer, grown on demand and kept: no allocation per product in loops.
+struct Scratch {
+  std::unique_ptr<float, FreeDeleter> p;
+  size_t n = 0;
+  float* get(size_t want) {
+    if (want > n) {
+      p.reset(aligned_floats(want));
+      n = want;
+    }
+    return p.get();
+  }
+};
+
+// C rows [r0, r1) for every column.
+void gemm_rows(const float* A, int64_t lda, int64_t r0, int64_t r1, const PackedB& B, float* C,
+               int64_t ldc, bool accumulate, KernelFn kern) {
+  static thread_local Scratch scratch;
+  const int64_t K = B.rows(), N = B.cols();
+  const int64_t n_kb = (K + kKC - 1) / kKC, n_panels = (N + kNR - 1) / kNR;
+  float* apack = scratch.get(static_cast<size_t>(kMC * kKC));
+  alignas(64) float tile[kMR * kNR];
+  for (int64_t ic = r0; ic < r1; ic += kMC) {
+    const int64_t mc = std::min(kMC, r1 - ic);
+    for (int64_t p = 0; p < n_kb; ++p) {
+      const int64_t k0 = p * kKC, kcp = std::min(kKC, K - k0);
+      pack_a(A + ic * lda, lda, mc, k0, kcp, apack);
+      const bool acc = accumulate || p > 0;
+      for (int64_t jp = 0; jp < n_panels; ++jp) {
+        const float* bp = B.panel(p, jp);
+        const int64_t j0 = jp * kNR, nr = std::min(kNR, N - j0);
+        for (int64_t i0 = 0; i0 < mc; i0 += kMR) {
+          const int64_t mr = std::min(kMR, mc - i0);
+          float* c = C + (ic + i0) * ldc + j0;
+          if (mr == kMR && nr == kNR) {
+            kern(kcp, apack + i0 * kcp, bp, c, ldc, acc);
+          } else {
+            // Edge tile: compute into a full scratch tile, then add/copy the valid part. The
+            // sum is formed from zero and added to C last, exactly as the in-place kernel does.
+            kern(kcp, apack + i0 * kcp, bp, tile, kNR, false);
+            for (int64_t i = 0; i < mr; ++i)
+              for (int64_t j = 0; j < nr; ++j)
+                c[i * ldc + j] = acc ? tile[i * kNR + j] + c[i * ldc + j] : tile[i * kNR + j];
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+bool gemm_avx2_available() {
+#if defined(HQ_GEMM_X86)
+  static const bool ok = cpu_has_avx2_fma();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+const char* gemm_kernel_name(GemmKernel kernel) {
+  return resolve_kernel(kernel) == kernel_portable ? "portable" : "avx2-fma";
+}
+
+template <typename T>
+void PackedB::pack_impl(const T* B, int64_t ldb, int64_t K, int64_t N, int n_threads) {
+  HQ_CHECK(K >= 0 && N >= 0 && ldb >= N, "PackedB: bad shape ", K, " x ", N, " with ldb ", ldb);
+  K_ = K;
+  N_ = N;
+  Np_ = ((N + kNR - 1) / kNR) * kNR;
+  const size_t need = static_cast<size_t>(K * Np_);
+  if (need > capacity_ || !data_) {
+    data_.reset(aligned_floats(need));
+    capacity_ = need;
+  }
+  if (need == 0) return;
+  const int64_t n_kb = (K + kKC - 1) / kKC, n_panels = Np_ / kNR;
+  float* base = data_.get();
+  parallel_for(n_kb * n_panels, n_threads, [&](int64_t t) {
+    const int64_t p = t / n_panels, jp = t % n_panels;
+    const int64_t k0 = p * kKC, kcp = std::min(kKC, K - k0);
+    const int64_t j0 = jp * kNR, nr = std::min(kNR, N - j0);
+    float* o = base + p * kKC * Np_ + jp * kcp * kNR;
+    for (int64_t k = 0; k < kcp; ++k) {
+      const T* src = B + (k0 + k) * ldb + j0;
+      float* dst = o + k * kNR;
+      int64_t j = 0;
+      for (; j < nr; ++j) dst[j] = static_cast<float>(src[j]);
+      for (; j < kNR; ++j) dst[j] = 0.0f;
+    }
+  });
+}
+
+void PackedB::pack(const float* B, int64_t ldb, int64_t K, int64_t N, int n_threads) {
+  pack_impl(B, ldb, K, N, n_threads);
+}
+
+void PackedB::pack(const double* B, int64_t ldb, int64_t K, int64_t N, int n_threads) {
+  pack_impl(B, ldb, K, N, n_threads);
+}
+
+void gemm_packed(const float* A, int64_t lda, int64_t M, const PackedB& B, float* C, int64_t ldc,
+                 bool accumulate, int n_threads, GemmKernel kernel) {
+  const int64_t K = B.rows(), N = B.cols();
+  HQ_CHECK(M >= 0 && lda >= K && ldc >= N, "gemm: bad leading dimensions (lda ", lda, ", ldc ",
+           ldc, ") for K = ", K, ", N = ", N);
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
+    return;
+  }
+  const KernelFn kern = resolve_kernel(kernel);
+  // Split rows in multiples of MR, about equally between threads; the split does not change any
+  // element's summation order (see the header), so results do not depend on n_threads.
+  const int64_t n_tiles = (M + kMR - 1) / kMR;
+  const int64_t work = n_tiles * ((N + kNR - 1) / kNR) * K;
+  int nt = resolve_threads(n_threads);
+  if (work < (int64_t(1) << 18)) nt = 1;  // small products: threads cost more than they save
+  nt = static_cast<int>(std::min<int64_t>(nt, n_tiles));
+  parallel_for(nt, nt, [&](int64_t t) {
+    const int64_t a = n_tiles * t / nt, b = n_tiles * (t + 1) / nt;
+    gemm_rows(A, lda, a * kMR, std::min(M, b * kMR), B, C, ldc, accumulate, kern);
+  });
+}
+
+void gemm(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+          int64_t M, int64_t N, int64_t K, bool accumulate, int n_threads, GemmKernel kernel) {
+  PackedB pb(B, ldb, K, N, n_threads);
+  gemm_packed(A, lda, M, pb, C, ldc, accumulate, n_threads, kernel);
+}
+
+}  // namespace hiquant

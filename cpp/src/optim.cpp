@@ -1,0 +1,72 @@
+#include "hiquant/optim.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include "hiquant/errors.hpp"
+#include "hiquant/parallel.hpp"
+
+namespace hiquant {
+
+void validate_adam(const AdamConfig& c) {
+  HQ_CHECK(std::isfinite(c.lr) && c.lr > 0, "learning rate must be a positive number, got ", c.lr);
+  HQ_CHECK(c.beta1 >= 0 && c.beta1 < 1, "beta1 must be in [0, 1), got ", c.beta1);
+  HQ_CHECK(c.beta2 >= 0 && c.beta2 < 1, "beta2 must be in [0, 1), got ", c.beta2);
+  HQ_CHECK(std::isfinite(c.eps) && c.eps > 0, "eps must be a positive number, got ", c.eps);
+  HQ_CHECK(std::isfinite(c.weight_decay) && c.weight_decay >= 0,
+           "weight_decay must be a non-negative number, got ", c.weight_decay);
+}
+
+Adam::Adam(int64_t n, const AdamConfig& cfg) : cfg_(cfg) {
+  validate_adam(cfg);
+  HQ_CHECK(n >= 0, "Adam: negative parameter count");
+  m_.assign(static_cast<size_t>(n), 0.0f);
+  v_.assign(static_cast<size_t>(n), 0.0f);
+}
+
+void Adam::reset() {
+  t_ = 0;
+  std::fill(m_.begin(), m_.end(), 0.0f);
+  std::fill(v_.begin(), v_.end(), 0.0f);
+}
+
+void Adam::step(float* p, const float* g, int n_threads) {
+  validate_adam(cfg_);
+  ++t_;
+  const double bc1 = 1.0 - std::pow(cfg_.beta1, double(t_));
+  const double bc2 = 1.0 - std::pow(cfg_.beta2, double(t_));
+  // torch passes these as Python floats to float32 tensor ops: they act as float32 scalars.
+  const float step_size = static_cast<float>(cfg_.lr / bc1);
+  const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+  const float omb1 = static_cast<float>(1.0 - cfg_.beta1);
+  const float b2 = static_cast<float>(cfg_.beta2), omb2 = static_cast<float>(1.0 - cfg_.beta2);
+  const float eps = static_cast<float>(cfg_.eps);
+  const float wd = static_cast<float>(cfg_.weight_decay);
+  const float decay = static_cast<float>(1.0 - cfg_.lr * cfg_.weight_decay);
+  const bool decoupled = cfg_.decoupled, has_wd = cfg_.weight_decay != 0.0;
+  float* m = m_.data();
+  float* v = v_.data();
+  const int64_t n = size();
+  constexpr int64_t kChunk = 1 << 15;
+  const int64_t n_chunks = (n + kChunk - 1) / kChunk;
+  parallel_for(n_chunks, n_chunks > 1 ? n_threads : 1, [&](int64_t c) {
+    const int64_t a = c * kChunk, b = std::min(n, a + kChunk);
+    for (int64_t i = a; i < b; ++i) {
+      float gi = g[i];
+      float pi = p[i];
+      if (has_wd) {
+        if (decoupled)
+          pi *= decay;
+        else
+          gi += wd * pi;
+      }
+      const float mi = m[i] + omb1 * (gi - m[i]);  // torch's lerp_(grad, 1 - beta1)
+      const float vi = b2 * v[i] + omb2 * (gi * gi);
+      m[i] = mi;
+      v[i] = vi;
+      p[i] = pi - step_size * (mi / (std::sqrt(vi) / bc2_sqrt + eps));
+    }
+  });
+}
+
+}  // namespace hiquant
