@@ -10,7 +10,7 @@ import pytest
 import hiquant
 from hiquant.datasets import embedded_calib_path, embedded_model_path, embedded_test_path
 from hiquant.model import load_model
-from hiquant.quantize import QuantizeSettings, quantize, top_columns, uniform_ratio_for_budget
+from hiquant.pipeline import QuantizeSettings, quantize, top_columns, uniform_ratio_for_budget
 
 FAST = dict(n_calib=8, seqlen=128, eval_seqlen=128, eval_windows=8)
 

@@ -20,7 +20,7 @@ def _emit(result: dict) -> None:
 
 
 def _settings_from_args(args):
-    from .quantize import QuantizeSettings
+    from .pipeline import QuantizeSettings
     names = {f.name for f in fields(QuantizeSettings)}
     kw = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if getattr(args, "candidates", None):
@@ -30,7 +30,7 @@ def _settings_from_args(args):
 
 def cmd_quantize(args) -> int:
     """Quantize a checkpoint; the last stdout line is the run's JSON summary."""
-    from .quantize import quantize
+    from .pipeline import quantize
     from . import _threads
     if args.threads:
         _threads.set_num_threads(args.threads)
@@ -86,7 +86,7 @@ def cmd_demo(args) -> int:
     from .evaluate import perplexity
     from .calib import load_text, tokenize_text
     from .model import load_model
-    from .quantize import QuantizeSettings, quantize
+    from .pipeline import QuantizeSettings, quantize
 
     model = load_model(embedded_model_path())
     seqlen = min(256, model.config.raw.get("max_position_embeddings", 256))
@@ -122,7 +122,7 @@ def cmd_demo(args) -> int:
 
 def add_pipeline_commands(sub) -> None:
     from .methods import METHODS
-    from .quantize import DEFAULT_CANDIDATES
+    from .pipeline import DEFAULT_CANDIDATES
 
     p = sub.add_parser("quantize", help="quantize a checkpoint", description=cmd_quantize.__doc__)
     p.add_argument("model", metavar="MODEL_DIR")

@@ -48,7 +48,7 @@ def hiquant_results() -> list:
 @pytest.fixture
 def quantize_and_eval(request, hiquant_cache_dir):
     from .model import load_model
-    from .quantize import quantize
+    from .pipeline import quantize
 
     def run(model_dir, calib, eval_text=None, **settings):
         key = str(Path(model_dir).resolve())
