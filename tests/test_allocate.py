@@ -14,6 +14,7 @@ import hiquant.allocate as A
 from hiquant.errors import InfeasibleBudgetError, InvalidArgumentError, NumericalError
 from hiquant.layers import QuantizedLayer, storage_bits
 from hiquant._reference import allocation as ref
+from tolerances import REDUCE_RTOL
 
 DATA = Path(__file__).parent / "data"
 
@@ -457,6 +458,15 @@ def _names(model, blocks):
     return [n for b in blocks for n in model.block_linear_names(b)]
 
 
+def test_chunked_float32_dot_matches_float64():
+    rng = np.random.default_rng(16)
+    for P in (10, 4096, 4096 * 3 + 17):
+        D = rng.normal(size=(5, P)).astype(np.float32)
+        g = rng.normal(size=P).astype(np.float32)
+        want = D.astype(np.float64) @ g.astype(np.float64)
+        np.testing.assert_allclose(A._dot_rows(D, g), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
 def test_option_deltas_are_rtn_of_the_split_layer(tiny):
     model, _, _, fc = tiny
     n = model.linear_names()[0]
@@ -508,11 +518,19 @@ def test_measured_estimator_matches_direct_loss_differences(tiny):
     assert np.isfinite(base)
 
 
-def test_measured_estimator_without_pairs_is_diagonal(tiny):
+def test_measured_estimator_without_pairs_is_diagonal_and_keeps_caller_weights(tiny):
     model, ids, _, fc = tiny
     names = _names(model, [1])
-    sm = A.sensitivity_matrix(model, ids, estimator="measured", fisher_col=fc, candidates=CAND,
-                              group_size=8, names=names, pairs=False, n_windows=2)
+    mine = model.get_weight(names[2]) * 0.5
+    model.set_weight(names[2], mine)  # a caller's replacement must survive
+    try:
+        sm = A.sensitivity_matrix(model, ids, estimator="measured", fisher_col=fc,
+                                  candidates=CAND, group_size=8, names=names, pairs=False,
+                                  n_windows=2)
+        assert model.modified_weights() == [names[2]]
+        np.testing.assert_array_equal(model.get_weight(names[2]), mine)
+    finally:
+        model.reset_weights()
     assert np.count_nonzero(sm.M - np.diag(np.diag(sm.M))) == 0
     assert sm.settings["n_windows"] == 2 and sm.blocks.tolist() == [1] * 7
 
@@ -529,8 +547,13 @@ def test_fisher_estimator_matches_explicit_gradient_inner_products(tiny):
         for li, n in enumerate(names):
             for m, d in enumerate(A.option_deltas(model.get_weight(n), fc[n], CAND, 2, 3, 8)):
                 Amat[s, li * K + m] = np.vdot(G[n].astype(np.float64), d.astype(np.float64))
-    np.testing.assert_allclose(sm.M, Amat.T @ Amat / S, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(sm.M, Amat.T @ Amat / S, rtol=REDUCE_RTOL, atol=1e-12 * np.abs(sm.M).max())
     assert np.linalg.eigvalsh(sm.M).min() > -1e-12 * np.abs(sm.M).max()  # a Gram matrix
+    # without room to keep the Δ's, they are recomputed per window: the same M
+    sm0 = A.sensitivity_matrix(model, ids, estimator="fisher", fisher_col=fc, candidates=CAND,
+                               group_size=8, delta_cache_bytes=0)
+    assert sm0.settings["delta_cache"] is False and sm.settings["delta_cache"] is True
+    np.testing.assert_array_equal(sm0.M, sm.M)
 
 
 def test_diagonal_estimator_is_fisher_weighted_squared_error(tiny):

@@ -427,6 +427,7 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
                        b_low: int = 2, b_high: int = 3, group_size: int | None = 64,
                        names: Sequence[str] | None = None, n_windows: int | None = None,
                        seqlen: int | None = None, pairs: bool = True,
+                       delta_cache_bytes: int = 2 << 30,
                        progress: Callable[[int, int], None] | None = None) -> SensitivityMatrix:
     """Build M with one of :data:`ESTIMATORS` from a model and calibration windows ``ids``.
 
@@ -443,10 +444,17 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
       perturbation in block b recomputes blocks b..end only. ``pairs=False`` skips the cross terms
       (K·L evaluations instead of about K²·21·n_blocks).
     * ``"fisher"``: ``a[s, v] = ⟨G_s, Δ_v⟩`` from per-sequence gradients ``G_s`` (one backward pass
-      per window), ``M = AᵀA / S``: every pair of layers, across blocks too (``δᵀMδ`` is the
-      empirical-Fisher quadratic form of the total Δ). Memory: the K Δ's of every layer.
+      per window; float32 products summed in float64 across chunks of 4,096 terms),
+      ``M = AᵀA / S``: every pair of layers, across blocks too (``δᵀMδ`` is the
+      empirical-Fisher quadratic form of the total Δ). The K Δ's of every layer (4·K bytes per
+      weight) are kept in memory up to ``delta_cache_bytes``, else recomputed for every window.
     * ``"diagonal"``: ``M[v,v] = Σ F ⊙ Δ_v²`` with ``F = fisher[name]`` (the empirical Fisher
-      diagonal), no cross terms.
+      diagonal), no cross terms. ``stats.collect_stats`` sums F over its S windows, which makes
+      this S times the diagonal of the ``"fisher"`` M on the same windows; a constant factor
+      never changes the allocation.
+
+    The model's weights are left as they were (a layer already replaced by ``set_weight`` gets
+    its replacement back).
     """
     if estimator not in ESTIMATORS:
         raise InvalidArgumentError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -470,6 +478,7 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
             if n not in fisher:
                 raise InvalidArgumentError(f"fisher has no entry for {n!r}")
     ids = _windows(ids, n_windows, seqlen) if estimator != "diagonal" else None
+    delta_cache_bytes = _pos_int(delta_cache_bytes, "delta_cache_bytes", 0)
     t0 = time.perf_counter()
     settings = dict(b_low=b_low, b_high=b_high, group_size=g, candidates=list(cand))
 
@@ -492,14 +501,20 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
                 progress(li + 1, L)
     elif estimator == "fisher":
         settings.update(n_windows=int(ids.shape[0]), seqlen=int(ids.shape[1]))
-        D = {n: np.stack([d.reshape(-1) for d in deltas(n)]) for n in names}  # (K, d_out*d_in)
+        # The K Δ's of every layer are kept in memory when they fit delta_cache_bytes (the
+        # gradients of each window come for all layers at once), else recomputed per window.
+        need = 4 * K * sum(int(np.prod(model.linear_shape(n))) for n in names)
+        cache = need <= delta_cache_bytes
+        settings["delta_cache"] = bool(cache)
+        D = {n: np.stack([d.reshape(-1) for d in deltas(n)]) for n in names} if cache else None
         S = ids.shape[0]
         A = np.zeros((S, L * K), np.float64)
         for s in range(S):
             G = model.weight_grads(ids[s:s + 1])
             for li, n in enumerate(names):
                 g_s = np.asarray(G[n], np.float32).reshape(-1)
-                A[s, li * K:(li + 1) * K] = D[n].astype(np.float64) @ g_s.astype(np.float64)
+                Dn = D[n] if cache else np.stack([d.reshape(-1) for d in deltas(n)])
+                A[s, li * K:(li + 1) * K] = _dot_rows(Dn, g_s)
             if progress is not None:
                 progress(s + 1, S)
         M = A.T @ A / S
@@ -514,6 +529,22 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
     return SensitivityMatrix(M=np.ascontiguousarray(M), names=names, candidates=cand,
                              estimator=estimator, blocks=blocks, b_low=b_low, b_high=b_high,
                              group_size=g, seconds=time.perf_counter() - t0, settings=settings)
+
+
+def _dot_rows(D: np.ndarray, g: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """``D @ g`` for float32 ``D`` (K, P) and ``g`` (P,): float32 products summed in chunks of
+    ``chunk`` terms (BLAS), chunk sums added in float64. Error about 1e-7 relative whatever P,
+    at float32 speed (converting D to float64 per window would cost 100x more)."""
+    P = g.size
+    main = P - P % chunk
+    out = np.zeros(D.shape[0], np.float64)
+    if main:
+        part = np.matmul(D[:, :main].reshape(D.shape[0], -1, 1, chunk),
+                         g[:main].reshape(-1, chunk, 1))[..., 0, 0]
+        out += part.astype(np.float64).sum(axis=1)
+    if main < P:
+        out += D[:, main:].astype(np.float64) @ g[main:].astype(np.float64)
+    return out
 
 
 def _measured(model, ids, names, blocks, cand, deltas, pairs, progress) -> np.ndarray:
@@ -534,14 +565,24 @@ def _measured(model, ids, names, blocks, cand, deltas, pairs, progress) -> np.nd
         return float(np.mean(model.head_loss(x, ids)))
 
     M = np.zeros((L * K, L * K), np.float64)
+    # Layers the caller had already replaced keep their replacement afterwards.
+    was_set = set(model.modified_weights())
+
+    def restore(li):
+        if names[li] in was_set:
+            model.set_weight(names[li], W[li])
+        else:
+            model.reset_weight(names[li])
+
     by_block: dict[int, list[int]] = {}
     for li in range(L):
         by_block.setdefault(int(blocks[li]), []).append(li)
     total = L * K + (sum(len(v) * (len(v) - 1) // 2 for v in by_block.values()) * K * K
                      if pairs else 0)
     done = 0
+    W: dict = {}
     for b, lis in sorted(by_block.items()):
-        W = {li: model.get_weight(names[li]) for li in lis}
+        W.update({li: model.get_weight(names[li]) for li in lis})
         D = {li: deltas(names[li]) for li in lis}
         single = {}
         try:
@@ -550,7 +591,7 @@ def _measured(model, ids, names, blocks, cand, deltas, pairs, progress) -> np.nd
                     model.set_weight(names[li], W[li] + D[li][m])
                     single[li, m] = loss_from(b)
                     done += 1
-                model.reset_weight(names[li])
+                restore(li)
                 if progress is not None:
                     progress(done, total)
             for li in lis:
@@ -568,11 +609,11 @@ def _measured(model, ids, names, blocks, cand, deltas, pairs, progress) -> np.nd
                                 done += 1
                             if progress is not None:
                                 progress(done, total)
-                        model.reset_weight(names[li])
-                        model.reset_weight(names[lj])
+                        restore(li)
+                        restore(lj)
         finally:
             for li in lis:
-                model.reset_weight(names[li])
+                restore(li)
     return M
 
 

@@ -19,21 +19,28 @@
 //   states whose objective plus the LP bound of the remaining components (for the remaining
 //   budget) can still beat the incumbent. Nothing is approximated: the result is optimal.
 //
-// * general (any M). A feasible solution from several starts (exact knapsack on the diagonal, on a
-//   Gilmore-Lawler linearization and on the relaxation's gradient; rounding of the relaxation)
-//   improved by best-improvement local search over single and paired option changes that stay in
-//   budget. Lower bound: the best of
-//     - Gilmore-Lawler: δᵀMδ >= Σ_l w[l, m_l] with w[v] = M[v,v] + Σ_{l' != l} min_m' M[v, (l',m')],
-//       minimized exactly over the knapsack;
+// * general (any M). A feasible solution: exact knapsacks of linear models of the objective (the
+//   diagonal alone; the Gilmore-Lawler underestimator below; the relaxation's gradient) and the
+//   rounded relaxed optimum, each improved by best-improvement local search over single and
+//   paired option changes that stay in budget, then rounds of iterated local search (a few
+//   layers moved to options drawn from a fixed-seed generator, re-optimized, kept if better).
+//   Lower bound: the best of
+//     - Gilmore-Lawler: δᵀMδ >= Σ_l w[l, m_l] with w[v] = M[v,v] + Σ_{l' != l} min_m' M[v, (l',m')]
+//       (each ordered cross term at its row minimum), minimized exactly over the knapsack (or its
+//       LP bound if the knapsack needs too many states);
 //     - convex relaxations: on one-hot points δᵀMδ = δᵀQδ + qᵀδ whenever Q and M differ only on the
-//       within-layer blocks and diag(Q) + q = diag(M). Q is made convex on the affine hull of the
-//       constraints ({Σ_m v[l,m] = 0}) by a diagonal shift d_l = τ s_l per layer, with τ from the
-//       smallest eigenvalue of the projected, scaled matrix (so an indefinite M is fine). The
-//       relaxed problem over {δ >= 0, one-hot sums = 1, cost <= budget} is minimized by pairwise
-//       Frank-Wolfe; every iterate gives the certified bound φ(x) + min_s ∇φ(x)ᵀ(s - x) (the
-//       linear minimization over the polytope is the knapsack LP, solved exactly), so the bound
-//       is valid however far the iterations got.
-//   Status "optimal" when the bound closes the gap, else "feasible".
+//       within-layer blocks and diag(Q) + q = diag(M). Q = Q0 - τ diag(s), q = τ s, with Q0 = M or
+//       M with each within-layer block replaced by (m 1ᵀ + 1 mᵀ)/2 (zero on the constraints), s =
+//       per-layer scales (1, or the layer's mean |diagonal|), and τ the smallest eigenvalue of
+//       D_s^{-1/2} Pᵀ Q0 P D_s^{-1/2} (P: orthonormal basis of {Σ_m v[l,m] = 0 for all l}) minus a
+//       rounding margin, so Q is convex on the polytope's affine hull even for an indefinite M.
+//       The relaxed problem over {δ >= 0, Σ_m δ[l,m] = 1, cost <= budget} is minimized by pairwise
+//       Frank-Wolfe; every iterate x certifies φ(x) + min_s ∇φ(x)ᵀ(s - x) <= min φ <= optimum (the
+//       linear minimization over the polytope is the knapsack LP, solved exactly by its greedy),
+//       so the bound is valid however far the iterations got.
+//   Status "optimal" when the bound closes the gap (relative gap_tolerance), else "feasible".
+//   A rank-deficient M (a Fisher Gram matrix from few sequences) admits cancellations in the
+//   relaxation that one-hot choices cannot reach, so its bound can be weak.
 //
 // Both paths are deterministic and give identical results for any thread count.
 #pragma once
