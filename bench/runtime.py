@@ -5,7 +5,7 @@ work on llama-bench at seqlen 512:
 2. forward + backward: per-sequence weight gradients of W windows, one sequence at a time;
 3. calibration statistics: Gram matrices of every linear input + empirical Fisher diagonal
    (per-sequence gradients squared) over N × 512 calibration windows, each side in its own
-   subprocess for its time and peak resident memory (ru_maxrss).
+   subprocess for its time and peak resident memory (VmHWM).
 
 hiquant runs windows on ``--threads`` worker threads with single-threaded BLAS; PyTorch runs with
 ``torch.set_num_threads`` at ``--threads`` and at 1 (on a busy machine its threaded kernels can
@@ -61,6 +61,19 @@ def _torch_seq_loss(tm, ids_t):
 
 
 # ------------------------------------------------------------------------------ stats workers
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident memory of this process. VmHWM belongs to this process's address space;
+    ru_maxrss (the fallback) also counts the parent's peak, which Linux carries across exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def stats_worker(args) -> dict:
@@ -123,7 +136,7 @@ def stats_worker(args) -> dict:
         del fcol
     return {"side": args.side, "threads": args.threads, "windows": int(win.shape[0]),
             "seconds": dt, "tokens_per_s": win.size / dt,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mib": _peak_rss_mib(),
             "fisher_sum": check, "gram_trace_sum": gcheck,
             "total_seconds": time.perf_counter() - t_start}
 

@@ -513,3 +513,14 @@ def test_llama_bench_loads_with_transformers_5_config(bench_assets):
     assert (c.arch, c.hidden_size, c.num_layers, c.num_heads, c.head_dim, c.vocab_size) == (
         "LlamaForCausalLM", 384, 8, 6, 64, 4096)
     assert c.rope_theta == 10000.0 and c.source_dtype == "float16" and not c.tie_word_embeddings
+
+
+@pytest.mark.parametrize("arch,opts", [VARIANTS[2], VARIANTS[6]], ids=[VARIANT_IDS[2], VARIANT_IDS[6]])
+def test_long_sequences_use_blocked_causal_attention_exactly(tiny_checkpoint, arch, opts):
+    # 300 positions: three query blocks (128, 128, 44), each seeing only the keys before its end
+    folder, cfg, w = tiny_checkpoint(arch, **opts)
+    ids = _ids(cfg, B=1, T=300, seed=4)
+    m = load_model(folder, compute_dtype="float64")
+    want = ck.reference_logits(cfg, w, ids)
+    np.testing.assert_allclose(m.logits(ids), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    _fd_check(m, ids, m.block_linear_names(0)[:4], np.random.default_rng(1), per_layer=2)
