@@ -21,18 +21,24 @@ and against torch autograd.
 Memory. Weights stay in their stored dtype in memory-mapped files (page cache, shared and
 reclaimable, read only when touched) and are expanded to the compute dtype one decoder block at a
 time. Expanded blocks are kept in a least-recently-used cache of at most ``weight_cache_bytes``
-(default 1 GiB) so that repeated forwards do not convert again. Peak anonymous memory is about::
+(default 1 GiB) so that repeated forwards do not convert again. Peak anonymous memory (float32)
+is about::
 
-    weight_cache_bytes                                       (expanded blocks kept for reuse)
-  + 4·(D·(H+2K)·hd + H·hd·D + 3·D·I)                         (the block being run, float32)
-  + 4·V·D                                                    (lm_head, float32)
-  + 4·B·T·(3·D + 2·(H+2K)·hd + 4·I) + 4·B·H·T²               (one block's activations)
-  + 4·R·V,  R = min(B·(T-1), 32768·1024/V)                   (logits, in chunks of R rows)
+    weight_cache_bytes                                    (expanded blocks kept for reuse)
+  + 4·(D·(H+2K)·hd + H·hd·D + 3·D·I)                      (the block being run)
+  + 4·V·D                                                 (lm_head)
+  + W · [ 4·B·T·(3·D + 2·(H+2K)·hd + 5·I)                 (one block's activations, per worker)
+          + 4·B·H·T·(T+b)/2                               (causal attention probabilities)
+          + 4·R·V ]                                       (logits in chunks of R rows)
 
-with D hidden size, I MLP size, H heads, K key/value heads, hd head_dim, V vocabulary, B
-sequences of T tokens per call (``sequence_losses`` picks B to keep activations near 256 MiB).
-Backward passes keep every block's activations (``weight_grads`` recomputes them block by block
-instead when they would exceed 2 GiB), so a model whose float32 copy exceeds RAM still runs.
+with D hidden size, I MLP size, H heads, K key/value heads, hd head_dim, V vocabulary, W worker
+threads, B sequences of T tokens per chunk (``sequence_losses``: B·T ≈ 512), b = the query block
+(max(128, T/8)) and R = min(B·(T-1), 2²⁵/V). Backward passes keep every block's activations
+(``weight_grads`` and ``collect_stats`` instead keep only each block's input, 4·B·T·D, and
+recompute its activations in the backward pass when all blocks' would exceed 2 GiB / 1 GiB), so
+a model whose float32 copy exceeds RAM still runs: for a 7B LLaMA (D=4096, I=11008, 32 heads,
+V=32000) with one worker at T=512 that is about 0.75 GiB for a block, 0.5 GiB for lm_head,
+0.2 GiB of activations and 0.06 GiB of logits, plus the weight cache.
 """
 
 from __future__ import annotations
@@ -541,7 +547,7 @@ class BlockCache:
     """Activations of one block's forward pass, kept for :meth:`Model.block_backward`."""
 
     __slots__ = ("block", "shape", "x", "a", "r1", "q", "k", "rq", "rk", "qr", "kr", "v", "P",
-                 "o", "h1", "m", "r2", "gu", "e1", "act", "s")
+                 "o", "h1", "m", "r2", "gu", "e1", "s")
 
     def nbytes(self) -> int:
         total = 0
@@ -914,11 +920,12 @@ class Model:
             capture(names[5], m)
         gu = m @ P.Wgu.T
         g, u = gu[:, :I], gu[:, I:]
+        e1 = np.negative(g)
         with np.errstate(over="ignore"):  # exp(-g) = inf for g << 0 gives silu = -0, as in torch
-            e1 = np.exp(-g)
+            np.exp(e1, out=e1)
         e1 += 1
-        act = g / e1
-        s = act * u
+        s = g / e1  # silu(g) = g / (1 + exp(-g)), as torch computes it
+        s *= u
         if capture is not None:
             capture(names[6], s)
         out = s @ P.Wd.T
@@ -930,7 +937,7 @@ class Model:
         cch.block, cch.shape = i, (B, T)
         cch.x, cch.a, cch.r1, cch.q, cch.k, cch.rq, cch.rk = x, a, r1, q, k, rq, rk
         cch.qr, cch.kr, cch.v, cch.P, cch.o = qr, kr, vt, Ps, o
-        cch.h1, cch.m, cch.r2, cch.gu, cch.e1, cch.act, cch.s = h1, m, r2, gu, e1, act, s
+        cch.h1, cch.m, cch.r2, cch.gu, cch.e1, cch.s = h1, m, r2, gu, e1, s
         return out, cch
 
     def block_backward(self, i: int, cache: BlockCache, dh_out: np.ndarray, *,
@@ -967,7 +974,8 @@ class Model:
         g, u = cache.gu[:, :I], cache.gu[:, I:]
         sg = 1 / cache.e1  # sigmoid(g)
         dgu = np.empty((B * T, 2 * I), dtype=cd)
-        np.multiply(ds, cache.act, out=dgu[:, I:])
+        np.divide(g, cache.e1, out=dgu[:, I:])  # silu(g), recomputed rather than kept
+        dgu[:, I:] *= ds
         dg = dgu[:, :I]
         # silu'(g) = σ(g)·(1 + g·(1 − σ(g)))
         np.subtract(1, sg, out=dg)
