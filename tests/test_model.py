@@ -524,3 +524,23 @@ def test_long_sequences_use_blocked_causal_attention_exactly(tiny_checkpoint, ar
     want = ck.reference_logits(cfg, w, ids)
     np.testing.assert_allclose(m.logits(ids), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     _fd_check(m, ids, m.block_linear_names(0)[:4], np.random.default_rng(1), per_layer=2)
+
+
+def test_weights_stay_memory_mapped_and_the_weight_cache_respects_its_budget(tiny_llama):
+    import mmap
+    folder, cfg, _ = tiny_llama
+    m = load_model(folder, weight_cache_bytes=0)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    stored = m._where[name].array(name)
+    base = stored
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    assert isinstance(base, mmap.mmap) and not stored.flags.writeable
+    m.sequence_losses(_ids(cfg))
+    assert m._cache_nbytes == 0 and not m._cache  # nothing expanded is kept
+    one_block = m._build_block(0).nbytes
+    m = load_model(folder, weight_cache_bytes=one_block)
+    m.sequence_losses(_ids(cfg))
+    assert 0 < m._cache_nbytes <= one_block
