@@ -225,3 +225,35 @@ def test_hiquant_loads_embedded_model_and_reproduces_recipe_perplexity(recipe, t
     out = perplexity(model, test_ids, 256, n, progress=False)
     assert out["windows"] == n
     assert out["ppl"] == pytest.approx(recipe["test_ppl_seq256_first_windows"]["ppl"], rel=0.01)
+
+
+def test_script_without_torch_exits_with_a_clear_message(tmp_path):
+    import subprocess
+    import sys
+
+    if not SCRIPT.exists():
+        pytest.skip("scripts/make_embedded_model.py is not present (installed package only)")
+    # sys.modules["torch"] = None makes `import torch` raise ImportError, as on a machine without it.
+    code = ("import runpy, sys; sys.modules['torch'] = None; "
+            f"sys.argv = ['make_embedded_model.py', '--out', {str(tmp_path)!r}]; "
+            f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "PyTorch" in r.stderr and "dev-time dependency" in r.stderr
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_script_rtn_matches_hiquant_quantizer_on_the_shipped_weights():
+    """The recorded RTN perplexities use the script's own min-max quantizer (so the script needs no
+    built hiquant); it must be hiquant's convention exactly."""
+    from safetensors.numpy import load_file
+
+    from hiquant.quantizer import fake_quantize
+
+    mod = _script_module()
+    sd = load_file(str(embedded_model_path() / "model.safetensors"))
+    for name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.3.mlp.down_proj.weight"):
+        W = np.ascontiguousarray(sd[name].astype(np.float32))
+        for bits, group in ((2, 64), (4, 128), (2, 0)):
+            mine = mod.rtn_fake_quant(W, bits, group).astype(np.float32)
+            np.testing.assert_array_equal(mine, fake_quantize(W, bits, group), err_msg=name)
