@@ -257,3 +257,13 @@ def test_script_rtn_matches_hiquant_quantizer_on_the_shipped_weights():
         for bits, group in ((2, 64), (4, 128), (2, 0)):
             mine = mod.rtn_fake_quant(W, bits, group).astype(np.float32)
             np.testing.assert_array_equal(mine, fake_quantize(W, bits, group), err_msg=name)
+
+
+def test_missing_embedded_data_raises_file_not_found_saying_how_to_fix(tmp_path, monkeypatch):
+    import hiquant.datasets as ds
+
+    monkeypatch.setattr(ds, "_data_dir", lambda: tmp_path)
+    for fn in (ds.embedded_model_path, ds.embedded_calib_path, ds.embedded_test_path,
+               ds.embedded_recipe):
+        with pytest.raises(FileNotFoundError, match="make_embedded_model.py"):
+            fn()
