@@ -46,9 +46,11 @@ def cmd_eval(args) -> int:
     from .calib import load_text, tokenize_text
     from .model import load_model
 
+    from .export import open_checkpoint
+
     threads = _apply_threads(args.threads)
     t0 = time.perf_counter()
-    model = load_model(args.model)
+    model = open_checkpoint(args.model)  # packed folders too
     print(f"hiquant: {model}", file=sys.stderr)
     text = load_text(args.text, format=args.format)
     ids = tokenize_text(model.tokenizer, text)
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads for hiquant (default: OMP_NUM_THREADS or the cores available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    from .cli_pipeline import add_pipeline_commands
+    add_pipeline_commands(sub)
     return ap
 
 
