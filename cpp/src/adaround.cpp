@@ -89,7 +89,7 @@ void AdaRoundPart::check_params() const {
 void AdaRoundPart::forward(float* out, int64_t ldo, bool hard, int n_threads) const {
   check_params();
   const float maxq = float(maxq_), span = kAdaZeta - kAdaGamma;
-  parallel_for(rows_, n_threads, [&](int64_t r) {
+  parallel_for(rows_, threads_for(rows_ * cols_, n_threads), [&](int64_t r) {
     for (int64_t g = 0; g < ng_; ++g) {
       const int64_t c0 = g * gw_, m = std::min(gw_, cols_ - c0);
       const float s = scale_[r * ng_ + g], z = float(zero_[r * ng_ + g]);
@@ -114,7 +114,7 @@ double AdaRoundPart::backward(const float* dwq, int64_t ldd, double lam, double 
   HQ_CHECK(b >= 1 && std::isfinite(b), "AdaRound exponent b must be >= 1, got ", b);
   const float maxq = float(maxq_), span = kAdaZeta - kAdaGamma;
   std::vector<double> reg_rows(static_cast<size_t>(rows_), 0.0);
-  parallel_for(rows_, n_threads, [&](int64_t r) {
+  parallel_for(rows_, threads_for(rows_ * cols_, n_threads), [&](int64_t r) {
     double reg = 0.0;
     for (int64_t g = 0; g < ng_; ++g) {
       const int64_t c0 = g * gw_, m = std::min(gw_, cols_ - c0);
@@ -155,7 +155,7 @@ double AdaRoundPart::reg_loss(double lam, double b, int n_threads) const {
   check_params();
   const float span = kAdaZeta - kAdaGamma;
   std::vector<double> reg_rows(static_cast<size_t>(rows_), 0.0);
-  parallel_for(rows_, n_threads, [&](int64_t r) {
+  parallel_for(rows_, threads_for(rows_ * cols_, n_threads), [&](int64_t r) {
     double reg = 0.0;
     const float* V = V_.data() + r * cols_;
     for (int64_t c = 0; c < cols_; ++c) {
@@ -172,7 +172,7 @@ double AdaRoundPart::reg_loss(double lam, double b, int n_threads) const {
 double AdaRoundPart::soft_fraction(int n_threads) const {
   const float span = kAdaZeta - kAdaGamma;
   std::vector<int64_t> cnt(static_cast<size_t>(rows_), 0);
-  parallel_for(rows_, n_threads, [&](int64_t r) {
+  parallel_for(rows_, threads_for(rows_ * cols_, n_threads), [&](int64_t r) {
     const float* V = V_.data() + r * cols_;
     int64_t k = 0;
     for (int64_t c = 0; c < cols_; ++c) {
@@ -190,7 +190,7 @@ void AdaRoundPart::export_codes(uint8_t* codes, float* scale, uint8_t* zero, flo
                                 int64_t ldq, int n_threads) const {
   check_params();
   const float maxq = float(maxq_);
-  parallel_for(rows_, n_threads, [&](int64_t r) {
+  parallel_for(rows_, threads_for(rows_ * cols_, n_threads), [&](int64_t r) {
     for (int64_t g = 0; g < ng_; ++g) {
       const int64_t c0 = g * gw_, m = std::min(gw_, cols_ - c0);
       const float s = scale_[r * ng_ + g], z = float(zero_[r * ng_ + g]);

@@ -122,7 +122,8 @@ void LayerwiseObjective::set_active(int64_t a0, int64_t a1, int n_threads) {
 double LayerwiseObjective::evaluate(int n_threads) {
   const int64_t na = na_;
   if (na == 0) return c_fix_ / n_tokens_;
-  parallel_for(d_out_, n_threads, [&](int64_t r) {
+  const int nt_elem = threads_for(d_out_ * na, n_threads);
+  parallel_for(d_out_, nt_elem, [&](int64_t r) {
     const float* q = Wq_.data() + r * d_in_ + a0_;
     const float* w = W_.data() + r * d_in_ + a0_;
     float* e = Ea_.data() + r * na;
@@ -131,7 +132,7 @@ double LayerwiseObjective::evaluate(int n_threads) {
   gemm_packed(Ea_.data(), na, d_out_, Haa_, G_.data(), na, false, n_threads);
   const float two_over_n = static_cast<float>(2.0 / n_tokens_);
   const bool has_c0 = na_ < d_in_;
-  parallel_for(d_out_, n_threads, [&](int64_t r) {
+  parallel_for(d_out_, nt_elem, [&](int64_t r) {
     const float* e = Ea_.data() + r * na;
     const float* c0 = C0_.data() + r * na;
     float* g = G_.data() + r * na;

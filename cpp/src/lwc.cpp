@@ -79,7 +79,7 @@ inline double lwc_code(float w, double s, double z, double maxq, double* q_over_
 void LwcPart::forward(float* out, int64_t ldo, int n_threads) const {
   check_params();
   const double maxq = maxq_;
-  parallel_for(rows_, n_threads, [&](int64_t r) {
+  parallel_for(rows_, threads_for(rows_ * cols_, n_threads), [&](int64_t r) {
     for (int64_t g = 0; g < ng_; ++g) {
       const GroupParams p = group_params(r, g);
       const int64_t c0 = g * gw_, n = std::min(gw_, cols_ - c0);
@@ -102,7 +102,7 @@ void LwcPart::backward(const float* dwq, int64_t ldd, float* grad, int n_threads
   check_params();
   const double maxq = maxq_;
   const int64_t np = rows_ * ng_;
-  parallel_for(rows_, n_threads, [&](int64_t r) {
+  parallel_for(rows_, threads_for(rows_ * cols_, n_threads), [&](int64_t r) {
     for (int64_t g = 0; g < ng_; ++g) {
       const GroupParams p = group_params(r, g);
       const int64_t c0 = g * gw_, n = std::min(gw_, cols_ - c0);
@@ -130,7 +130,7 @@ void LwcPart::backward(const float* dwq, int64_t ldd, float* grad, int n_threads
 
 void LwcPart::scales(float* scale, uint8_t* zero, int n_threads) const {
   check_params();
-  parallel_for(rows_, n_threads, [&](int64_t r) {
+  parallel_for(rows_, threads_for(rows_ * cols_, n_threads), [&](int64_t r) {
     for (int64_t g = 0; g < ng_; ++g) {
       const GroupParams p = group_params(r, g);
       scale[r * ng_ + g] = p.scale;
@@ -143,7 +143,7 @@ void LwcPart::export_codes(uint8_t* codes, float* scale, uint8_t* zero, float* w
                            int n_threads) const {
   check_params();
   const double maxq = maxq_;
-  parallel_for(rows_, n_threads, [&](int64_t r) {
+  parallel_for(rows_, threads_for(rows_ * cols_, n_threads), [&](int64_t r) {
     for (int64_t g = 0; g < ng_; ++g) {
       const GroupParams p = group_params(r, g);
       const float s16 = fp16_round_scale(p.scale);

@@ -9,7 +9,7 @@
 namespace hiquant {
 
 void validate_adam(const AdamConfig& c) {
-  HQ_CHECK(std::isfinite(c.lr) && c.lr > 0, "learning rate must be a positive number, got ", c.lr);
+  HQ_CHECK(std::isfinite(c.lr) && c.lr > 0, "lr (the learning rate) must be a positive number, got ", c.lr);
   HQ_CHECK(c.beta1 >= 0 && c.beta1 < 1, "beta1 must be in [0, 1), got ", c.beta1);
   HQ_CHECK(c.beta2 >= 0 && c.beta2 < 1, "beta2 must be in [0, 1), got ", c.beta2);
   HQ_CHECK(std::isfinite(c.eps) && c.eps > 0, "eps must be a positive number, got ", c.eps);

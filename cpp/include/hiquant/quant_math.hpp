@@ -30,6 +30,13 @@ inline float fp16_round_scale(float s) {
   return s;
 }
 
+// Threads for an elementwise pass over `work` elements: one below ~64K elements, where starting a
+// parallel region (and, on a busy machine, waiting at its barrier) costs more than it saves.
+// Elementwise passes give the same result for any thread count, so this changes only speed.
+inline int threads_for(int64_t work, int n_threads) {
+  return work < (int64_t(1) << 16) ? 1 : n_threads;
+}
+
 inline int64_t group_width(int64_t cols, int64_t group_size) {
   return (group_size <= 0 || group_size >= cols) ? cols : group_size;
 }

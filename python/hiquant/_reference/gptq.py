@@ -1,0 +1,86 @@
+"""GPTQ in float64 NumPy, written from the published algorithm (IST-DASLab/gptq, gptq.py) for the
+tests: three factorizations as published (Cholesky, inverse from it, upper Cholesky of the
+inverse), the block loop with in-block and lazy updates, parameters read from the global W as
+gptq.py reads them. Independent of the C++ core (which uses a reversed Cholesky instead)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .lwc import fp16_round
+
+
+def _params(vals, maxq, fp16_scales):
+    lo = min(0.0, float(vals.min()))
+    hi = max(0.0, float(vals.max()))
+    if lo == 0.0 and hi == 0.0:
+        lo, hi = -1.0, 1.0
+    s = np.float32((hi - lo) / maxq)
+    if fp16_scales:
+        s = fp16_round(s)
+    s = float(s)
+    return s, float(np.clip(np.rint(-lo / s), 0, maxq))
+
+
+def gptq(W, H, bits, group_size=None, percdamp=0.01, blocksize=128, act_order=False,
+         fp16_scales=True):
+    """Returns dict(codes, scale, zero, wq, loss, perm) in the original column order."""
+    maxq = 2**bits - 1
+    W0 = np.asarray(W, np.float32).astype(np.float64)
+    rows, n = W0.shape
+    gs = group_size if group_size and 0 < group_size < n else 0
+    ng = -(-n // gs) if gs else 1
+    H = np.array(H, np.float64)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    Wd = W0.copy()
+    Wd[:, dead] = 0.0
+    perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(n)
+    Wp = Wd[:, perm].copy()
+    Hp = H[np.ix_(perm, perm)]
+    damp = percdamp * np.mean(np.diag(Hp))
+    Hp[np.diag_indices(n)] += damp
+    L = np.linalg.cholesky(Hp)
+    Linv = np.linalg.inv(L)
+    Hinv = Linv.T @ Linv
+    U = np.linalg.cholesky(Hinv).T  # upper
+
+    scale = np.zeros((rows, ng), np.float32)
+    zero = np.zeros((rows, ng), np.uint8)
+    codes = np.zeros((rows, n), np.uint8)
+    wq = np.zeros((rows, n), np.float64)
+    cur_s = np.zeros(rows)
+    cur_z = np.zeros(rows)
+    if not gs:
+        for r in range(rows):
+            cur_s[r], cur_z[r] = _params(W0[r], maxq, fp16_scales)  # original row, as find_params(W)
+            scale[r, 0], zero[r, 0] = cur_s[r], cur_z[r]
+    pos = np.empty(n, np.int64)
+    pos[perm] = np.arange(n)
+    seen = set()
+    loss = 0.0
+    for i1 in range(0, n, blocksize):
+        i2 = min(i1 + blocksize, n)
+        W1 = Wp[:, i1:i2].copy()
+        Err1 = np.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if gs and perm[col] // gs not in seen:
+                g = perm[col] // gs
+                seen.add(g)
+                cols = pos[np.arange(g * gs, min(g * gs + gs, n))]
+                for r in range(rows):
+                    cur_s[r], cur_z[r] = _params(Wp[r, cols], maxq, fp16_scales)  # global W
+                    scale[r, g], zero[r, g] = cur_s[r], cur_z[r]
+            w = W1[:, i]
+            d = U[col, col]
+            q = np.clip(np.rint(np.clip(w / cur_s, -512, 512)) + cur_z, 0, maxq)
+            dq = cur_s * (q - cur_z)
+            codes[:, perm[col]] = q
+            wq[:, perm[col]] = dq
+            loss += float(((w - dq) ** 2 / d**2).sum())
+            err = (w - dq) / d
+            W1[:, i:] -= np.outer(err, U[col, i1 + i:i2])
+            Err1[:, i] = err
+        Wp[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return dict(codes=codes, scale=scale, zero=zero, wq=wq, loss=loss / 2, perm=perm, damp=damp)

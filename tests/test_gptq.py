@@ -1,0 +1,128 @@
+"""GPTQ against an independent float64 NumPy version of the published algorithm
+(hiquant._reference.gptq), plus the factorization, export, threads and input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import hiquant
+from hiquant import kernels as K
+from hiquant import quantizer as qz
+from hiquant._reference import gptq as ref
+from hiquant._reference import lwc as ref_lwc
+from hiquant.layers import QuantPart
+
+
+def _layer(rows, cols, tokens, seed=0, dead=()):
+    """A typical layer: small weights, correlated inputs with a few outlier channels."""
+    rng = np.random.default_rng(seed)
+    W = (rng.standard_normal((rows, cols)) * 0.04).astype(np.float32)
+    X = rng.standard_normal((tokens, cols)) @ (np.eye(cols) + 0.3 * rng.standard_normal((cols, cols)) / np.sqrt(cols))
+    X[:, rng.choice(cols, 3, replace=False)] *= 12
+    X[:, list(dead)] = 0.0
+    return W, X.T @ X
+
+
+CONFIGS = [  # (bits, group_size, act_order, blocksize)
+    (4, None, False, 128),
+    (3, 64, False, 128),
+    (2, 64, False, 32),  # groups spanning several blocks
+    (3, 48, False, 128),  # groups not aligned with blocks; ragged last group
+    (2, 32, True, 128),
+    (4, None, True, 64),
+    (3, 128, False, 128),
+]
+
+
+@pytest.mark.parametrize("bits,group,act_order,bs", CONFIGS)
+def test_gptq_codes_identical_to_float64_reference(bits, group, act_order, bs):
+    W, H = _layer(96, 280, 1200, seed=bits)
+    got = K.gptq(W, H, bits=bits, group_size=group, act_order=act_order, blocksize=bs)
+    want = ref.gptq(W, H, bits, group, act_order=act_order, blocksize=bs)
+    np.testing.assert_array_equal(got.perm, want["perm"])
+    np.testing.assert_array_equal(got.codes, want["codes"])
+    np.testing.assert_array_equal(got.scale, want["scale"])
+    np.testing.assert_array_equal(got.zero, want["zero"])
+    np.testing.assert_allclose(got.wq, want["wq"], rtol=1e-6, atol=1e-7)
+    assert got.loss == pytest.approx(want["loss"], rel=1e-4)
+
+
+def test_gptq_handles_dead_columns_as_published():
+    W, H = _layer(40, 130, 500, seed=3, dead=(0, 17, 129))
+    got = K.gptq(W, H, bits=3, group_size=32)
+    want = ref.gptq(W, H, 3, 32)
+    assert got.n_dead == 3
+    np.testing.assert_array_equal(got.codes, want["codes"])
+    np.testing.assert_array_equal(got.wq[:, [0, 17, 129]], 0.0)
+
+
+def test_inverse_cholesky_upper_is_the_cholesky_factor_of_the_inverse():
+    _, H = _layer(4, 150, 400, seed=5)
+    H = H + 0.01 * np.mean(np.diag(H)) * np.eye(150)
+    U = K._core.inverse_cholesky_upper(H)
+    want = np.linalg.cholesky(np.linalg.inv(H)).T
+    np.testing.assert_array_equal(U, np.triu(U))
+    np.testing.assert_allclose(U, want, rtol=1e-8, atol=1e-12 * np.abs(want).max())
+
+
+def test_gptq_export_reproduces_wq_with_fp16_scales():
+    W, H = _layer(64, 200, 800, seed=6)
+    r = K.gptq(W, H, bits=3, group_size=64)
+    np.testing.assert_array_equal(r.scale, r.scale.astype(np.float16).astype(np.float32))
+    part = QuantPart(3, 64, r.codes, r.scale.astype(np.float16), r.zero)
+    np.testing.assert_array_equal(part.dequantize(), r.wq)
+    r32 = K.gptq(W, H, bits=3, group_size=64, fp16_scales=False)
+    np.testing.assert_array_equal(qz.dequantize(r32.codes, r32.scale, r32.zero, 3, 64), r32.wq)
+    want = ref.gptq(W, H, 3, 64, fp16_scales=False)
+    np.testing.assert_array_equal(r32.codes, want["codes"])
+
+
+def test_gptq_lowers_the_layer_loss_below_rtn():
+    W, H = _layer(64, 256, 1000, seed=7)
+    r = K.gptq(W, H, bits=3, group_size=64)
+    rtn = qz.fake_quantize(W, 3, 64)
+    l_gptq, _ = ref_lwc.gram_loss(W, r.wq, H, 1000)
+    l_rtn, _ = ref_lwc.gram_loss(W, rtn, H, 1000)
+    assert l_gptq < 0.9 * l_rtn
+
+
+def test_gptq_results_identical_for_1_and_2_threads():
+    W, H = _layer(500, 300, 900, seed=8)
+    a = K.gptq(W, H, bits=2, group_size=64, act_order=True, n_threads=1)
+    b = K.gptq(W, H, bits=2, group_size=64, act_order=True, n_threads=2)
+    np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_array_equal(a.wq, b.wq)
+    assert a.loss == b.loss
+
+
+def test_gptq_reports_progress_per_block():
+    W, H = _layer(16, 300, 600, seed=9)
+    seen = []
+    K.gptq(W, H, bits=4, blocksize=128, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_gptq_raises_on_bad_input():
+    W, H = _layer(8, 40, 100)
+    with pytest.raises(TypeError, match="float64"):
+        K.gptq(W, H.astype(np.float32), bits=3)
+    with pytest.raises(ValueError, match="H"):
+        K.gptq(W, H[:30, :30], bits=3)
+    with pytest.raises(ValueError, match="bits"):
+        K.gptq(W, H, bits=9)
+    with pytest.raises(ValueError, match="blocksize"):
+        K.gptq(W, H, bits=3, blocksize=0)
+    with pytest.raises(ValueError, match="percdamp"):
+        K.gptq(W, H, bits=3, percdamp=-0.1)
+    bad = H.copy()
+    bad[3, 4] = np.nan
+    with pytest.raises(hiquant.NumericalError, match="H is not finite"):
+        K.gptq(W, bad, bits=3)
+    asym = H.copy()
+    asym[3, 4] += 1.0
+    with pytest.raises(ValueError, match="symmetric"):
+        K.gptq(W, asym, bits=3)
+    x = np.random.default_rng(0).standard_normal(40)
+    with pytest.raises(hiquant.NumericalError, match="positive definite"):
+        K.gptq(W, np.outer(x, x), bits=3, percdamp=0.0)
