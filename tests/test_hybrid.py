@@ -1,0 +1,341 @@
+"""The layer-wise objective, the packed GEMM, Adam, the hybrid layer quantizer (sequential and
+joint, FP16 retention, k = 0, every column high), the pipeline entry, Ctrl-C and progress, and
+the block-wise driver on a tiny random checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from tolerances import FD_RTOL, REDUCE_ATOL, REDUCE_RTOL
+
+import hiquant
+from hiquant import hybrid
+from hiquant import kernels as K
+from hiquant._reference import lwc as ref
+from hiquant.layers import QuantizedLayer
+from hiquant.methods import LayerPlan
+
+
+def _problem(rows=48, cols=160, tokens=500, seed=0):
+    rng = np.random.default_rng(seed)
+    W = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+    X = rng.standard_normal((tokens, cols)) @ (np.eye(cols) + 0.3 * rng.standard_normal((cols, cols)) / np.sqrt(cols))
+    X[:, rng.choice(cols, 4, replace=False)] *= 8
+    return W, X, X.T @ X
+
+
+# ---------------------------------------------------------------------------------- GEMM, Adam
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 300, 33), (37, 513, 45), (200, 64, 17)])
+def test_gemm_kernels_match_float64_product(shape):
+    M, Kd, N = shape
+    rng = np.random.default_rng(1)
+    A = rng.standard_normal((M, Kd)).astype(np.float32)
+    B = rng.standard_normal((Kd, N)).astype(np.float32)
+    want = A.astype(np.float64) @ B.astype(np.float64)
+    kernels = [1] + ([2] if K._core.gemm_avx2_available() else [])
+    for k in kernels:
+        got = K._core.gemm(A, B, k, 2)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(Kd))
+
+
+def test_gemm_results_identical_for_1_and_2_threads():
+    rng = np.random.default_rng(2)
+    A = rng.standard_normal((301, 700)).astype(np.float32)
+    B = rng.standard_normal((700, 190)).astype(np.float32)
+    for k in (0, 1):
+        np.testing.assert_array_equal(K._core.gemm(A, B, k, 1), K._core.gemm(A, B, k, 2))
+
+
+def test_adam_and_adamw_match_torch_optim():
+    torch = pytest.importorskip("torch")
+    W, X, H = _problem(rows=8, cols=64)
+    for wd in (0.0, 0.05):
+        lwc = K.LWC(W, 2, 32, lr=3e-2, weight_decay=wd)
+        p = torch.tensor(lwc.params, requires_grad=True)
+        opt = torch.optim.AdamW([p], lr=3e-2, weight_decay=wd)
+        rng = np.random.default_rng(3)
+        for _ in range(6):
+            d = rng.standard_normal(W.shape).astype(np.float32)
+            g = lwc.backward(d)
+            lwc.step(d)
+            p.grad = torch.from_numpy(g)
+            opt.step()
+            np.testing.assert_allclose(lwc.params, p.detach().numpy(), rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------- objective
+
+
+def test_gram_loss_equals_explicit_token_loss():
+    W, X, H = _problem()
+    Wq = (W + np.random.default_rng(4).standard_normal(W.shape) * 0.01).astype(np.float32)
+    loss, grad = K.gram_loss(W, Wq, H, X.shape[0])
+    E = Wq.astype(np.float64) - W.astype(np.float64)
+    explicit = float(((E @ X.T) ** 2).sum() / X.shape[0])
+    assert loss == pytest.approx(explicit, rel=REDUCE_RTOL)
+    _, grad_ref = ref.gram_loss(W, Wq, H, X.shape[0])
+    np.testing.assert_allclose(grad, grad_ref, rtol=REDUCE_RTOL, atol=REDUCE_ATOL * np.abs(grad_ref).max())
+
+
+def test_gram_gradient_matches_finite_differences():
+    W, X, H = _problem(rows=6, cols=40)
+    N = X.shape[0]
+    Wq = (W + np.random.default_rng(5).standard_normal(W.shape) * 0.01).astype(np.float32)
+    _, g = K.gram_loss(W, Wq, H, N)
+    rng = np.random.default_rng(6)
+    eps = 1e-4
+    for _ in range(10):
+        i, j = rng.integers(6), rng.integers(40)
+        P, M = Wq.astype(np.float64), Wq.astype(np.float64)
+        P[i, j] += eps
+        M[i, j] -= eps
+        fd = (ref.gram_loss(W, P, H, N)[0] - ref.gram_loss(W, M, H, N)[0]) / (2 * eps)
+        assert g[i, j] == pytest.approx(fd, rel=max(FD_RTOL, 1e-3), abs=1e-6)
+
+
+@pytest.mark.parametrize("window", [(0, 100), (100, 160), (30, 90), (0, 160)])
+def test_active_window_loss_and_gradient_equal_the_full_layer(window):
+    W, X, H = _problem()
+    N = X.shape[0]
+    rng = np.random.default_rng(7)
+    Wq = (W + rng.standard_normal(W.shape) * 0.01).astype(np.float32)
+    obj = K.LayerwiseObjective(W, H, N)
+    obj.set_columns(0, Wq)
+    obj.set_active(*window)
+    loss, g = obj.evaluate()
+    full, g_ref = ref.gram_loss(W, Wq, H, N)
+    assert loss == pytest.approx(full, rel=REDUCE_RTOL)
+    assert obj.full_loss() == pytest.approx(full, rel=REDUCE_RTOL)
+    a0, a1 = window
+    np.testing.assert_allclose(g, g_ref[:, a0:a1], rtol=REDUCE_RTOL, atol=REDUCE_ATOL * np.abs(g_ref).max())
+    # a changed active column is seen; frozen columns are not re-read
+    Wq2 = Wq.copy()
+    Wq2[:, a0] += 0.01
+    obj.set_columns(a0, Wq2[:, a0:a0 + 1].copy())
+    assert obj.evaluate()[0] == pytest.approx(ref.gram_loss(W, Wq2, H, N)[0], rel=REDUCE_RTOL)
+
+
+def test_objective_rejects_bad_gram_matrices():
+    W, X, H = _problem(rows=4, cols=20)
+    with pytest.raises(TypeError, match="float64"):
+        K.LayerwiseObjective(W, H.astype(np.float32), 10)
+    with pytest.raises(ValueError, match="H"):
+        K.LayerwiseObjective(W, H[:10, :10], 10)
+    with pytest.raises(ValueError, match="n_tokens"):
+        K.LayerwiseObjective(W, H, 0)
+    asym = H.copy()
+    asym[0, 1] += 5
+    with pytest.raises(ValueError, match="symmetric"):
+        K.LayerwiseObjective(W, asym, 10)
+    neg = H.copy()
+    neg[2, 2] = -1
+    with pytest.raises(ValueError, match="negative diagonal"):
+        K.LayerwiseObjective(W, neg, 10)
+    nan = H.copy()
+    nan[1, 1] = np.nan
+    with pytest.raises(hiquant.NumericalError):
+        K.LayerwiseObjective(W, nan, 10)
+    obj = K.LayerwiseObjective(W, H, 10)
+    with pytest.raises(ValueError, match="window"):
+        obj.set_active(5, 30)
+
+
+# ---------------------------------------------------------------------------------- hybrid layer
+
+
+def _high(H, W, ratio=0.1):
+    score = np.diag(H) * (W.astype(np.float64) ** 2).sum(0)
+    return np.sort(np.argsort(-score)[: int(np.ceil(ratio * W.shape[1]))])
+
+
+@pytest.mark.parametrize("order", ["sequential", "joint"])
+def test_hybrid_layer_beats_rtn_and_exports_exactly(order):
+    W, X, H = _problem()
+    hi = _high(H, W)
+    r = hybrid.quantize_layer(W, H, X.shape[0], hi, 2, 3, 32, lwc_iters=60, adaround_iters=80,
+                              order=order)
+    assert r.order == order
+    assert r.loss_final < r.loss_rtn
+    np.testing.assert_array_equal(r.high_idx, hi)
+    assert r.low.codes.shape == (48, 160 - hi.size) and r.high.codes.shape == (48, hi.size)
+    assert r.low.codes.max() <= 3 and r.high.codes.max() <= 7
+    layer = r.to_layer("x")
+    np.testing.assert_array_equal(layer.dequantize(), r.wq)
+    assert r.loss_final == pytest.approx(ref.gram_loss(W, r.wq, H, X.shape[0])[0], rel=REDUCE_RTOL)
+    hist = r.history["adaround" if order == "sequential" else "joint"]
+    assert hist["loss"].shape == (80,) and np.all(np.isfinite(hist["loss"]))
+
+
+def test_adaround_phase_compensates_the_low_part_error():
+    """With the low part frozen, AdaRound lowers the whole layer's loss below what rounding the
+    high columns to nearest gives with the same low part."""
+    W, X, H = _problem()
+    hi = _high(H, W, 0.2)
+    r = hybrid.quantize_layer(W, H, X.shape[0], hi, 2, 3, 32, lwc_iters=50, adaround_iters=300)
+    lo = r.low_idx
+    from hiquant.layers import QuantPart
+    rtn_high = QuantPart.from_weights(np.ascontiguousarray(W[:, hi]), 3, 32).dequantize()
+    wq = r.wq.copy()
+    wq[:, hi] = rtn_high
+    assert r.loss_final < ref.gram_loss(W, wq, H, X.shape[0])[0]
+    assert np.array_equal(r.wq[:, lo], r.low.wq)
+
+
+def test_fp16_retention_and_no_high_columns_and_all_columns_high():
+    W, X, H = _problem()
+    N = X.shape[0]
+    hi = _high(H, W)
+    r16 = hybrid.quantize_layer(W, H, N, hi, 2, 16, 32, lwc_iters=20, adaround_iters=10)
+    assert r16.high is None and r16.high_fp16.dtype == np.float16
+    np.testing.assert_array_equal(r16.wq[:, hi], W[:, hi].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(r16.to_layer("x").dequantize(), r16.wq)
+    assert r16.to_layer("x").b_high == 16
+    r0 = hybrid.quantize_layer(W, H, N, [], 3, 4, 32, lwc_iters=20, adaround_iters=10)
+    assert r0.high is None and r0.high_idx.size == 0 and "adaround" not in r0.history
+    np.testing.assert_array_equal(r0.to_layer("x").dequantize(), r0.wq)
+    rall = hybrid.quantize_layer(W, H, N, np.arange(160), 2, 3, 32, lwc_iters=20, adaround_iters=10)
+    assert rall.low is None and rall.high.codes.shape == W.shape
+    np.testing.assert_array_equal(rall.to_layer("x").dequantize(), rall.wq)
+
+
+def test_hybrid_results_identical_for_1_and_2_threads():
+    W, X, H = _problem(rows=256, cols=192)
+    hi = _high(H, W)
+    a = hybrid.quantize_layer(W, H, X.shape[0], hi, 2, 3, 64, lwc_iters=10, adaround_iters=10, n_threads=1)
+    b = hybrid.quantize_layer(W, H, X.shape[0], hi, 2, 3, 64, lwc_iters=10, adaround_iters=10, n_threads=2)
+    np.testing.assert_array_equal(a.wq, b.wq)
+    np.testing.assert_array_equal(a.history["lwc"]["loss"], b.history["lwc"]["loss"])
+    np.testing.assert_array_equal(a.history["adaround"]["loss"], b.history["adaround"]["loss"])
+
+
+def test_quantize_layer_raises_on_bad_input():
+    W, X, H = _problem(rows=8, cols=40)
+    with pytest.raises(TypeError, match="float32"):
+        hybrid.quantize_layer(W.astype(np.float64), H, 10, [], 2, 3, 8)
+    with pytest.raises(TypeError, match="float64"):
+        hybrid.quantize_layer(W, H.astype(np.float32), 10, [], 2, 3, 8)
+    with pytest.raises(ValueError, match="H has shape"):
+        hybrid.quantize_layer(W, H[:5, :5], 10, [], 2, 3, 8)
+    with pytest.raises(ValueError, match="high_idx"):
+        hybrid.quantize_layer(W, H, 10, [40], 2, 3, 8)
+    with pytest.raises(ValueError, match="repeated"):
+        hybrid.quantize_layer(W, H, 10, [1, 1], 2, 3, 8)
+    with pytest.raises(ValueError, match="b_high"):
+        hybrid.quantize_layer(W, H, 10, [1], 2, 12, 8)
+    with pytest.raises(ValueError, match="order"):
+        hybrid.quantize_layer(W, H, 10, [1], 2, 3, 8, order="both")
+    with pytest.raises(ValueError, match="lwc_iters"):
+        hybrid.quantize_layer(W, H, 10, [1], 2, 3, 8, lwc_iters=-1)
+    nan = W.copy()
+    nan[1, 2] = np.nan
+    with pytest.raises(hiquant.NumericalError, match="row 1, column 2"):
+        hybrid.quantize_layer(nan, H, 10, [1], 2, 3, 8)
+
+
+def test_progress_is_reported_per_phase():
+    W, X, H = _problem(rows=8, cols=40)
+    seen = {}
+    hybrid.quantize_layer(W, H, X.shape[0], [0, 5], 2, 3, 8, lwc_iters=30, adaround_iters=40,
+                          progress=lambda phase, d, t: seen.setdefault(phase, []).append((d, t)))
+    assert seen["lwc"][-1] == (30, 30) and seen["adaround"][-1] == (40, 40)
+
+
+def test_ctrl_c_interrupts_a_long_fit():
+    W, X, H = _problem(rows=64, cols=256)
+    obj = K.LayerwiseObjective(W, H, X.shape[0])
+    lwc = K.LWC(W, 2, 64)
+    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    t0 = time.perf_counter()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            K.fit(obj, 10**7, lwc=lwc)
+    finally:
+        timer.cancel()
+    assert time.perf_counter() - t0 < 30
+
+
+def test_fit_releases_the_gil():
+    W, X, H = _problem(rows=128, cols=256)
+    obj = K.LayerwiseObjective(W, H, X.shape[0], n_threads=1)
+    lwc = K.LWC(W, 2, 64, n_threads=1)
+    count = [0]
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            count[0] += 1
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        K.fit(obj, 200, lwc=lwc)
+    finally:
+        stop.set()
+        t.join()
+    assert count[0] > 1000
+
+
+def test_pipeline_entry_builds_quantized_layers_for_each_mode():
+    W, X, H = _problem(rows=16, cols=64)
+    s = SimpleNamespace(lwc_iters=10, lwc_lr=1e-2, adaround_iters=20, adaround_lr=1e-3, n_threads=None)
+    hi = _high(H, W)
+    for mode, plan in (("lwc", LayerPlan(0, np.zeros(0, np.int64), 2, 3, 16)),
+                       ("adaround", LayerPlan(0, np.zeros(0, np.int64), 3, 3, 16)),
+                       ("hybrid", LayerPlan(hi.size, hi, 2, 3, 16, 0.1)),
+                       ("hybrid", LayerPlan(hi.size, hi, 2, 16, 16, 0.1))):
+        ql = hybrid.quantize_layer_as("m.x", W, H, X.shape[0], plan, mode=mode, settings=s)
+        assert isinstance(ql, QuantizedLayer)
+        assert ql.k == (hi.size if mode == "hybrid" else 0)
+        assert ql.dequantize().shape == W.shape
+        assert ql.storage_bits() > 0
+        assert ql.info["loss_final"] <= ql.info["loss_rtn"] * 1.05
+
+
+# ---------------------------------------------------------------------------------- block-wise
+
+
+def test_block_driver_lowers_the_block_error_and_sets_the_weights(tmp_path):
+    checkpoints = pytest.importorskip("checkpoints")
+    from hiquant.model import load_model
+    folder, cfg, _ = checkpoints.write_checkpoint(tmp_path / "m", hidden=32, layers=2, inter=48,
+                                                  vocab=100, seed=3)
+    model = load_model(folder)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 100, (4, 12))
+    h = model.embed(ids)
+    names = model.block_linear_names(0)
+    target = model.block_forward(0, h)
+    plans = {}
+    for n in names:
+        d_in = model.get_weight(n).shape[1]
+        hi = np.sort(rng.choice(d_in, 4, replace=False)).astype(np.int64)
+        plans[n] = LayerPlan(4, hi, 2, 3, 16, 0.1)
+    # RTN of the same plans, for comparison
+    for n in names:
+        rtn = QuantizedLayer.rtn(n, model.get_weight(n), 2, 16, plans[n].high_idx, 3)
+        model.set_weight(n, rtn.dequantize())
+    rtn_loss, _ = hybrid.block_loss(model.block_forward(0, h), target)
+    for n in names:
+        model.reset_weight(n)
+    seen = []
+    res = hybrid.quantize_block(model, 0, h, plans, targets=target, lwc_iters=40,
+                                adaround_iters=60, batch_size=2, lwc_lr=5e-3,
+                                progress=lambda p, d, t: seen.append(p))
+    assert set(res) == set(names) and set(seen) == {"lwc", "adaround"}
+    r = res[names[0]]
+    assert r.history["lwc"]["loss"].shape == (40,) and r.history["adaround"]["loss"].shape == (60,)
+    assert r.loss_final < rtn_loss
+    for n in names:
+        np.testing.assert_array_equal(model.get_weight(n), res[n].wq)
+        np.testing.assert_array_equal(res[n].to_layer(n).dequantize(), res[n].wq)
+    with pytest.raises(ValueError, match="plans"):
+        hybrid.quantize_block(model, 0, h, {})
