@@ -48,8 +48,8 @@ from hiquant.pipeline import uniform_ratio_for_budget
 r_fixed = uniform_ratio_for_budget(shapes, fixed, alloc.budget_bits)
 fig = plots.plot_fisher_and_ratios(names, stats.fisher_col, alloc.ratios, fixed_ratio=r_fixed)"""),
     ("md", "## 3. Quantize with several methods\n\nEvery method runs through the same pipeline; `avg_bits` is the exact storage of each result."),
-    ("code", """common = dict(wbits=2, group_size=64, n_calib=32, seqlen=256, eval_seqlen=256, eval_windows=100,
-              lwc_iters=100, adaround_iters=200)
+    ("code", """common = dict(wbits=2, group_size=64, n_calib=16, seqlen=256, eval_seqlen=256, eval_windows=50,
+              lwc_iters=50, adaround_iters=100)  # short runs so the notebook executes in minutes
 runs = [("rtn", {}), ("gptq", {}), ("lwc", {}),
         ("fixed-ratio", dict(avg_bits=2.45)), ("fp16-retention", dict(avg_bits=2.45)),
         ("hiq", dict(avg_bits=2.45))]
@@ -62,7 +62,7 @@ for method, extra in runs:
     print(f"{method:<15} {rep.avg_bits:.3f} bits  ppl {rep.ppl:8.3f}  ({rows[-1]['seconds']:.1f} s)")
 model.reset_weights()
 from hiquant.evaluate import perplexity_of_text
-fp = perplexity_of_text(model, embedded_test_path(), 256, 100, progress=False)["ppl"]
+fp = perplexity_of_text(model, embedded_test_path(), 256, 50, progress=False)["ppl"]
 print(f"FP16 perplexity {fp:.3f}")"""),
     ("code", """fig = plots.plot_ppl_vs_bits(rows, fp_ppl=fp)"""),
 ]
