@@ -27,11 +27,47 @@ void validate_schedule(const AdaRoundSchedule& s) {
 
 namespace {
 
-inline float sigmoid_f(float x) {
-  // The two branches avoid exp overflow; both are exact formulas of the logistic function.
-  if (x >= 0.0f) return 1.0f / (1.0f + std::exp(-x));
-  const float e = std::exp(x);
-  return e / (1.0f + e);
+inline float sigmoid_f(float x) { return vm::sigmoid_approx(x); }
+
+constexpr int64_t kChunk = 64;
+
+// Per-lane bodies (F = float or a four-lane vector; see quant_math.hpp).
+template <typename F>
+inline F soft_lane(F V, F base, F s, F z, F maxq) {
+  const F zero = vm::splat(0.0f, V), one = vm::splat(1.0f, V);
+  const F h = vm::clamp_(vm::sigmoid_approx(V) * vm::splat(kAdaZeta - kAdaGamma, V) +
+                             vm::splat(kAdaGamma, V), zero, one);
+  return s * (vm::clamp_(base + h, zero, maxq) - z);
+}
+
+template <typename F>
+inline F hard_lane(F V, F base, F s, F z, F maxq) {
+  const F zero = vm::splat(0.0f, V), one = vm::splat(1.0f, V);
+  return s * (vm::clamp_(base + vm::sel(vm::ge(V, zero), one, zero), zero, maxq) - z);
+}
+
+// dL/dV for one lane: the straight-through chain through h(V) plus, when `reg` is nonzero, the
+// regularizer R = lam (1 - |2h - 1|^b), dR/dh = -2 lam b |2h - 1|^(b-1) sign(2h - 1), with
+// |x|^b = exp(b log|x|) (0 at x = 0, where the gradient is 0 too). *one_minus_p = 1 - |2h-1|^b.
+template <typename F>
+inline F grad_lane(F V, F base, F d, F s, F maxq, F lam, F b, F reg, F* one_minus_p) {
+  const F zero = vm::splat(0.0f, V), one = vm::splat(1.0f, V), two = vm::splat(2.0f, V);
+  const F span = vm::splat(kAdaZeta - kAdaGamma, V);
+  const F sig = vm::sigmoid_approx(V);
+  const F u = sig * span + vm::splat(kAdaGamma, V);
+  const F h = vm::clamp_(u, zero, one);
+  const F v = base + h;
+  F dh = vm::sel(vm::ge(v, zero) & vm::le(v, maxq), d * s, zero);
+  const F x = two * h - one;
+  const F ax = vm::fabs_(x);
+  const F tiny = vm::splat(1e-30f, V);
+  const F axs = vm::sel(vm::gt(ax, tiny), ax, tiny);
+  const auto pos = vm::gt(ax, zero);
+  const F p = vm::sel(pos, vm::exp_approx(b * vm::log_approx(axs)), zero);
+  const F dr = (zero - lam) * b * (p / axs) * vm::sel(vm::gt(x, zero), two, zero - two);
+  dh = dh + vm::sel(pos, dr * reg, zero);
+  *one_minus_p = one - p;
+  return vm::sel(vm::ge(u, zero) & vm::le(u, one), dh * span * sig * (one - sig), zero);
 }
 
 inline float clip01(float u) { return u < 0.0f ? 0.0f : (u > 1.0f ? 1.0f : u); }
@@ -88,7 +124,7 @@ void AdaRoundPart::check_params() const {
 
 void AdaRoundPart::forward(float* out, int64_t ldo, bool hard, int n_threads) const {
   check_params();
-  const float maxq = float(maxq_), span = kAdaZeta - kAdaGamma;
+  const float maxq = float(maxq_);
   parallel_for(rows_, threads_for(rows_ * cols_, n_threads), [&](int64_t r) {
     for (int64_t g = 0; g < ng_; ++g) {
       const int64_t c0 = g * gw_, m = std::min(gw_, cols_ - c0);
@@ -96,13 +132,17 @@ void AdaRoundPart::forward(float* out, int64_t ldo, bool hard, int n_threads) co
       const float* base = base_.data() + r * cols_ + c0;
       const float* V = V_.data() + r * cols_ + c0;
       float* o = out + r * ldo + c0;
-      for (int64_t c = 0; c < m; ++c) {
-        const float h = hard ? (V[c] >= 0.0f ? 1.0f : 0.0f)
-                             : clip01(sigmoid_f(V[c]) * span + kAdaGamma);
-        float v = base[c] + h;
-        v = v < 0.0f ? 0.0f : (v > maxq ? maxq : v);
-        o[c] = s * (v - z);
+      int64_t c = 0;
+#if defined(HQ_HAVE_V4)
+      const vm::v4f sv = vm::splat(s, vm::v4f{}), zv = vm::splat(z, vm::v4f{});
+      const vm::v4f mv = vm::splat(maxq, vm::v4f{});
+      for (; c + 4 <= m; c += 4) {
+        const vm::v4f Vv = vm::load(V + c), bv = vm::load(base + c);
+        vm::store(o + c, hard ? hard_lane(Vv, bv, sv, zv, mv) : soft_lane(Vv, bv, sv, zv, mv));
       }
+#endif
+      for (; c < m; ++c)
+        o[c] = hard ? hard_lane(V[c], base[c], s, z, maxq) : soft_lane(V[c], base[c], s, z, maxq);
     }
   });
 }
@@ -112,40 +152,42 @@ double AdaRoundPart::backward(const float* dwq, int64_t ldd, double lam, double 
   check_params();
   HQ_CHECK(lam >= 0 && std::isfinite(lam), "AdaRound lambda must be >= 0");
   HQ_CHECK(b >= 1 && std::isfinite(b), "AdaRound exponent b must be >= 1, got ", b);
-  const float maxq = float(maxq_), span = kAdaZeta - kAdaGamma;
+  const float maxq = float(maxq_);
+  const float lamf = static_cast<float>(lam), bf = static_cast<float>(b);
+  const float regf = lam > 0.0 ? 1.0f : 0.0f;
   std::vector<double> reg_rows(static_cast<size_t>(rows_), 0.0);
   parallel_for(rows_, threads_for(rows_ * cols_, n_threads), [&](int64_t r) {
-    double reg = 0.0;
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};
+    float omp[kChunk];
     for (int64_t g = 0; g < ng_; ++g) {
-      const int64_t c0 = g * gw_, m = std::min(gw_, cols_ - c0);
+      const int64_t c0 = g * gw_, n = std::min(gw_, cols_ - c0);
       const float s = scale_[r * ng_ + g];
-      const float* base = base_.data() + r * cols_ + c0;
-      const float* V = V_.data() + r * cols_ + c0;
-      const float* d = dwq + r * ldd + c0;
-      float* gr = grad + r * cols_ + c0;
-      for (int64_t c = 0; c < m; ++c) {
-        const float sig = sigmoid_f(V[c]);
-        const float u = sig * span + kAdaGamma;
-        const float h = clip01(u);
-        const float v = base[c] + h;
-        const bool in_q = v >= 0.0f && v <= maxq;
-        const bool in_h = u >= 0.0f && u <= 1.0f;
-        float dh = in_q ? d[c] * s : 0.0f;
-        if (lam > 0.0) {
-          // R = lam * (1 - |2h - 1|^b);  dR/dh = -lam * b * |2h - 1|^(b-1) * sign(2h - 1) * 2
-          const double x = 2.0 * double(h) - 1.0, ax = std::fabs(x);
-          const double p = std::pow(ax, b);
-          reg += 1.0 - p;
-          if (ax > 0.0) {
-            const double dr = -lam * b * (p / ax) * (x > 0 ? 2.0 : -2.0);
-            dh += static_cast<float>(dr);
-          }
+      for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
+        const int64_t m = std::min(kChunk, n - k0);
+        const float* base = base_.data() + r * cols_ + c0 + k0;
+        const float* V = V_.data() + r * cols_ + c0 + k0;
+        const float* d = dwq + r * ldd + c0 + k0;
+        float* gr = grad + r * cols_ + c0 + k0;
+        int64_t c = 0;
+#if defined(HQ_HAVE_V4)
+        const vm::v4f x{};
+        const vm::v4f sv = vm::splat(s, x), mv = vm::splat(maxq, x), lv = vm::splat(lamf, x);
+        const vm::v4f bv = vm::splat(bf, x), rv = vm::splat(regf, x);
+        for (; c + 4 <= m; c += 4) {
+          vm::v4f o;
+          vm::store(gr + c, grad_lane(vm::load(V + c), vm::load(base + c), vm::load(d + c), sv,
+                                      mv, lv, bv, rv, &o));
+          vm::store(omp + c, o);
         }
-        gr[c] = in_h ? dh * span * sig * (1.0f - sig) : 0.0f;
+#endif
+        for (; c < m; ++c) gr[c] = grad_lane(V[c], base[c], d[c], s, maxq, lamf, bf, regf, &omp[c]);
+        if (lam > 0.0)
+          for (int64_t i = 0; i < m; ++i) acc[i & 3] += double(omp[i]);
       }
     }
-    reg_rows[r] = reg;
+    reg_rows[r] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   });
+  if (!(lam > 0.0)) return 0.0;
   double total = 0.0;
   for (double x : reg_rows) total += x;  // fixed order: identical for any thread count
   return lam * total;
@@ -153,16 +195,20 @@ double AdaRoundPart::backward(const float* dwq, int64_t ldd, double lam, double 
 
 double AdaRoundPart::reg_loss(double lam, double b, int n_threads) const {
   check_params();
-  const float span = kAdaZeta - kAdaGamma;
+  HQ_CHECK(b >= 1 && std::isfinite(b), "AdaRound exponent b must be >= 1, got ", b);
+  // The regularizer's value through the same lane code as backward (gradient discarded).
+  const float bf = static_cast<float>(b), maxq = float(maxq_);
   std::vector<double> reg_rows(static_cast<size_t>(rows_), 0.0);
   parallel_for(rows_, threads_for(rows_ * cols_, n_threads), [&](int64_t r) {
-    double reg = 0.0;
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};
     const float* V = V_.data() + r * cols_;
+    const float* base = base_.data() + r * cols_;
     for (int64_t c = 0; c < cols_; ++c) {
-      const float h = clip01(sigmoid_f(V[c]) * span + kAdaGamma);
-      reg += 1.0 - std::pow(std::fabs(2.0 * double(h) - 1.0), b);
+      float omp;
+      (void)grad_lane(V[c], base[c], 0.0f, 1.0f, maxq, 0.0f, bf, 1.0f, &omp);
+      acc[c & 3] += double(omp);
     }
-    reg_rows[r] = reg;
+    reg_rows[r] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   });
   double total = 0.0;
   for (double x : reg_rows) total += x;

@@ -62,37 +62,86 @@ LwcPart::GroupParams LwcPart::group_params(int64_t r, int64_t g) const {
 
 namespace {
 
-// code = clamp(rint(w / s) + z, 0, maxq) with the quotient clamped to +-512 first (keeps
-// rint_d exact; cannot change a code since z, maxq <= 255). `in` reports whether the unclamped
-// value lies in [0, maxq] (the straight-through mask).
-inline double lwc_code(float w, double s, double z, double maxq, double* q_over_s, bool* in) {
-  const double qs = double(w) / s;
-  double q = qs < -512.0 ? -512.0 : (qs > 512.0 ? 512.0 : qs);
-  const double v = rint_d(q) + z;
-  *q_over_s = qs;
-  *in = v >= 0.0 && v <= maxq;
-  return v < 0.0 ? 0.0 : (v > maxq ? maxq : v);
+constexpr int64_t kChunk = 64;
+constexpr float kTieMargin = 1e-4f;
+
+// Codes clamp(rint(w / s) + z, 0, maxq) (integer-valued floats) and the straight-through mask
+// [0 <= rint(w / s) + z <= maxq] of n <= kChunk weights. The quotient is estimated as w * (1/s)
+// in float32 (error <= 512 * 2^-23 < kTieMargin after the +-512 clamp, which cannot change a code
+// since z, maxq <= 255); a chunk holding an element within kTieMargin of a half-integer (or a
+// NaN) is recomputed with the exact double division, so codes equal the float64 reference's
+// (the same scheme as hiquant::quantize). Four lanes at a time (see quant_math.hpp).
+template <typename F>
+inline F encode_lane(F w, F inv, F z, F maxq, F* res, F* dist) {
+  const F lim = vm::splat(512.0f, w), zero = vm::splat(0.0f, w);
+  const F magic = vm::splat(12582912.0f, w);  // 1.5 * 2^23: round half to even
+  const F q = vm::clamp_(w * inv, zero - lim, lim);
+  const F r = (q + magic) - magic;
+  *dist = vm::sel(vm::gt(q, r), q - r, r - q);
+  const F v = r + z;
+  const F code = vm::clamp_(v, zero, maxq);
+  // d w_q / d scale: (code - zero) - [in range] w / scale, i.e. r - q in range (exact: r and q
+  // are within 1/2), else code - zero.
+  *res = vm::sel(vm::ge(v, zero) & vm::le(v, maxq), r - q, code - z);
+  return code;
+}
+
+// Codes of n <= kChunk weights into `code`, and the straight-through derivative of w_q / scale
+// into `res` (see encode_lane).
+inline void encode_chunk(const float* w, int64_t n, float s, float inv, float z, float maxq,
+                         float* code, float* res) {
+  const float lim = 0.5f - kTieMargin;
+  bool near = false;
+  int64_t c = 0;
+#if defined(HQ_HAVE_V4)
+  {
+    const vm::v4f x{};
+    const vm::v4f iv = vm::splat(inv, x), zv = vm::splat(z, x), mv = vm::splat(maxq, x);
+    const vm::v4f lv = vm::splat(lim, x);
+    vm::v4i far = {-1, -1, -1, -1};
+    for (; c + 4 <= n; c += 4) {
+      vm::v4f rs, dist;
+      vm::store(code + c, encode_lane(vm::load(w + c), iv, zv, mv, &rs, &dist));
+      vm::store(res + c, rs);
+      far &= vm::lt(dist, lv);  // false for NaN too
+    }
+    near = !(far[0] & far[1] & far[2] & far[3]);
+  }
+#endif
+  for (; c < n; ++c) {
+    float dist;
+    code[c] = encode_lane(w[c], inv, z, maxq, &res[c], &dist);
+    near |= !(dist < lim);
+  }
+  if (near) {
+    for (c = 0; c < n; ++c) {
+      double q = double(w[c]) / double(s);
+      q = q < -512.0 ? -512.0 : (q > 512.0 ? 512.0 : q);
+      const double r = rint_d(q), v = r + double(z);
+      const double cd = v < 0.0 ? 0.0 : (v > maxq ? double(maxq) : v);
+      code[c] = static_cast<float>(cd);
+      res[c] = static_cast<float>((v >= 0.0 && v <= double(maxq)) ? r - q : cd - double(z));
+    }
+  }
 }
 
 }  // namespace
 
 void LwcPart::forward(float* out, int64_t ldo, int n_threads) const {
   check_params();
-  const double maxq = maxq_;
+  const float maxq = float(maxq_);
   parallel_for(rows_, threads_for(rows_ * cols_, n_threads), [&](int64_t r) {
+    float code[kChunk], res[kChunk];
     for (int64_t g = 0; g < ng_; ++g) {
       const GroupParams p = group_params(r, g);
       const int64_t c0 = g * gw_, n = std::min(gw_, cols_ - c0);
       const float* w = W_.data() + r * cols_ + c0;
       float* o = out + r * ldo + c0;
-      const double s = p.scale;
-      const float sf = p.scale, zf = static_cast<float>(p.zero);
-      for (int64_t c = 0; c < n; ++c) {
-        const double qs = double(w[c]) / s;
-        const double q = qs < -512.0 ? -512.0 : (qs > 512.0 ? 512.0 : qs);
-        double v = rint_d(q) + p.zero;
-        v = v < 0.0 ? 0.0 : (v > maxq ? maxq : v);
-        o[c] = sf * (static_cast<float>(v) - zf);
+      const float sf = p.scale, zf = static_cast<float>(p.zero), inv = 1.0f / sf;
+      for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
+        const int64_t m = std::min(kChunk, n - k0);
+        encode_chunk(w + k0, m, sf, inv, zf, maxq, code, res);
+        for (int64_t c = 0; c < m; ++c) o[k0 + c] = sf * (code[c] - zf);
       }
     }
   });
@@ -100,29 +149,38 @@ void LwcPart::forward(float* out, int64_t ldo, int n_threads) const {
 
 void LwcPart::backward(const float* dwq, int64_t ldd, float* grad, int n_threads) const {
   check_params();
-  const double maxq = maxq_;
+  const float maxq = float(maxq_);
   const int64_t np = rows_ * ng_;
   parallel_for(rows_, threads_for(rows_ * cols_, n_threads), [&](int64_t r) {
+    float code[kChunk], res[kChunk];
     for (int64_t g = 0; g < ng_; ++g) {
       const GroupParams p = group_params(r, g);
       const int64_t c0 = g * gw_, n = std::min(gw_, cols_ - c0);
       const float* w = W_.data() + r * cols_ + c0;
       const float* d = dwq + r * ldd + c0;
-      const double s = p.scale;
+      const float sf = p.scale, zf = static_cast<float>(p.zero), inv = 1.0f / sf;
+      // dL/dscale = sum dL/dw_q * d w_q / d scale: float lanes within a chunk, chunks added in
+      // double (a fixed order: no dependence on threads).
       double ds = 0.0;
-      for (int64_t c = 0; c < n; ++c) {
-        double qs;
-        bool in;
-        const double code = lwc_code(w[c], s, p.zero, maxq, &qs, &in);
-        const double dwq_ds = (code - p.zero) - (in ? qs : 0.0);
-        ds += double(d[c]) * dwq_ds;
+      for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
+        const int64_t m = std::min(kChunk, n - k0);
+        encode_chunk(w + k0, m, sf, inv, zf, maxq, code, res);
+        float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        int64_t c = 0;
+#if defined(HQ_HAVE_V4)
+        vm::v4f acc{};
+        for (; c + 4 <= m; c += 4) acc += vm::load(d + k0 + c) * vm::load(res + c);
+        vm::store(part, acc);
+#endif
+        for (; c < m; ++c) part[c & 3] += d[k0 + c] * res[c];
+        ds += (double(part[0]) + double(part[1])) + (double(part[2]) + double(part[3]));
       }
       const int64_t i = r * ng_ + g;
       if (p.clamped) {
         grad[i] = grad[np + i] = 0.0f;
       } else {
-        grad[i] = static_cast<float>(ds * double(hi_[i]) * p.sg * (1.0 - p.sg) / maxq);
-        grad[np + i] = static_cast<float>(-ds * double(lo_[i]) * p.sb * (1.0 - p.sb) / maxq);
+        grad[i] = static_cast<float>(ds * double(hi_[i]) * p.sg * (1.0 - p.sg) / maxq_);
+        grad[np + i] = static_cast<float>(-ds * double(lo_[i]) * p.sb * (1.0 - p.sb) / maxq_);
       }
     }
   });
@@ -154,9 +212,10 @@ void LwcPart::export_codes(uint8_t* codes, float* scale, uint8_t* zero, float* w
       scale[r * ng_ + g] = s16;
       zero[r * ng_ + g] = static_cast<uint8_t>(zd);
       for (int64_t c = 0; c < n; ++c) {
-        double qs;
-        bool in;
-        const double code = lwc_code(w[c], s16, zd, maxq, &qs, &in);
+        double q = double(w[c]) / double(s16);  // exact, as hiquant::quantize
+        q = q < -512.0 ? -512.0 : (q > 512.0 ? 512.0 : q);
+        double code = rint_d(q) + zd;
+        code = code < 0.0 ? 0.0 : (code > maxq ? maxq : code);
         codes[r * cols_ + c0 + c] = static_cast<uint8_t>(code);
         // scale * (float(code) - zero), as hiquant.quantizer.dequantize computes it
         wq[r * ldq + c0 + c] = s16 * (static_cast<float>(code) - zf);

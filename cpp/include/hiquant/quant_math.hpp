@@ -79,6 +79,127 @@ inline double rint_d(double x) {
   return (x + kMagic) - kMagic;
 }
 
+// ---------------------------------------------------------------------------------------------
+// float32 exp / log / sigmoid for the elementwise passes (std::exp and std::pow are library calls
+// per element: the AdaRound passes spent most of their time in them). Cephes' expf and logf
+// polynomials, relative error below 2e-7 over the ranges used here. Written once as templates
+// over a lane type: `float` (scalar tails) and, with GCC/Clang, a four-lane vector (SSE2 on
+// x86-64, NEON on ARM64), with the same operations in the same order, so that an element gets
+// the same bits in a vector lane or in a tail. The auto-vectorizer does not manage these loops
+// (nested selects plus reductions), hence the explicit vectors.
+
+namespace vm {
+
+inline float splat(float x, float) { return x; }
+inline bool lt(float a, float b) { return a < b; }
+inline bool gt(float a, float b) { return a > b; }
+inline bool ge(float a, float b) { return a >= b; }
+inline bool le(float a, float b) { return a <= b; }
+inline float sel(bool m, float a, float b) { return m ? a : b; }
+inline float fabs_(float x) { return std::fabs(x); }
+inline int32_t to_int(float x) { return static_cast<int32_t>(x); }
+inline float to_float(int32_t i) { return static_cast<float>(i); }
+inline float from_bits(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+inline int32_t to_bits(float f) {
+  int32_t i;
+  std::memcpy(&i, &f, sizeof i);
+  return i;
+}
+inline int32_t isplat(int32_t x, float) { return x; }
+
+#if defined(__GNUC__) || defined(__clang__)
+#define HQ_HAVE_V4 1
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+inline v4f splat(float x, v4f) { return v4f{x, x, x, x}; }
+inline v4i lt(v4f a, v4f b) { return a < b; }
+inline v4i gt(v4f a, v4f b) { return a > b; }
+inline v4i ge(v4f a, v4f b) { return a >= b; }
+inline v4i le(v4f a, v4f b) { return a <= b; }
+inline v4f sel(v4i m, v4f a, v4f b) { return (v4f)((m & (v4i)a) | (~m & (v4i)b)); }
+inline v4f fabs_(v4f x) {
+  const v4i mask = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
+  return (v4f)((v4i)x & mask);
+}
+inline v4i to_int(v4f x) { return __builtin_convertvector(x, v4i); }
+inline v4f to_float(v4i i) { return __builtin_convertvector(i, v4f); }
+inline v4f from_bits(v4i i) { return (v4f)i; }
+inline v4i to_bits(v4f f) { return (v4i)f; }
+inline v4i isplat(int32_t x, v4f) { return v4i{x, x, x, x}; }
+inline v4f load(const float* p) {
+  v4f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, v4f v) { std::memcpy(p, &v, sizeof v); }
+#endif
+
+// lo if v < lo, hi if v > hi, else v (NaN passes through), as the scalar ternary chain.
+template <typename F>
+inline F clamp_(F v, F lo, F hi) {
+  return sel(lt(v, lo), lo, sel(gt(v, hi), hi, v));
+}
+
+// exp(x), x clamped to [-87, 88] (results stay normal floats).
+template <typename F>
+inline F exp_approx(F x) {
+  const F lo = splat(-87.0f, x), hi = splat(88.0f, x);
+  x = sel(lt(x, lo), lo, x);
+  x = sel(gt(x, hi), hi, x);
+  const F magic = splat(12582912.0f, x);  // 1.5 * 2^23: adding it rounds to an integer
+  const F n = (x * splat(1.44269504088896341f, x) + magic) - magic;
+  F r = x - n * splat(0.693359375f, x);  // Cody-Waite: ln 2 in a short and a small part
+  r = r - n * splat(-2.12194440e-4f, x);
+  F p = splat(1.9875691500E-4f, x);
+  p = p * r + splat(1.3981999507E-3f, x);
+  p = p * r + splat(8.3334519073E-3f, x);
+  p = p * r + splat(4.1665795894E-2f, x);
+  p = p * r + splat(1.6666665459E-1f, x);
+  p = p * r + splat(5.0000001201E-1f, x);
+  const F y = p * r * r + r + splat(1.0f, x);
+  return y * from_bits((to_int(n) + isplat(127, x)) << 23);
+}
+
+// log(x) for normal x > 0.
+template <typename F>
+inline F log_approx(F x) {
+  const auto b = to_bits(x);
+  const auto e = ((b >> 23) & isplat(0xff, x)) - isplat(126, x);
+  F m = from_bits((b & isplat(0x007fffff, x)) | isplat(0x3f000000, x));  // mantissa in [0.5, 1)
+  const auto small = lt(m, splat(0.707106781186547524f, x));
+  const F one = splat(1.0f, x), zero = splat(0.0f, x);
+  const F ef = to_float(e) - sel(small, one, zero);
+  m = sel(small, m + m - one, m - one);
+  const F z = m * m;
+  F y = splat(7.0376836292E-2f, x);
+  y = y * m - splat(1.1514610310E-1f, x);
+  y = y * m + splat(1.1676998740E-1f, x);
+  y = y * m - splat(1.2420140846E-1f, x);
+  y = y * m + splat(1.4249322787E-1f, x);
+  y = y * m - splat(1.6668057665E-1f, x);
+  y = y * m + splat(2.0000714765E-1f, x);
+  y = y * m - splat(2.4999993993E-1f, x);
+  y = y * m + splat(3.3333331174E-1f, x);
+  y = y * m * z;
+  y = y + splat(-2.12194440e-4f, x) * ef;
+  y = y + splat(-0.5f, x) * z;
+  return m + y + splat(0.693359375f, x) * ef;
+}
+
+// The logistic function, accurate for any x (exp of a non-positive argument only).
+template <typename F>
+inline F sigmoid_approx(F x) {
+  const F e = exp_approx(splat(0.0f, x) - fabs_(x));
+  const F s = splat(1.0f, x) / (splat(1.0f, x) + e);
+  return sel(ge(x, splat(0.0f, x)), s, e * s);
+}
+
+}  // namespace vm
+
 // Checks a float buffer for NaN/Inf in one pass; returns the first bad index or -1.
 inline int64_t first_nonfinite(const float* x, int64_t n) {
   float bad = 0.0f;
