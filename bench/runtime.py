@@ -12,7 +12,8 @@ threads over windows (single-threaded BLAS each), PyTorch with ``torch.set_num_t
 speed-up is reported per thread count and best against best. ``--gram-accuracy`` measures the Gram
 accumulation error instead (the numbers in hiquant/stats.py's docstring).
 
-    python bench/runtime.py [--quick] [--threads N] [--no-torch] [--gram-accuracy]
+    python bench/runtime.py [--quick] [--threads N] [--settings 1,N] [--windows W] [--no-torch]
+                            [--gram-accuracy]
 """
 
 from __future__ import annotations
@@ -213,6 +214,8 @@ def main(argv=None) -> None:
     ap.add_argument("--gram-accuracy", action="store_true")
     ap.add_argument("--windows", type=int, default=None,
                     help="calibration windows for the statistics (default 128, --quick 2)")
+    ap.add_argument("--settings", default=None,
+                    help="comma-separated thread counts to compare (default: 1 and --threads)")
     ap.add_argument("--max-chars", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_stats-worker", dest="side", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -246,7 +249,10 @@ def main(argv=None) -> None:
     model = load_model(args.model)
     # Each side runs at 1 thread and at --threads (quick: 1 thread only): hiquant with worker
     # threads over windows, PyTorch with its intra-op threads.
-    settings = [1] if args.quick else sorted({1, threads})
+    if args.settings:
+        settings = sorted({int(x) for x in args.settings.split(",")})
+    else:
+        settings = [1] if args.quick else sorted({1, threads})
     n_fwd = 2 if args.quick else 16
     n_bwd = 1 if args.quick else 8
     repeats = 1 if args.quick else 3
