@@ -31,4 +31,7 @@ test: setup oracles
 	$(PY) -m pytest -q tests
 
 bench-quick: setup
-	@for b in bench/*.py; do case $$b in */_*) continue;; esac; echo "== $$b"; $(PY) $$b --quick || exit 1; done
+	@failed=""; for b in bench/*.py; do case $$b in */_*) continue;; esac; echo "== $$b"; \
+	  $(PY) $$b --quick || failed="$$failed $$b"; done; \
+	echo "== bench/ablations (pytest --quick)"; $(PY) -m pytest -q bench/ablations --quick -p no:cacheprovider || failed="$$failed ablations"; \
+	if [ -n "$$failed" ]; then echo "failed:$$failed"; exit 1; fi

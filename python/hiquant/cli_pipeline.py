@@ -94,13 +94,13 @@ def cmd_demo(args) -> int:
     fp = perplexity(model, ids, seqlen, args.windows, progress=False)["ppl"]
     rows = [("FP16", "-", 16.0, fp, 0.0)]
     methods = args.methods.split(",")
-    if args.avg_bits is None:  # the budget: plain W{wbits} storage plus 0.1 bit per weight
+    if args.avg_bits is None:  # the budget: plain W{wbits} storage plus 0.17 bit per weight
         from .layers import storage_bits
         names = model.linear_names()
         n_w = sum(a * b for a, b in map(model.linear_shape, names))
         base = sum(storage_bits(*model.linear_shape(n), 0, args.wbits, args.wbits, args.group)
                    for n in names) / n_w
-        args.avg_bits = round(base + 0.1, 3)
+        args.avg_bits = round(base + 0.17, 3)
         print(f"hiquant demo: budget {args.avg_bits} bits per weight (W{args.wbits} g{args.group} "
               f"costs {base:.3f})", file=sys.stderr)
     for m in methods:
