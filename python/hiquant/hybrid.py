@@ -292,7 +292,7 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
 
 def quantize_layer_as(name: str, W: np.ndarray, H: np.ndarray, n_tokens: int, plan, *, mode: str,
                       settings):
-    """The pipeline's entry (hiquant.quantize): quantize one layer for a method's ``plan`` and
+    """The pipeline's entry (hiquant.pipeline): quantize one layer for a method's ``plan`` and
     return a :class:`hiquant.layers.QuantizedLayer`.
 
     ``mode``: ``"lwc"`` (LWC on every column), ``"adaround"`` (AdaRound on every column at
@@ -398,7 +398,7 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
                                   for a in range(0, len(inputs), batch_size)])
     if targets.shape != inputs.shape:
         raise InvalidArgumentError(f"targets have shape {targets.shape}, inputs {inputs.shape}")
-    lin = {n: _BlockLinear(n, _weights(model.get_weight(n)), plans[n],
+    lin = {n: _BlockLinear(n, _weights(np.asarray(model.get_weight(n), np.float32)), plans[n],
                            dict(lr=lwc_lr, weight_decay=lwc_weight_decay),
                            dict(lr=adaround_lr, lam=lam, iters=adaround_iters, warmup=warmup,
                                 b_start=b_start, b_end=b_end), nt)
