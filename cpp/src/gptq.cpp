@@ -21,13 +21,14 @@ using ColMatrixXd = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen:
 
 // M := its lower Cholesky factor L (in place; the strict upper triangle is left untouched), then
 // X := L^-1 (lower triangular). Throws NumericalError if M is not positive definite.
-void cholesky_and_inverse(ColMatrixXd& M, ColMatrixXd& X, int n_threads) {
+void cholesky_and_inverse(ColMatrixXd& M, ColMatrixXd& X, const RunControl& rc, int n_threads) {
   const int64_t n = M.rows();
   Eigen::LLT<Eigen::Ref<ColMatrixXd>, Eigen::Lower> llt(M);
   if (llt.info() != Eigen::Success)
     throw NumericalError(
         "the damped Hessian is not positive definite (Cholesky failed); raise percdamp, or "
         "collect more calibration tokens");
+  rc.poll();  // the factorizations are single library calls: Ctrl-C is seen between them
   // Column blocks of L^-1 are independent: block [c0, c1) solves L[c0:, c0:] Y = I[c0:, c0:c1]
   // (rows above c0 are zero). Cost ~ (n - c0)^2 (c1 - c0): dynamic scheduling balances them;
   // each block's arithmetic does not depend on the thread that runs it.
@@ -54,15 +55,16 @@ void cholesky_and_inverse(ColMatrixXd& M, ColMatrixXd& X, int n_threads) {
 // R = J L J upper, so U = R^-1 is upper with U^T U = Hp^-1 and a positive diagonal: the upper
 // Cholesky factor of the inverse, as gptq.py's cholesky(cholesky_inverse(cholesky(H)), upper).
 template <typename T, typename At>
-void reversed_inverse_cholesky(int64_t n, At at, T* U, int n_threads) {
+void reversed_inverse_cholesky(int64_t n, At at, T* U, const RunControl& rc, int n_threads) {
   ColMatrixXd X;
   {
     ColMatrixXd M(n, n);
     parallel_for(n, n_threads, [&](int64_t j) {
       for (int64_t i = j; i < n; ++i) M(i, j) = at(n - 1 - i, n - 1 - j);  // lower triangle
     });
-    cholesky_and_inverse(M, X, n_threads);
+    cholesky_and_inverse(M, X, rc, n_threads);
   }
+  rc.poll();
   parallel_for(n, n_threads, [&](int64_t i) {
     T* u = U + i * n;
     for (int64_t j = 0; j < i; ++j) u[j] = T(0);
@@ -79,7 +81,7 @@ inline double seconds_since(std::chrono::steady_clock::time_point t0) {
 void inverse_cholesky_upper(const double* H, int64_t n, double* U, int n_threads) {
   HQ_CHECK(n > 0, "inverse_cholesky_upper: empty matrix");
   reversed_inverse_cholesky<double>(n, [&](int64_t i, int64_t j) { return H[i * n + j]; }, U,
-                                    n_threads);
+                                    RunControl{}, n_threads);
 }
 
 GptqStats gptq(const float* W, int64_t rows, int64_t cols, const double* H, const GptqSpec& spec,
@@ -96,6 +98,7 @@ GptqStats gptq(const float* W, int64_t rows, int64_t cols, const double* H, cons
                                           bad % cols, "; check the checkpoint"));
   }
   check_gram(H, cols, n_threads);
+  rc.poll();
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t n = cols, gs = spec.group_size > 0 && spec.group_size < n ? spec.group_size : 0;
   const int64_t ng = n_groups(n, spec.group_size);
@@ -130,7 +133,7 @@ GptqStats gptq(const float* W, int64_t rows, int64_t cols, const double* H, cons
         const int64_t a = perm[i], b = perm[j];
         return (a == b ? diag[a] + damp : H[a * n + b]);
       },
-      U.data(), n_threads);
+      U.data(), rc, n_threads);
   for (int64_t i = 0; i < n; ++i)
     if (!(U[i * n + i] > 0.0f) || !std::isfinite(U[i * n + i]))
       throw NumericalError(detail::concat("the inverse Hessian factor has a non-positive or "
