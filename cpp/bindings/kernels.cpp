@@ -52,6 +52,13 @@ struct ObjectiveHandle {
   std::unique_ptr<hiquant::LayerwiseObjective> obj;
   std::atomic<bool> busy{false};
 };
+struct QuadHandle {
+  py::object obj, part;  // kept alive: the evaluator borrows both
+  ObjectiveHandle* oh;
+  LwcHandle* lh;
+  std::unique_ptr<hiquant::LwcQuadratic> q;
+  std::atomic<bool> busy{false};
+};
 
 void check_bits(int bits, const char* name = "bits") {
   if (bits < 2 || bits > 8)
@@ -141,6 +148,10 @@ py::dict fit_log_dict(const hiquant::FitLog& log) {
   d["loss"] = vec(log.loss);
   d["reg"] = vec(log.reg);
   d["b"] = vec(log.b);
+  auto ch = new_array<int64_t>({static_cast<py::ssize_t>(log.changes.size())});
+  std::copy(log.changes.begin(), log.changes.end(), ch.mutable_data());
+  d["changes"] = ch;
+  d["incremental"] = log.incremental;
   d["seconds"] = log.seconds;
   return d;
 }
@@ -474,10 +485,50 @@ void init_kernels(py::module_& m) {
         return h.obj->full_loss(n_threads);
       }, py::arg("n_threads") = 0);
 
+  // The incremental LWC evaluator on its own (tests compare it with the product path step by
+  // step; fit_layerwise uses it internally).
+  py::class_<QuadHandle>(m, "LwcQuadratic")
+      .def(py::init([](const py::object& obj, const py::object& part, int n_threads) {
+             if (!py::isinstance<ObjectiveHandle>(obj) || !py::isinstance<LwcHandle>(part))
+               throw py::type_error("LwcQuadratic(objective, part): a LayerwiseObjective and an "
+                                    "LwcPart");
+             auto h = std::make_unique<QuadHandle>();
+             h->obj = obj;
+             h->part = part;
+             h->oh = &obj.cast<ObjectiveHandle&>();
+             h->lh = &part.cast<LwcHandle&>();
+             BusyGuard g1(h->oh->busy, "this objective");
+             BusyGuard g2(h->lh->busy, "this LWC part");
+             {
+               py::gil_scoped_release nogil;
+               h->q = std::make_unique<hiquant::LwcQuadratic>(*h->oh->obj, *h->lh->part,
+                                                              n_threads);
+             }
+             return h;
+           }),
+           py::arg("objective"), py::arg("part"), py::arg("n_threads") = 0)
+      .def("evaluate", [](QuadHandle& h, int n_threads) {
+        BusyGuard g0(h.busy, "this evaluator");
+        BusyGuard g1(h.oh->busy, "this objective");
+        BusyGuard g2(h.lh->busy, "this LWC part");
+        auto grad = new_array<float>({2, h.lh->part->rows(), h.lh->part->n_groups()});
+        float* gp = grad.mutable_data();
+        double loss;
+        {
+          py::gil_scoped_release nogil;
+          loss = h.q->evaluate(gp, n_threads);
+        }
+        return py::make_tuple(loss, grad, h.q->last_changes(), h.q->refreshes());
+      }, py::arg("n_threads") = 0,
+         "(loss, dL/d(gamma, beta), weights changed since the last call, refreshes so far)");
+
   m.def("fit_layerwise", [](ObjectiveHandle& oh, const py::object& lwc_, const py::object& lwc_adam_,
                             int64_t lwc_col0, const py::object& ada_, const py::object& ada_adam_,
                             int64_t ada_col0, int64_t iters, double warmup, double b_start,
-                            double b_end, double lam, int n_threads, const py::object& progress) {
+                            double b_end, double lam, int n_threads, const py::object& progress,
+                            int lwc_eval) {
+    if (lwc_eval < 0 || lwc_eval > 2)
+      throw py::value_error("lwc_eval must be 0 (auto), 1 (gemm) or 2 (incremental)");
     BusyGuard go(oh.busy, "this objective");
     std::vector<std::unique_ptr<BusyGuard>> guards;
     hiquant::LwcSlot ls{nullptr, nullptr, lwc_col0};
@@ -512,13 +563,15 @@ void init_kernels(py::module_& m) {
     hiquant::RunControl rc = python_run_control(progress);
     {
       py::gil_scoped_release nogil;
-      hiquant::fit_layerwise(*oh.obj, ls, as, iters, sched, log, rc, n_threads);
+      hiquant::fit_layerwise(*oh.obj, ls, as, iters, sched, log, rc, n_threads,
+                             static_cast<hiquant::LwcEval>(lwc_eval));
     }
     return fit_log_dict(log);
   }, py::arg("objective"), py::arg("lwc"), py::arg("lwc_adam"), py::arg("lwc_col0"),
      py::arg("ada"), py::arg("ada_adam"), py::arg("ada_col0"), py::arg("iters"),
      py::arg("warmup") = 0.2, py::arg("b_start") = 20.0, py::arg("b_end") = 2.0,
-     py::arg("lam") = 0.01, py::arg("n_threads") = 0, py::arg("progress") = py::none());
+     py::arg("lam") = 0.01, py::arg("n_threads") = 0, py::arg("progress") = py::none(),
+     py::arg("lwc_eval") = 0);
 
   // ---------------------------------------------------------------------------------- GPTQ
   m.def("inverse_cholesky_upper", [](const py::object& H_, int n_threads) {

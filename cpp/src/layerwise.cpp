@@ -174,9 +174,216 @@ double LayerwiseObjective::full_loss(int n_threads) const {
   return ordered_sum(rows) / n_tokens_;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// LwcQuadratic
+
+namespace {
+
+// sum over the columns [c0, c0 + n) of x[c] * y[c]: float lanes within chunks of 64, chunks added
+// in double (a fixed order).
+inline double dot_f(const float* x, const float* y, int64_t n) {
+  double total = 0.0;
+  for (int64_t k0 = 0; k0 < n; k0 += 64) {
+    const int64_t m = std::min<int64_t>(64, n - k0);
+    float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t c = 0;
+#if defined(HQ_HAVE_V4)
+    vm::v4f acc{};
+    for (; c + 4 <= m; c += 4) acc += vm::load(x + k0 + c) * vm::load(y + k0 + c);
+    vm::store(part, acc);
+#endif
+    for (; c < m; ++c) part[c & 3] += x[k0 + c] * y[k0 + c];
+    total += (double(part[0]) + double(part[1])) + (double(part[2]) + double(part[3]));
+  }
+  return total;
+}
+
+}  // namespace
+
+LwcQuadratic::LwcQuadratic(const LayerwiseObjective& obj, const LwcPart& part, int n_threads)
+    : obj_(obj), part_(part) {
+  R_ = obj.d_out_;
+  n_ = obj.na_;
+  n_tok_ = obj.n_tokens_;
+  c_fix_ = obj.c_fix_;
+  ng_ = part.n_groups();
+  gw_ = part.group_width();
+  HQ_CHECK(part.rows() == R_ && part.cols() == n_,
+           "incremental LWC evaluation needs the part to cover the active window exactly");
+  const int64_t d_in = obj.d_in_, a0 = obj.a0_;
+  // H_aa as float32 rows (the incremental updates read one row per changed weight).
+  Hf_.resize(static_cast<size_t>(n_ * n_));
+  parallel_for(n_, n_threads, [&](int64_t i) {
+    const double* h = obj.H_ + (a0 + i) * d_in + a0;
+    for (int64_t j = 0; j < n_; ++j) Hf_[i * n_ + j] = static_cast<float>(h[j]);
+  });
+  // D = W_a H_aa - C0, and the constant per row: w H w^T - 2 w . C0.
+  std::vector<float> Wa(static_cast<size_t>(R_ * n_));
+  parallel_for(R_, n_threads, [&](int64_t r) {
+    std::copy(obj.W_.data() + r * d_in + a0, obj.W_.data() + r * d_in + a0 + n_,
+              Wa.data() + r * n_);
+  });
+  D_.resize(static_cast<size_t>(R_ * n_));
+  gemm(Wa.data(), n_, Hf_.data(), n_, D_.data(), n_, R_, n_, n_, false, n_threads);
+  g0_.assign(static_cast<size_t>(R_), 0.0);
+  parallel_for(R_, n_threads, [&](int64_t r) {
+    const float* w = Wa.data() + r * n_;
+    float* d = D_.data() + r * n_;
+    const float* c0 = obj.C0_.data() + r * n_;
+    g0_[r] = dot_f(w, d, n_) - 2.0 * dot_f(w, c0, n_);
+    for (int64_t c = 0; c < n_; ++c) d[c] -= c0[c];
+  });
+  const size_t rn = static_cast<size_t>(R_ * n_), rg = static_cast<size_t>(R_ * ng_);
+  m_.assign(rn, 0.0f);
+  a_.assign(rn, 0.0f);
+  m_new_.assign(rn, 0.0f);
+  a_new_.assign(rn, 0.0f);
+  K_.assign(rg * static_cast<size_t>(ng_), 0.0);
+  J_.assign(rg * static_cast<size_t>(ng_), 0.0);
+  bet_.assign(rg, 0.0);
+  lam_.assign(rg, 0.0);
+  row_loss_.assign(static_cast<size_t>(R_), 0.0);
+  row_changes_.assign(static_cast<size_t>(R_), 0);
+}
+
+void LwcQuadratic::refresh(int n_threads) {
+  // K and J from scratch: per group g, P_g = M[:, g] H[g, :] (one product over all groups
+  // together costs as much as one step of the GEMM path), reduced against m and a.
+  std::vector<float> P(static_cast<size_t>(R_ * n_));
+  PackedB Hg;
+  for (int64_t g = 0; g < ng_; ++g) {
+    const int64_t c0 = g * gw_, w = std::min(gw_, n_ - c0);
+    Hg.pack(Hf_.data() + c0 * n_, n_, w, n_, n_threads);
+    gemm_packed(m_.data() + c0, n_, R_, Hg, P.data(), n_, false, n_threads);
+    parallel_for(R_, threads_for(R_ * n_, n_threads), [&](int64_t r) {
+      const float* pr = P.data() + r * n_;
+      double* K = K_.data() + (r * ng_ + g) * ng_;
+      double* J = J_.data() + (r * ng_ + g) * ng_;
+      for (int64_t h = 0; h < ng_; ++h) {
+        const int64_t e0 = h * gw_, we = std::min(gw_, n_ - e0);
+        K[h] = dot_f(pr + e0, m_.data() + r * n_ + e0, we);
+        J[h] = dot_f(pr + e0, a_.data() + r * n_ + e0, we);
+      }
+    });
+  }
+  parallel_for(R_, threads_for(R_ * n_, n_threads), [&](int64_t r) {
+    for (int64_t g = 0; g < ng_; ++g) {
+      const int64_t c0 = g * gw_, w = std::min(gw_, n_ - c0);
+      bet_[r * ng_ + g] = dot_f(m_.data() + r * n_ + c0, D_.data() + r * n_ + c0, w);
+      lam_[r * ng_ + g] = dot_f(a_.data() + r * n_ + c0, D_.data() + r * n_ + c0, w);
+    }
+  });
+  since_refresh_ = 0;
+  ++refreshes_;
+}
+
+double LwcQuadratic::evaluate(float* grad, int n_threads) {
+  part_.check_params();
+  const int nt = threads_for(R_ * n_, n_threads);
+  // 1. Codes and masks at the current parameters; count the weights that changed.
+  parallel_for(R_, nt, [&](int64_t r) {
+    float* mn = m_new_.data() + r * n_;
+    float* an = a_new_.data() + r * n_;
+    part_.row_codes(r, mn, an);
+    const float* mo = m_.data() + r * n_;
+    const float* ao = a_.data() + r * n_;
+    int64_t k = 0;
+    for (int64_t c = 0; c < n_; ++c) k += (mn[c] != mo[c]) | (an[c] != ao[c]);
+    row_changes_[r] = k;
+  });
+  int64_t changes = 0;
+  for (int64_t k : row_changes_) changes += k;
+  last_changes_ = changes;
+  // 2. Bring K, J, beta, lam up to date: recompute when updating would cost more than the
+  // product (each change reads a row of H; a refresh costs one product), else update.
+  constexpr int64_t kRefreshEvery = 256;
+  if (!ready_ || changes * 32 > R_ * n_ || since_refresh_ >= kRefreshEvery) {
+    m_.swap(m_new_);
+    a_.swap(a_new_);
+    refresh(n_threads);
+    ready_ = true;
+  } else if (changes > 0) {
+    parallel_for(R_, nt, [&](int64_t r) {
+      if (row_changes_[r] == 0) return;
+      float* m = m_.data() + r * n_;
+      float* a = a_.data() + r * n_;
+      const float* mn = m_new_.data() + r * n_;
+      const float* an = a_new_.data() + r * n_;
+      double* K = K_.data() + r * ng_ * ng_;
+      double* J = J_.data() + r * ng_ * ng_;
+      double* bet = bet_.data() + r * ng_;
+      double* lam = lam_.data() + r * ng_;
+      const float* D = D_.data() + r * n_;
+      std::vector<double> u(static_cast<size_t>(ng_)), v(static_cast<size_t>(ng_));
+      for (int64_t c = 0; c < n_; ++c) {
+        const double dm = double(mn[c]) - double(m[c]), da = double(an[c]) - double(a[c]);
+        if (dm == 0.0 && da == 0.0) continue;
+        const int64_t g = c / gw_;
+        const float* h = Hf_.data() + c * n_;
+        for (int64_t e = 0; e < ng_; ++e) {
+          const int64_t e0 = e * gw_, we = std::min(gw_, n_ - e0);
+          u[e] = dot_f(h + e0, m + e0, we);  // (m_e H)_c with the current m
+          v[e] = dot_f(h + e0, a + e0, we);  // (a_e H)_c
+        }
+        const double hcc = double(h[c]);
+        if (dm != 0.0) {
+          for (int64_t e = 0; e < ng_; ++e) {
+            K[g * ng_ + e] += dm * u[e];
+            K[e * ng_ + g] += dm * u[e];
+            J[g * ng_ + e] += dm * v[e];
+          }
+          K[g * ng_ + g] += dm * dm * hcc;
+          bet[g] += dm * double(D[c]);
+          m[c] = mn[c];
+          u[g] += dm * hcc;  // u with respect to the new m
+        }
+        if (da != 0.0) {
+          for (int64_t e = 0; e < ng_; ++e) J[e * ng_ + g] += da * u[e];
+          lam[g] += da * double(D[c]);
+          a[c] = an[c];
+        }
+      }
+    });
+    ++since_refresh_;
+  } else {
+    ++since_refresh_;
+  }
+  // 3. Loss and gradient per row from the quadratic forms.
+  const double n_tok = n_tok_;
+  parallel_for(R_, nt, [&](int64_t r) {
+    std::vector<LwcPart::GroupParams> ps(static_cast<size_t>(ng_));
+    std::vector<double> s(static_cast<size_t>(ng_));
+    for (int64_t g = 0; g < ng_; ++g) {
+      ps[g] = part_.group_params(r, g);
+      s[g] = double(ps[g].scale);
+    }
+    const double* K = K_.data() + r * ng_ * ng_;
+    const double* J = J_.data() + r * ng_ * ng_;
+    const double* bet = bet_.data() + r * ng_;
+    const double* lam = lam_.data() + r * ng_;
+    double loss = g0_[r];
+    for (int64_t g = 0; g < ng_; ++g) {
+      double ks = 0.0, js = 0.0;
+      for (int64_t e = 0; e < ng_; ++e) {
+        ks += K[g * ng_ + e] * s[e];  // K symmetric: (K s)_g
+        js += J[e * ng_ + g] * s[e];  // (J^T s)_g
+      }
+      loss += s[g] * ks - 2.0 * s[g] * bet[g];
+      const double ds = 2.0 / n_tok * (ks - bet[g] - (js - lam[g]) / s[g]);
+      part_.scale_grad_to_params(r, g, ps[g], ds, grad);
+    }
+    row_loss_[r] = loss;
+  });
+  const double loss = (ordered_sum(row_loss_) + c_fix_) / n_tok;
+  if (!std::isfinite(loss))
+    throw NumericalError("the layer-wise loss became non-finite; check the weights and H");
+  return loss;
+}
+
 void fit_layerwise(LayerwiseObjective& obj, const LwcSlot& lwc, const AdaRoundSlot& ada,
                    int64_t iters, const AdaRoundSchedule& schedule, FitLog& log,
-                   const RunControl& rc, int n_threads) {
+                   const RunControl& rc, int n_threads, LwcEval lwc_eval) {
   HQ_CHECK(iters >= 0, "iterations must be >= 0, got ", iters);
   const int64_t d_in = obj.d_in(), a0 = obj.a0(), a1 = obj.a1();
   auto check_slot = [&](const char* what, int64_t rows, int64_t col0, int64_t cols,
@@ -201,11 +408,31 @@ void fit_layerwise(LayerwiseObjective& obj, const LwcSlot& lwc, const AdaRoundSl
     HQ_CHECK(lwc.col0 + lwc.part->cols() <= ada.col0 || ada.col0 + ada.part->cols() <= lwc.col0,
              "the LWC and AdaRound parts overlap");
   const int64_t na = a1 - a0;
+  const bool can_inc = lwc.part && !ada.part && lwc.col0 == a0 && lwc.part->cols() == na;
+  if (lwc_eval == LwcEval::Incremental)
+    HQ_CHECK(can_inc, "incremental LWC evaluation needs an LWC part alone, covering the active "
+             "window exactly");
+  const bool inc = can_inc && (lwc_eval == LwcEval::Incremental ||
+                               (lwc_eval == LwcEval::Auto &&
+                                LwcQuadratic::state_bytes(obj.d_out(), lwc.part->n_groups()) <=
+                                    double(int64_t(1) << 30)));
   std::vector<float> g_lwc(lwc.part ? static_cast<size_t>(lwc.part->n_params()) : 0);
   std::vector<float> g_ada(ada.part ? static_cast<size_t>(ada.part->n_params()) : 0);
   log.loss.reserve(log.loss.size() + static_cast<size_t>(iters));
   const auto t_start = std::chrono::steady_clock::now();
   const int64_t report_every = std::max<int64_t>(1, iters / 200);
+  if (inc && iters > 0) {
+    log.incremental = true;
+    LwcQuadratic q(obj, *lwc.part, n_threads);
+    for (int64_t t = 1; t <= iters; ++t) {
+      rc.poll();
+      log.loss.push_back(q.evaluate(g_lwc.data(), n_threads));
+      log.changes.push_back(q.last_changes());
+      lwc.adam->step(lwc.part->params(), g_lwc.data(), n_threads);
+      if (t % report_every == 0 || t == iters) rc.report(t, iters);
+    }
+    iters = 0;  // done: skip the product loop below
+  }
   for (int64_t t = 1; t <= iters; ++t) {
     rc.poll();
     if (lwc.part) lwc.part->forward(obj.wq() + lwc.col0, d_in, n_threads);

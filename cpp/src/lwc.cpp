@@ -18,7 +18,7 @@ LwcPart::LwcPart(const float* W, int64_t ldw, int64_t rows, int64_t cols, const 
   HQ_CHECK(ldw >= cols, "LWC: leading dimension ", ldw, " < cols ", cols);
   HQ_CHECK(std::isfinite(spec.init), "LWC init must be finite, got ", spec.init);
   ng_ = hiquant::n_groups(cols, spec.group_size);
-  gw_ = group_width(cols, spec.group_size);
+  gw_ = hiquant::group_width(cols, spec.group_size);
   maxq_ = (1 << spec.bits) - 1;
   W_.resize(static_cast<size_t>(rows * cols));
   lo_.resize(static_cast<size_t>(rows * ng_));
@@ -184,6 +184,38 @@ void LwcPart::backward(const float* dwq, int64_t ldd, float* grad, int n_threads
       }
     }
   });
+}
+
+void LwcPart::row_codes(int64_t r, float* m, float* a) const {
+  const float maxq = float(maxq_);
+  float code[kChunk], res[kChunk];
+  for (int64_t g = 0; g < ng_; ++g) {
+    const GroupParams p = group_params(r, g);
+    const int64_t c0 = g * gw_, n = std::min(gw_, cols_ - c0);
+    const float* w = W_.data() + r * cols_ + c0;
+    const float sf = p.scale, zf = static_cast<float>(p.zero), inv = 1.0f / sf;
+    for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
+      const int64_t cnt = std::min(kChunk, n - k0);
+      encode_chunk(w + k0, cnt, sf, inv, zf, maxq, code, res);
+      for (int64_t c = 0; c < cnt; ++c) {
+        const float mc = code[c] - zf;
+        m[c0 + k0 + c] = mc;
+        // res = m - [in] * w / scale exactly when in range (r - q), and m when clamped
+        a[c0 + k0 + c] = (res[c] == mc) ? 0.0f : w[k0 + c];
+      }
+    }
+  }
+}
+
+void LwcPart::scale_grad_to_params(int64_t r, int64_t g, const GroupParams& p, double ds,
+                                   float* grad) const {
+  const int64_t i = r * ng_ + g, np = rows_ * ng_;
+  if (p.clamped) {
+    grad[i] = grad[np + i] = 0.0f;
+  } else {
+    grad[i] = static_cast<float>(ds * double(hi_[i]) * p.sg * (1.0 - p.sg) / maxq_);
+    grad[np + i] = static_cast<float>(-ds * double(lo_[i]) * p.sb * (1.0 - p.sb) / maxq_);
+  }
 }
 
 void LwcPart::scales(float* scale, uint8_t* zero, int n_threads) const {

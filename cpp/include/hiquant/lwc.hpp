@@ -70,7 +70,10 @@ class LwcPart {
   void export_codes(uint8_t* codes, float* scale, uint8_t* zero, float* wq, int64_t ldq,
                     int n_threads = 0) const;
 
- private:
+  // Hooks for exact incremental evaluations of a quadratic loss (layerwise.cpp): per group
+  // the training parameters; per row the code offsets m = code - zero and a = [in range] * w, so
+  // that w_q = scale * m and d w_q / d scale = m - a / scale; and the chain rule from
+  // dL/dscale of a group to its gamma and beta.
   struct GroupParams {
     double sg, sb;   // sigmoid(gamma), sigmoid(beta)
     double lo_c;     // clipped min
@@ -79,6 +82,12 @@ class LwcPart {
     double zero;     // integer-valued
   };
   GroupParams group_params(int64_t r, int64_t g) const;
+  int64_t group_width() const { return gw_; }
+  void row_codes(int64_t r, float* m, float* a) const;
+  void scale_grad_to_params(int64_t r, int64_t g, const GroupParams& p, double ds,
+                            float* grad) const;
+
+ private:
 
   LwcSpec spec_;
   int64_t rows_, cols_, ng_, gw_;
