@@ -12,6 +12,7 @@ from hiquant import kernels as K
 from hiquant._reference import adaround as ref
 from hiquant._reference import lwc as ref_lwc
 from hiquant.layers import QuantPart
+from hiquant import quantizer as qz
 
 CASES = [(2, 32), (3, 64), (4, None), (3, 48)]
 
@@ -201,3 +202,28 @@ def test_adaround_loss_trajectory_matches_torch_autograd():
     np.testing.assert_allclose(r.loss, losses, rtol=1e-4)
     np.testing.assert_allclose(r.reg, regs, rtol=1e-4, atol=1e-9)
     np.testing.assert_allclose(a.params, V.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_adaround_with_given_scales_equals_the_default_when_given_its_own():
+    """scale= replaces the min-max float16 scales (8-bit storage passes its rounded ones); given
+    the very scales the default computes, everything is identical; bad scales are refused."""
+    rng = np.random.default_rng(4)
+    W = (rng.standard_normal((20, 72)) * 0.05).astype(np.float32)
+    a = K.AdaRound(W, 3, 32)
+    s = a.export().scale
+    b = K.AdaRound(W, 3, 32, scale=np.ascontiguousarray(s))
+    np.testing.assert_array_equal(a.params, b.params)
+    np.testing.assert_array_equal(a.forward(), b.forward())
+    ea, eb = a.export(), b.export()
+    np.testing.assert_array_equal(ea.codes, eb.codes)
+    np.testing.assert_array_equal(ea.zero, eb.zero)
+    from hiquant.layers import scale8
+    s8 = np.ascontiguousarray(scale8(s)[0])
+    c = K.AdaRound(W, 3, 32, scale=s8)
+    np.testing.assert_array_equal(c.export().scale, s8)
+    ex = c.export()
+    np.testing.assert_array_equal(ex.wq, qz.dequantize(ex.codes, s8, ex.zero, 3, 32))
+    with pytest.raises(ValueError, match="scale must have shape"):
+        K.AdaRound(W, 3, 32, scale=np.ones((20, 2), np.float32))
+    with pytest.raises(hiquant.NumericalError, match="positive"):
+        K.AdaRound(W, 3, 32, scale=np.zeros((20, 3), np.float32))

@@ -55,7 +55,7 @@ def test_layer_cost_bits_matches_reference_formula_and_the_storage_format():
         k = int(rng.integers(0, d_in + 1))
         b_low, b_high = int(rng.choice([2, 3, 4, 8])), int(rng.choice([2, 3, 4, 8, 16]))
         g = int(rng.choice([-1, 0, 1, 7, 32, 64, 128, 1000]))
-        sb = int(rng.choice([8, 16, 32]))
+        sb = int(rng.choice([8, 16]))
         want = ref.layer_cost_bits(d_out, d_in, k, b_low, b_high, g, sb)
         assert A.layer_cost_bits(d_out, d_in, k, b_low, b_high, g, sb) == want
         assert storage_bits(d_out, d_in, k, b_low, b_high, g, sb) == want
@@ -66,8 +66,10 @@ def test_layer_cost_bits_equals_bits_of_a_real_quantized_layer():
     W = rng.normal(size=(24, 40)).astype(np.float32)
     for k, b_high, g in [(0, 3, 8), (5, 3, 8), (13, 4, 16), (40, 3, 0), (7, 16, 8)]:
         idx = np.sort(rng.choice(40, k, replace=False))
-        ql = QuantizedLayer.rtn("l", W, 2, g, high_idx=idx, b_high=b_high)
-        assert A.layer_cost_bits(24, 40, k, 2, b_high, g) == ql.storage_bits()
+        for sb in (16, 8):
+            ql = QuantizedLayer.rtn("l", W, 2, g, high_idx=idx, b_high=b_high, scale_bits=sb)
+            assert ql.scale_bits == (sb if (k < 40 or b_high != 16) else 16)
+            assert A.layer_cost_bits(24, 40, k, 2, b_high, g, sb) == ql.storage_bits()
 
 
 def test_layer_cost_bits_known_values():
@@ -76,6 +78,10 @@ def test_layer_cost_bits_known_values():
     assert A.layer_cost_bits(4096, 4096, 410, 2, 3, 64) == want
     assert A.layer_cost_bits(8, 16, 0, 2, 3, 64) == 8 * 16 * 2 + 8 * 18  # no mask, no high part
     assert A.layer_cost_bits(8, 16, 4, 2, 16, 0) == 8 * 12 * 2 + 8 * 18 + 8 * 4 * 16 + 16
+    # 8-bit scales: 8-bit code + b-bit zero per group, a float16 super-scale per row and part
+    want8 = (4096 * 3686 * 2 + 4096 * 58 * 10 + 4096 * 16 + 4096 * 410 * 3 + 4096 * 7 * 11
+             + 4096 * 16 + 4096)
+    assert A.layer_cost_bits(4096, 4096, 410, 2, 3, 64, 8) == want8
 
 
 def test_layer_cost_bits_rejects_bad_arguments():
@@ -85,6 +91,8 @@ def test_layer_cost_bits_rejects_bad_arguments():
         A.layer_cost_bits(8, 16, 1, 2, 12, 8)
     with pytest.raises(InvalidArgumentError, match="d_out"):
         A.layer_cost_bits(0, 16, 1, 2, 3, 8)
+    with pytest.raises(InvalidArgumentError, match="scale_bits"):
+        A.layer_cost_bits(8, 16, 1, 2, 3, 8, 32)
 
 
 def test_ratio_to_k_is_the_exact_decimal_ceiling():

@@ -10,7 +10,7 @@ import pytest
 import hiquant
 from hiquant._atomic import atomic_dir, atomic_write_text
 from hiquant.export import layer_entry, layer_from_tensors, layer_tensors
-from hiquant.layers import QuantizedLayer, QuantPart, fp16_scales, storage_bits
+from hiquant.layers import QuantizedLayer, QuantPart, fp16_scales, scale8, storage_bits
 from hiquant import quantizer as qz
 
 CASES = [  # (high columns, b_high)
@@ -26,23 +26,27 @@ def _w(seed=0, shape=(48, 200)):
     return (np.random.default_rng(seed).standard_normal(shape) * 0.02).astype(np.float32)
 
 
+@pytest.mark.parametrize("scale_bits", [16, 8])
 @pytest.mark.parametrize("high,b_high", CASES)
 @pytest.mark.parametrize("b_low,group", [(2, 64), (3, 128), (4, 0), (2, 7)])
-def test_packed_roundtrip_gives_identical_weights(high, b_high, b_low, group):
+def test_packed_roundtrip_gives_identical_weights(high, b_high, b_low, group, scale_bits):
     W = _w()
-    ql = QuantizedLayer.rtn("blk.q", W, b_low, group, high_idx=high, b_high=b_high)
+    ql = QuantizedLayer.rtn("blk.q", W, b_low, group, high_idx=high, b_high=b_high,
+                            scale_bits=scale_bits)
     tensors = layer_tensors(ql)
     back = layer_from_tensors("blk.q", layer_entry(ql), tensors)
     np.testing.assert_array_equal(back.dequantize(), ql.dequantize())
     np.testing.assert_array_equal(back.high_idx, np.sort(high))
 
 
+@pytest.mark.parametrize("scale_bits", [16, 8])
 @pytest.mark.parametrize("high,b_high", CASES)
 @pytest.mark.parametrize("b_low,group", [(2, 64), (3, 128), (8, 32)])
-def test_packed_bytes_equal_the_counted_storage_bits(high, b_high, b_low, group):
+def test_packed_bytes_equal_the_counted_storage_bits(high, b_high, b_low, group, scale_bits):
     W = _w(shape=(64, 256))  # sizes where every packed tensor ends on a byte boundary
     high = [h for h in high if h < 256]
-    ql = QuantizedLayer.rtn("x", W, b_low, group, high_idx=high, b_high=b_high)
+    ql = QuantizedLayer.rtn("x", W, b_low, group, high_idx=high, b_high=b_high,
+                            scale_bits=scale_bits)
     payload_bits = 8 * sum(t.nbytes for t in layer_tensors(ql).values())
     assert payload_bits == ql.storage_bits()
 
@@ -56,6 +60,36 @@ def test_storage_bits_formula_by_hand():
     assert storage_bits(d_out, d_in, k, 2, 3, 64) == low + high + d_in
     assert storage_bits(d_out, d_in, 0, 2, 3, 64) == d_out * d_in * 2 + d_out * 64 * 18
     assert storage_bits(d_out, d_in, k, 2, 16, 64) == low + d_out * k * 16 + d_in
+
+
+def test_scale8_is_an_exact_product_on_a_grid_that_covers_every_group():
+    rng = np.random.default_rng(5)
+    s = (np.abs(rng.standard_normal((200, 9))) * rng.lognormal(0, 3, (200, 1))).astype(np.float32)
+    s[3, :] = 1e-9  # a row of (almost) empty groups: raised to float16's smallest normal
+    s[4, 2] = s[4].max() * 1e-4  # a group far below its row's largest
+    s32, code, sup = scale8(s)
+    assert code.dtype == np.uint8 and code.min() >= 1 and sup.dtype == np.float16
+    # the stored scale is S * c exactly (float32 product == float64 product)
+    np.testing.assert_array_equal(s32.astype(np.float64),
+                                  sup.astype(np.float64)[:, None] * code.astype(np.float64))
+    sf = np.maximum(s, np.float32(np.finfo(np.float16).tiny)).astype(np.float64)
+    S = sup.astype(np.float64)[:, None]
+    assert np.all(S * 255 >= sf.max(1, keepdims=True))  # every group's code fits
+    ok = sf >= S / 2  # rounded to nearest: moves by at most S / 2
+    assert np.all(np.abs(s32 - sf)[ok] <= S.repeat(9, 1)[ok] / 2 * (1 + 1e-6))
+    assert np.all(s32[~ok] == S.repeat(9, 1)[~ok])  # tiny groups: raised to S
+    assert not ok[4, 2]
+
+
+def test_8bit_scales_cost_what_the_formula_says_and_barely_change_rtn():
+    W = _w(shape=(64, 256))
+    q16 = QuantizedLayer.rtn("x", W, 2, 64)
+    q8 = QuantizedLayer.rtn("x", W, 2, 64, scale_bits=8)
+    assert q8.scale_bits == 8 and q16.scale_bits == 16
+    assert q16.storage_bits() - q8.storage_bits() == 64 * 4 * 8 - 64 * 16
+    e16 = np.square(q16.dequantize() - W).mean()
+    e8 = np.square(q8.dequantize() - W).mean()
+    assert e8 == pytest.approx(e16, rel=0.05)
 
 
 def test_rtn_layer_equals_the_primitives_with_fp16_scales():

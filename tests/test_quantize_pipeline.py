@@ -66,6 +66,27 @@ def test_rtn_run_reports_exact_bits_and_its_export_reloads_identically(model, tm
     assert ppl == pytest.approx(rep.ppl, rel=2e-3)  # fp16 storage of the dequantized weights
 
 
+def test_hiq_with_8bit_scales_fits_its_budget_and_reloads_identically(model, tmp_path):
+    """scale_bits=8: allocation, the layers and the packed export count the same bits; the
+    packed folder reloads to exactly the evaluated weights."""
+    out = tmp_path / "run8"
+    rep = quantize(embedded_model_path(), embedded_calib_path(), method="hiq", wbits=2,
+                   group_size=64, scale_bits=8, avg_bits=2.6, estimator="diagonal", out=out,
+                   export="packed", model=model, progress=False, **FAST)
+    assert rep.avg_bits <= 2.6 and rep.settings["scale_bits"] == 8
+    assert any(L["k"] > 0 for L in rep.layers)
+    assert rep.total_bits == sum(L["bits"] for L in rep.layers)
+    from hiquant.export import load_packed
+    pm = load_packed(out / "packed")
+    cfg = json.loads((out / "packed" / "quantization_config.json").read_text())
+    assert {e["scale_bits"] for e in cfg["layers"].values()} == {8}
+    for name in model.linear_names():
+        np.testing.assert_array_equal(pm.get_weight(name), model.get_weight(name))
+    with pytest.raises(hiquant.InvalidArgumentError, match="scale_bits"):
+        quantize(embedded_model_path(), embedded_calib_path(), method="gptq", scale_bits=8,
+                 model=model, progress=False, **FAST)
+
+
 def test_existing_output_is_never_overwritten_unless_asked(model, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -302,7 +302,8 @@ void init_kernels(py::module_& m) {
 
   // ---------------------------------------------------------------------------------- AdaRound
   py::class_<AdaHandle>(m, "AdaRoundPart")
-      .def(py::init([](const py::object& W_, int bits, int64_t group_size, int n_threads) {
+      .def(py::init([](const py::object& W_, int bits, int64_t group_size, int n_threads,
+                       const py::object& scale_) {
              check_bits(bits);
              check_group(group_size);
              auto W = require_array<float>(W_, "W", 2);
@@ -310,14 +311,29 @@ void init_kernels(py::module_& m) {
              auto h = std::make_unique<AdaHandle>();
              const float* w = W.data();
              const int64_t rows = W.shape(0), cols = W.shape(1);
+             py::array_t<float, py::array::c_style> scale;
+             const float* sp = nullptr;
+             if (!scale_.is_none()) {
+               scale = require_array<float>(scale_, "scale", 2);
+               const int64_t ng = hiquant::n_groups(cols, group_size);
+               if (scale.shape(0) != rows || scale.shape(1) != ng)
+                 throw py::value_error("scale must have shape (" + std::to_string(rows) + ", " +
+                                       std::to_string(ng) + "): one per row and group");
+               sp = scale.data();
+               for (int64_t i = 0; i < rows * ng; ++i)
+                 if (!(std::isfinite(sp[i]) && sp[i] > 0.0f))
+                   throw hiquant::NumericalError("scale must be finite and positive; entry " +
+                                                 std::to_string(i) + " is not");
+             }
              {
                py::gil_scoped_release nogil;
                h->part = std::make_unique<hiquant::AdaRoundPart>(w, cols, rows, cols, spec,
-                                                                 n_threads);
+                                                                 n_threads, sp);
              }
              return h;
            }),
-           py::arg("W"), py::arg("bits"), py::arg("group_size"), py::arg("n_threads") = 0)
+           py::arg("W"), py::arg("bits"), py::arg("group_size"), py::arg("n_threads") = 0,
+           py::arg("scale") = py::none())
       .def_property_readonly("rows", [](const AdaHandle& h) { return h.part->rows(); })
       .def_property_readonly("cols", [](const AdaHandle& h) { return h.part->cols(); })
       .def_property_readonly("n_groups", [](const AdaHandle& h) { return h.part->n_groups(); })

@@ -75,7 +75,7 @@ inline float clip01(float u) { return u < 0.0f ? 0.0f : (u > 1.0f ? 1.0f : u); }
 }  // namespace
 
 AdaRoundPart::AdaRoundPart(const float* W, int64_t ldw, int64_t rows, int64_t cols,
-                           const AdaRoundSpec& spec, int n_threads)
+                           const AdaRoundSpec& spec, int n_threads, const float* scale_in)
     : spec_(spec), rows_(rows), cols_(cols) {
   HQ_CHECK(spec.bits >= 2 && spec.bits <= 8, "AdaRound bits must be in 2..8, got ", spec.bits);
   HQ_CHECK(rows > 0 && cols > 0, "AdaRound part needs a non-empty weight matrix, got ", rows,
@@ -97,8 +97,9 @@ AdaRoundPart::AdaRoundPart(const float* W, int64_t ldw, int64_t rows, int64_t co
       const int64_t c0 = g * gw_, m = std::min(gw_, cols - c0);
       const float* w = W_.data() + r * cols + c0;
       const GroupRange gr = group_range(w, m, r, c0);
-      const float s = fp16_round_scale(
-          static_cast<float>((double(gr.hi) - double(gr.lo)) / maxq_));
+      const float s = scale_in ? scale_in[r * ng_ + g]
+                               : fp16_round_scale(
+                                     static_cast<float>((double(gr.hi) - double(gr.lo)) / maxq_));
       const double z = std::min(std::max(rint_d(-double(gr.lo) / double(s)), 0.0), double(maxq_));
       scale_[r * ng_ + g] = s;
       zero_[r * ng_ + g] = static_cast<uint8_t>(z);

@@ -155,7 +155,9 @@ def layer_cost_bits(d_out: int, d_in: int, k: int, b_low: int, b_high: int,
     * high part, groups of g among the k high columns in ascending order:
       ``d_out·k·b_high + d_out·ng(k, g)·(scale_bits + b_high)``; with ``b_high == 16`` the high
       part is kept in FP16: ``d_out·k·16``, no scales or zeros;
-    * the high-column mask: ``d_in`` bits when ``k > 0``.
+    * the high-column mask: ``d_in`` bits when ``k > 0``;
+    * ``scale_bits`` 16 (float16 scales) or 8 (double-quantized: 8-bit codes per group plus a
+      float16 super-scale per row of each non-empty quantized part, ``16·d_out`` bits each).
 
     ``ng(n, g)`` is 0 for n == 0, 1 when g <= 0 or g >= n, else ``ceil(n/g)``. The packed export
     writes exactly this payload (this is :func:`hiquant.layers.storage_bits`).
@@ -166,7 +168,8 @@ def layer_cost_bits(d_out: int, d_in: int, k: int, b_low: int, b_high: int,
         raise InvalidArgumentError(f"k must be an integer in [0, d_in = {d_in}], got {k!r}")
     b_low = _bits(b_low, "b_low", range(1, 9))
     b_high = _bits(b_high, "b_high", set(range(1, 9)) | {16})
-    scale_bits = _pos_int(scale_bits, "scale_bits")
+    if isinstance(scale_bits, bool) or scale_bits not in (16, 8):
+        raise InvalidArgumentError(f"scale_bits must be 16 or 8, got {scale_bits!r}")
     return storage_bits(d_out, d_in, int(k), b_low, b_high, _group(group_size), scale_bits)
 
 

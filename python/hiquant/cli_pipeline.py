@@ -39,11 +39,15 @@ def cmd_quantize(args) -> int:
     ckpt = (args.out.rstrip("/") + ".progress") if args.out else None
     rep = quantize(args.model, args.calib, settings=s, out=args.out, export=args.export,
                    eval_text=args.eval_text, fp_eval=args.fp_eval, overwrite=args.overwrite,
-                   progress=not args.quiet, checkpoint_dir=ckpt, resume=args.resume)
+                   progress=not args.quiet, checkpoint_dir=ckpt, resume=args.resume,
+                   cache_dir=args.cache_dir)
     print(rep.markdown(), file=sys.stderr)
+    import resource
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
     _emit({"command": "quantize", "method": rep.settings["method"], "avg_bits": rep.avg_bits,
            "ppl": rep.ppl, "fp_ppl": rep.fp_ppl, "total_bits": rep.total_bits,
            "timings": rep.timings, "seconds": time.perf_counter() - t0, "output": rep.output,
+           "peak_rss_mib": round(peak_mib, 1),
            "settings": rep.settings})
     return 0
 
@@ -132,6 +136,9 @@ def add_pipeline_commands(sub) -> None:
     p.add_argument("--hbits", type=int, default=None, help="high-impact width b_H (default wbits+1; 16 = FP16)")
     p.add_argument("--group", dest="group_size", type=int, default=64, help="group size (0: per row)")
     p.add_argument("--avg-bits", dest="avg_bits", type=float, default=None, help="bit budget per weight")
+    p.add_argument("--scale-bits", dest="scale_bits", type=int, default=None, choices=(16, 8),
+                   help="stored group-scale precision: 16 (float16, default) or 8 (double-quantized "
+                        "with a float16 super-scale per row)")
     p.add_argument("--ratio", type=float, default=None, help="fixed-ratio: the ratio of every layer")
     p.add_argument("--candidates", default=None,
                    help=f"comma-separated candidate ratios (default {','.join(map(str, DEFAULT_CANDIDATES))})")
@@ -142,6 +149,12 @@ def add_pipeline_commands(sub) -> None:
     p.add_argument("--lwc-iters", dest="lwc_iters", type=int, default=None)
     p.add_argument("--adaround-iters", dest="adaround_iters", type=int, default=None)
     p.add_argument("--eval-text", dest="eval_text", default=None)
+    p.add_argument("--eval-windows", dest="eval_windows", type=int, default=None,
+                   help="perplexity windows (default 200, the shared protocol)")
+    p.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, default=None)
+    p.add_argument("--cache-dir", dest="cache_dir", default=None,
+                   help="cache calibration statistics here (reused by runs with the same model "
+                        "and calibration settings)")
     p.add_argument("--fp-eval", dest="fp_eval", action="store_true", help="also evaluate the FP model")
     p.add_argument("--out", default=None, help="output folder (written atomically)")
     p.add_argument("--export", default="both", choices=("fake", "packed", "both"))

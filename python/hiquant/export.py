@@ -6,8 +6,9 @@ plus ``quantization_config.json``:
 * every quantized linear ``NAME`` (a Hugging Face tensor stem such as
   ``model.layers.0.self_attn.q_proj``) stores
   ``NAME.low.qweight`` (uint8, the low part's codes packed densely at b_low bits, row-major),
-  ``NAME.low.scales`` (float16 ``(d_out, n_groups)``), ``NAME.low.qzeros`` (uint8, zero points
-  packed at b_low bits); the same three under ``NAME.high.`` for a quantized high part, or
+  ``NAME.low.scales`` (float16 ``(d_out, n_groups)``; with 8-bit scales uint8 codes plus
+  ``NAME.low.scales_super``, float16 ``(d_out,)``, see :mod:`hiquant.layers`), ``NAME.low.qzeros``
+  (uint8, zero points packed at b_low bits); the same under ``NAME.high.`` for a quantized high part, or
   ``NAME.high.weight`` (float16 ``(d_out, k)``) for an FP16 high part; and ``NAME.high_mask``
   (uint8, a d_in-bit little-endian mask of the high-impact columns) when ``k > 0``;
 * every other tensor (embeddings, norms, ``lm_head``) is copied unchanged in its stored dtype;
@@ -39,11 +40,14 @@ PACKED_VERSION = 1
 
 
 def _pack_part(prefix: str, part: QuantPart) -> dict:
-    return {
+    out = {
         f"{prefix}.qweight": qz.pack_codes(part.codes, part.bits),
         f"{prefix}.scales": part.scale,
         f"{prefix}.qzeros": qz.pack_codes(part.zero, part.bits),
     }
+    if part.scale_super is not None:
+        out[f"{prefix}.scales_super"] = part.scale_super
+    return out
 
 
 def layer_tensors(ql: QuantizedLayer) -> dict:
@@ -67,19 +71,29 @@ def layer_entry(ql: QuantizedLayer) -> dict:
         "d_out": ql.d_out, "d_in": ql.d_in, "k": ql.k,
         "b_low": ql.b_low, "b_high": ql.b_high if ql.k else None,
         "group_size": ql.group_size, "storage_bits": ql.storage_bits(),
+        "scale_bits": ql.scale_bits,
     }
 
 
 def _unpack_part(prefix: str, tensors: dict, d_out: int, n_cols: int, bits: int, group: int,
-                 where: str) -> QuantPart:
+                 where: str, scale_bits: int = 16) -> QuantPart:
     try:
         qweight, scales, qzeros = (tensors[f"{prefix}.{s}"] for s in ("qweight", "scales", "qzeros"))
     except KeyError as e:
         raise CheckpointError(f"{where}: tensor {e.args[0]} is missing from the packed checkpoint") from None
     ng = qz.n_groups(n_cols, group) if n_cols else 0
-    if scales.dtype != np.float16 or scales.shape != (d_out, ng):
+    sdt = np.float16 if (scale_bits == 16 or not n_cols) else np.uint8  # empty part: float16 (d_out, 0)
+    if scales.dtype != sdt or scales.shape != (d_out, ng):
         raise CheckpointError(f"{where}: {prefix}.scales is {scales.dtype}{scales.shape}, expected "
-                              f"float16{(d_out, ng)}")
+                              f"{np.dtype(sdt).name}{(d_out, ng)}")
+    sup = None
+    if scale_bits == 8 and n_cols:
+        sup = tensors.get(f"{prefix}.scales_super")
+        if sup is None or sup.dtype != np.float16 or sup.shape != (d_out,):
+            raise CheckpointError(f"{where}: {prefix}.scales_super is missing or not "
+                                  f"float16{(d_out,)}")
+        if not np.all(np.isfinite(sup)) or np.any(sup <= 0) or np.any(scales == 0):
+            raise CheckpointError(f"{where}: {prefix} has non-positive 8-bit scales")
     try:
         codes = qz.unpack_codes(np.ascontiguousarray(qweight, np.uint8), bits, d_out * n_cols,
                                 shape=(d_out, n_cols))
@@ -87,7 +101,10 @@ def _unpack_part(prefix: str, tensors: dict, d_out: int, n_cols: int, bits: int,
                                shape=(d_out, ng))
     except ValueError as e:
         raise CheckpointError(f"{where}: {prefix}: {e}") from None
-    return QuantPart(bits, group, codes, scales, zero)
+    if sup is None and scales.dtype == np.float16 and n_cols and (
+            not np.all(np.isfinite(scales)) or np.any(scales <= 0)):
+        raise CheckpointError(f"{where}: {prefix}.scales has non-positive or non-finite values")
+    return QuantPart(bits, group, codes, scales, zero, sup)
 
 
 def layer_from_tensors(name: str, entry: dict, tensors: dict, where: str = "packed checkpoint") -> QuantizedLayer:
@@ -96,10 +113,13 @@ def layer_from_tensors(name: str, entry: dict, tensors: dict, where: str = "pack
         d_out, d_in, k = int(entry["d_out"]), int(entry["d_in"]), int(entry["k"])
         b_low, group = int(entry["b_low"]), int(entry["group_size"])
         b_high = int(entry["b_high"]) if k else 0
+        scale_bits = int(entry.get("scale_bits", 16))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: layer {name} has a malformed entry ({e})") from None
     if not (0 <= k <= d_in) or d_out <= 0 or d_in <= 0:
         raise CheckpointError(f"{where}: layer {name} has impossible sizes d_out={d_out} d_in={d_in} k={k}")
+    if scale_bits not in (16, 8):
+        raise CheckpointError(f"{where}: layer {name} has scale_bits {scale_bits}; expected 16 or 8")
     if b_low not in qz.PACK_BITS or (k and b_high not in (*qz.PACK_BITS, 16)):
         raise CheckpointError(f"{where}: layer {name} has unsupported widths {b_low}/{b_high}")
     high_idx = np.zeros(0, np.int64)
@@ -111,7 +131,7 @@ def layer_from_tensors(name: str, entry: dict, tensors: dict, where: str = "pack
         high_idx = np.flatnonzero(mask).astype(np.int64)
         if high_idx.size != k:
             raise CheckpointError(f"{where}: {name}.high_mask marks {high_idx.size} columns, config says {k}")
-    low = _unpack_part(f"{name}.low", tensors, d_out, d_in - k, b_low, group, where)
+    low = _unpack_part(f"{name}.low", tensors, d_out, d_in - k, b_low, group, where, scale_bits)
     high = high16 = None
     if k:
         if b_high == 16:
@@ -119,7 +139,7 @@ def layer_from_tensors(name: str, entry: dict, tensors: dict, where: str = "pack
             if high16 is None or high16.dtype != np.float16 or high16.shape != (d_out, k):
                 raise CheckpointError(f"{where}: {name}.high.weight is missing or not float16{(d_out, k)}")
         else:
-            high = _unpack_part(f"{name}.high", tensors, d_out, k, b_high, group, where)
+            high = _unpack_part(f"{name}.high", tensors, d_out, k, b_high, group, where, scale_bits)
     return QuantizedLayer(name, d_out, d_in, high_idx, low, high, high16)
 
 

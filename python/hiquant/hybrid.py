@@ -76,19 +76,18 @@ class HybridResult:
     seconds: float = 0.0
 
     def to_layer(self, name: str, *, info: dict | None = None):
-        """The :class:`hiquant.layers.QuantizedLayer` (fp16 scales, exact round trip)."""
+        """The :class:`hiquant.layers.QuantizedLayer` (exact round trip, the parts' scale
+        precision)."""
         from .layers import QuantizedLayer, QuantPart
         d_out = self.wq.shape[0]
         if self.low is not None:
-            low = QuantPart(self.b_low, self.group_size, self.low.codes,
-                            self.low.scale.astype(np.float16), self.low.zero)
+            low = _part(self.b_low, self.group_size, self.low)
         else:
             low = QuantPart(self.b_low, self.group_size, np.zeros((d_out, 0), np.uint8),
                             np.zeros((d_out, 0), np.float16), np.zeros((d_out, 0), np.uint8))
         high = None
         if self.high is not None:
-            high = QuantPart(self.b_high, self.group_size, self.high.codes,
-                             self.high.scale.astype(np.float16), self.high.zero)
+            high = _part(self.b_high, self.group_size, self.high)
         notes = {"order": self.order, "seconds": self.seconds}
         if self.loss_final is not None:
             notes["loss_final"] = self.loss_final
@@ -97,6 +96,58 @@ class HybridResult:
         notes.update(info or {})
         return QuantizedLayer(name, d_out, self.wq.shape[1], self.high_idx, low, high,
                               self.high_fp16, notes)
+
+
+def _part(bits: int, group_size: int, exp: K.PartExport):
+    from .layers import QuantPart
+    if exp.scale_super is not None:
+        return QuantPart(bits, group_size, exp.codes, exp.scale_code, exp.zero, exp.scale_super)
+    return QuantPart(bits, group_size, exp.codes, exp.scale.astype(np.float16), exp.zero)
+
+
+def _lwc_export(lwc: K.LWC, W: np.ndarray, scale_bits: int) -> K.PartExport:
+    """LWC's final integer form at the stored scale precision. 8-bit: the learned (float16)
+    scales are double-quantized and the codes recomputed with them and LWC's zero points, i.e.
+    round-to-nearest within the learned clipping range on the stored grid."""
+    exp = lwc.export()
+    if scale_bits == 16:
+        return exp
+    from . import quantizer as qz
+    from .layers import scale8
+    s32, code, sup = scale8(exp.scale)
+    s32 = np.ascontiguousarray(s32)
+    codes = qz.quantize(np.ascontiguousarray(W, np.float32), s32, exp.zero, exp.bits,
+                        exp.group_size)
+    wq = qz.dequantize(codes, s32, exp.zero, exp.bits, exp.group_size)
+    return K.PartExport(codes, s32, exp.zero, wq, exp.bits, exp.group_size, code, sup)
+
+
+def _adaround(Wh: np.ndarray, bits: int, gs: int, scale_bits: int, **kw) -> K.AdaRound:
+    """AdaRound on the stored scale grid: with 8-bit scales the min-max scales are
+    double-quantized first, so the rounding is learned for the scales that are stored."""
+    if scale_bits == 16:
+        return K.AdaRound(Wh, bits, gs, **kw)
+    from . import quantizer as qz
+    from .layers import scale8
+    s, _ = qz.minmax_params(Wh, bits, gs)
+    s32, code, sup = scale8(s)
+    ada = K.AdaRound(Wh, bits, gs, scale=np.ascontiguousarray(s32), **kw)
+    ada._scale8 = (code, sup)
+    return ada
+
+
+def _ada_export(ada: K.AdaRound) -> K.PartExport:
+    exp = ada.export()
+    s8 = getattr(ada, "_scale8", None)
+    if s8 is not None:
+        exp.scale_code, exp.scale_super = s8
+    return exp
+
+
+def _scale_bits(v) -> int:
+    if isinstance(v, bool) or v not in (16, 8):
+        raise InvalidArgumentError(f"scale_bits must be 16 or 8, got {v!r}")
+    return int(v)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,17 +209,19 @@ def _split(d_in: int, high_idx: np.ndarray):
     return np.flatnonzero(mask).astype(np.int64)
 
 
-def _rtn_wq(Wp: np.ndarray, d_low: int, b_low: int, b_high: int, group_size: int) -> np.ndarray:
-    """Round-to-nearest of the same plan in the permuted layout (fp16 scales, as layers.rtn)."""
+def _rtn_wq(Wp: np.ndarray, d_low: int, b_low: int, b_high: int, group_size: int,
+            scale_bits: int = 16) -> np.ndarray:
+    """Round-to-nearest of the same plan in the permuted layout (as layers.rtn)."""
     from .layers import QuantPart
     out = np.empty_like(Wp)
     if d_low:
         out[:, :d_low] = QuantPart.from_weights(np.ascontiguousarray(Wp[:, :d_low]), b_low,
-                                                group_size).dequantize()
+                                                group_size, scale_bits=scale_bits).dequantize()
     if d_low < Wp.shape[1]:
         Wh = np.ascontiguousarray(Wp[:, d_low:])
         out[:, d_low:] = (Wh.astype(np.float16).astype(np.float32) if b_high == 16 else
-                          QuantPart.from_weights(Wh, b_high, group_size).dequantize())
+                          QuantPart.from_weights(Wh, b_high, group_size,
+                                                 scale_bits=scale_bits).dequantize())
     return out
 
 
@@ -182,7 +235,7 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
                    adaround_iters: int = 5000, adaround_lr: float = 1e-3, lam: float = 0.01,
                    warmup: float = 0.2, b_start: float = 20.0, b_end: float = 2.0,
                    order: str = "sequential", n_threads: int | None = None,
-                   progress: Progress = None) -> HybridResult:
+                   progress: Progress = None, scale_bits: int = 16) -> HybridResult:
     """Hybrid quantization of one layer on the layer-wise Gram objective.
 
     ``W`` float32 ``(d_out, d_in)``; ``H`` float64 ``(d_in, d_in)`` the Gram matrix of the layer's
@@ -198,6 +251,11 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
     (the loss covers the whole layer). ``order="joint"``: both parts learned together for
     ``adaround_iters`` steps on the whole layer (LWC at ``lwc_lr`` throughout), each step then costs
     a full ``d_in x d_in`` product — kept for the measurement that chose ``sequential``.
+
+    ``scale_bits``: the stored scale precision (:mod:`hiquant.layers`): 16 (float16) or 8
+    (double-quantized; LWC's learned scales are rounded to it before the low part is frozen, and
+    AdaRound learns its rounding on the rounded scales, so the high part compensates for exactly
+    what is stored).
 
     ``progress(phase, done, total)`` reports each phase; Ctrl-C interrupts (KeyboardInterrupt).
     Returns a :class:`HybridResult` (codes/scales/zeros of both parts, dequantized ``wq``, loss
@@ -217,6 +275,7 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
     if order not in ORDERS:
         raise InvalidArgumentError(f"order must be one of {ORDERS}, got {order!r}")
     lwc_iters, adaround_iters = _iters(lwc_iters, "lwc_iters"), _iters(adaround_iters, "adaround_iters")
+    scale_bits = _scale_bits(scale_bits)
     hi = _high_idx(high_idx, d_in)
     lo = _split(d_in, hi)
     k, d_low = hi.size, lo.size
@@ -226,7 +285,7 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
     Hp = np.ascontiguousarray(H[np.ix_(perm, perm)])
     obj = K.LayerwiseObjective(Wp, Hp, float(n_tokens), n_threads=nt)
 
-    obj.set_columns(0, _rtn_wq(Wp, d_low, b_low, b_high, gs))
+    obj.set_columns(0, _rtn_wq(Wp, d_low, b_low, b_high, gs, scale_bits))
     loss_rtn = obj.full_loss()
     obj.set_columns(0, Wp)
 
@@ -241,9 +300,9 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
     ada = None
     high16 = None
     if k and b_high != 16:
-        ada = K.AdaRound(np.ascontiguousarray(Wp[:, d_low:]), b_high, gs, lr=adaround_lr, lam=lam,
-                         iters=adaround_iters, warmup=warmup, b_start=b_start, b_end=b_end,
-                         n_threads=nt)
+        ada = _adaround(np.ascontiguousarray(Wp[:, d_low:]), b_high, gs, scale_bits,
+                        lr=adaround_lr, lam=lam, iters=adaround_iters, warmup=warmup,
+                        b_start=b_start, b_end=b_end, n_threads=nt)
     elif k:
         high16 = np.ascontiguousarray(Wp[:, d_low:]).astype(np.float16)
         obj.set_columns(d_low, high16.astype(np.float32))
@@ -256,25 +315,25 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
             obj.set_active(0, d_low)
             r = K.fit(obj, lwc_iters, lwc=lwc, progress=cb("lwc"))
             history["lwc"] = {"loss": r.loss, "seconds": r.seconds}
-            low_exp = lwc.export()
+            low_exp = _lwc_export(lwc, Wp[:, :d_low], scale_bits)
             obj.set_columns(0, low_exp.wq)
         if ada is not None:
             obj.set_active(d_low, d_in)
             r = K.fit(obj, adaround_iters, adaround=ada, adaround_col0=d_low,
                       progress=cb("adaround"))
             history["adaround"] = {"loss": r.loss, "reg": r.reg, "b": r.b, "seconds": r.seconds}
-            high_exp = ada.export()
+            high_exp = _ada_export(ada)
         order_used = "sequential"
     else:
         obj.set_active(0, d_in)
         r = K.fit(obj, adaround_iters, lwc=lwc, adaround=ada, adaround_col0=d_low,
                   progress=cb("joint"))
         history["joint"] = {"loss": r.loss, "reg": r.reg, "b": r.b, "seconds": r.seconds}
-        low_exp, high_exp = lwc.export(), ada.export()
+        low_exp, high_exp = _lwc_export(lwc, Wp[:, :d_low], scale_bits), _ada_export(ada)
         order_used = "joint"
 
     if low_exp is None and lwc is not None:
-        low_exp = lwc.export()
+        low_exp = _lwc_export(lwc, Wp[:, :d_low], scale_bits)
     wq_p = np.empty_like(Wp)
     if d_low:
         wq_p[:, :d_low] = low_exp.wq
@@ -302,7 +361,7 @@ def quantize_layer_as(name: str, W: np.ndarray, H: np.ndarray, n_tokens: int, pl
     """
     kw = dict(lwc_iters=int(settings.lwc_iters), lwc_lr=float(settings.lwc_lr),
               adaround_iters=int(settings.adaround_iters), adaround_lr=float(settings.adaround_lr),
-              n_threads=settings.n_threads)
+              n_threads=settings.n_threads, scale_bits=int(getattr(settings, "scale_bits", 16)))
     if mode == "lwc":
         res = quantize_layer(W, H, n_tokens, [], plan.b_low, plan.b_low, plan.group_size, **kw)
         return res.to_layer(name)
@@ -311,9 +370,8 @@ def quantize_layer_as(name: str, W: np.ndarray, H: np.ndarray, n_tokens: int, pl
         res = quantize_layer(W, H, n_tokens, np.arange(d_in), plan.b_low, plan.b_low,
                              plan.group_size, **kw)
         # every column was learned by AdaRound: store it as the (only) low part, no mask
-        from .layers import QuantizedLayer, QuantPart
-        low = QuantPart(plan.b_low, res.group_size, res.high.codes,
-                        res.high.scale.astype(np.float16), res.high.zero)
+        from .layers import QuantizedLayer
+        low = _part(plan.b_low, res.group_size, res.high)
         return QuantizedLayer(name, W.shape[0], d_in, np.zeros(0, np.int64), low, None, None,
                               {"order": "adaround", "loss_final": res.loss_final,
                                "loss_rtn": res.loss_rtn, "seconds": res.seconds})
@@ -340,7 +398,7 @@ def block_loss(out: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
 class _BlockLinear:
     """One linear of the block: its parts, column split and current W_q."""
 
-    def __init__(self, name, W, plan, lwc_kw, ada_kw, nt):
+    def __init__(self, name, W, plan, lwc_kw, ada_kw, nt, scale_bits=16):
         self.name, self.W = name, W
         d_in = W.shape[1]
         self.hi = _high_idx(plan.high_idx if plan.k else [], d_in)
@@ -353,8 +411,8 @@ class _BlockLinear:
         self.ada = self.high16 = None
         self.wq = W.copy()
         if self.hi.size and self.b_high != 16:
-            self.ada = K.AdaRound(np.ascontiguousarray(W[:, self.hi]), self.b_high, self.gs,
-                                  n_threads=nt, **ada_kw)
+            self.ada = _adaround(np.ascontiguousarray(W[:, self.hi]), self.b_high, self.gs,
+                                 scale_bits, n_threads=nt, **ada_kw)
             self.wq[:, self.hi] = self.ada.forward()
         elif self.hi.size:
             self.high16 = np.ascontiguousarray(W[:, self.hi]).astype(np.float16)
@@ -367,7 +425,8 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
                    lwc_weight_decay: float = 0.0, adaround_iters: int = 5000,
                    adaround_lr: float = 1e-3, lam: float = 0.01, warmup: float = 0.2,
                    b_start: float = 20.0, b_end: float = 2.0, batch_size: int = 1, seed: int = 0,
-                   n_threads: int | None = None, progress: Progress = None) -> dict:
+                   n_threads: int | None = None, progress: Progress = None,
+                   scale_bits: int = 16) -> dict:
     """Hybrid quantization of the seven linears of block ``i`` on the block-wise objective.
 
     ``model``: a :class:`hiquant.model.Model`; ``inputs``: the calibration hidden states entering
@@ -401,7 +460,7 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
     lin = {n: _BlockLinear(n, _weights(np.asarray(model.get_weight(n), np.float32)), plans[n],
                            dict(lr=lwc_lr, weight_decay=lwc_weight_decay),
                            dict(lr=adaround_lr, lam=lam, iters=adaround_iters, warmup=warmup,
-                                b_start=b_start, b_end=b_end), nt)
+                                b_start=b_start, b_end=b_end), nt, _scale_bits(scale_bits))
            for n in names}
     rng = np.random.default_rng(seed)
     order: list = []
@@ -445,7 +504,7 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
         history["lwc"] = run("lwc", lwc_iters, lwc_update)
     for L in lin.values():
         if L.lwc is not None:
-            L.low_exp = L.lwc.export()
+            L.low_exp = _lwc_export(L.lwc, L.W[:, L.lo], scale_bits)
             L.wq[:, L.lo] = L.low_exp.wq
 
     def ada_update(L, dW):
@@ -461,7 +520,7 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
     seconds = time.perf_counter() - t0
     for L in lin.values():
         if L.ada is not None:
-            L.high_exp = L.ada.export()
+            L.high_exp = _ada_export(L.ada)
             L.wq[:, L.hi] = L.high_exp.wq
         model.set_weight(L.name, L.wq)
         results[L.name] = HybridResult(

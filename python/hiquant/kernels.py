@@ -87,11 +87,14 @@ class PartExport:
     """A quantized part: ``wq == scale * (codes - zero)`` per group, exactly, in float32."""
 
     codes: np.ndarray  # uint8 (d_out, n_cols)
-    scale: np.ndarray  # float32 (d_out, n_groups), float16-exact
+    scale: np.ndarray  # float32 (d_out, n_groups), float16-exact (or on the 8-bit grid below)
     zero: np.ndarray  # uint8 (d_out, n_groups)
     wq: np.ndarray  # float32 (d_out, n_cols)
     bits: int
     group_size: int
+    # 8-bit stored scales (hiquant.layers.scale8): scale == scale_super[:, None] * scale_code
+    scale_code: np.ndarray | None = None  # uint8 (d_out, n_groups)
+    scale_super: np.ndarray | None = None  # float16 (d_out,)
 
 
 class LWC:
@@ -187,13 +190,16 @@ class AdaRound:
     ``h(V) = clip(sigmoid(V) * 1.2 - 0.1, 0, 1)`` initialized to the fractional part of
     ``w / scale``; soft forward ``scale * (clamp(floor(w/scale) + h(V) + zero, 0, maxq) - zero)``;
     regularizer ``lam * sum(1 - |2 h(V) - 1|**b)``; hard rounding (``V >= 0``, i.e.
-    ``h >= 1/2``) in :meth:`export`. ``step()`` follows :func:`adaround_schedule` over ``iters``
+    ``h >= 1/2``) in :meth:`export`. ``scale`` (float32 ``(d_out, n_groups)``, optional): use
+    these scales as given (e.g. already rounded to 8-bit storage) instead of min-max ones; the
+    zero points still come from each group's range. ``step()`` follows :func:`adaround_schedule` over ``iters``
     steps (the regularizer is added to the caller's loss).
     """
 
     def __init__(self, W: np.ndarray, bits: int, group_size: int | None = None, *,
                  lr: float = 1e-3, lam: float = 0.01, iters: int = 5000, warmup: float = 0.2,
-                 b_start: float = 20.0, b_end: float = 2.0, n_threads: int | None = None):
+                 b_start: float = 20.0, b_end: float = 2.0, n_threads: int | None = None,
+                 scale: np.ndarray | None = None):
         self.n_threads = resolve_n_threads(n_threads)
         self.iters = _int(iters, "iters")
         self.lam = _float(lam, "lam")
@@ -205,7 +211,8 @@ class AdaRound:
             raise ValueError(f"warmup must be a fraction in [0, 1), got {warmup}")
         if self.lam < 0 or self.b_start < 1 or self.b_end < 1:
             raise ValueError("lam must be >= 0 and b_start, b_end >= 1")
-        self._part = _core.AdaRoundPart(W, _int(bits, "bits"), _group(group_size), self.n_threads)
+        self._part = _core.AdaRoundPart(W, _int(bits, "bits"), _group(group_size), self.n_threads,
+                                        scale)
         self._adam = _core.Adam(self._part.n_params, _float(lr, "lr"))
         self.t = 0  # schedule position (steps taken)
 

@@ -7,12 +7,23 @@ own groups of ``group_size`` consecutive columns *of that part* (the ragged last
 parameters). Storage, counted exactly here and written exactly so by the packed exporter:
 
 * codes: ``bits`` per weight, packed densely;
-* per group: a float16 scale and a zero point of the part's own width (packed like the codes);
+* per group: a scale and a zero point of the part's own width (packed like the codes);
 * a ``d_in``-bit mask of the high-impact columns when ``k > 0``;
 * FP16 high part: 16 bits per weight, no parameters.
 
-Scales are float16 so that a packed checkpoint reproduces exactly the weights hiquant evaluated:
-every method rounds its final scales through float16 *before* computing the final codes.
+Scales are stored in one of two precisions (``scale_bits``):
+
+* 16 (default): a float16 scale per group;
+* 8 (double-quantized, as in QLoRA and llama.cpp's k-quants): per group an unsigned 8-bit code
+  ``c`` in 1..255, per row of the part one float16 super-scale ``S``; the scale is ``S * c``
+  computed in float32, which is exact (an 11-bit by 8-bit product). ``S`` is the row's largest
+  scale / 255 rounded *up* to float16, so every group's code fits; a scale moves by at most
+  ``S / 2`` (relative ``0.5 / c``), except scales below ``S / 2`` (groups with almost no range),
+  which are raised to ``S``. This brings W2 g64 from 2.281 to 2.16 bits per weight before any
+  high-impact column, which is what lets a hybrid layer fit budgets near the plain format's.
+
+Either way the stored values are what hiquant evaluated: every method rounds its final scales to
+the stored precision *before* computing the final codes (AdaRound learns on the rounded scales).
 """
 
 from __future__ import annotations
@@ -24,7 +35,10 @@ import numpy as np
 from . import quantizer as qz
 from .errors import InvalidArgumentError
 
-__all__ = ["QuantPart", "QuantizedLayer", "storage_bits", "fp16_scales"]
+__all__ = ["QuantPart", "QuantizedLayer", "storage_bits", "fp16_scales", "scale8", "stored_scales",
+           "SCALE_BITS"]
+
+SCALE_BITS = (16, 8)
 
 FP16_TINY = float(np.finfo(np.float16).tiny)  # smallest normal float16 scale (6.1e-5)
 
@@ -38,6 +52,30 @@ def fp16_scales(scale: np.ndarray) -> np.ndarray:
     return s.astype(np.float16).astype(np.float32)
 
 
+def scale8(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Double-quantize per-group scales ``(d_out, n_groups)`` to 8-bit codes with a float16
+    super-scale per row. Returns ``(stored float32 scales == S * c exactly, codes uint8 (d_out,
+    n_groups) in 1..255, S float16 (d_out,))``."""
+    s = np.clip(np.asarray(scale, np.float32), FP16_TINY, float(np.finfo(np.float16).max))
+    d_out = s.shape[0]
+    smax = s.max(axis=1) if s.shape[1] else np.full(d_out, FP16_TINY, np.float32)
+    sup = np.maximum(smax / np.float32(255.0), np.float32(FP16_TINY)).astype(np.float16)
+    low = sup.astype(np.float32) * np.float32(255.0) < smax  # rounded down: step up one ulp
+    sup[low] = np.nextafter(sup[low], np.float16(np.inf))
+    sup32 = sup.astype(np.float32)
+    codes = np.clip(np.rint(s / sup32[:, None]), 1, 255).astype(np.uint8)
+    return sup32[:, None] * codes.astype(np.float32), codes, sup
+
+
+def stored_scales(scale: np.ndarray, scale_bits: int) -> np.ndarray:
+    """The float32 values of ``scale`` after rounding to the stored precision."""
+    if scale_bits == 16:
+        return fp16_scales(scale)
+    if scale_bits == 8:
+        return scale8(scale)[0]
+    raise InvalidArgumentError(f"scale_bits must be 16 or 8, got {scale_bits}")
+
+
 def _ng(n_cols: int, group_size: int) -> int:
     if n_cols == 0:
         return 0
@@ -46,12 +84,18 @@ def _ng(n_cols: int, group_size: int) -> int:
 
 def storage_bits(d_out: int, d_in: int, k: int, b_low: int, b_high: int, group_size: int,
                  scale_bits: int = 16) -> int:
-    """Exact storage of a layer in bits (see the module docstring)."""
+    """Exact storage of a layer in bits (see the module docstring). With 8-bit scales each
+    non-empty quantized part also stores a float16 super-scale per row."""
+    if scale_bits not in SCALE_BITS:
+        raise InvalidArgumentError(f"scale_bits must be 16 or 8, got {scale_bits}")
+    sup = 16 if scale_bits == 8 else 0
     low = d_out * (d_in - k) * b_low + d_out * _ng(d_in - k, group_size) * (scale_bits + b_low)
+    low += d_out * sup if d_in - k > 0 else 0
     if b_high == 16:
         high = d_out * k * 16
     else:
         high = d_out * k * b_high + d_out * _ng(k, group_size) * (scale_bits + b_high)
+        high += d_out * sup if k > 0 else 0
     mask = d_in if k > 0 else 0
     return int(low + high + mask)
 
@@ -63,36 +107,67 @@ class QuantPart:
     bits: int
     group_size: int
     codes: np.ndarray  # uint8 (d_out, n_cols)
-    scale: np.ndarray  # float16 (d_out, n_groups)
+    scale: np.ndarray  # float16 (d_out, n_groups); uint8 scale codes when scale_super is set
     zero: np.ndarray  # uint8 (d_out, n_groups)
+    scale_super: np.ndarray | None = None  # float16 (d_out,): 8-bit scales (module docstring)
 
     def __post_init__(self):
         self.codes = np.ascontiguousarray(self.codes, dtype=np.uint8)
-        self.scale = np.ascontiguousarray(self.scale, dtype=np.float16)
         self.zero = np.ascontiguousarray(self.zero, dtype=np.uint8)
         d_out, n = self.codes.shape
         ng = _ng(n, self.group_size)
+        if self.scale_super is None:
+            self.scale = np.ascontiguousarray(self.scale, dtype=np.float16)
+        else:
+            if np.asarray(self.scale).dtype != np.uint8:
+                raise InvalidArgumentError("8-bit part scales must be uint8 codes")
+            self.scale = np.ascontiguousarray(self.scale)
+            self.scale_super = np.ascontiguousarray(self.scale_super, dtype=np.float16)
+            if self.scale_super.shape != (d_out,):
+                raise InvalidArgumentError(f"scale_super has shape {self.scale_super.shape}, "
+                                           f"expected ({d_out},)")
+            if (not np.all(np.isfinite(self.scale_super)) or np.any(self.scale_super <= 0)
+                    or np.any(self.scale == 0)):
+                raise InvalidArgumentError("8-bit scales need positive finite super-scales and "
+                                           "codes in 1..255")
         if self.scale.shape != (d_out, ng) or self.zero.shape != (d_out, ng):
             raise InvalidArgumentError(
                 f"part parameters have shapes {self.scale.shape} / {self.zero.shape}, expected "
                 f"({d_out}, {ng}) for {n} columns in groups of {self.group_size}")
-        if not np.all(np.isfinite(self.scale)) or np.any(self.scale <= 0):
+        if self.scale_super is None and (not np.all(np.isfinite(self.scale)) or np.any(self.scale <= 0)):
             raise InvalidArgumentError("part scales must be finite and positive float16 values")
 
+    @property
+    def scale_bits(self) -> int:
+        return 16 if self.scale_super is None else 8
+
+    def scale_f32(self) -> np.ndarray:
+        """The scales as used: float16 values, or ``S * c`` (exact in float32)."""
+        if self.scale_super is None:
+            return self.scale.astype(np.float32)
+        return self.scale_super.astype(np.float32)[:, None] * self.scale.astype(np.float32)
+
     @classmethod
-    def from_weights(cls, W: np.ndarray, bits: int, group_size: int, scale=None, zero=None):
-        """Round-to-nearest codes of W; min-max parameters unless given. Scales pass through
-        float16 before the codes are computed, so the stored part reproduces what is used."""
+    def from_weights(cls, W: np.ndarray, bits: int, group_size: int, scale=None, zero=None,
+                     scale_bits: int = 16):
+        """Round-to-nearest codes of W; min-max parameters unless given. Scales are rounded to
+        the stored precision before the codes are computed, so the part reproduces what is used.
+        With given float scales and 8-bit storage the zero points are kept."""
         W = np.ascontiguousarray(W, dtype=np.float32)
         if scale is None:
             scale, zero = qz.minmax_params(W, bits, group_size)
-        s32 = fp16_scales(scale)
-        codes = qz.quantize(W, s32, np.ascontiguousarray(zero, np.uint8), bits, group_size)
+        zero = np.ascontiguousarray(zero, np.uint8)
+        if scale_bits == 8:
+            s32, sc, sup = scale8(scale)
+            codes = qz.quantize(W, np.ascontiguousarray(s32), zero, bits, group_size)
+            return cls(bits, group_size, codes, sc, zero, sup)
+        s32 = stored_scales(scale, scale_bits)
+        codes = qz.quantize(W, s32, zero, bits, group_size)
         return cls(bits, group_size, codes, s32.astype(np.float16), zero)
 
     def dequantize(self) -> np.ndarray:
-        return qz.dequantize(self.codes, self.scale.astype(np.float32), self.zero, self.bits,
-                             self.group_size)
+        return qz.dequantize(self.codes, np.ascontiguousarray(self.scale_f32()), self.zero,
+                             self.bits, self.group_size)
 
 
 @dataclass
@@ -155,13 +230,22 @@ class QuantizedLayer:
                                    else self.high.dequantize())
         return W
 
+    @property
+    def scale_bits(self) -> int:
+        parts = [p for p in (self.low, self.high) if p is not None and p.codes.size]
+        bits = {p.scale_bits for p in parts}
+        if len(bits) > 1:
+            raise InvalidArgumentError(f"{self.name}: parts store scales at different precisions")
+        return bits.pop() if bits else 16
+
     def storage_bits(self) -> int:
         return storage_bits(self.d_out, self.d_in, self.k, self.b_low,
-                            self.b_high if self.k else self.b_low, self.group_size)
+                            self.b_high if self.k else self.b_low, self.group_size,
+                            self.scale_bits)
 
     @classmethod
     def rtn(cls, name: str, W: np.ndarray, b_low: int, group_size: int,
-            high_idx=(), b_high: int = 0) -> "QuantizedLayer":
+            high_idx=(), b_high: int = 0, scale_bits: int = 16) -> "QuantizedLayer":
         """Round-to-nearest min-max quantization of both parts (the building block of baselines
         and of the Δ used to build the sensitivity matrix M)."""
         W = np.ascontiguousarray(W, np.float32)
@@ -170,7 +254,8 @@ class QuantizedLayer:
         mask = np.ones(d_in, bool)
         mask[high_idx] = False
         if mask.any():
-            low = QuantPart.from_weights(np.ascontiguousarray(W[:, mask]), b_low, group_size)
+            low = QuantPart.from_weights(np.ascontiguousarray(W[:, mask]), b_low, group_size,
+                                         scale_bits=scale_bits)
         else:  # every column is high-impact: an empty low part still records b_low
             low = QuantPart(b_low, group_size, np.zeros((d_out, 0), np.uint8),
                             np.zeros((d_out, 0), np.float16), np.zeros((d_out, 0), np.uint8))
@@ -180,5 +265,5 @@ class QuantizedLayer:
             if b_high == 16:
                 high16 = Wh.astype(np.float16)
             else:
-                high = QuantPart.from_weights(Wh, b_high, group_size)
+                high = QuantPart.from_weights(Wh, b_high, group_size, scale_bits=scale_bits)
         return cls(name, d_out, d_in, high_idx, low, high, high16)

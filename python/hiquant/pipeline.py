@@ -35,6 +35,7 @@ class QuantizeSettings:
     wbits: int = 2
     hbits: int | None = None  # default wbits + 1; 16 = FP16 retention
     group_size: int = 64
+    scale_bits: int = 16  # stored scale precision: 16 (float16) or 8 (double-quantized, hiquant.layers)
     avg_bits: float | None = None  # budget (average bits per weight over quantized layers)
     ratio: float | None = None  # fixed-ratio: the ratio of every layer
     candidates: tuple = DEFAULT_CANDIDATES
@@ -70,6 +71,12 @@ class QuantizeSettings:
             raise InvalidArgumentError(f"wbits must be 2, 3, 4 or 8 (packable widths), got {s.wbits}")
         if s.hbits not in (2, 3, 4, 8, 16):
             raise InvalidArgumentError(f"hbits must be 2, 3, 4, 8 or 16 (FP16), got {s.hbits}")
+        if s.scale_bits not in (16, 8):
+            raise InvalidArgumentError(f"scale_bits must be 16 or 8, got {s.scale_bits}")
+        kind = info["quantizer"] if s.quantizer == "auto" else s.quantizer
+        if s.scale_bits == 8 and kind == "gptq":
+            raise InvalidArgumentError("gptq forms its group scales as the column sweep reaches "
+                                       "them and stores them as float16; use scale_bits=16")
         if s.avg_bits is not None and not (math.isfinite(s.avg_bits) and s.avg_bits > 0):
             raise InvalidArgumentError(f"avg_bits must be a positive number, got {s.avg_bits}")
         if s.ratio is not None and not (0.0 <= s.ratio <= 1.0):
@@ -170,7 +177,7 @@ def n_high(ratio: float, d_in: int) -> int:
 
 def _total_bits(shapes: dict, ks: dict, s: QuantizeSettings) -> int:
     from .layers import storage_bits
-    return sum(storage_bits(d_out, d_in, ks[n], s.wbits, s.hbits, s.group_size)
+    return sum(storage_bits(d_out, d_in, ks[n], s.wbits, s.hbits, s.group_size, s.scale_bits)
                for n, (d_out, d_in) in shapes.items())
 
 
@@ -277,7 +284,8 @@ def _quantize_layer(kind: str, name: str, W: np.ndarray, H: np.ndarray, n_tokens
                     plan: LayerPlan, s: QuantizeSettings):
     from .layers import QuantizedLayer, QuantPart
     if kind == "rtn":
-        return QuantizedLayer.rtn(name, W, plan.b_low, plan.group_size, plan.high_idx, plan.b_high)
+        return QuantizedLayer.rtn(name, W, plan.b_low, plan.group_size, plan.high_idx, plan.b_high,
+                                  scale_bits=s.scale_bits)
     if kind == "gptq":
         from . import kernels
         res = kernels.gptq(W, H, bits=plan.b_low, group_size=plan.group_size,
@@ -404,7 +412,7 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
                     n_windows=min(s.m_windows, len(windows)), pairs=s.m_pairs)
                 timings["sensitivity matrix"] = time.perf_counter() - t_m
                 alloc = allocate.allocate(shapes, fisher_col, sm, avg_bits=s.avg_bits,
-                                          n_threads=s.n_threads)
+                                          scale_bits=s.scale_bits, n_threads=s.n_threads)
                 ratios = alloc.ratios
                 allocation = {k: v for k, v in alloc.to_dict().items() if k != "layers"}
                 allocation["m_seconds"] = sm.seconds

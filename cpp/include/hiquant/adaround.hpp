@@ -44,8 +44,11 @@ void validate_schedule(const AdaRoundSchedule& s);
 
 class AdaRoundPart {
  public:
+  // scale_in (optional, rows x n_groups): use these scales as given instead of min-max ones
+  // rounded through float16 (the caller's stored precision, e.g. 8-bit double-quantized scales);
+  // zero points are then recomputed from each group's range, as for min-max scales.
   AdaRoundPart(const float* W, int64_t ldw, int64_t rows, int64_t cols, const AdaRoundSpec& spec,
-               int n_threads = 0);
+               int n_threads = 0, const float* scale_in = nullptr);
 
   int64_t rows() const { return rows_; }
   int64_t cols() const { return cols_; }
