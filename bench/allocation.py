@@ -204,29 +204,34 @@ def part_model(args, out: dict) -> None:
         times[est] = time.perf_counter() - t0
         print(f"M[{est}]: {times[est]:.1f} s  ({sms[est].settings})")
 
-    costs = A.option_costs(shapes, A.DEFAULT_CANDIDATES, 2, 3, 64)
+    sb = args.scale_bits
+    costs = A.option_costs(shapes, A.DEFAULT_CANDIDATES, 2, 3, 64, scale_bits=sb)
     min_avg = costs.min(1).sum() / nw
     max_avg = costs.max(1).sum() / nw
+    out["scale_bits"] = sb
     out["min_feasible_avg_bits"] = min_avg
     out["max_avg_bits"] = max_avg
-    print(f"budget range with fp16 scales, g=64: {min_avg:.5f} .. {max_avg:.5f} bits/weight")
+    print(f"budget range with {sb}-bit scales, g=64: {min_avg:.5f} .. {max_avg:.5f} bits/weight")
     for sb in (16, 8):
         for g in (64, 128):
             c = A.option_costs(shapes, A.DEFAULT_CANDIDATES, 2, 3, g, scale_bits=sb)
             out.setdefault("min_feasible_by_scale_bits_and_group", {})[f"s{sb}_g{g}"] = c.min(1).sum() / nw
     print("min feasible avg bits (scale bits, group):",
           {k: round(v, 5) for k, v in out["min_feasible_by_scale_bits_and_group"].items()})
+    any_sm = next(iter(sms.values()))
     try:
-        A.allocate(shapes, st.fisher_col, sms["fisher"], avg_bits=2.3)
+        A.allocate(shapes, st.fisher_col, any_sm, avg_bits=2.3, scale_bits=sb)
         out["avg_2.3"] = "feasible"
     except hiquant.InfeasibleBudgetError as e:
         out["avg_2.3"] = f"infeasible (min_feasible {e.min_feasible:.6f})"
         print(f"avg_bits=2.3: InfeasibleBudgetError: {e}")
-    budget = args.avg_bits if args.avg_bits else round(min_avg + 0.5 * (max_avg - min_avg), 4)
+    budget = args.avg_bits
+    if budget is None:  # the 2.3 where feasible, else midway in the feasible range
+        budget = 2.3 if min_avg <= 2.3 <= max_avg else round(min_avg + 0.5 * (max_avg - min_avg), 4)
     out["feasible_budget_avg_bits"] = budget
     allocs = {}
     for est, sm in sms.items():
-        allocs[est] = A.allocate(shapes, st.fisher_col, sm, avg_bits=budget)
+        allocs[est] = A.allocate(shapes, st.fisher_col, sm, avg_bits=budget, scale_bits=sb)
         r = allocs[est].result
         print(f"allocation[{est}] at {budget} bits: achieved {allocs[est].avg_bits:.5f}, {r.status} "
               f"({r.method}), gap {r.gap:.3g}, {r.seconds:.3f} s")
@@ -276,7 +281,10 @@ def main(argv=None) -> None:
     ap.add_argument("--estimators", default="diagonal,fisher,measured",
                     help="comma-separated subset of diagonal,fisher,measured")
     ap.add_argument("--avg-bits", type=float, default=None,
-                    help="the feasible budget of part 2 (default: midway in the feasible range)")
+                    help="the budget of part 2 (default: 2.3 where feasible, else midway in the "
+                         "feasible range)")
+    ap.add_argument("--scale-bits", type=int, default=8, choices=(16, 8),
+                    help="stored scale precision for the costs (8: 2.3 bits is feasible at W2 g64)")
     args = ap.parse_args(argv)
     args.estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]
     if args.threads:

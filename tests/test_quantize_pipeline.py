@@ -110,3 +110,19 @@ def test_bad_settings_raise_clear_errors(model):
         quantize(embedded_model_path(), embedded_calib_path(), method="rtn", wbits=5, model=model)
     with pytest.raises(ValueError, match="needs a budget"):
         quantize(embedded_model_path(), embedded_calib_path(), method="hiq", model=model, progress=False, **FAST)
+
+
+@pytest.mark.parametrize("method,extra", [("hiq", dict(avg_bits=2.6, estimator="fisher")),
+                                          ("gptq", {})])
+def test_exports_are_bit_identical_across_runs_and_for_1_and_2_threads(model, tmp_path, method, extra):
+    """Same inputs and seed: the packed and fake-quant safetensors are byte-identical between two
+    runs and between 1 and 2 threads (every reduction has a fixed order; see hiquant/_threads.py)."""
+    blobs = []
+    for i, nt in enumerate((1, 2, 2)):
+        out = tmp_path / f"run{i}"
+        quantize(embedded_model_path(), embedded_calib_path(), method=method, wbits=2,
+                 group_size=64, n_threads=nt, out=out, model=model, progress=False,
+                 lwc_iters=20, adaround_iters=20, **extra, **FAST)
+        blobs.append(((out / "packed" / "model.safetensors").read_bytes(),
+                      (out / "fake" / "model.safetensors").read_bytes()))
+    assert blobs[0] == blobs[1] == blobs[2]
