@@ -163,6 +163,34 @@ def test_fisher_equals_sum_of_squared_per_sequence_gradients(qwen):
         np.testing.assert_allclose(st.fisher_col[name], ref.fisher_col(st.fisher[name]), rtol=1e-12)
 
 
+def test_column_only_fisher_equals_the_column_sums_of_the_full_diagonal(qwen):
+    """fisher_full=False (the pipeline's default: bounded memory) keeps only fisher_col; it equals
+    the full diagonal's column sums up to float32 rounding, for 1 and 2 threads alike."""
+    m, cfg = qwen
+    win = _windows(cfg)
+    full = collect_stats(m, win, gram=False, progress=False)
+    cols = [collect_stats(m, win, gram=False, progress=False, fisher_full=False, n_threads=nt)
+            for nt in (1, 2)]
+    assert cols[0].fisher == {} and cols[0].meta["fisher_full"] is False
+    for name in m.linear_names():
+        np.testing.assert_allclose(cols[0].fisher_col[name], full.fisher_col[name], rtol=1e-5)
+        np.testing.assert_array_equal(cols[0].fisher_col[name], cols[1].fisher_col[name])
+
+
+def test_block_by_block_gradients_equal_the_whole_model_gradients(qwen):
+    m, cfg = qwen
+    ids = _windows(cfg, n=1)
+    want = m.weight_grads(ids)
+    for ckpt in (False, True):
+        got, blocks = {}, []
+        for b, g in m.iter_block_weight_grads(ids, checkpoint=ckpt):
+            blocks.append(b)
+            got.update(g)
+        assert blocks == list(reversed(range(m.num_blocks)))
+        for name in m.linear_names():
+            np.testing.assert_array_equal(got[name], want[name])
+
+
 def test_gram_equals_sum_over_tokens_of_captured_inputs(qwen):
     m, cfg = qwen
     win = _windows(cfg)

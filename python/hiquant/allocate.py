@@ -512,12 +512,18 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
         D = {n: np.stack([d.reshape(-1) for d in deltas(n)]) for n in names} if cache else None
         S = ids.shape[0]
         A = np.zeros((S, L * K), np.float64)
+        index = {n: li for li, n in enumerate(names)}
         for s in range(S):
-            G = model.weight_grads(ids[s:s + 1])
-            for li, n in enumerate(names):
-                g_s = np.asarray(G[n], np.float32).reshape(-1)
-                Dn = D[n] if cache else np.stack([d.reshape(-1) for d in deltas(n)])
-                A[s, li * K:(li + 1) * K] = _dot_rows(Dn, g_s)
+            # one block's gradients at a time (model.iter_block_weight_grads): memory bounded by
+            # the largest block, not the model
+            for _, G in model.iter_block_weight_grads(ids[s:s + 1]):
+                for n, grad in G.items():  # (not `g`: that is the group size deltas() uses)
+                    li = index.get(n)
+                    if li is None:
+                        continue
+                    g_s = np.asarray(grad, np.float32).reshape(-1)
+                    Dn = D[n] if cache else np.stack([d.reshape(-1) for d in deltas(n)])
+                    A[s, li * K:(li + 1) * K] = _dot_rows(Dn, g_s)
             if progress is not None:
                 progress(s + 1, S)
         M = A.T @ A / S

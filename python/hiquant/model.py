@@ -1173,6 +1173,40 @@ class Model:
             grads.update(g)
         return {n: grads[n] for n in self.linear_names()}
 
+    def iter_block_weight_grads(self, ids: np.ndarray, *, checkpoint: bool | None = None):
+        """The same gradients as :meth:`weight_grads`, yielded one block at a time from the last
+        block to the first as ``(block, {name: dW})``, so that a caller that consumes each block's
+        gradients (the Fisher estimator of M) holds one block's worth, not the model's: for a
+        7B LLaMA that is 0.8 GB instead of 26 GB. ``checkpoint``: as weight_grads, but chosen
+        when all blocks' activations would exceed 1 GiB."""
+        ids = self._check_ids(ids, min_len=2)
+        B, T = ids.shape
+        if checkpoint is None:
+            c = self.config
+            per_block = self.compute_dtype.itemsize * B * T * (
+                c.num_heads * T + 4 * c.hidden_size + 3 * (self._nq + 2 * self._nkv)
+                + 5 * c.intermediate_size)
+            checkpoint = per_block * self.num_blocks > (1 << 30)
+        h = self.embed(ids)
+        saved = []
+        for i in range(self.num_blocks):
+            if checkpoint:
+                saved.append(h)
+                h = self.block_forward(i, h)
+            else:
+                h, cch = self.block_forward(i, h, cache=True)
+                saved.append(cch)
+        _, dh = self.head_loss(h, ids, grad=True)
+        if B > 1:
+            dh /= B
+        for i in reversed(range(self.num_blocks)):
+            cch = saved[i]
+            if checkpoint:
+                _, cch = self.block_forward(i, cch, cache=True)
+            saved[i] = None
+            dh, g = self.block_backward(i, cch, dh)
+            yield i, g
+
 
 # --------------------------------------------------------------------------------------------
 # loading

@@ -379,12 +379,16 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
     elif info["fisher"]:
         with _Timer(timings, "fisher"):
             from .stats import collect_stats, load_or_collect
+            # the (d_out, d_in) Fisher diagonal only when the diagonal M estimator needs it;
+            # otherwise the column scores alone (bounded memory: stats.collect_stats)
+            full = info["allocation"] == "iqp" and s.estimator == "diagonal"
             if cache_dir is not None:
                 st = load_or_collect(cache_dir, model, windows, gram=False, fisher=True,
-                                     calib=calib_settings, progress=progress, n_threads=s.n_threads)
+                                     calib=calib_settings, progress=progress, n_threads=s.n_threads,
+                                     fisher_full=full)
             else:
                 st = collect_stats(model, windows, gram=False, fisher=True, progress=progress,
-                                   n_threads=s.n_threads)
+                                   n_threads=s.n_threads, fisher_full=full)
             fisher_col = st.fisher_col
     budget_bits = s.avg_bits * n_weights if s.avg_bits is not None else None
     if restored is None:

@@ -45,7 +45,7 @@ import numpy as np
 
 from . import _core
 from ._threads import resolve_n_threads
-from .errors import HiquantError, InvalidArgumentError
+from .errors import HiquantError, InvalidArgumentError, NumericalError
 
 __all__ = [
     "gram_accumulate",
@@ -226,7 +226,7 @@ def _input_groups(model, b: int) -> list[list[str]]:
 def collect_stats(model, windows: np.ndarray, *, gram: bool = True, fisher: bool = True,
                   progress: bool = True, n_threads: int | None = None,
                   batch_size: int | None = None, checkpoint: bool | None = None,
-                  meta: dict | None = None) -> CalibStats:
+                  meta: dict | None = None, fisher_full: bool = True) -> CalibStats:
     """Gram matrices and/or the empirical Fisher diagonal of every linear layer on ``windows``
     (int token ids, ``(n, seqlen)``), with the model's current weights.
 
@@ -235,6 +235,10 @@ def collect_stats(model, windows: np.ndarray, *, gram: bool = True, fisher: bool
     count) run windows concurrently; the result does not depend on it. ``checkpoint``: keep only
     block inputs and recompute activations in the backward pass (None: when one window's
     activations of all blocks would exceed 1 GiB). ``meta`` is merged into ``.meta``.
+    ``fisher_full=False`` keeps only the column scores ``fisher_col`` (``d_in`` per layer,
+    accumulated per window as ``Σ_rows g²`` in float64) instead of the ``(d_out, d_in)`` float32
+    diagonal — what the pipeline does unless the ``diagonal`` M estimator needs the diagonal: for
+    a 7B model the full diagonal alone is 26 GB.
     """
     windows = _check_windows(model, windows)
     if not (gram or fisher):
@@ -264,7 +268,10 @@ def collect_stats(model, windows: np.ndarray, *, gram: bool = True, fisher: bool
                     out.gram[name] = G
     if fisher:
         for name in model.linear_names():
-            out.fisher[name] = np.zeros(model.linear_shape(name), dtype=np.float32)
+            if fisher_full:
+                out.fisher[name] = np.zeros(model.linear_shape(name), dtype=np.float32)
+            else:
+                out.fisher_col[name] = np.zeros(model.linear_shape(name)[1], dtype=np.float64)
 
     abort = threading.Event()
     turn_g = [_Turnstile(abort) for _ in range(nb)]
@@ -316,7 +323,12 @@ def collect_stats(model, windows: np.ndarray, *, gram: bool = True, fisher: bool
                 turn_f[b].wait(u)
                 try:
                     for name, g in grads.items():
-                        _core.fisher_accumulate(out.fisher[name], g, 1)
+                        if fisher_full:
+                            _core.fisher_accumulate(out.fisher[name], g, 1)
+                        else:
+                            if not np.all(np.isfinite(g)):
+                                raise NumericalError(f"the gradient of {name} is not finite")
+                            out.fisher_col[name] += np.add.reduce(g * g, axis=0, dtype=np.float64)
                 finally:
                     turn_f[b].advance()
         if bar is not None:
@@ -365,15 +377,16 @@ def collect_stats(model, windows: np.ndarray, *, gram: bool = True, fisher: bool
         out.n_tokens = n * T
     if fisher:
         out.n_sequences = n
-        for name, F in out.fisher.items():
-            out.fisher_col[name] = F.sum(axis=0, dtype=np.float64)
+        if fisher_full:
+            for name, F in out.fisher.items():
+                out.fisher_col[name] = F.sum(axis=0, dtype=np.float64)
     out.meta = {
         "model": model.fingerprint(),
         "model_path": str(model.path),
         "modified_weights": model.modified_weights(),
         "n_windows": int(n), "seqlen": int(T),
         "windows_sha256": hashlib.sha256(windows.astype("<i8").tobytes()).hexdigest(),
-        "gram": bool(gram), "fisher": bool(fisher),
+        "gram": bool(gram), "fisher": bool(fisher), "fisher_full": bool(fisher_full),
         "gram_kernel": _core.gram_kernel_name(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **(meta or {}),
@@ -382,7 +395,7 @@ def collect_stats(model, windows: np.ndarray, *, gram: bool = True, fisher: bool
 
 
 def stats_key(model, windows: np.ndarray, *, gram: bool = True, fisher: bool = True,
-              calib: dict | None = None) -> str:
+              calib: dict | None = None, fisher_full: bool = True) -> str:
     """The cache key: sha256 over the model fingerprint, the exact window ids, what is collected,
     the calibration settings and the statistics format."""
     if model.modified_weights():
@@ -394,19 +407,19 @@ def stats_key(model, windows: np.ndarray, *, gram: bool = True, fisher: bool = T
         "model": model.fingerprint(),
         "windows": hashlib.sha256(windows.astype("<i8").tobytes()).hexdigest(),
         "shape": list(windows.shape), "gram": bool(gram), "fisher": bool(fisher),
-        "calib": calib or {},
+        "calib": calib or {}, **({} if fisher_full else {"fisher_full": False}),
     }, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
 def load_or_collect(cache_dir, model, windows: np.ndarray, *, gram: bool = True,
                     fisher: bool = True, calib: dict | None = None, progress: bool = True,
-                    n_threads: int | None = None) -> CalibStats:
+                    n_threads: int | None = None, fisher_full: bool = True) -> CalibStats:
     """Statistics from ``cache_dir`` when a file with the same key exists (same model files and
     config, same windows, same settings), else :func:`collect_stats` and save them there.
     ``calib``: calibration settings to record and key on (file hash, n, seqlen, seed, ...)."""
     windows = _check_windows(model, windows)
-    key = stats_key(model, windows, gram=gram, fisher=fisher, calib=calib)
+    key = stats_key(model, windows, gram=gram, fisher=fisher, calib=calib, fisher_full=fisher_full)
     path = Path(cache_dir) / f"calib-stats-{key[:32]}.safetensors"
     if path.exists():
         try:
@@ -416,6 +429,7 @@ def load_or_collect(cache_dir, model, windows: np.ndarray, *, gram: bool = True,
         except HiquantError:
             pass  # unreadable or stale: collect again and overwrite it
     st = collect_stats(model, windows, gram=gram, fisher=fisher, progress=progress,
-                       n_threads=n_threads, meta={"cache_key": key, "calib": calib or {}})
+                       n_threads=n_threads, meta={"cache_key": key, "calib": calib or {}},
+                       fisher_full=fisher_full)
     st.save(path)
     return st
