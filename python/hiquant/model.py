@@ -654,14 +654,29 @@ class Model:
         weight set by :meth:`set_weight` if any (unless ``original=True``), else the checkpoint's."""
         self._check_name(name)
         if not original and name in self._overrides:
-            return self._overrides[name].astype(np.float32, copy=True)
+            return _override_array(self._overrides[name], np.float32)
         return self._tensor(name + ".weight", np.float32)
 
     def set_weight(self, name: str, W: np.ndarray) -> None:
         """Use ``W`` (float32, the layer's shape) for this linear layer in later forward and
         backward passes, e.g. a quantized-dequantized weight. The array is copied. A model
-        computing in float64 also accepts float64 (finite-difference checks need it)."""
+        computing in float64 also accepts float64 (finite-difference checks need it).
+
+        ``W`` may also be a quantized layer (anything with ``d_out``, ``d_in`` and an exact
+        ``dequantize()``, e.g. :class:`hiquant.layers.QuantizedLayer`): it is kept as is and
+        dequantized when the layer is used, so a quantized model holds about one byte per weight
+        (its codes) instead of a float32 copy — what keeps the pipeline's memory bounded by the
+        largest block."""
         i, _ = self._check_name(name)
+        if not isinstance(W, np.ndarray) and callable(getattr(W, "dequantize", None)):
+            shape = self.linear_shape(name)
+            if (getattr(W, "d_out", None), getattr(W, "d_in", None)) != shape:
+                raise InvalidArgumentError(f"the quantized layer has shape "
+                                           f"{(getattr(W, 'd_out', None), getattr(W, 'd_in', None))} "
+                                           f"but {name} has {shape}")
+            self._overrides[name] = W
+            self._evict(i)
+            return
         if not isinstance(W, np.ndarray):
             raise TypeError(f"W must be a numpy.ndarray of float32, got {type(W).__name__}")
         if W.dtype != np.float32 and W.dtype != self.compute_dtype:
@@ -724,7 +739,7 @@ class Model:
 
     def _linear(self, name: str) -> np.ndarray:
         if name in self._overrides:
-            return self._overrides[name].astype(self.compute_dtype, copy=True)
+            return _override_array(self._overrides[name], self.compute_dtype)
         return self._tensor(name + ".weight")
 
     def _block_params(self, i: int) -> _BlockParams:
@@ -1206,6 +1221,14 @@ class Model:
             saved[i] = None
             dh, g = self.block_backward(i, cch, dh)
             yield i, g
+
+
+def _override_array(o, dtype) -> np.ndarray:
+    """A fresh array of a set_weight override: an array, or a quantized layer dequantized now."""
+    if isinstance(o, np.ndarray):
+        return o.astype(dtype, copy=True)
+    W = o.dequantize()
+    return W.astype(dtype, copy=False) if W.dtype != dtype else W
 
 
 # --------------------------------------------------------------------------------------------

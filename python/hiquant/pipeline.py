@@ -441,7 +441,7 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
         for b in range(start):
             names_b = model.block_linear_names(b)
             for name, ql in state.load_block(b, names_b, entries).items():
-                model.set_weight(name, ql.dequantize())
+                model.set_weight(name, ql)  # kept quantized: ~1 byte per weight
                 qlayers[name] = ql
         h = state.load_hidden()
     else:
@@ -453,7 +453,7 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
             W = model.get_weight(name)
             H, ntok = grams.gram(name) if grams is not None else (None, 0)
             ql = _quantize_layer(kind, name, W, H, ntok, plans[name], s)
-            model.set_weight(name, ql.dequantize())
+            model.set_weight(name, ql)  # kept quantized: ~1 byte per weight
             qlayers[name] = ql
         del grams
         h = _block_outputs(model, b, h, bs, s.n_threads)
@@ -494,7 +494,7 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
                 report.fp_ppl = perplexity(model, test_ids, s.eval_seqlen, s.eval_windows,
                                            progress=progress)["ppl"]
                 for n, ql in qlayers.items():
-                    model.set_weight(n, ql.dequantize())
+                    model.set_weight(n, ql)
         report.settings["eval"] = {"file": str(Path(eval_text).resolve()), "seqlen": s.eval_seqlen,
                                    "windows": s.eval_windows}
 
