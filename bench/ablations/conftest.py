@@ -18,6 +18,9 @@ def pytest_addoption(parser):
     parser.addoption("--calib", default=None, help="calibration text (default: the model's own)")
     parser.addoption("--eval-text", default=None, help="evaluation text")
     parser.addoption("--quick", action="store_true", help="a small grid with few iterations")
+    parser.addoption("--m-windows", type=int, default=None,
+                     help="calibration windows for M (the measured estimator's cost grows with them)")
+    parser.addoption("--no-measured", action="store_true", help="skip the measured-M entry")
 
 
 @pytest.fixture(scope="session")
@@ -28,11 +31,16 @@ def setup(request):
     if model is None:
         model, calib, test = embedded_model_path(), embedded_calib_path(), embedded_test_path()
         seqlen = 256
+        budgets = dict(w2=2.45, w3=3.40, scale_bits=16)
     else:
         calib = request.config.getoption("--calib") or SHARED / "corpus" / "calib.txt"
         test = request.config.getoption("--eval-text") or SHARED / "corpus" / "test.txt"
         seqlen = 512
+        budgets = dict(w2=2.30, w3=3.30, scale_bits=8)
     common = dict(seqlen=seqlen, eval_seqlen=seqlen)
+    if request.config.getoption("--m-windows"):
+        common["m_windows"] = request.config.getoption("--m-windows")
     if quick:
         common.update(n_calib=8, eval_windows=16, lwc_iters=20, adaround_iters=40, m_windows=4)
-    return dict(model=model, calib=calib, test=test, common=common, quick=quick)
+    return dict(model=model, calib=calib, test=test, common=common, quick=quick, budgets=budgets,
+                skip_measured=request.config.getoption("--no-measured"))
