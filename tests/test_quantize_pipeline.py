@@ -126,3 +126,21 @@ def test_exports_are_bit_identical_across_runs_and_for_1_and_2_threads(model, tm
         blobs.append(((out / "packed" / "model.safetensors").read_bytes(),
                       (out / "fake" / "model.safetensors").read_bytes()))
     assert blobs[0] == blobs[1] == blobs[2]
+
+
+@pytest.mark.parametrize("method,extra", [("lwc", {}), ("hiq", dict(avg_bits=2.6, estimator="diagonal"))])
+def test_block_objective_runs_and_beats_round_to_nearest(model, method, extra):
+    """objective='block' (OmniQuant's block-output MSE against the full-precision model): the
+    learned run is better than RTN of the same format and reports its settings."""
+    rtn = quantize(embedded_model_path(), embedded_calib_path(), method="rtn", wbits=2,
+                   group_size=64, eval_text=embedded_test_path(), model=model, progress=False,
+                   **FAST)
+    rep = quantize(embedded_model_path(), embedded_calib_path(), method=method, wbits=2,
+                   group_size=64, objective="block", block_epochs=2, eval_text=embedded_test_path(),
+                   model=model, progress=False, **extra, **FAST)
+    assert rep.settings["objective"] == "block"
+    assert all(L["objective"] == "block" and L["steps"] == 16 for L in rep.layers)
+    assert rep.ppl < rtn.ppl
+    with pytest.raises(hiquant.InvalidArgumentError, match="objective"):
+        quantize(embedded_model_path(), embedded_calib_path(), method="gptq", objective="block",
+                 model=model, progress=False, **FAST)

@@ -148,6 +148,12 @@ def add_pipeline_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--lwc-iters", dest="lwc_iters", type=int, default=None)
     p.add_argument("--adaround-iters", dest="adaround_iters", type=int, default=None)
+    p.add_argument("--objective", default=None, choices=("layer", "block"),
+                   help="learned quantizers: layer-wise Gram objective (default) or the MSE of each "
+                        "decoder block's output against the full-precision model (OmniQuant's)")
+    p.add_argument("--block-epochs", dest="block_epochs", type=int, default=None,
+                   help="--objective block: passes over the calibration windows per block (default 2)")
+    p.add_argument("--block-batch", dest="block_batch", type=int, default=None)
     p.add_argument("--eval-text", dest="eval_text", default=None)
     p.add_argument("--eval-windows", dest="eval_windows", type=int, default=None,
                    help="perplexity windows (default 200, the shared protocol)")

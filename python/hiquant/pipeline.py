@@ -51,6 +51,9 @@ class QuantizeSettings:
     lwc_lr: float = 1e-2
     adaround_iters: int = 500
     adaround_lr: float = 1e-3
+    objective: str = "layer"  # learned quantizers: "layer" (Gram objective) or "block" (block output MSE)
+    block_epochs: int = 2  # objective="block": passes over the calibration windows per block
+    block_batch: int = 1  # objective="block": windows per step (OmniQuant: 1)
     gptq_percdamp: float = 0.01
     gptq_blocksize: int = 128
     gptq_act_order: bool = False
@@ -77,6 +80,13 @@ class QuantizeSettings:
         if s.scale_bits == 8 and kind == "gptq":
             raise InvalidArgumentError("gptq forms its group scales as the column sweep reaches "
                                        "them and stores them as float16; use scale_bits=16")
+        if s.objective not in ("layer", "block"):
+            raise InvalidArgumentError(f"objective must be 'layer' or 'block', got {s.objective!r}")
+        if s.objective == "block" and kind not in ("lwc", "hybrid"):
+            raise InvalidArgumentError(f"objective='block' applies to the lwc and hybrid quantizers "
+                                       f"(lwc, fixed-ratio, fp16-retention, hiq), not {kind!r}")
+        if s.block_epochs < 1 or s.block_batch < 1:
+            raise InvalidArgumentError("block_epochs and block_batch must be >= 1")
         if s.avg_bits is not None and not (math.isfinite(s.avg_bits) and s.avg_bits > 0):
             raise InvalidArgumentError(f"avg_bits must be a positive number, got {s.avg_bits}")
         if s.ratio is not None and not (0.0 <= s.ratio <= 1.0):
@@ -446,16 +456,40 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
         h = state.load_hidden()
     else:
         h = np.concatenate([model.embed(windows[sl]) for sl in _batches(len(windows), bs)])
+    block_obj = s.objective == "block"
+    if block_obj and start > 0:
+        raise InvalidArgumentError("resuming a run with objective='block' is not supported yet "
+                                   "(its full-precision hidden states are not checkpointed); "
+                                   "start it again")
+    h_fp = h.copy() if block_obj else None  # the full-precision path: the block targets
     for b in _progress(range(start, model.num_blocks), progress, desc=f"quantize ({s.method})",
                        unit="block", initial=start, total=model.num_blocks):
-        grams = _block_grams(model, b, h, bs, s.n_threads) if kind != "rtn" else None
-        for name in model.block_linear_names(b):
-            W = model.get_weight(name)
-            H, ntok = grams.gram(name) if grams is not None else (None, 0)
-            ql = _quantize_layer(kind, name, W, H, ntok, plans[name], s)
-            model.set_weight(name, ql)  # kept quantized: ~1 byte per weight
-            qlayers[name] = ql
-        del grams
+        if block_obj:
+            # OmniQuant's objective: the block's output under quantized weights, from the inputs
+            # the quantized blocks before it produce, against the full-precision model's output
+            from . import hybrid
+            targets = _block_outputs(model, b, h_fp, bs, s.n_threads)
+            names_b = model.block_linear_names(b)
+            steps = s.block_epochs * -(-len(h) // s.block_batch)
+            res = hybrid.quantize_block(
+                model, b, h, {n: plans[n] for n in names_b}, targets=targets, lwc_iters=steps,
+                lwc_lr=s.lwc_lr, adaround_iters=steps if kind == "hybrid" else 0,
+                adaround_lr=s.adaround_lr, batch_size=s.block_batch, seed=s.seed + b,
+                n_threads=s.n_threads, scale_bits=s.scale_bits)
+            for name in names_b:
+                ql = res[name].to_layer(name, info={"objective": "block", "steps": steps})
+                model.set_weight(name, ql)
+                qlayers[name] = ql
+            h_fp = targets
+        else:
+            grams = _block_grams(model, b, h, bs, s.n_threads) if kind != "rtn" else None
+            for name in model.block_linear_names(b):
+                W = model.get_weight(name)
+                H, ntok = grams.gram(name) if grams is not None else (None, 0)
+                ql = _quantize_layer(kind, name, W, H, ntok, plans[name], s)
+                model.set_weight(name, ql)  # kept quantized: ~1 byte per weight
+                qlayers[name] = ql
+            del grams
         h = _block_outputs(model, b, h, bs, s.n_threads)
         if state is not None:
             from ._progress_state import plans_to_json
