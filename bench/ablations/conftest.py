@@ -21,6 +21,9 @@ def pytest_addoption(parser):
     parser.addoption("--m-windows", type=int, default=None,
                      help="calibration windows for M (the measured estimator's cost grows with them)")
     parser.addoption("--no-measured", action="store_true", help="skip the measured-M entry")
+    parser.addoption("--lwc-iters", type=int, default=None, help="override the LWC iterations")
+    parser.addoption("--adaround-iters", type=int, default=None,
+                     help="override the AdaRound iterations")
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +41,9 @@ def setup(request):
         seqlen = 512
         budgets = dict(w2=2.30, w3=3.30, scale_bits=8)
     common = dict(seqlen=seqlen, eval_seqlen=seqlen)
+    for opt, key in (("--lwc-iters", "lwc_iters"), ("--adaround-iters", "adaround_iters")):
+        if request.config.getoption(opt) is not None:
+            common[key] = request.config.getoption(opt)
     if request.config.getoption("--m-windows"):
         common["m_windows"] = request.config.getoption("--m-windows")
     if quick:
