@@ -195,6 +195,25 @@ def test_set_weight_changes_forward_and_reset_restores_it(tiny_llama):
     np.testing.assert_array_equal(m.sequence_losses(ids), base)
 
 
+def test_a_quantized_layer_as_weight_is_dequantized_on_use_and_equals_its_array(tiny_llama):
+    """set_weight(name, QuantizedLayer) keeps the codes (bounded memory) and behaves exactly like
+    set_weight(name, layer.dequantize())."""
+    from hiquant.layers import QuantizedLayer
+    folder, cfg, _ = tiny_llama
+    a, b = load_model(folder), load_model(folder)
+    ids = _ids(cfg)
+    name = "model.layers.0.mlp.up_proj"
+    ql = QuantizedLayer.rtn(name, a.get_weight(name), 2, 8, high_idx=[1, 3], b_high=3)
+    a.set_weight(name, ql)
+    b.set_weight(name, ql.dequantize())
+    assert a._overrides[name] is ql and a.modified_weights() == [name]
+    np.testing.assert_array_equal(a.get_weight(name), ql.dequantize())
+    np.testing.assert_array_equal(a.sequence_losses(ids), b.sequence_losses(ids))
+    other = QuantizedLayer.rtn("x", np.zeros((3, 5), np.float32), 2, 8)
+    with pytest.raises(InvalidArgumentError, match="shape"):
+        a.set_weight(name, other)
+
+
 def test_set_weight_rejects_wrong_dtype_shape_name_and_nan(tiny_llama):
     m = load_model(tiny_llama[0])
     name = "model.layers.0.mlp.up_proj"
