@@ -124,6 +124,7 @@ def main(argv=None) -> None:
                     last = json.loads(p.stdout.strip().splitlines()[-1])
                     row = {"layers": nl, "method": method, "params_m": round(n_params / 1e6, 1),
                            "peak_rss_mib": last["peak_rss_mib"], "wall_s": round(wall, 1),
+                           "peak_rss_split_mib": last.get("peak_rss_split_mib"),
                            "timings": {k: round(v, 1) for k, v in last["timings"].items()}}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

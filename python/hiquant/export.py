@@ -222,11 +222,22 @@ def write_packed(folder: Path, model, qlayers: dict, report_settings: dict) -> d
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
     quant_bytes = 0
+    # The packed tensors are built twice per layer (once here for the header's shapes, once when
+    # written) rather than all held at once: memory stays bounded by one layer's.
+    current: dict = {}
+
+    def packed(stem: str, tname: str):
+        if current.get("stem") != stem:
+            current.clear()
+            current.update(stem=stem, tensors=layer_tensors(qlayers[stem]))
+        return current["tensors"][tname]
+
     for name, dtype, shape, raw in _source_tensors(model):
         stem = name[: -len(".weight")] if name.endswith(".weight") else None
         if stem in qlayers:
             for tname, t in layer_tensors(qlayers[stem]).items():
-                entries.append((tname, _ST_OF_NUMPY[t.dtype], t.shape, (lambda t=t: t)))
+                entries.append((tname, _ST_OF_NUMPY[t.dtype], t.shape,
+                                (lambda stem=stem, tname=tname: packed(stem, tname))))
                 quant_bytes += t.nbytes
         else:
             entries.append((name, dtype, shape, raw))
