@@ -41,3 +41,16 @@ def bench_assets():
     if not os.path.isfile(os.path.join(root, "llama-bench", "model.safetensors")):
         pytest.skip("benchmark assets (../shared/bench) are not available")
     return os.path.abspath(root)
+
+
+@pytest.fixture
+def sigint_raises():
+    """Ctrl-C tests need SIGINT to raise KeyboardInterrupt. A process started in the background
+    by a non-interactive shell (as CI jobs can be) inherits SIGINT ignored, and Python then keeps it
+    ignored: install the default handler for the test and restore whatever was there."""
+    import signal
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -306,7 +306,7 @@ def test_results_identical_across_thread_counts():
         assert rs[0] == rs[1] == rs[2]
 
 
-def test_solver_reports_progress_and_ctrl_c_interrupts_it():
+def test_solver_reports_progress_and_ctrl_c_interrupts_it(sigint_raises):
     import _thread
 
     rng = np.random.default_rng(13)

@@ -248,7 +248,7 @@ def test_progress_is_reported_per_phase():
     assert seen["lwc"][-1] == (30, 30) and seen["adaround"][-1] == (40, 40)
 
 
-def test_ctrl_c_interrupts_a_long_fit():
+def test_ctrl_c_interrupts_a_long_fit(sigint_raises):
     W, X, H = _problem(rows=64, cols=256)
     obj = K.LayerwiseObjective(W, H, X.shape[0])
     lwc = K.LWC(W, 2, 64)
