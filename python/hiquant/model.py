@@ -1158,33 +1158,8 @@ class Model:
         (B = 1) for per-sequence gradients. ``checkpoint=True`` keeps only each block's input and
         recomputes its activations during the backward pass (less memory, one more forward);
         None chooses it when the activations of all blocks would exceed 2 GiB."""
-        ids = self._check_ids(ids, min_len=2)
-        B, T = ids.shape
-        if checkpoint is None:
-            c = self.config
-            per_block = self.compute_dtype.itemsize * B * T * (
-                c.num_heads * T + 4 * c.hidden_size + 3 * (self._nq + 2 * self._nkv)
-                + 5 * c.intermediate_size)
-            checkpoint = per_block * self.num_blocks > (2 << 30)
-        h = self.embed(ids)
-        saved = []
-        for i in range(self.num_blocks):
-            if checkpoint:
-                saved.append(h)
-                h = self.block_forward(i, h)
-            else:
-                h, cch = self.block_forward(i, h, cache=True)
-                saved.append(cch)
-        _, dh = self.head_loss(h, ids, grad=True)
-        if B > 1:
-            dh /= B
         grads = {}
-        for i in reversed(range(self.num_blocks)):
-            cch = saved[i]
-            if checkpoint:
-                _, cch = self.block_forward(i, cch, cache=True)
-            saved[i] = None
-            dh, g = self.block_backward(i, cch, dh)
+        for _, g in self._block_weight_grads(ids, checkpoint, 2 << 30):
             grads.update(g)
         return {n: grads[n] for n in self.linear_names()}
 
@@ -1194,6 +1169,9 @@ class Model:
         gradients (the Fisher estimator of M) holds one block's worth, not the model's: for a
         7B LLaMA that is 0.8 GB instead of 26 GB. ``checkpoint``: as weight_grads, but chosen
         when all blocks' activations would exceed 1 GiB."""
+        return self._block_weight_grads(ids, checkpoint, 1 << 30)
+
+    def _block_weight_grads(self, ids: np.ndarray, checkpoint: bool | None, limit: int):
         ids = self._check_ids(ids, min_len=2)
         B, T = ids.shape
         if checkpoint is None:
@@ -1201,7 +1179,11 @@ class Model:
             per_block = self.compute_dtype.itemsize * B * T * (
                 c.num_heads * T + 4 * c.hidden_size + 3 * (self._nq + 2 * self._nkv)
                 + 5 * c.intermediate_size)
-            checkpoint = per_block * self.num_blocks > (1 << 30)
+            checkpoint = per_block * self.num_blocks > limit
+        return self._backward_blocks(ids, checkpoint)
+
+    def _backward_blocks(self, ids: np.ndarray, checkpoint: bool):
+        B = ids.shape[0]
         h = self.embed(ids)
         saved = []
         for i in range(self.num_blocks):
