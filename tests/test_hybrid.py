@@ -339,3 +339,60 @@ def test_block_driver_lowers_the_block_error_and_sets_the_weights(tmp_path):
         np.testing.assert_array_equal(res[n].to_layer(n).dequantize(), res[n].wq)
     with pytest.raises(ValueError, match="plans"):
         hybrid.quantize_block(model, 0, h, {})
+
+
+@pytest.mark.parametrize("scale_bits", [16, 8])
+def test_low_fixed_reproduces_the_sequential_run(scale_bits):
+    """AdaRound against a given low part (objective='refine' passes the block-refined one) is the
+    sequential run's second phase: given that run's own LWC export it returns the same layer."""
+    W, X, H = _problem()
+    hi = _high(H, W)
+    kw = dict(lwc_iters=40, scale_bits=scale_bits)
+    full = hybrid.quantize_layer(W, H, X.shape[0], hi, 2, 3, 32, adaround_iters=60, **kw)
+    low_only = hybrid.quantize_layer(W, H, X.shape[0], hi, 2, 3, 32, adaround_iters=0, **kw)
+    assert low_only.lwc_params is not None and low_only.lwc_params.shape[0] == 2
+    again = hybrid.quantize_layer(W, H, X.shape[0], hi, 2, 3, 32, adaround_iters=60,
+                                  scale_bits=scale_bits, low_fixed=low_only.low)
+    np.testing.assert_array_equal(again.wq, full.wq)
+    assert again.lwc_params is None and again.history.keys() == {"adaround"}
+    with pytest.raises(ValueError, match="low_fixed"):
+        hybrid.quantize_layer(W, H, X.shape[0], hi, 2, 3, 16, low_fixed=low_only.low)
+    with pytest.raises(ValueError, match="low_fixed"):
+        hybrid.quantize_layer(W, H, X.shape[0], hi[:-1], 2, 3, 32, low_fixed=low_only.low)
+
+
+def test_block_driver_starts_from_given_clipping_and_refines_it(tmp_path):
+    """lwc_init: with no steps the block driver returns exactly the layer-wise LWC export of the
+    given clipping; with steps from there it lowers the block's output error."""
+    checkpoints = pytest.importorskip("checkpoints")
+    from hiquant.model import load_model
+    folder, _, _ = checkpoints.write_checkpoint(tmp_path / "m", hidden=32, layers=2, inter=48,
+                                                vocab=100, seed=5)
+    model = load_model(folder)
+    rng = np.random.default_rng(1)
+    h = model.embed(rng.integers(0, 100, (6, 16)))
+    names = model.block_linear_names(0)
+    target = model.block_forward(0, h)
+    plans = {n: LayerPlan(0, np.zeros(0, np.int64), 2, 2, 16) for n in names}
+    init, layerwise = {}, {}
+    for n in names:  # the layer-wise LWC of each linear on a Gram matrix of random inputs
+        W = model.get_weight(n)
+        X = rng.standard_normal((200, W.shape[1]))
+        r = hybrid.quantize_layer(W, X.T @ X, 200, [], 2, 2, 16, lwc_iters=30, scale_bits=8)
+        init[n], layerwise[n] = r.lwc_params, r.wq
+    res0 = hybrid.quantize_block(model, 0, h, plans, targets=target, lwc_iters=0,
+                                 adaround_iters=0, lwc_init=init, scale_bits=8)
+    for n in names:
+        np.testing.assert_array_equal(res0[n].wq, layerwise[n])
+    for n in names:
+        model.reset_weight(n)
+    res = hybrid.quantize_block(model, 0, h, plans, targets=target, lwc_iters=60,
+                                adaround_iters=0, lwc_init=init, lwc_lr=5e-3, batch_size=6,
+                                scale_bits=8)
+    assert res[names[0]].loss_final < res0[names[0]].loss_final
+    with pytest.raises(ValueError, match="lwc_init"):
+        hybrid.quantize_block(model, 0, h, plans, targets=target, lwc_iters=0,
+                              lwc_init={"nope": init[names[0]]})
+    with pytest.raises(ValueError, match="lwc_init"):
+        hybrid.quantize_block(model, 0, h, plans, targets=target, lwc_iters=0,
+                              lwc_init={names[0]: init[names[0]][:, :1]})

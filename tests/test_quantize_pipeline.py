@@ -128,19 +128,40 @@ def test_exports_are_bit_identical_across_runs_and_for_1_and_2_threads(model, tm
     assert blobs[0] == blobs[1] == blobs[2]
 
 
+@pytest.mark.parametrize("objective", ["block", "refine"])
 @pytest.mark.parametrize("method,extra", [("lwc", {}), ("hiq", dict(avg_bits=2.6, estimator="diagonal"))])
-def test_block_objective_runs_and_beats_round_to_nearest(model, method, extra):
-    """objective='block' (OmniQuant's block-output MSE against the full-precision model): the
-    learned run is better than RTN of the same format and reports its settings."""
+def test_block_objectives_run_and_beat_round_to_nearest(model, method, extra, objective):
+    """objective='block' (OmniQuant's block-output MSE against the full-precision model) and
+    'refine' (layer-wise, then block-wise clipping, then layer-wise AdaRound): the learned run is
+    better than RTN of the same format and reports its settings."""
     rtn = quantize(embedded_model_path(), embedded_calib_path(), method="rtn", wbits=2,
                    group_size=64, eval_text=embedded_test_path(), model=model, progress=False,
                    **FAST)
     rep = quantize(embedded_model_path(), embedded_calib_path(), method=method, wbits=2,
-                   group_size=64, objective="block", block_epochs=2, eval_text=embedded_test_path(),
-                   model=model, progress=False, **extra, **FAST)
-    assert rep.settings["objective"] == "block"
-    assert all(L["objective"] == "block" and L["steps"] == 16 for L in rep.layers)
+                   group_size=64, objective=objective, block_epochs=2,
+                   eval_text=embedded_test_path(), model=model, progress=False, **extra, **FAST)
+    assert rep.settings["objective"] == objective
+    assert all(L["objective"] == objective and L["steps"] == 16 for L in rep.layers)
     assert rep.ppl < rtn.ppl
     with pytest.raises(hiquant.InvalidArgumentError, match="objective"):
-        quantize(embedded_model_path(), embedded_calib_path(), method="gptq", objective="block",
+        quantize(embedded_model_path(), embedded_calib_path(), method="gptq", objective=objective,
                  model=model, progress=False, **FAST)
+
+
+def test_refine_starts_from_the_layerwise_run_and_moves_it(model, tmp_path):
+    """objective='refine' keeps the layer-wise run's plans and format (identical bits) and moves
+    its weights (the block pass refines the layer-wise clipping); a bad block_lr is refused."""
+    from safetensors.numpy import load_file
+    reps, weights = {}, {}
+    for obj in ("layer", "refine"):
+        reps[obj] = quantize(embedded_model_path(), embedded_calib_path(), method="hiq",
+                             avg_bits=2.6, estimator="diagonal", wbits=2, group_size=64,
+                             objective=obj, block_epochs=1, model=model, progress=False,
+                             out=tmp_path / obj, export="fake", **FAST)
+        weights[obj] = load_file(str(tmp_path / obj / "fake" / "model.safetensors"))
+    assert reps["layer"].avg_bits == reps["refine"].avg_bits
+    name = next(k for k in weights["layer"] if k.endswith("q_proj.weight"))
+    assert not np.array_equal(weights["layer"][name], weights["refine"][name])
+    with pytest.raises(hiquant.InvalidArgumentError, match="block_lr"):
+        quantize(embedded_model_path(), embedded_calib_path(), method="lwc", objective="refine",
+                 block_lr=-1.0, model=model, progress=False, **FAST)

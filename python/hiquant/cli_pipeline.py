@@ -173,7 +173,7 @@ def cmd_demo(args) -> int:
 
 def add_pipeline_commands(sub) -> None:
     from .methods import METHODS
-    from .pipeline import DEFAULT_CANDIDATES
+    from .pipeline import DEFAULT_CANDIDATES, OBJECTIVES
 
     p = sub.add_parser("quantize", help="quantize a checkpoint", description=cmd_quantize.__doc__)
     p.add_argument("model", metavar="MODEL_DIR")
@@ -195,12 +195,17 @@ def add_pipeline_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--lwc-iters", dest="lwc_iters", type=int, default=None)
     p.add_argument("--adaround-iters", dest="adaround_iters", type=int, default=None)
-    p.add_argument("--objective", default=None, choices=("layer", "block"),
-                   help="learned quantizers: layer-wise Gram objective (default) or the MSE of each "
-                        "decoder block's output against the full-precision model (OmniQuant's)")
+    p.add_argument("--objective", default=None, choices=OBJECTIVES,
+                   help="learned quantizers: layer-wise Gram objective (default), the MSE of each "
+                        "decoder block's output against the full-precision model (block, "
+                        "OmniQuant's), or refine: layer-wise, then block-wise refinement of the "
+                        "clipping, then layer-wise AdaRound")
     p.add_argument("--block-epochs", dest="block_epochs", type=int, default=None,
-                   help="--objective block: passes over the calibration windows per block (default 2)")
+                   help="--objective block/refine: passes over the calibration windows per block "
+                        "(default 2)")
     p.add_argument("--block-batch", dest="block_batch", type=int, default=None)
+    p.add_argument("--block-lr", dest="block_lr", type=float, default=None,
+                   help="--objective block/refine: LWC learning rate (default --lwc-lr)")
     p.add_argument("--eval-text", dest="eval_text", default=None)
     p.add_argument("--eval-windows", dest="eval_windows", type=int, default=None,
                    help="perplexity windows (default 200, the shared protocol)")

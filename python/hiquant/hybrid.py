@@ -74,6 +74,7 @@ class HybridResult:
     loss_final: float | None = None  # the objective at the returned wq
     order: str = "sequential"
     seconds: float = 0.0
+    lwc_params: np.ndarray | None = None  # LWC's learned (gamma, beta), (2, d_out, n_groups)
 
     def to_layer(self, name: str, *, info: dict | None = None):
         """The :class:`hiquant.layers.QuantizedLayer` (exact round trip, the parts' scale
@@ -235,7 +236,8 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
                    adaround_iters: int = 5000, adaround_lr: float = 1e-3, lam: float = 0.01,
                    warmup: float = 0.2, b_start: float = 20.0, b_end: float = 2.0,
                    order: str = "sequential", n_threads: int | None = None,
-                   progress: Progress = None, scale_bits: int = 16) -> HybridResult:
+                   progress: Progress = None, scale_bits: int = 16,
+                   low_fixed: K.PartExport | None = None) -> HybridResult:
     """Hybrid quantization of one layer on the layer-wise Gram objective.
 
     ``W`` float32 ``(d_out, d_in)``; ``H`` float64 ``(d_in, d_in)`` the Gram matrix of the layer's
@@ -256,6 +258,10 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
     (double-quantized; LWC's learned scales are rounded to it before the low part is frozen, and
     AdaRound learns its rounding on the rounded scales, so the high part compensates for exactly
     what is stored).
+
+    ``low_fixed``: the low part already learned elsewhere (e.g. by the block-wise refinement of
+    :func:`quantize_block`, in the ``low_idx`` column order): LWC is skipped and AdaRound learns
+    the high columns against it.
 
     ``progress(phase, done, total)`` reports each phase; Ctrl-C interrupts (KeyboardInterrupt).
     Returns a :class:`HybridResult` (codes/scales/zeros of both parts, dequantized ``wq``, loss
@@ -296,7 +302,16 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
 
     history: dict = {}
     lwc = K.LWC(np.ascontiguousarray(Wp[:, :d_low]), b_low, gs, lr=lwc_lr,
-                weight_decay=lwc_weight_decay, n_threads=nt) if d_low else None
+                weight_decay=lwc_weight_decay, n_threads=nt) if d_low and low_fixed is None else None
+    if low_fixed is not None:
+        if order != "sequential":
+            raise InvalidArgumentError("low_fixed needs order='sequential'")
+        if not isinstance(low_fixed, K.PartExport) or low_fixed.wq.shape != (d_out, d_low):
+            raise InvalidArgumentError(f"low_fixed must be the PartExport of the {d_low} low "
+                                       f"columns of this layer, shape ({d_out}, {d_low})")
+        if low_fixed.bits != b_low or low_fixed.group_size != gs:
+            raise InvalidArgumentError("low_fixed has different bits or group size than b_low, "
+                                       "group_size")
     ada = None
     high16 = None
     if k and b_high != 16:
@@ -308,6 +323,9 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
         obj.set_columns(d_low, high16.astype(np.float32))
 
     low_exp = high_exp = None
+    if low_fixed is not None:
+        low_exp = low_fixed
+        obj.set_columns(0, np.ascontiguousarray(low_fixed.wq, np.float32))
     if order == "sequential" or lwc is None or ada is None:
         if lwc is not None:
             if ada is not None:  # high columns at AdaRound's soft start, i.e. (almost) W
@@ -346,7 +364,8 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
     return HybridResult(wq=wq, high_idx=hi, low_idx=lo, b_low=b_low, b_high=b_high if k else b_low,
                         group_size=gs, low=low_exp, high=high_exp, high_fp16=high16,
                         history=history, loss_rtn=loss_rtn, loss_final=loss_final,
-                        order=order_used, seconds=time.perf_counter() - t0)
+                        order=order_used, seconds=time.perf_counter() - t0,
+                        lwc_params=lwc.params if lwc is not None else None)
 
 
 def quantize_layer_as(name: str, W: np.ndarray, H: np.ndarray, n_tokens: int, plan, *, mode: str,
@@ -426,7 +445,7 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
                    adaround_lr: float = 1e-3, lam: float = 0.01, warmup: float = 0.2,
                    b_start: float = 20.0, b_end: float = 2.0, batch_size: int = 1, seed: int = 0,
                    n_threads: int | None = None, progress: Progress = None,
-                   scale_bits: int = 16) -> dict:
+                   scale_bits: int = 16, lwc_init: dict | None = None) -> dict:
     """Hybrid quantization of the seven linears of block ``i`` on the block-wise objective.
 
     ``model``: a :class:`hiquant.model.Model`; ``inputs``: the calibration hidden states entering
@@ -438,7 +457,9 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
     forward and backward with the parts' current ``W_q`` and updates the parts from
     ``dL/dW_q``: LWC for ``lwc_iters`` steps (high columns at full precision / FP16), then AdaRound
     for ``adaround_iters`` steps with the low parts frozen at their exported values. The block's
-    weights in ``model`` are left at the final quantized values. Returns
+    weights in ``model`` are left at the final quantized values. ``lwc_init``: ``{name: (gamma,
+    beta)}`` to start LWC from (e.g. the layer-wise result's ``lwc_params``: block-wise
+    refinement of a layer-wise solution) instead of OmniQuant's initialization. Returns
     ``{name: HybridResult}`` (``history`` holds the block's loss per step).
     """
     names = model.block_linear_names(i)
@@ -462,6 +483,19 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
                            dict(lr=adaround_lr, lam=lam, iters=adaround_iters, warmup=warmup,
                                 b_start=b_start, b_end=b_end), nt, _scale_bits(scale_bits))
            for n in names}
+    for n, p in (lwc_init or {}).items():
+        if n not in lin:
+            raise InvalidArgumentError(f"lwc_init has an entry for {n!r}, which is not a linear of "
+                                       f"block {i} ({names})")
+        L = lin[n]
+        if L.lwc is None:
+            continue
+        p = np.ascontiguousarray(p, dtype=np.float32)
+        if p.shape != L.lwc.params.shape:
+            raise InvalidArgumentError(f"lwc_init[{n!r}] has shape {p.shape}, expected "
+                                       f"{L.lwc.params.shape} (gamma, beta per row and group)")
+        L.lwc.params = p
+        L.wq[:, L.lo] = L.lwc.forward()
     rng = np.random.default_rng(seed)
     order: list = []
 

@@ -25,6 +25,7 @@ from .methods import LayerPlan, method_info
 __all__ = ["QuantizeSettings", "Report", "quantize"]
 
 DEFAULT_CANDIDATES = (0.02, 0.05, 0.10, 0.15, 0.20)
+OBJECTIVES = ("layer", "block", "refine")
 
 
 @dataclass
@@ -54,9 +55,13 @@ class QuantizeSettings:
     lwc_lr: float = 1e-2
     adaround_iters: int = 5000
     adaround_lr: float = 1e-3
-    objective: str = "layer"  # learned quantizers: "layer" (Gram objective) or "block" (block output MSE)
-    block_epochs: int = 2  # objective="block": passes over the calibration windows per block
-    block_batch: int = 1  # objective="block": windows per step (OmniQuant: 1)
+    # learned quantizers: "layer" (Gram objective), "block" (block output MSE, OmniQuant's) or
+    # "refine" (layer-wise LWC, then block-wise refinement of its clipping, then layer-wise
+    # AdaRound of the high columns against the refined low part)
+    objective: str = "layer"
+    block_epochs: int = 2  # objective block/refine: passes over the calibration windows per block
+    block_batch: int = 1  # objective block/refine: windows per step (OmniQuant: 1)
+    block_lr: float | None = None  # objective block/refine: LWC learning rate (None: lwc_lr)
     gptq_percdamp: float = 0.01
     gptq_blocksize: int = 128
     gptq_act_order: bool = False
@@ -83,11 +88,15 @@ class QuantizeSettings:
         if s.scale_bits == 8 and kind == "gptq":
             raise InvalidArgumentError("gptq forms its group scales as the column sweep reaches "
                                        "them and stores them as float16; use scale_bits=16")
-        if s.objective not in ("layer", "block"):
-            raise InvalidArgumentError(f"objective must be 'layer' or 'block', got {s.objective!r}")
-        if s.objective == "block" and kind not in ("lwc", "hybrid"):
-            raise InvalidArgumentError(f"objective='block' applies to the lwc and hybrid quantizers "
-                                       f"(lwc, fixed-ratio, fp16-retention, hiq), not {kind!r}")
+        if s.objective not in OBJECTIVES:
+            raise InvalidArgumentError(f"objective must be one of {', '.join(OBJECTIVES)}, got "
+                                       f"{s.objective!r}")
+        if s.objective != "layer" and kind not in ("lwc", "hybrid"):
+            raise InvalidArgumentError(f"objective={s.objective!r} applies to the lwc and hybrid "
+                                       f"quantizers (lwc, fixed-ratio, fp16-retention, hiq), not "
+                                       f"{kind!r}")
+        if s.block_lr is not None and not (math.isfinite(s.block_lr) and s.block_lr > 0):
+            raise InvalidArgumentError(f"block_lr must be a positive number, got {s.block_lr}")
         if s.block_epochs < 1 or s.block_batch < 1:
             raise InvalidArgumentError("block_epochs and block_batch must be >= 1")
         if s.avg_bits is not None and not (math.isfinite(s.avg_bits) and s.avg_bits > 0):
@@ -311,6 +320,71 @@ def _quantize_layer(kind: str, name: str, W: np.ndarray, H: np.ndarray, n_tokens
     return hybrid.quantize_layer_as(name, W, H, n_tokens, plan, mode=mode, settings=s)
 
 
+def _block_steps(n_windows: int, s: QuantizeSettings) -> int:
+    return s.block_epochs * -(-n_windows // s.block_batch)
+
+
+def _block_pass(model, b: int, h: np.ndarray, targets: np.ndarray, plans: dict,
+                s: QuantizeSettings, *, adaround: bool, lwc_init: dict | None = None) -> dict:
+    from . import hybrid
+    steps = _block_steps(len(h), s)
+    return hybrid.quantize_block(
+        model, b, h, plans, targets=targets, lwc_iters=steps,
+        lwc_lr=s.block_lr if s.block_lr is not None else s.lwc_lr,
+        adaround_iters=steps if adaround else 0, adaround_lr=s.adaround_lr,
+        batch_size=s.block_batch, seed=s.seed + b, n_threads=s.n_threads,
+        scale_bits=s.scale_bits, lwc_init=lwc_init)
+
+
+def _refine_block(model, b: int, h: np.ndarray, targets: np.ndarray, plans: dict, kind: str,
+                  s: QuantizeSettings, bs: int) -> dict:
+    """objective="refine" for block ``b``: (1) LWC of every linear on its layer-wise Gram
+    objective (cheap, full batch); (2) block-wise refinement of those clipping parameters on the
+    block's output error against the full-precision targets — the one thing a layer-wise
+    objective cannot see: the error the block receives from the quantized blocks before it, and
+    how its seven layers' errors combine through attention and the MLP; (3) with the low parts
+    frozen at their refined values, AdaRound of the high columns on the layer-wise objective
+    (5000 cheap Gram steps instead of a few hundred block steps). Leaves the block's weights in
+    ``model`` quantized and returns ``{name: QuantizedLayer}``."""
+    from . import hybrid
+    names = model.block_linear_names(b)
+    grams = _block_grams(model, b, h, bs, s.n_threads)
+    W = {n: model.get_weight(n) for n in names}
+    kw = dict(lwc_iters=int(s.lwc_iters), lwc_lr=float(s.lwc_lr), n_threads=s.n_threads,
+              scale_bits=s.scale_bits)
+    lwc_init = {}
+    for n in names:
+        H, ntok = grams.gram(n)
+        p = plans[n]
+        high = p.high_idx if kind == "hybrid" else []
+        r = hybrid.quantize_layer(W[n], H, ntok, high, p.b_low,
+                                  p.b_high if (kind == "hybrid" and p.k) else p.b_low,
+                                  p.group_size, adaround_iters=0, **kw)
+        if r.lwc_params is not None:
+            lwc_init[n] = r.lwc_params
+    block_plans = {n: plans[n] if kind == "hybrid" else
+                   LayerPlan(0, np.zeros(0, np.int64), plans[n].b_low, plans[n].b_low,
+                             plans[n].group_size) for n in names}
+    res = _block_pass(model, b, h, targets, block_plans, s, adaround=False, lwc_init=lwc_init)
+    steps = _block_steps(len(h), s)
+    out = {}
+    for n in names:
+        p = block_plans[n]
+        info = {"objective": "refine", "steps": steps}
+        if kind == "hybrid" and p.k and p.b_high != 16:
+            H, ntok = grams.gram(n)
+            r = hybrid.quantize_layer(W[n], H, ntok, p.high_idx, p.b_low, p.b_high, p.group_size,
+                                      adaround_iters=int(s.adaround_iters),
+                                      adaround_lr=float(s.adaround_lr), low_fixed=res[n].low,
+                                      n_threads=s.n_threads, scale_bits=s.scale_bits)
+            ql = r.to_layer(n, info=info)
+        else:  # no AdaRound part: the block pass's result is final (FP16 high columns included)
+            ql = res[n].to_layer(n, info=info)
+        model.set_weight(n, ql)
+        out[n] = ql
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # The pipeline.
 
@@ -459,34 +533,35 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
         h = state.load_hidden()
     else:
         h = np.concatenate([model.embed(windows[sl]) for sl in _batches(len(windows), bs)])
-    block_obj = s.objective == "block"
+    block_obj = s.objective in ("block", "refine")
     if block_obj and start > 0:
-        raise InvalidArgumentError("resuming a run with objective='block' is not supported yet "
-                                   "(its full-precision hidden states are not checkpointed); "
+        raise InvalidArgumentError(f"resuming a run with objective={s.objective!r} is not supported "
+                                   "yet (its full-precision hidden states are not checkpointed); "
                                    "start it again")
     h_fp = h.copy() if block_obj else None  # the full-precision path: the block targets
     for b in _progress(range(start, model.num_blocks), progress, desc=f"quantize ({s.method})",
                        unit="block", initial=start, total=model.num_blocks):
-        if block_obj:
+        names_b = model.block_linear_names(b)
+        if s.objective == "block":
             # OmniQuant's objective: the block's output under quantized weights, from the inputs
             # the quantized blocks before it produce, against the full-precision model's output
-            from . import hybrid
+            # from the full-precision inputs (so a block also corrects the error it receives)
             targets = _block_outputs(model, b, h_fp, bs, s.n_threads)
-            names_b = model.block_linear_names(b)
-            steps = s.block_epochs * -(-len(h) // s.block_batch)
-            res = hybrid.quantize_block(
-                model, b, h, {n: plans[n] for n in names_b}, targets=targets, lwc_iters=steps,
-                lwc_lr=s.lwc_lr, adaround_iters=steps if kind == "hybrid" else 0,
-                adaround_lr=s.adaround_lr, batch_size=s.block_batch, seed=s.seed + b,
-                n_threads=s.n_threads, scale_bits=s.scale_bits)
+            res = _block_pass(model, b, h, targets, {n: plans[n] for n in names_b}, s,
+                              adaround=kind == "hybrid")
             for name in names_b:
-                ql = res[name].to_layer(name, info={"objective": "block", "steps": steps})
+                ql = res[name].to_layer(name, info={"objective": "block",
+                                                    "steps": _block_steps(len(h), s)})
                 model.set_weight(name, ql)
                 qlayers[name] = ql
             h_fp = targets
+        elif s.objective == "refine":
+            targets = _block_outputs(model, b, h_fp, bs, s.n_threads)  # before any change
+            qlayers.update(_refine_block(model, b, h, targets, plans, kind, s, bs))
+            h_fp = targets
         else:
             grams = _block_grams(model, b, h, bs, s.n_threads) if kind != "rtn" else None
-            for name in model.block_linear_names(b):
+            for name in names_b:
                 W = model.get_weight(name)
                 H, ntok = grams.gram(name) if grams is not None else (None, 0)
                 ql = _quantize_layer(kind, name, W, H, ntok, plans[name], s)
