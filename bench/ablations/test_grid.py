@@ -37,7 +37,11 @@ GRID = [
     ("hiq, b_H = 16", "hiq", W2, "fisher", "paper", 16, "auto"),
     ("hiq W3", "hiq", W3, "fisher", "paper", 4, "auto"),
     ("rtn W3", "rtn", W3, None, None, None, "auto"),
+    ("lwc, refine objective", "lwc", W2, None, None, None, "auto"),
+    ("hiq, diagonal M, refine objective", "hiq", W2, "diagonal", "paper", 3, "auto"),
 ]
+# cases on the block-wise refinement (objective="refine"; the others use the layer-wise default)
+OBJECTIVE = {"lwc, refine objective": "refine", "hiq, diagonal M, refine objective": "refine"}
 QUICK = {"rtn", "fixed ratio, hybrid", "hiq, fisher M", "hiq, diagonal M (no inter-layer)"}
 
 
@@ -56,6 +60,8 @@ def test_ablation(setup, quantize_and_eval, label, method, cfg, estimator, cands
         kw["hbits"] = hbits
     if estimator:
         kw["estimator"] = estimator
+    if label in OBJECTIVE:
+        kw["objective"] = OBJECTIVE[label]
     if cands:
         kw["candidates"] = CANDIDATES[cands]
     import hiquant

@@ -63,7 +63,7 @@ def quantize_and_eval(request, hiquant_cache_dir):
             "test": nodeid, "case": nodeid[nodeid.index("[") + 1:-1] if "[" in nodeid else request.node.name,
             "quantizer": s.get("quantizer", "auto"), "model": Path(model_dir).name, "method": s["method"],
             "wbits": s["wbits"], "hbits": s["hbits"], "group_size": s["group_size"],
-            "scale_bits": s.get("scale_bits", 16),
+            "scale_bits": s.get("scale_bits", 16), "objective": s.get("objective", "layer"),
             "estimator": s["estimator"] if s["method"] == "hiq" else None,
             "candidates": list(s["candidates"]) if s["method"] == "hiq" else None,
             "avg_bits": rep.avg_bits, "ppl": rep.ppl, "seconds": time.perf_counter() - t0,
@@ -76,7 +76,7 @@ def quantize_and_eval(request, hiquant_cache_dir):
 
 def summary_markdown(results: list) -> str:
     cols = ["case", "model", "method", "wbits", "hbits", "group_size", "scale_bits", "estimator",
-            "candidates", "quantizer", "avg_bits", "ppl", "seconds"]
+            "candidates", "quantizer", "objective", "avg_bits", "ppl", "seconds"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         cells = []
