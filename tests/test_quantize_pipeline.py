@@ -113,6 +113,7 @@ def test_bad_settings_raise_clear_errors(model):
 
 
 @pytest.mark.parametrize("method,extra", [("hiq", dict(avg_bits=2.6, estimator="fisher")),
+                                          ("hiq", dict(avg_bits=2.6, objective="refine")),
                                           ("gptq", {})])
 def test_exports_are_bit_identical_across_runs_and_for_1_and_2_threads(model, tmp_path, method, extra):
     """Same inputs and seed: the packed and fake-quant safetensors are byte-identical between two
@@ -165,3 +166,20 @@ def test_refine_starts_from_the_layerwise_run_and_moves_it(model, tmp_path):
     with pytest.raises(hiquant.InvalidArgumentError, match="block_lr"):
         quantize(embedded_model_path(), embedded_calib_path(), method="lwc", objective="refine",
                  block_lr=-1.0, model=model, progress=False, **FAST)
+
+
+def test_auto_estimator_is_diagonal_for_small_models_and_fisher_above_the_memory_limit(model,
+                                                                                     monkeypatch):
+    """estimator='auto' (the default) keeps the full Fisher diagonal only while it fits
+    DIAGONAL_AUTO_BYTES, and the report records the estimator it resolved to."""
+    import hiquant.pipeline as P
+    kw = dict(method="hiq", avg_bits=2.6, wbits=2, group_size=64, model=model, progress=False,
+              **FAST)
+    assert P.QuantizeSettings().estimator == "auto"
+    rep = quantize(embedded_model_path(), embedded_calib_path(), **kw)
+    assert rep.settings["estimator"] == "diagonal"
+    monkeypatch.setattr(P, "DIAGONAL_AUTO_BYTES", 4 * rep.n_weights - 1)
+    rep = quantize(embedded_model_path(), embedded_calib_path(), **kw)
+    assert rep.settings["estimator"] == "fisher"
+    with pytest.raises(hiquant.InvalidArgumentError, match="estimator"):
+        quantize(embedded_model_path(), embedded_calib_path(), estimator="exact", **kw)

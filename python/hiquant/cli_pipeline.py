@@ -189,7 +189,9 @@ def add_pipeline_commands(sub) -> None:
     p.add_argument("--ratio", type=float, default=None, help="fixed-ratio: the ratio of every layer")
     p.add_argument("--candidates", default=None,
                    help=f"comma-separated candidate ratios (default {','.join(map(str, DEFAULT_CANDIDATES))})")
-    p.add_argument("--estimator", default=None, choices=("measured", "fisher", "diagonal"))
+    p.add_argument("--estimator", default=None, choices=("auto", "measured", "fisher", "diagonal"),
+                   help="M estimator for hiq (default auto: diagonal while the full Fisher "
+                        "diagonal fits 2 GiB, i.e. up to ~0.5 B linear weights, else fisher)")
     p.add_argument("--n-calib", dest="n_calib", type=int, default=None)
     p.add_argument("--seqlen", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
