@@ -15,14 +15,22 @@ import pytest
 from hiquant.datasets import embedded_calib_path, embedded_model_path
 
 
-def _cmd(out, *extra):
+def _base_cmd(out, *extra):
     return [sys.executable, "-m", "hiquant", "quantize", str(embedded_model_path()),
             "--calib", str(embedded_calib_path()), "--method", "rtn", "--wbits", "3",
             "--group", "64", "--n-calib", "8", "--seqlen", "128", "--out", str(out), "--quiet", *extra]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
-def test_killed_run_resumes_to_an_identical_result(tmp_path):
+@pytest.mark.parametrize("method", [
+    [],  # rtn: the quantized path's hidden states
+    # the block-wise refinement also needs the full-precision path's states (its targets)
+    ["--method", "lwc", "--objective", "refine", "--lwc-iters", "20", "--block-epochs", "1"]],
+    ids=["rtn", "lwc-refine"])
+def test_killed_run_resumes_to_an_identical_result(tmp_path, method):
+    def _cmd(out, *extra):
+        return _base_cmd(out, *method, *extra)
+
     ref = tmp_path / "ref"
     subprocess.run(_cmd(ref), check=True, capture_output=True)
 
@@ -48,3 +56,22 @@ def test_killed_run_resumes_to_an_identical_result(tmp_path):
     for part in ("packed/model.safetensors", "fake/model.safetensors"):
         assert (out / part).read_bytes() == (ref / part).read_bytes()
     assert not (tmp_path / "run.progress").exists()
+
+
+def test_a_kill_between_the_hidden_states_and_meta_json_resumes_from_the_previous_block(tmp_path):
+    """The hidden states are written before meta.json; they are named by the block count they
+    follow, so states written for a block whose meta.json never landed are not picked up."""
+    import numpy as np
+    from hiquant._progress_state import ProgressState
+    st = ProgressState(tmp_path / "p", "key", resume=False)
+    h1, h1_fp = np.full((2, 3), 1.0, np.float32), np.full((2, 3), -1.0, np.float32)
+    st.save_block(0, {}, h1, {}, {}, None, hidden_fp=h1_fp)
+    np.save(tmp_path / "p" / "hidden-2.npy", np.full((2, 3), 2.0, np.float32))  # block 1, killed
+    again = ProgressState(tmp_path / "p", "key", resume=True)
+    assert again.done_blocks == 1
+    np.testing.assert_array_equal(again.load_hidden(), h1)
+    np.testing.assert_array_equal(again.load_hidden("hidden_fp"), h1_fp)
+    st.save_block(1, {}, h1 + 1, {}, {}, None)  # a layer-wise run keeps no full-precision path
+    with pytest.raises(ValueError, match="hidden_fp"):
+        ProgressState(tmp_path / "p", "key", resume=True).load_hidden("hidden_fp")
+    assert not (tmp_path / "p" / "hidden-1.npy").exists()

@@ -15,7 +15,7 @@ import numpy as np
 from ._atomic import atomic_write_bytes, atomic_write_text
 from .errors import InvalidArgumentError
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: hidden states named by block count, full-precision path kept
 
 
 def run_key(settings: dict, model_fingerprint: dict, calib: dict) -> str:
@@ -41,6 +41,10 @@ class ProgressState:
                 raise InvalidArgumentError(
                     f"{self.dir} holds the progress of an earlier run; pass resume=True (--resume) "
                     "to continue it, or delete the folder to start over")
+            if m.get("version") != STATE_VERSION:
+                raise InvalidArgumentError(
+                    f"{self.dir} holds progress written by another hiquant version (state format "
+                    f"{m.get('version')}, this one reads {STATE_VERSION}); delete it to start over")
             if m.get("key") != key:
                 raise InvalidArgumentError(
                     f"{self.dir} holds the progress of a run with other settings, model or "
@@ -55,8 +59,15 @@ class ProgressState:
     def plans(self) -> dict | None:
         return self.meta.get("plans") if self.meta else None
 
-    def load_hidden(self) -> np.ndarray:
-        return np.load(self.dir / "hidden.npy")
+    def load_hidden(self, which: str = "hidden") -> np.ndarray:
+        """The hidden states after the last completed block: ``"hidden"`` (the quantized path)
+        or ``"hidden_fp"`` (the full-precision path, kept by the block-wise objectives)."""
+        path = self.dir / f"{which}-{self.done_blocks}.npy"
+        if not path.exists():
+            raise InvalidArgumentError(f"{self.dir} has no {which} states for block "
+                                       f"{self.done_blocks}; it cannot be resumed with these "
+                                       "settings (delete it to start over)")
+        return np.load(path)
 
     def load_block(self, b: int, layer_names, entries: dict):
         from safetensors.numpy import load_file
@@ -65,7 +76,7 @@ class ProgressState:
         return {n: layer_from_tensors(n, entries[n], tensors, where=str(self.dir)) for n in layer_names}
 
     def save_block(self, b: int, qlayers: dict, hidden: np.ndarray, plans: dict, entries: dict,
-                   allocation: dict | None = None) -> None:
+                   allocation: dict | None = None, hidden_fp: np.ndarray | None = None) -> None:
         from safetensors.numpy import save
         from .export import layer_tensors
         tensors = {}
@@ -73,12 +84,19 @@ class ProgressState:
             tensors.update(layer_tensors(ql))
         atomic_write_bytes(self.dir / f"block-{b}.safetensors", save(tensors))
         import io
-        buf = io.BytesIO()
-        np.save(buf, hidden)
-        atomic_write_bytes(self.dir / "hidden.npy", buf.getvalue())
+        # hidden states are named by the block count they follow, so a kill between writing them
+        # and meta.json leaves the previous block's states in place for the previous meta.json
+        for which, arr in (("hidden", hidden), ("hidden_fp", hidden_fp)):
+            if arr is None:
+                continue
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            atomic_write_bytes(self.dir / f"{which}-{b + 1}.npy", buf.getvalue())
         self.meta = {"key": self.key, "version": STATE_VERSION, "done_blocks": b + 1,
                      "plans": plans, "entries": entries, "allocation": allocation}
         atomic_write_text(self.dir / "meta.json", json.dumps(self.meta, default=_jsonable))
+        for which in ("hidden", "hidden_fp"):  # the states meta.json no longer points at
+            (self.dir / f"{which}-{b}.npy").unlink(missing_ok=True)
 
     def remove(self) -> None:
         import shutil

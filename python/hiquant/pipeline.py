@@ -544,11 +544,11 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
     else:
         h = np.concatenate([model.embed(windows[sl]) for sl in _batches(len(windows), bs)])
     block_obj = s.objective in ("block", "refine")
-    if block_obj and start > 0:
-        raise InvalidArgumentError(f"resuming a run with objective={s.objective!r} is not supported "
-                                   "yet (its full-precision hidden states are not checkpointed); "
-                                   "start it again")
-    h_fp = h.copy() if block_obj else None  # the full-precision path: the block targets
+    # the full-precision path: the block-wise objectives' targets
+    if block_obj:
+        h_fp = state.load_hidden("hidden_fp") if start > 0 else h.copy()
+    else:
+        h_fp = None
     for b in _progress(range(start, model.num_blocks), progress, desc=f"quantize ({s.method})",
                        unit="block", initial=start, total=model.num_blocks):
         names_b = model.block_linear_names(b)
@@ -586,7 +586,7 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
             entries = dict(state.meta["entries"]) if state.meta else {}
             entries.update({n: layer_entry(qlayers[n]) for n in names_b})
             state.save_block(b, {n: qlayers[n] for n in names_b}, h, plans_to_json(plans), entries,
-                             allocation)
+                             allocation, hidden_fp=h_fp)
             if os.environ.get("HIQUANT_TEST_SLOW_BLOCKS"):  # test hook: widen the kill window
                 time.sleep(float(os.environ["HIQUANT_TEST_SLOW_BLOCKS"]))
     timings["quantize"] = time.perf_counter() - t_q
