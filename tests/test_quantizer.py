@@ -277,8 +277,10 @@ def test_tiny_external_scale_saturates_instead_of_overflowing():
 
 def test_kernels_release_the_gil():
     # The kernel runs in a worker thread while this thread keeps stamping the clock. If the
-    # kernel held the GIL, this thread would stall for the kernel's whole duration.
-    W = np.random.default_rng(7).standard_normal((2048, 4096)).astype(np.float32)
+    # kernel held the GIL, this thread would stall for the kernel's whole duration. The kernel is
+    # made long (~0.1 s) so that an OS scheduling slice on a loaded machine (~10 ms) stays far
+    # below the bound.
+    W = np.random.default_rng(7).standard_normal((8192, 4096)).astype(np.float32)
     t0 = time.perf_counter()
     q.fake_quantize(W, 2, 64, n_threads=1)
     kernel_s = time.perf_counter() - t0

@@ -6,7 +6,8 @@
 
 Axes: method × bit config × M estimator × candidate ratio set × b_H (16 = FP16 retention at the
 same budget) — fixed vs optimized ratios, with and without the hybrid quantizer (`quantizer=rtn`),
-with and without inter-layer terms (`diagonal` M). The session prints one table of every result
+with and without inter-layer terms (`diagonal` M), with and without the block-wise refinement
+(`objective`). The session prints one table of every result
 and writes hiquant-summary.json/.md.
 """
 
@@ -37,11 +38,11 @@ GRID = [
     ("hiq, b_H = 16", "hiq", W2, "fisher", "paper", 16, "auto"),
     ("hiq W3", "hiq", W3, "fisher", "paper", 4, "auto"),
     ("rtn W3", "rtn", W3, None, None, None, "auto"),
-    ("lwc, refine objective", "lwc", W2, None, None, None, "auto"),
-    ("hiq, diagonal M, refine objective", "hiq", W2, "diagonal", "paper", 3, "auto"),
+    ("lwc, layer-wise objective", "lwc", W2, None, None, None, "auto"),
+    ("hiq, diagonal M, layer-wise objective", "hiq", W2, "diagonal", "paper", 3, "auto"),
 ]
-# cases on the block-wise refinement (objective="refine"; the others use the layer-wise default)
-OBJECTIVE = {"lwc, refine objective": "refine", "hiq, diagonal M, refine objective": "refine"}
+# cases without the block-wise refinement (the others use the default objective, refine)
+OBJECTIVE = {"lwc, layer-wise objective": "layer", "hiq, diagonal M, layer-wise objective": "layer"}
 QUICK = {"rtn", "fixed ratio, hybrid", "hiq, fisher M", "hiq, diagonal M (no inter-layer)"}
 
 

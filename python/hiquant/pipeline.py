@@ -8,13 +8,13 @@ are quantized, then the block's outputs under quantized weights feed the next bl
 
 Objectives of the learned quantizers (``objective``):
 
-* ``"layer"`` (default): each layer's Gram objective ``tr((W_q - W) H (W_q - W)^T)`` — cheap
+* ``"layer"``: each layer's Gram objective ``tr((W_q - W) H (W_q - W)^T)`` — cheap
   (thousands of full-batch steps in C++), blind to the error a block receives from the quantized
   blocks before it.
 * ``"block"``: OmniQuant's — the block's output from the quantized path against the
   full-precision model's output, LWC and AdaRound learned from scratch on mini-batches of windows
   (one forward and backward of the block per step).
-* ``"refine"``: the layer-wise LWC solution, then ``block_epochs`` passes of block-wise
+* ``"refine"`` (the default for lwc and the hybrid methods): the layer-wise LWC solution, then ``block_epochs`` passes of block-wise
   refinement of its clipping, then layer-wise AdaRound of the high columns against the refined
   low part. Measured on llama-bench (W2 g64, hiq at 2.30 bits, 1000/5000 iterations): diagonal
   M layer 10.37, refine (2 epochs) 9.91; fisher M layer 10.76, block from scratch (2 epochs)
@@ -39,7 +39,7 @@ from .methods import LayerPlan, method_info
 __all__ = ["QuantizeSettings", "Report", "quantize"]
 
 DEFAULT_CANDIDATES = (0.02, 0.05, 0.10, 0.15, 0.20)
-OBJECTIVES = ("layer", "block", "refine")
+OBJECTIVES = ("layer", "block", "refine")  # and "auto" (QuantizeSettings.objective)
 DIAGONAL_AUTO_BYTES = 2 << 30  # estimator="auto": the largest Fisher diagonal kept in memory
 
 
@@ -76,8 +76,9 @@ class QuantizeSettings:
     adaround_lr: float = 1e-3
     # learned quantizers: "layer" (Gram objective), "block" (block output MSE, OmniQuant's) or
     # "refine" (layer-wise LWC, then block-wise refinement of its clipping, then layer-wise
-    # AdaRound of the high columns against the refined low part)
-    objective: str = "layer"
+    # AdaRound of the high columns against the refined low part); "auto": refine for the lwc and
+    # hybrid quantizers, layer for rtn / gptq / adaround (resolved and recorded in the report)
+    objective: str = "auto"
     block_epochs: int = 2  # objective block/refine: passes over the calibration windows per block
     block_batch: int = 1  # objective block/refine: windows per step (OmniQuant: 1)
     block_lr: float | None = None  # objective block/refine: LWC learning rate (None: lwc_lr)
@@ -107,6 +108,8 @@ class QuantizeSettings:
         if s.scale_bits == 8 and kind == "gptq":
             raise InvalidArgumentError("gptq forms its group scales as the column sweep reaches "
                                        "them and stores them as float16; use scale_bits=16")
+        if s.objective == "auto":
+            s.objective = "refine" if kind in ("lwc", "hybrid") else "layer"
         if s.objective not in OBJECTIVES:
             raise InvalidArgumentError(f"objective must be one of {', '.join(OBJECTIVES)}, got "
                                        f"{s.objective!r}")
