@@ -175,6 +175,7 @@ def cmd_demo(args) -> int:
 
 def add_pipeline_commands(sub) -> None:
     from .methods import METHODS
+    from .allocate import ESTIMATORS
     from .pipeline import DEFAULT_CANDIDATES, OBJECTIVES
 
     p = sub.add_parser("quantize", help="quantize a checkpoint", description=cmd_quantize.__doc__)
@@ -191,7 +192,7 @@ def add_pipeline_commands(sub) -> None:
     p.add_argument("--ratio", type=float, default=None, help="fixed-ratio: the ratio of every layer")
     p.add_argument("--candidates", default=None,
                    help=f"comma-separated candidate ratios (default {','.join(map(str, DEFAULT_CANDIDATES))})")
-    p.add_argument("--estimator", default=None, choices=("auto", "measured", "fisher", "diagonal"),
+    p.add_argument("--estimator", default=None, choices=("auto",) + ESTIMATORS,
                    help="M estimator for hiq (default auto: diagonal while the full Fisher "
                         "diagonal fits 2 GiB, i.e. up to ~0.5 B linear weights, else fisher)")
     p.add_argument("--n-calib", dest="n_calib", type=int, default=None)

@@ -368,6 +368,16 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
                         lwc_params=lwc.params if lwc is not None else None)
 
 
+def layer_kwargs(settings) -> dict:
+    """:func:`quantize_layer`'s iterations, learning rates, threads and scale precision from the
+    pipeline's settings (``lwc_iters``, ``lwc_lr``, ``adaround_iters``, ``adaround_lr``,
+    ``n_threads``, ``scale_bits``)."""
+    return dict(lwc_iters=int(settings.lwc_iters), lwc_lr=float(settings.lwc_lr),
+                adaround_iters=int(settings.adaround_iters),
+                adaround_lr=float(settings.adaround_lr), n_threads=settings.n_threads,
+                scale_bits=int(getattr(settings, "scale_bits", 16)))
+
+
 def quantize_layer_as(name: str, W: np.ndarray, H: np.ndarray, n_tokens: int, plan, *, mode: str,
                       settings):
     """The pipeline's entry (hiquant.pipeline): quantize one layer for a method's ``plan`` and
@@ -378,9 +388,7 @@ def quantize_layer_as(name: str, W: np.ndarray, H: np.ndarray, n_tokens: int, pl
     Iterations and learning rates come from ``settings`` (``lwc_iters``, ``lwc_lr``,
     ``adaround_iters``, ``adaround_lr``, ``n_threads``).
     """
-    kw = dict(lwc_iters=int(settings.lwc_iters), lwc_lr=float(settings.lwc_lr),
-              adaround_iters=int(settings.adaround_iters), adaround_lr=float(settings.adaround_lr),
-              n_threads=settings.n_threads, scale_bits=int(getattr(settings, "scale_bits", 16)))
+    kw = layer_kwargs(settings)
     if mode == "lwc":
         res = quantize_layer(W, H, n_tokens, [], plan.b_low, plan.b_low, plan.group_size, **kw)
         return res.to_layer(name)

@@ -125,9 +125,10 @@ class QuantizeSettings:
             raise InvalidArgumentError(f"avg_bits must be a positive number, got {s.avg_bits}")
         if s.ratio is not None and not (0.0 <= s.ratio <= 1.0):
             raise InvalidArgumentError(f"ratio must be in [0, 1], got {s.ratio}")
-        if s.estimator not in ("auto", "measured", "fisher", "diagonal"):
-            raise InvalidArgumentError(f"estimator must be auto, measured, fisher or diagonal, got "
-                                       f"{s.estimator!r}")
+        from .allocate import ESTIMATORS
+        if s.estimator != "auto" and s.estimator not in ESTIMATORS:
+            raise InvalidArgumentError(f"estimator must be auto or one of {', '.join(ESTIMATORS)}, "
+                                       f"got {s.estimator!r}")
         s.candidates = tuple(float(c) for c in s.candidates)
         if any(not (0.0 <= c <= 1.0) for c in s.candidates) or not s.candidates:
             raise InvalidArgumentError(f"candidate ratios must be in [0, 1], got {s.candidates}")
@@ -375,33 +376,29 @@ def _refine_block(model, b: int, h: np.ndarray, targets: np.ndarray, plans: dict
     names = model.block_linear_names(b)
     grams = _block_grams(model, b, h, bs, s.n_threads)
     W = {n: model.get_weight(n) for n in names}
-    kw = dict(lwc_iters=int(s.lwc_iters), lwc_lr=float(s.lwc_lr), n_threads=s.n_threads,
-              scale_bits=s.scale_bits)
-    lwc_init = {}
-    for n in names:
-        H, ntok = grams.gram(n)
-        p = plans[n]
-        high = p.high_idx if kind == "hybrid" else []
-        r = hybrid.quantize_layer(W[n], H, ntok, high, p.b_low,
-                                  p.b_high if (kind == "hybrid" and p.k) else p.b_low,
-                                  p.group_size, adaround_iters=0, **kw)
-        if r.lwc_params is not None:
-            lwc_init[n] = r.lwc_params
+    kw = hybrid.layer_kwargs(s)
+    # the lwc quantizer (also as an ablation of a hybrid method's plans) has no high columns
     block_plans = {n: plans[n] if kind == "hybrid" else
                    LayerPlan(0, np.zeros(0, np.int64), plans[n].b_low, plans[n].b_low,
                              plans[n].group_size) for n in names}
+    lwc_init = {}
+    for n in names:
+        H, ntok = grams.gram(n)
+        p = block_plans[n]
+        r = hybrid.quantize_layer(W[n], H, ntok, p.high_idx, p.b_low, p.b_high if p.k else p.b_low,
+                                  p.group_size, **{**kw, "adaround_iters": 0})
+        if r.lwc_params is not None:
+            lwc_init[n] = r.lwc_params
     res = _block_pass(model, b, h, targets, block_plans, s, adaround=False, lwc_init=lwc_init)
     steps = _block_steps(len(h), s)
     out = {}
     for n in names:
         p = block_plans[n]
         info = {"objective": "refine", "steps": steps}
-        if kind == "hybrid" and p.k and p.b_high != 16:
+        if p.k and p.b_high != 16:
             H, ntok = grams.gram(n)
             r = hybrid.quantize_layer(W[n], H, ntok, p.high_idx, p.b_low, p.b_high, p.group_size,
-                                      adaround_iters=int(s.adaround_iters),
-                                      adaround_lr=float(s.adaround_lr), low_fixed=res[n].low,
-                                      n_threads=s.n_threads, scale_bits=s.scale_bits)
+                                      low_fixed=res[n].low, **kw)
             ql = r.to_layer(n, info=info)
         else:  # no AdaRound part: the block pass's result is final (FP16 high columns included)
             ql = res[n].to_layer(n, info=info)
@@ -569,11 +566,14 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
     for b in _progress(range(start, model.num_blocks), progress, desc=f"quantize ({s.method})",
                        unit="block", initial=start, total=model.num_blocks):
         names_b = model.block_linear_names(b)
+        if block_obj:
+            # the block-wise objectives' targets: the full-precision model's output from the
+            # full-precision inputs (so a block also corrects the error it receives), computed
+            # before any of the block's weights change
+            targets = _block_outputs(model, b, h_fp, bs, s.n_threads)
         if s.objective == "block":
             # OmniQuant's objective: the block's output under quantized weights, from the inputs
-            # the quantized blocks before it produce, against the full-precision model's output
-            # from the full-precision inputs (so a block also corrects the error it receives)
-            targets = _block_outputs(model, b, h_fp, bs, s.n_threads)
+            # the quantized blocks before it produce, against the targets
             res = _block_pass(model, b, h, targets, {n: plans[n] for n in names_b}, s,
                               adaround=kind == "hybrid")
             for name in names_b:
@@ -581,11 +581,8 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
                                                     "steps": _block_steps(len(h), s)})
                 model.set_weight(name, ql)
                 qlayers[name] = ql
-            h_fp = targets
         elif s.objective == "refine":
-            targets = _block_outputs(model, b, h_fp, bs, s.n_threads)  # before any change
             qlayers.update(_refine_block(model, b, h, targets, plans, kind, s, bs))
-            h_fp = targets
         else:
             grams = _block_grams(model, b, h, bs, s.n_threads) if kind != "rtn" else None
             for name in names_b:
@@ -596,6 +593,8 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
                 qlayers[name] = ql
             del grams
         h = _block_outputs(model, b, h, bs, s.n_threads)
+        if block_obj:
+            h_fp = targets
         if state is not None:
             from ._progress_state import plans_to_json
             from .export import layer_entry
