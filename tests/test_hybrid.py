@@ -396,3 +396,38 @@ def test_block_driver_starts_from_given_clipping_and_refines_it(tmp_path):
     with pytest.raises(ValueError, match="lwc_init"):
         hybrid.quantize_block(model, 0, h, plans, targets=target, lwc_iters=0,
                               lwc_init={names[0]: init[names[0]][:, :1]})
+
+
+def test_aug_loss_adds_the_error_against_the_second_target(tmp_path):
+    """aug_targets (OmniQuant's aug_loss): each step's loss is the sum of the block's errors
+    against both targets — at the first step (same weights, same seeded batch) exactly the sum of
+    two single-target runs' first losses; a mis-shaped second target is refused."""
+    checkpoints = pytest.importorskip("checkpoints")
+    from hiquant.model import load_model
+    folder, _, _ = checkpoints.write_checkpoint(tmp_path / "m", hidden=32, layers=2, inter=48,
+                                                vocab=100, seed=7)
+    model = load_model(folder)
+    rng = np.random.default_rng(2)
+    h = model.embed(rng.integers(0, 100, (4, 12)))
+    names = model.block_linear_names(0)
+    t1 = model.block_forward(0, h)
+    t2 = model.block_forward(0, model.embed(rng.integers(0, 100, (4, 12))))
+    plans = {n: LayerPlan(0, np.zeros(0, np.int64), 2, 2, 16) for n in names}
+    kw = dict(lwc_iters=3, adaround_iters=0, batch_size=2, seed=4)
+
+    def first_losses(**extra):
+        for n in names:
+            model.reset_weight(n)
+        r = hybrid.quantize_block(model, 0, h, plans, **kw, **extra)[names[0]]
+        return r.history["lwc"]["loss"], r.loss_final
+
+    l1, _ = first_losses(targets=t1)
+    l2, _ = first_losses(targets=t2)
+    both, final = first_losses(targets=t1, aug_targets=t2)
+    assert both[0] == pytest.approx(l1[0] + l2[0], rel=1e-12)
+    assert both[1] != pytest.approx(l1[1] + l2[1], rel=1e-9)  # the updates differ from there
+    # loss_final is the error against ``targets`` alone
+    out = model.block_forward(0, h)
+    assert final == pytest.approx(hybrid.block_loss(out, t1)[0], rel=1e-9)
+    with pytest.raises(ValueError, match="aug_targets"):
+        hybrid.quantize_block(model, 0, h, plans, targets=t1, aug_targets=t2[:2], **kw)

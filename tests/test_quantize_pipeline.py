@@ -168,6 +168,30 @@ def test_refine_starts_from_the_layerwise_run_and_moves_it(model, tmp_path):
                  block_lr=-1.0, model=model, progress=False, **FAST)
 
 
+def test_aug_loss_is_recorded_and_changes_the_blocks_after_the_first(model, tmp_path):
+    """block_aug_loss (OmniQuant's aug_loss) is recorded in the report; in block 0 the quantized
+    path's inputs are the full-precision ones, so its second target is the first, while later
+    blocks fit a different target (their weights move); the run still beats RTN."""
+    from safetensors.numpy import load_file
+    reps, weights = {}, {}
+    for aug in (False, True):
+        reps[aug] = quantize(embedded_model_path(), embedded_calib_path(), method="lwc", wbits=2,
+                             group_size=64, objective="block", block_epochs=1, block_aug_loss=aug,
+                             eval_text=embedded_test_path(), model=model, progress=False,
+                             out=tmp_path / str(aug), export="fake", **FAST)
+        weights[aug] = load_file(str(tmp_path / str(aug) / "fake" / "model.safetensors"))
+    assert reps[True].settings["block_aug_loss"] is True
+    assert reps[False].settings["block_aug_loss"] is False
+    last = model.num_blocks - 1
+    name = next(k for k in weights[True] if k.startswith(f"model.layers.{last}.") and
+                k.endswith("down_proj.weight"))
+    assert not np.array_equal(weights[True][name], weights[False][name])
+    rtn = quantize(embedded_model_path(), embedded_calib_path(), method="rtn", wbits=2,
+                   group_size=64, eval_text=embedded_test_path(), model=model, progress=False,
+                   **FAST)
+    assert reps[True].ppl < rtn.ppl
+
+
 def test_auto_estimator_is_diagonal_for_small_models_and_fisher_above_the_memory_limit(model,
                                                                                      monkeypatch):
     """estimator='auto' (the default) keeps the full Fisher diagonal only while it fits

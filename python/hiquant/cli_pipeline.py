@@ -212,6 +212,9 @@ def add_pipeline_commands(sub) -> None:
     p.add_argument("--block-batch", dest="block_batch", type=int, default=None)
     p.add_argument("--block-lr", dest="block_lr", type=float, default=None,
                    help="--objective block/refine: LWC learning rate (default --lwc-lr)")
+    p.add_argument("--block-aug-loss", dest="block_aug_loss", action="store_true", default=None,
+                   help="--objective block/refine: OmniQuant's aug_loss (also fit the "
+                        "full-precision block's output on the quantized path's inputs)")
     p.add_argument("--eval-text", dest="eval_text", default=None)
     p.add_argument("--eval-windows", dest="eval_windows", type=int, default=None,
                    help="perplexity windows (default 200, the shared protocol)")

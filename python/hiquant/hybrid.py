@@ -453,7 +453,8 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
                    adaround_lr: float = 1e-3, lam: float = 0.01, warmup: float = 0.2,
                    b_start: float = 20.0, b_end: float = 2.0, batch_size: int = 1, seed: int = 0,
                    n_threads: int | None = None, progress: Progress = None,
-                   scale_bits: int = 16, lwc_init: dict | None = None) -> dict:
+                   scale_bits: int = 16, lwc_init: dict | None = None,
+                   aug_targets: np.ndarray | None = None) -> dict:
     """Hybrid quantization of the seven linears of block ``i`` on the block-wise objective.
 
     ``model``: a :class:`hiquant.model.Model`; ``inputs``: the calibration hidden states entering
@@ -467,8 +468,11 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
     for ``adaround_iters`` steps with the low parts frozen at their exported values. The block's
     weights in ``model`` are left at the final quantized values. ``lwc_init``: ``{name: (gamma,
     beta)}`` to start LWC from (e.g. the layer-wise result's ``lwc_params``: block-wise
-    refinement of a layer-wise solution) instead of OmniQuant's initialization. Returns
-    ``{name: HybridResult}`` (``history`` holds the block's loss per step).
+    refinement of a layer-wise solution) instead of OmniQuant's initialization.
+    ``aug_targets``: OmniQuant's ``aug_loss`` — a second target, the full-precision block's output
+    on the quantized path's ``inputs``; each step's loss is the sum of the errors against both
+    (``loss_final`` reports the error against ``targets`` alone). Returns ``{name: HybridResult}``
+    (``history`` holds the block's loss per step).
     """
     names = model.block_linear_names(i)
     missing = [n for n in names if n not in plans]
@@ -486,6 +490,8 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
                                   for a in range(0, len(inputs), batch_size)])
     if targets.shape != inputs.shape:
         raise InvalidArgumentError(f"targets have shape {targets.shape}, inputs {inputs.shape}")
+    if aug_targets is not None and aug_targets.shape != inputs.shape:
+        raise InvalidArgumentError(f"aug_targets have shape {aug_targets.shape}, inputs {inputs.shape}")
     lin = {n: _BlockLinear(n, _weights(np.asarray(model.get_weight(n), np.float32)), plans[n],
                            dict(lr=lwc_lr, weight_decay=lwc_weight_decay),
                            dict(lr=adaround_lr, lam=lam, iters=adaround_iters, warmup=warmup,
@@ -523,6 +529,10 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
             sel = batch()
             out, cache = model.block_forward(i, inputs[sel], cache=True)
             loss, dout = block_loss(out, targets[sel])
+            if aug_targets is not None:
+                loss_aug, dout_aug = block_loss(out, aug_targets[sel])
+                loss += loss_aug
+                dout += dout_aug
             if not np.isfinite(loss):
                 raise NumericalError(f"block {i} reconstruction loss became non-finite in {phase}")
             _, grads = model.block_backward(i, cache, dout)

@@ -82,6 +82,9 @@ class QuantizeSettings:
     block_epochs: int = 2  # objective block/refine: passes over the calibration windows per block
     block_batch: int = 1  # objective block/refine: windows per step (OmniQuant: 1)
     block_lr: float | None = None  # objective block/refine: LWC learning rate (None: lwc_lr)
+    # objective block/refine: OmniQuant's aug_loss — also fit the full-precision block's output
+    # on the quantized path's inputs (the sum of both errors)
+    block_aug_loss: bool = False
     gptq_percdamp: float = 0.01
     gptq_blocksize: int = 128
     gptq_act_order: bool = False
@@ -351,7 +354,8 @@ def _block_steps(n_windows: int, s: QuantizeSettings) -> int:
 
 
 def _block_pass(model, b: int, h: np.ndarray, targets: np.ndarray, plans: dict,
-                s: QuantizeSettings, *, adaround: bool, lwc_init: dict | None = None) -> dict:
+                s: QuantizeSettings, *, adaround: bool, lwc_init: dict | None = None,
+                aug_targets: np.ndarray | None = None) -> dict:
     from . import hybrid
     steps = _block_steps(len(h), s)
     return hybrid.quantize_block(
@@ -359,11 +363,11 @@ def _block_pass(model, b: int, h: np.ndarray, targets: np.ndarray, plans: dict,
         lwc_lr=s.block_lr if s.block_lr is not None else s.lwc_lr,
         adaround_iters=steps if adaround else 0, adaround_lr=s.adaround_lr,
         batch_size=s.block_batch, seed=s.seed + b, n_threads=s.n_threads,
-        scale_bits=s.scale_bits, lwc_init=lwc_init)
+        scale_bits=s.scale_bits, lwc_init=lwc_init, aug_targets=aug_targets)
 
 
 def _refine_block(model, b: int, h: np.ndarray, targets: np.ndarray, plans: dict, kind: str,
-                  s: QuantizeSettings, bs: int) -> dict:
+                  s: QuantizeSettings, bs: int, aug_targets: np.ndarray | None = None) -> dict:
     """objective="refine" for block ``b``: (1) LWC of every linear on its layer-wise Gram
     objective (cheap, full batch); (2) block-wise refinement of those clipping parameters on the
     block's output error against the full-precision targets — the one thing a layer-wise
@@ -389,7 +393,8 @@ def _refine_block(model, b: int, h: np.ndarray, targets: np.ndarray, plans: dict
                                   p.group_size, **{**kw, "adaround_iters": 0})
         if r.lwc_params is not None:
             lwc_init[n] = r.lwc_params
-    res = _block_pass(model, b, h, targets, block_plans, s, adaround=False, lwc_init=lwc_init)
+    res = _block_pass(model, b, h, targets, block_plans, s, adaround=False, lwc_init=lwc_init,
+                      aug_targets=aug_targets)
     steps = _block_steps(len(h), s)
     out = {}
     for n in names:
@@ -571,18 +576,20 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
             # full-precision inputs (so a block also corrects the error it receives), computed
             # before any of the block's weights change
             targets = _block_outputs(model, b, h_fp, bs, s.n_threads)
+            # aug_loss: the full-precision block on the quantized path's inputs
+            aug_targets = _block_outputs(model, b, h, bs, s.n_threads) if s.block_aug_loss else None
         if s.objective == "block":
             # OmniQuant's objective: the block's output under quantized weights, from the inputs
             # the quantized blocks before it produce, against the targets
             res = _block_pass(model, b, h, targets, {n: plans[n] for n in names_b}, s,
-                              adaround=kind == "hybrid")
+                              adaround=kind == "hybrid", aug_targets=aug_targets)
             for name in names_b:
                 ql = res[name].to_layer(name, info={"objective": "block",
                                                     "steps": _block_steps(len(h), s)})
                 model.set_weight(name, ql)
                 qlayers[name] = ql
         elif s.objective == "refine":
-            qlayers.update(_refine_block(model, b, h, targets, plans, kind, s, bs))
+            qlayers.update(_refine_block(model, b, h, targets, plans, kind, s, bs, aug_targets))
         else:
             grams = _block_grams(model, b, h, bs, s.n_threads) if kind != "rtn" else None
             for name in names_b:
