@@ -431,3 +431,50 @@ def test_aug_loss_adds_the_error_against_the_second_target(tmp_path):
     assert final == pytest.approx(hybrid.block_loss(out, t1)[0], rel=1e-9)
     with pytest.raises(ValueError, match="aug_targets"):
         hybrid.quantize_block(model, 0, h, plans, targets=t1, aug_targets=t2[:2], **kw)
+
+
+def test_block_driver_keeps_fixed_high_columns_and_refines_the_clipping_around_them(tmp_path):
+    """high_fixed: the given (AdaRound) high columns are the block's throughout and are returned
+    unchanged, bit for bit; the clipping is still learned (the block error goes down from the
+    layer-wise start); a high part of the wrong shape or for a plan without one is refused."""
+    checkpoints = pytest.importorskip("checkpoints")
+    from hiquant.model import load_model
+    folder, _, _ = checkpoints.write_checkpoint(tmp_path / "m", hidden=32, layers=2, inter=48,
+                                                vocab=100, seed=9)
+    model = load_model(folder)
+    rng = np.random.default_rng(3)
+    h = model.embed(rng.integers(0, 100, (6, 16)))
+    names = model.block_linear_names(0)
+    target = model.block_forward(0, h)
+    plans, init, fixed = {}, {}, {}
+    for n in names:
+        W = model.get_weight(n)
+        hi = np.sort(rng.choice(W.shape[1], 4, replace=False)).astype(np.int64)
+        plans[n] = LayerPlan(4, hi, 2, 3, 16, 0.1)
+        X = rng.standard_normal((200, W.shape[1]))
+        r = hybrid.quantize_layer(W, X.T @ X, 200, hi, 2, 3, 16, lwc_iters=30, adaround_iters=40,
+                                  scale_bits=8)
+        init[n], fixed[n] = r.lwc_params, r.high
+    kw = dict(targets=target, adaround_iters=50, lwc_init=init, high_fixed=fixed, scale_bits=8,
+              batch_size=6)
+    res0 = hybrid.quantize_block(model, 0, h, plans, lwc_iters=0, **kw)
+    for n in names:
+        model.reset_weight(n)
+    res = hybrid.quantize_block(model, 0, h, plans, lwc_iters=60, lwc_lr=5e-3, **kw)
+    assert "adaround" not in res[names[0]].history  # nothing left to round
+    assert res[names[0]].loss_final < res0[names[0]].loss_final
+    for n in names:
+        assert res[n].high is fixed[n]
+        np.testing.assert_array_equal(res[n].wq[:, plans[n].high_idx], fixed[n].wq)
+        np.testing.assert_array_equal(res[n].to_layer(n).dequantize(), res[n].wq)
+        assert not np.array_equal(res[n].lwc_params, init[n])
+    two_columns = hybrid.quantize_layer(model.get_weight(names[0]), np.eye(32), 32,
+                                        plans[names[0]].high_idx[:2], 2, 3, 16, lwc_iters=5,
+                                        adaround_iters=5).high
+    bad = {**fixed, names[0]: two_columns}
+    with pytest.raises(ValueError, match="high_fixed"):
+        hybrid.quantize_block(model, 0, h, plans, lwc_iters=0, **{**kw, "high_fixed": bad})
+    no_high = {n: LayerPlan(0, np.zeros(0, np.int64), 2, 2, 16) for n in names}
+    with pytest.raises(ValueError, match="high_fixed"):
+        hybrid.quantize_block(model, 0, h, no_high, targets=target, lwc_iters=0,
+                              high_fixed={names[0]: fixed[names[0]]})

@@ -192,6 +192,33 @@ def test_aug_loss_is_recorded_and_changes_the_blocks_after_the_first(model, tmp_
     assert reps[True].ppl < rtn.ppl
 
 
+def test_adaround_first_refine_keeps_the_layerwise_high_columns_of_the_first_block(model, tmp_path):
+    """refine_order='adaround-first': the high columns are the layer-wise run's AdaRound result
+    (block 0 sees the same inputs in both runs, so its packed high parts are byte-identical),
+    the block pass then moves only the clipping of the low part; bits are unchanged."""
+    from safetensors.numpy import load_file
+    reps, packed = {}, {}
+    for key, extra in (("layer", dict(objective="layer")),
+                       ("first", dict(objective="refine", refine_order="adaround-first"))):
+        reps[key] = quantize(embedded_model_path(), embedded_calib_path(), method="hiq",
+                             avg_bits=2.6, estimator="diagonal", wbits=2, group_size=64,
+                             scale_bits=8, block_epochs=1, model=model, progress=False,
+                             out=tmp_path / key, export="packed", **extra, **FAST)
+        packed[key] = load_file(str(tmp_path / key / "packed" / "model.safetensors"))
+    assert reps["first"].settings["refine_order"] == "adaround-first"
+    assert reps["layer"].total_bits == reps["first"].total_bits
+    block0 = [k for k in packed["layer"] if k.startswith("model.layers.0.")]
+    high = [k for k in block0 if ".high." in k]
+    low = [k for k in block0 if ".low.qweight" in k or ".low.scales" in k]
+    assert high and low
+    for k in high:
+        np.testing.assert_array_equal(packed["first"][k], packed["layer"][k])
+    assert any(not np.array_equal(packed["first"][k], packed["layer"][k]) for k in low)
+    with pytest.raises(hiquant.InvalidArgumentError, match="refine_order"):
+        quantize(embedded_model_path(), embedded_calib_path(), method="lwc", objective="refine",
+                 refine_order="sideways", model=model, progress=False, **FAST)
+
+
 def test_auto_estimator_is_diagonal_for_small_models_and_fisher_above_the_memory_limit(model,
                                                                                      monkeypatch):
     """estimator='auto' (the default) keeps the full Fisher diagonal only while it fits

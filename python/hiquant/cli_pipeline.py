@@ -176,7 +176,7 @@ def cmd_demo(args) -> int:
 def add_pipeline_commands(sub) -> None:
     from .methods import METHODS
     from .allocate import ESTIMATORS
-    from .pipeline import DEFAULT_CANDIDATES, OBJECTIVES
+    from .pipeline import DEFAULT_CANDIDATES, OBJECTIVES, REFINE_ORDERS
 
     p = sub.add_parser("quantize", help="quantize a checkpoint", description=cmd_quantize.__doc__)
     p.add_argument("model", metavar="MODEL_DIR")
@@ -215,6 +215,10 @@ def add_pipeline_commands(sub) -> None:
     p.add_argument("--block-aug-loss", dest="block_aug_loss", action="store_true", default=None,
                    help="--objective block/refine: OmniQuant's aug_loss (also fit the "
                         "full-precision block's output on the quantized path's inputs)")
+    p.add_argument("--refine-order", dest="refine_order", default=None, choices=REFINE_ORDERS,
+                   help="--objective refine: lwc-first (block-wise clipping with FP high columns, "
+                        "then layer-wise AdaRound; default) or adaround-first (layer-wise hybrid, "
+                        "then block-wise clipping with the high columns at their quantized values)")
     p.add_argument("--eval-text", dest="eval_text", default=None)
     p.add_argument("--eval-windows", dest="eval_windows", type=int, default=None,
                    help="perplexity windows (default 200, the shared protocol)")

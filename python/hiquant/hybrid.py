@@ -454,7 +454,7 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
                    b_start: float = 20.0, b_end: float = 2.0, batch_size: int = 1, seed: int = 0,
                    n_threads: int | None = None, progress: Progress = None,
                    scale_bits: int = 16, lwc_init: dict | None = None,
-                   aug_targets: np.ndarray | None = None) -> dict:
+                   aug_targets: np.ndarray | None = None, high_fixed: dict | None = None) -> dict:
     """Hybrid quantization of the seven linears of block ``i`` on the block-wise objective.
 
     ``model``: a :class:`hiquant.model.Model`; ``inputs``: the calibration hidden states entering
@@ -471,8 +471,11 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
     refinement of a layer-wise solution) instead of OmniQuant's initialization.
     ``aug_targets``: OmniQuant's ``aug_loss`` — a second target, the full-precision block's output
     on the quantized path's ``inputs``; each step's loss is the sum of the errors against both
-    (``loss_final`` reports the error against ``targets`` alone). Returns ``{name: HybridResult}``
-    (``history`` holds the block's loss per step).
+    (``loss_final`` reports the error against ``targets`` alone). ``high_fixed``: ``{name:
+    PartExport}`` of high columns already quantized elsewhere (e.g. by layer-wise AdaRound): they
+    keep those values throughout — the clipping is learned with the block seeing the high
+    columns' real quantization error — and are returned unchanged. Returns ``{name:
+    HybridResult}`` (``history`` holds the block's loss per step).
     """
     names = model.block_linear_names(i)
     missing = [n for n in names if n not in plans]
@@ -510,6 +513,21 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
                                        f"{L.lwc.params.shape} (gamma, beta per row and group)")
         L.lwc.params = p
         L.wq[:, L.lo] = L.lwc.forward()
+    for n, exp in (high_fixed or {}).items():
+        if n not in lin:
+            raise InvalidArgumentError(f"high_fixed has an entry for {n!r}, which is not a linear "
+                                       f"of block {i} ({names})")
+        L = lin[n]
+        if L.ada is None:
+            raise InvalidArgumentError(f"high_fixed[{n!r}]: its plan has no quantized high columns "
+                                       f"(k = {L.hi.size}, b_high = {L.b_high})")
+        if (not isinstance(exp, K.PartExport) or exp.wq.shape != (L.W.shape[0], L.hi.size)
+                or exp.bits != L.b_high or exp.group_size != L.gs):
+            raise InvalidArgumentError(f"high_fixed[{n!r}] must be the PartExport of the "
+                                       f"{L.hi.size} high columns at {L.b_high} bits, group size "
+                                       f"{L.gs}")
+        L.ada, L.high_exp = None, exp
+        L.wq[:, L.hi] = exp.wq
     rng = np.random.default_rng(seed)
     order: list = []
 
@@ -578,7 +596,8 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
         results[L.name] = HybridResult(
             wq=L.wq.copy(), high_idx=L.hi, low_idx=L.lo, b_low=L.b_low, b_high=L.b_high,
             group_size=L.gs, low=L.low_exp, high=L.high_exp, high_fp16=L.high16, history=history,
-            order="sequential", seconds=seconds)
+            order="sequential", seconds=seconds,
+            lwc_params=L.lwc.params.copy() if L.lwc is not None else None)
     final = []
     for a in range(0, len(inputs), batch_size):
         out = model.block_forward(i, inputs[a:a + batch_size])

@@ -40,6 +40,7 @@ __all__ = ["QuantizeSettings", "Report", "quantize"]
 
 DEFAULT_CANDIDATES = (0.02, 0.05, 0.10, 0.15, 0.20)
 OBJECTIVES = ("layer", "block", "refine")  # and "auto" (QuantizeSettings.objective)
+REFINE_ORDERS = ("lwc-first", "adaround-first")
 DIAGONAL_AUTO_BYTES = 2 << 30  # estimator="auto": the largest Fisher diagonal kept in memory
 
 
@@ -85,6 +86,11 @@ class QuantizeSettings:
     # objective block/refine: OmniQuant's aug_loss — also fit the full-precision block's output
     # on the quantized path's inputs (the sum of both errors)
     block_aug_loss: bool = False
+    # objective refine: "lwc-first" — layer-wise LWC, block-wise clipping with the high columns at
+    # full precision, then layer-wise AdaRound of the high columns against the refined low part;
+    # "adaround-first" — the layer-wise hybrid (LWC and AdaRound), then block-wise clipping with
+    # the high columns fixed at their AdaRound values (the block sees their real error)
+    refine_order: str = "lwc-first"
     gptq_percdamp: float = 0.01
     gptq_blocksize: int = 128
     gptq_act_order: bool = False
@@ -122,6 +128,9 @@ class QuantizeSettings:
                                        f"{kind!r}")
         if s.block_lr is not None and not (math.isfinite(s.block_lr) and s.block_lr > 0):
             raise InvalidArgumentError(f"block_lr must be a positive number, got {s.block_lr}")
+        if s.refine_order not in REFINE_ORDERS:
+            raise InvalidArgumentError(f"refine_order must be one of {', '.join(REFINE_ORDERS)}, "
+                                       f"got {s.refine_order!r}")
         if s.block_epochs < 1 or s.block_batch < 1:
             raise InvalidArgumentError("block_epochs and block_batch must be >= 1")
         if s.avg_bits is not None and not (math.isfinite(s.avg_bits) and s.avg_bits > 0):
@@ -355,7 +364,7 @@ def _block_steps(n_windows: int, s: QuantizeSettings) -> int:
 
 def _block_pass(model, b: int, h: np.ndarray, targets: np.ndarray, plans: dict,
                 s: QuantizeSettings, *, adaround: bool, lwc_init: dict | None = None,
-                aug_targets: np.ndarray | None = None) -> dict:
+                aug_targets: np.ndarray | None = None, high_fixed: dict | None = None) -> dict:
     from . import hybrid
     steps = _block_steps(len(h), s)
     return hybrid.quantize_block(
@@ -363,7 +372,8 @@ def _block_pass(model, b: int, h: np.ndarray, targets: np.ndarray, plans: dict,
         lwc_lr=s.block_lr if s.block_lr is not None else s.lwc_lr,
         adaround_iters=steps if adaround else 0, adaround_lr=s.adaround_lr,
         batch_size=s.block_batch, seed=s.seed + b, n_threads=s.n_threads,
-        scale_bits=s.scale_bits, lwc_init=lwc_init, aug_targets=aug_targets)
+        scale_bits=s.scale_bits, lwc_init=lwc_init, aug_targets=aug_targets,
+        high_fixed=high_fixed)
 
 
 def _refine_block(model, b: int, h: np.ndarray, targets: np.ndarray, plans: dict, kind: str,
@@ -385,22 +395,26 @@ def _refine_block(model, b: int, h: np.ndarray, targets: np.ndarray, plans: dict
     block_plans = {n: plans[n] if kind == "hybrid" else
                    LayerPlan(0, np.zeros(0, np.int64), plans[n].b_low, plans[n].b_low,
                              plans[n].group_size) for n in names}
-    lwc_init = {}
+    adaround_first = s.refine_order == "adaround-first"
+    lwc_init, high_fixed = {}, {}
     for n in names:
         H, ntok = grams.gram(n)
         p = block_plans[n]
+        ada = adaround_first and p.k and p.b_high != 16
         r = hybrid.quantize_layer(W[n], H, ntok, p.high_idx, p.b_low, p.b_high if p.k else p.b_low,
-                                  p.group_size, **{**kw, "adaround_iters": 0})
+                                  p.group_size, **(kw if ada else {**kw, "adaround_iters": 0}))
         if r.lwc_params is not None:
             lwc_init[n] = r.lwc_params
+        if ada:
+            high_fixed[n] = r.high
     res = _block_pass(model, b, h, targets, block_plans, s, adaround=False, lwc_init=lwc_init,
-                      aug_targets=aug_targets)
+                      aug_targets=aug_targets, high_fixed=high_fixed)
     steps = _block_steps(len(h), s)
     out = {}
     for n in names:
         p = block_plans[n]
         info = {"objective": "refine", "steps": steps}
-        if p.k and p.b_high != 16:
+        if p.k and p.b_high != 16 and not adaround_first:
             H, ntok = grams.gram(n)
             r = hybrid.quantize_layer(W[n], H, ntok, p.high_idx, p.b_low, p.b_high, p.group_size,
                                       low_fixed=res[n].low, **kw)
