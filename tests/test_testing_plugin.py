@@ -25,4 +25,6 @@ def test_plugin_runs_a_parametrized_grid_and_writes_the_summary(pytester):
     rows = json.loads((pytester.path / "out" / "summary.json").read_text())
     assert [r["wbits"] for r in rows] == [3, 4]
     assert rows[0]["avg_bits"] > rows[0]["wbits"]  # exact storage includes the scales
+    assert [r["settings"]["wbits"] for r in rows] == [3, 4]  # every knob is recorded
+    assert rows[0]["settings"]["seed"] == rows[0]["seed"] and "block_aug_loss" in rows[0]["settings"]
     assert (pytester.path / "out" / "summary.md").read_text().startswith("| case | model |")

@@ -7,7 +7,7 @@
 Axes: method × bit config × M estimator × candidate ratio set × b_H (16 = FP16 retention at the
 same budget) — fixed vs optimized ratios, with and without the hybrid quantizer (`quantizer=rtn`),
 with and without inter-layer terms (`diagonal` M), with and without the block-wise refinement
-(`objective`). The session prints one table of every result
+(`objective`), its order and OmniQuant's aug loss. The session prints one table of every result
 and writes hiquant-summary.json/.md.
 """
 
@@ -40,9 +40,14 @@ GRID = [
     ("rtn W3", "rtn", W3, None, None, None, "auto"),
     ("lwc, layer-wise objective", "lwc", W2, None, None, None, "auto"),
     ("hiq, diagonal M, layer-wise objective", "hiq", W2, "diagonal", "paper", 3, "auto"),
+    ("hiq, diagonal M, refine with aug loss", "hiq", W2, "diagonal", "paper", 3, "auto"),
+    ("hiq, diagonal M, refine adaround-first", "hiq", W2, "diagonal", "paper", 3, "auto"),
 ]
-# cases without the block-wise refinement (the others use the default objective, refine)
-OBJECTIVE = {"lwc, layer-wise objective": "layer", "hiq, diagonal M, layer-wise objective": "layer"}
+# settings beyond the defaults (the others use the default objective, refine lwc-first)
+EXTRA = {"lwc, layer-wise objective": dict(objective="layer"),
+         "hiq, diagonal M, layer-wise objective": dict(objective="layer"),
+         "hiq, diagonal M, refine with aug loss": dict(block_aug_loss=True),
+         "hiq, diagonal M, refine adaround-first": dict(refine_order="adaround-first")}
 QUICK = {"rtn", "fixed ratio, hybrid", "hiq, fisher M", "hiq, diagonal M (no inter-layer)"}
 
 
@@ -61,8 +66,7 @@ def test_ablation(setup, quantize_and_eval, label, method, cfg, estimator, cands
         kw["hbits"] = hbits
     if estimator:
         kw["estimator"] = estimator
-    if label in OBJECTIVE:
-        kw["objective"] = OBJECTIVE[label]
+    kw.update(EXTRA.get(label, {}))
     if cands:
         kw["candidates"] = CANDIDATES[cands]
     import hiquant

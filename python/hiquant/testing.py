@@ -68,6 +68,8 @@ def quantize_and_eval(request, hiquant_cache_dir):
             "candidates": list(s["candidates"]) if s["method"] == "hiq" else None,
             "avg_bits": rep.avg_bits, "ppl": rep.ppl, "seconds": time.perf_counter() - t0,
             "seed": s["seed"],
+            # every knob of the run (block_aug_loss, refine_order, iterations, ...) for the JSON
+            "settings": json.loads(json.dumps(s, default=str)),
         })
         return rep
 
