@@ -478,3 +478,34 @@ def test_block_driver_keeps_fixed_high_columns_and_refines_the_clipping_around_t
     with pytest.raises(ValueError, match="high_fixed"):
         hybrid.quantize_block(model, 0, h, no_high, targets=target, lwc_iters=0,
                               high_fixed={names[0]: fixed[names[0]]})
+
+
+def test_cosine_schedule_starts_at_the_learning_rate_and_decays_to_zero(tmp_path):
+    """lwc_schedule='cosine': lr at step 0, half of it midway, decreasing, ~0 at the last step;
+    a one-step cosine run is the constant run exactly; an unknown schedule is refused."""
+    lrs = [hybrid.cosine_lr(1e-2, t, 10) for t in range(10)]
+    assert lrs[0] == 1e-2 and lrs[5] == pytest.approx(5e-3, rel=1e-12)
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and 0 < lrs[-1] < 3e-4
+    checkpoints = pytest.importorskip("checkpoints")
+    from hiquant.model import load_model
+    folder, _, _ = checkpoints.write_checkpoint(tmp_path / "m", hidden=32, layers=2, inter=48,
+                                                vocab=100, seed=11)
+    model = load_model(folder)
+    h = model.embed(np.random.default_rng(5).integers(0, 100, (4, 12)))
+    names = model.block_linear_names(0)
+    plans = {n: LayerPlan(0, np.zeros(0, np.int64), 2, 2, 16) for n in names}
+    target = model.block_forward(0, h)
+
+    def run(iters, schedule):
+        for n in names:
+            model.reset_weight(n)
+        return hybrid.quantize_block(model, 0, h, plans, targets=target, lwc_iters=iters,
+                                     adaround_iters=0, batch_size=2, lwc_schedule=schedule)
+
+    one_c, one_k = run(1, "cosine"), run(1, "constant")
+    for n in names:
+        np.testing.assert_array_equal(one_c[n].wq, one_k[n].wq)
+    many_c, many_k = run(6, "cosine"), run(6, "constant")
+    assert any(not np.array_equal(many_c[n].lwc_params, many_k[n].lwc_params) for n in names)
+    with pytest.raises(ValueError, match="lwc_schedule"):
+        run(1, "linear")

@@ -166,6 +166,9 @@ def test_refine_starts_from_the_layerwise_run_and_moves_it(model, tmp_path):
     with pytest.raises(hiquant.InvalidArgumentError, match="block_lr"):
         quantize(embedded_model_path(), embedded_calib_path(), method="lwc", objective="refine",
                  block_lr=-1.0, model=model, progress=False, **FAST)
+    with pytest.raises(hiquant.InvalidArgumentError, match="block_lr_schedule"):
+        quantize(embedded_model_path(), embedded_calib_path(), method="lwc", objective="refine",
+                 block_lr_schedule="step", model=model, progress=False, **FAST)
 
 
 def test_aug_loss_is_recorded_and_changes_the_blocks_after_the_first(model, tmp_path):

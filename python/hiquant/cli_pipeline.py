@@ -212,6 +212,10 @@ def add_pipeline_commands(sub) -> None:
     p.add_argument("--block-batch", dest="block_batch", type=int, default=None)
     p.add_argument("--block-lr", dest="block_lr", type=float, default=None,
                    help="--objective block/refine: LWC learning rate (default --lwc-lr)")
+    p.add_argument("--block-lr-schedule", dest="block_lr_schedule", default=None,
+                   choices=("constant", "cosine"),
+                   help="--objective block/refine: LWC learning rate constant (default, "
+                        "OmniQuant's) or decaying to 0 along a half cosine")
     p.add_argument("--block-aug-loss", dest="block_aug_loss", action="store_true", default=None,
                    help="--objective block/refine: OmniQuant's aug_loss (also fit the "
                         "full-precision block's output on the quantized path's inputs)")

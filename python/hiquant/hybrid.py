@@ -38,6 +38,7 @@ LWC's layer-wise loss levelled off within 200-500 full-batch steps on those laye
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -52,6 +53,7 @@ __all__ = ["HybridResult", "quantize_layer", "quantize_layer_as", "quantize_bloc
            "block_loss", "ORDERS"]
 
 ORDERS = ("sequential", "joint")
+LWC_SCHEDULES = ("constant", "cosine")  # quantize_block's LWC learning-rate schedules
 
 Progress = Optional[Callable[[str, int, int], None]]
 
@@ -413,6 +415,12 @@ def quantize_layer_as(name: str, W: np.ndarray, H: np.ndarray, n_tokens: int, pl
 # block-wise
 
 
+def cosine_lr(lr: float, step: int, total: int) -> float:
+    """The learning rate of step ``step`` (0-based) of ``total`` under a half-cosine decay from
+    ``lr`` (step 0) towards 0 (reached after the last step)."""
+    return lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
 def block_loss(out: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
     """Reconstruction loss of a block's output and its gradient: the mean over tokens of the
     squared error summed over the hidden dimension (BRECQ's ``lp_loss``: per-token sum, mean over
@@ -454,7 +462,8 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
                    b_start: float = 20.0, b_end: float = 2.0, batch_size: int = 1, seed: int = 0,
                    n_threads: int | None = None, progress: Progress = None,
                    scale_bits: int = 16, lwc_init: dict | None = None,
-                   aug_targets: np.ndarray | None = None, high_fixed: dict | None = None) -> dict:
+                   aug_targets: np.ndarray | None = None, high_fixed: dict | None = None,
+                   lwc_schedule: str = "constant") -> dict:
     """Hybrid quantization of the seven linears of block ``i`` on the block-wise objective.
 
     ``model``: a :class:`hiquant.model.Model`; ``inputs``: the calibration hidden states entering
@@ -474,7 +483,9 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
     (``loss_final`` reports the error against ``targets`` alone). ``high_fixed``: ``{name:
     PartExport}`` of high columns already quantized elsewhere (e.g. by layer-wise AdaRound): they
     keep those values throughout — the clipping is learned with the block seeing the high
-    columns' real quantization error — and are returned unchanged. Returns ``{name:
+    columns' real quantization error — and are returned unchanged. ``lwc_schedule``:
+    ``"constant"`` (OmniQuant's) or ``"cosine"`` (LWC's learning rate decays from ``lwc_lr`` to
+    0 over ``lwc_iters`` steps along a half cosine). Returns ``{name:
     HybridResult}`` (``history`` holds the block's loss per step).
     """
     names = model.block_linear_names(i)
@@ -484,6 +495,9 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
     if not isinstance(inputs, np.ndarray) or inputs.ndim != 3:
         raise InvalidArgumentError("inputs must be a (n, seqlen, hidden) numpy array")
     lwc_iters, adaround_iters = _iters(lwc_iters, "lwc_iters"), _iters(adaround_iters, "adaround_iters")
+    if lwc_schedule not in LWC_SCHEDULES:
+        raise InvalidArgumentError(f"lwc_schedule must be one of {', '.join(LWC_SCHEDULES)}, got "
+                                   f"{lwc_schedule!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise InvalidArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
     nt = resolve_n_threads(n_threads)
@@ -566,6 +580,8 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
     def lwc_update(L, dW):
         if L.lwc is None:
             return 0.0
+        if lwc_schedule == "cosine":
+            L.lwc.lr = cosine_lr(lwc_lr, L.lwc.steps, lwc_iters)
         L.lwc.step(np.ascontiguousarray(dW[:, L.lo]))
         L.wq[:, L.lo] = L.lwc.forward()
         return 0.0

@@ -19,6 +19,12 @@ Objectives of the learned quantizers (``objective``):
   low part. Measured on llama-bench (W2 g64, hiq at 2.30 bits, 1000/5000 iterations): diagonal
   M layer 10.37, refine (2 epochs) 9.91; fisher M layer 10.76, block from scratch (2 epochs)
   12.68 — a few block-wise epochs only help when they start from a good solution.
+
+Options of the block-wise objectives: ``block_aug_loss`` (OmniQuant's aug_loss: the block also fits
+the full-precision block's output on the quantized path's inputs) and, for refine,
+``refine_order`` ("lwc-first", above, or "adaround-first": the layer-wise hybrid first, then the
+block-wise clipping with the high columns fixed at their AdaRound values, so the block sees the
+high columns' real quantization error).
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ class QuantizeSettings:
     # objective block/refine: OmniQuant's aug_loss — also fit the full-precision block's output
     # on the quantized path's inputs (the sum of both errors)
     block_aug_loss: bool = False
+    block_lr_schedule: str = "constant"  # objective block/refine: LWC lr, constant or cosine decay
     # objective refine: "lwc-first" — layer-wise LWC, block-wise clipping with the high columns at
     # full precision, then layer-wise AdaRound of the high columns against the refined low part;
     # "adaround-first" — the layer-wise hybrid (LWC and AdaRound), then block-wise clipping with
@@ -131,6 +138,10 @@ class QuantizeSettings:
         if s.refine_order not in REFINE_ORDERS:
             raise InvalidArgumentError(f"refine_order must be one of {', '.join(REFINE_ORDERS)}, "
                                        f"got {s.refine_order!r}")
+        from .hybrid import LWC_SCHEDULES
+        if s.block_lr_schedule not in LWC_SCHEDULES:
+            raise InvalidArgumentError(f"block_lr_schedule must be one of {', '.join(LWC_SCHEDULES)}"
+                                       f", got {s.block_lr_schedule!r}")
         if s.block_epochs < 1 or s.block_batch < 1:
             raise InvalidArgumentError("block_epochs and block_batch must be >= 1")
         if s.avg_bits is not None and not (math.isfinite(s.avg_bits) and s.avg_bits > 0):
@@ -373,7 +384,7 @@ def _block_pass(model, b: int, h: np.ndarray, targets: np.ndarray, plans: dict,
         adaround_iters=steps if adaround else 0, adaround_lr=s.adaround_lr,
         batch_size=s.block_batch, seed=s.seed + b, n_threads=s.n_threads,
         scale_bits=s.scale_bits, lwc_init=lwc_init, aug_targets=aug_targets,
-        high_fixed=high_fixed)
+        high_fixed=high_fixed, lwc_schedule=s.block_lr_schedule)
 
 
 def _refine_block(model, b: int, h: np.ndarray, targets: np.ndarray, plans: dict, kind: str,
