@@ -396,7 +396,9 @@ def _refine_block(model, b: int, h: np.ndarray, targets: np.ndarray, plans: dict
     how its seven layers' errors combine through attention and the MLP; (3) with the low parts
     frozen at their refined values, AdaRound of the high columns on the layer-wise objective
     (5000 cheap Gram steps instead of a few hundred block steps). Leaves the block's weights in
-    ``model`` quantized and returns ``{name: QuantizedLayer}``."""
+    ``model`` quantized and returns ``{name: QuantizedLayer}``. With ``refine_order=
+    "adaround-first"`` (1) also runs the layer-wise AdaRound, (2) keeps its high columns fixed, and
+    there is no (3)."""
     from . import hybrid
     names = model.block_linear_names(b)
     grams = _block_grams(model, b, h, bs, s.n_threads)
