@@ -309,3 +309,44 @@ def test_model_file_change_invalidates_the_cache_key(tiny_checkpoint, tmp_path):
     cfg = (folder / "config.json").read_text()
     (folder / "config.json").write_text(cfg.replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
     assert stats_key(load_model(folder), win) != k1
+
+
+def test_copied_or_touched_checkpoint_keeps_the_cache_key(tiny_checkpoint, tmp_path):
+    """The key follows the bytes, not the file metadata: a plain copy (new mtime and inode) and a
+    touch keep the statistics cache and a run's resumable progress valid."""
+    import os
+    import shutil
+    src = tiny_checkpoint("LlamaForCausalLM", seed=10)[0]
+    win = _windows({"vocab_size": 100}, n=1)
+    k_src = stats_key(load_model(src), win)
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for f in src.iterdir():
+        shutil.copyfile(f, folder / f.name)  # copyfile: no metadata, a fresh mtime
+    os.utime(folder / "model.safetensors", ns=(1, 1))
+    m = load_model(folder)
+    assert stats_key(m, win) == k_src
+    assert m.fingerprint() == load_model(src).fingerprint()
+
+
+def test_one_changed_weight_byte_changes_the_fingerprint(tiny_checkpoint, tmp_path):
+    """Same size, same header, same mtime: only the content differs, and the key sees it."""
+    import hashlib
+    import os
+    import shutil
+    src = tiny_checkpoint("LlamaForCausalLM", seed=10)[0]
+    folder = tmp_path / "m"
+    shutil.copytree(src, folder)
+    path = folder / "model.safetensors"
+    m = load_model(folder)
+    fp = m.fingerprint()
+    # the independent reference: sha256 of the file's bytes
+    assert fp["files"]["model.safetensors"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last byte is tensor data, never the header
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    win = _windows({"vocab_size": 100}, n=1)
+    assert load_model(folder).fingerprint() != fp
+    assert stats_key(load_model(folder), win) != stats_key(load_model(src), win)

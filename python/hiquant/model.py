@@ -319,11 +319,13 @@ def parse_config(raw: dict, path="config.json", source_dtype: str = "float32") -
 # safetensors
 
 
-def _header_digest(path: Path) -> str:
-    """sha256 of a safetensors file's length prefix and JSON header (names, dtypes, offsets)."""
+def _file_digest(path: Path) -> str:
+    """sha256 of a whole file, streamed (hashlib.file_digest needs Python 3.11)."""
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return hashlib.sha256(struct.pack("<Q", n) + f.read(n)).hexdigest()
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _expand(raw: np.ndarray, st_dtype: str, out_dtype) -> np.ndarray:
@@ -579,6 +581,7 @@ class Model:
         self.compute_dtype = np.dtype(compute_dtype)
         self.weight_cache_bytes = int(weight_cache_bytes)
         self._files = files  # filename → SafetensorsFile
+        self._content_digests: dict = {}  # (path, size, mtime, inode) → sha256, for fingerprint()
         self._where = tensor_file  # tensor name → SafetensorsFile
         self._overrides: dict[str, np.ndarray] = {}
         self._cache: OrderedDict = OrderedDict()
@@ -615,13 +618,20 @@ class Model:
         return tuple(self._where[name + ".weight"].tensors[name + ".weight"].shape)
 
     def fingerprint(self) -> dict:
-        """What identifies these weights: the config hash and, per safetensors file, its size,
-        mtime and header hash. Caches keyed by it are invalidated by any change of the files."""
+        """What identifies these weights: the config hash and, per safetensors file, its size and
+        the sha256 of its bytes. Caches and resumable runs keyed by it follow the content, not the
+        file's metadata: a copied, re-downloaded or ``touch``-ed checkpoint keeps its key, and any
+        changed byte changes it. (An earlier key used the mtime, so every copy of a checkpoint
+        threw its statistics cache and run progress away.) The file hash is computed once per
+        file state (path, size, mtime, inode) and kept on this object; hashing reads each file
+        once, about as long as loading it."""
         files = {}
         for fname, f in sorted(self._files.items()):
             st = f.path.stat()
-            files[fname] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                            "header_sha256": _header_digest(f.path)}
+            memo_key = (str(f.path), st.st_size, st.st_mtime_ns, st.st_ino)
+            if memo_key not in self._content_digests:
+                self._content_digests[memo_key] = _file_digest(f.path)
+            files[fname] = {"size": st.st_size, "sha256": self._content_digests[memo_key]}
         return {"config_sha256": self.config.fingerprint(), "files": files}
 
     def __repr__(self) -> str:
