@@ -209,7 +209,9 @@ def add_pipeline_commands(sub) -> None:
     p.add_argument("--block-epochs", dest="block_epochs", type=int, default=None,
                    help="--objective block/refine: passes over the calibration windows per block "
                         "(default 2)")
-    p.add_argument("--block-batch", dest="block_batch", type=int, default=None)
+    p.add_argument("--block-batch", dest="block_batch", type=int, default=None,
+                   help="--objective block/refine: calibration windows per step (default 1, "
+                        "OmniQuant's)")
     p.add_argument("--block-lr", dest="block_lr", type=float, default=None,
                    help="--objective block/refine: LWC learning rate (default --lwc-lr)")
     p.add_argument("--block-lr-schedule", dest="block_lr_schedule", default=None,
