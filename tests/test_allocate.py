@@ -78,9 +78,11 @@ def test_layer_cost_bits_known_values():
     assert A.layer_cost_bits(4096, 4096, 410, 2, 3, 64) == want
     assert A.layer_cost_bits(8, 16, 0, 2, 3, 64) == 8 * 16 * 2 + 8 * 18  # no mask, no high part
     assert A.layer_cost_bits(8, 16, 4, 2, 16, 0) == 8 * 12 * 2 + 8 * 18 + 8 * 4 * 16 + 16
-    # 8-bit scales: 8-bit code + b-bit zero per group, a float16 super-scale per row and part
-    want8 = (4096 * 3686 * 2 + 4096 * 58 * 10 + 4096 * 16 + 4096 * 410 * 3 + 4096 * 7 * 11
-             + 4096 * 16 + 4096)
+    # 8-bit scales: 8-bit code + b-bit zero per group, a float16 super-scale per block of whole
+    # rows holding <= 256 codes: low 58 groups -> 4 rows -> 1024 super-scales; high 7 groups ->
+    # 36 rows -> ceil(4096 / 36) = 114
+    want8 = (4096 * 3686 * 2 + 4096 * 58 * 10 + 1024 * 16 + 4096 * 410 * 3 + 4096 * 7 * 11
+             + 114 * 16 + 4096)
     assert A.layer_cost_bits(4096, 4096, 410, 2, 3, 64, 8) == want8
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -9,8 +10,10 @@ import pytest
 
 import hiquant
 from hiquant._atomic import atomic_dir, atomic_write_text
-from hiquant.export import layer_entry, layer_from_tensors, layer_tensors
-from hiquant.layers import QuantizedLayer, QuantPart, fp16_scales, scale8, storage_bits
+from hiquant.errors import CheckpointError
+from hiquant.export import layer_entry, layer_from_tensors, layer_tensors, read_quant_config
+from hiquant.layers import (SCALE_SUPER_BLOCK, QuantizedLayer, QuantPart, fp16_scales, scale8,
+                            storage_bits, super_rows)
 from hiquant import quantizer as qz
 
 CASES = [  # (high columns, b_high)
@@ -62,23 +65,34 @@ def test_storage_bits_formula_by_hand():
     assert storage_bits(d_out, d_in, k, 2, 16, 64) == low + d_out * k * 16 + d_in
 
 
-def test_scale8_is_an_exact_product_on_a_grid_that_covers_every_group():
+@pytest.mark.parametrize("rows", [None, 1, 7])
+def test_scale8_is_an_exact_product_on_a_grid_that_covers_every_group(rows):
     rng = np.random.default_rng(5)
     s = (np.abs(rng.standard_normal((200, 9))) * rng.lognormal(0, 3, (200, 1))).astype(np.float32)
     s[3, :] = 1e-9  # a row of (almost) empty groups: raised to float16's smallest normal
     s[4, 2] = s[4].max() * 1e-4  # a group far below its row's largest
-    s32, code, sup = scale8(s)
+    s32, code, sup = scale8(s, rows)
+    r = 256 // 9 if rows is None else rows  # 28 whole rows of 9 codes fit in 256
+    assert sup.shape == (-(-200 // r),)  # the last block is short
     assert code.dtype == np.uint8 and code.min() >= 1 and sup.dtype == np.float16
+    S = np.repeat(sup.astype(np.float64), r)[:200, None]  # each row's block super-scale
     # the stored scale is S * c exactly (float32 product == float64 product)
-    np.testing.assert_array_equal(s32.astype(np.float64),
-                                  sup.astype(np.float64)[:, None] * code.astype(np.float64))
+    np.testing.assert_array_equal(s32.astype(np.float64), S * code.astype(np.float64))
     sf = np.maximum(s, np.float32(np.finfo(np.float16).tiny)).astype(np.float64)
-    S = sup.astype(np.float64)[:, None]
-    assert np.all(S * 255 >= sf.max(1, keepdims=True))  # every group's code fits
+    for b in range(sup.size):  # S is the smallest float16 that covers its block's largest scale
+        blk = sf[b * r:(b + 1) * r]
+        assert sup[b].astype(np.float64) * 255 >= blk.max()
+        below = np.nextafter(sup[b], np.float16(0)).astype(np.float64)
+        assert below * 255 < blk.max() or sup[b] == np.float16(np.finfo(np.float16).tiny)
     ok = sf >= S / 2  # rounded to nearest: moves by at most S / 2
-    assert np.all(np.abs(s32 - sf)[ok] <= S.repeat(9, 1)[ok] / 2 * (1 + 1e-6))
-    assert np.all(s32[~ok] == S.repeat(9, 1)[~ok])  # tiny groups: raised to S
+    assert np.all(np.abs(s32 - sf)[ok] <= np.broadcast_to(S, sf.shape)[ok] / 2 * (1 + 1e-6))
+    assert np.all(s32[~ok] == np.broadcast_to(S, sf.shape)[~ok])  # tiny groups: raised to S
     assert not ok[4, 2]
+
+
+def test_super_scale_blocks_hold_whole_rows_of_at_most_256_codes():
+    assert [super_rows(ng) for ng in (1, 6, 9, 16, 256, 257, 1000)] == [256, 42, 28, 16, 1, 1, 1]
+    assert SCALE_SUPER_BLOCK == 256
 
 
 def test_8bit_scales_cost_what_the_formula_says_and_barely_change_rtn():
@@ -86,10 +100,77 @@ def test_8bit_scales_cost_what_the_formula_says_and_barely_change_rtn():
     q16 = QuantizedLayer.rtn("x", W, 2, 64)
     q8 = QuantizedLayer.rtn("x", W, 2, 64, scale_bits=8)
     assert q8.scale_bits == 8 and q16.scale_bits == 16
-    assert q16.storage_bits() - q8.storage_bits() == 64 * 4 * 8 - 64 * 16
+    # 4 groups per row: all 64 rows share one super-scale
+    assert q16.storage_bits() - q8.storage_bits() == 64 * 4 * 8 - 16
     e16 = np.square(q16.dequantize() - W).mean()
     e8 = np.square(q8.dequantize() - W).mean()
     assert e8 == pytest.approx(e16, rel=0.05)
+
+
+def test_8bit_storage_formula_by_hand_at_llama_bench_width():
+    # 384 x 384, 8 high columns at 3 bits, low at 2 bits, g = 64, 8-bit scales:
+    # low: 376 columns = 6 groups -> 42 rows per super-scale -> ceil(384 / 42) = 10 super-scales;
+    # high: 1 group -> 256 rows per super-scale -> 2 super-scales.
+    low = 384 * 376 * 2 + 384 * 6 * (8 + 2) + 10 * 16
+    high = 384 * 8 * 3 + 384 * 1 * (8 + 3) + 2 * 16
+    assert storage_bits(384, 384, 8, 2, 3, 64, 8) == low + high + 384
+    # version 1 (a super-scale per row of each part)
+    assert storage_bits(384, 384, 8, 2, 3, 64, 8, (1, 1)) == low + high + 384 + 2 * 384 * 16 - 12 * 16
+    # an FP16 high part has no super-scale
+    assert storage_bits(384, 384, 8, 2, 16, 64, 8) == low + 384 * 8 * 16 + 384
+
+
+@pytest.mark.parametrize("high,b_high", CASES)
+def test_version1_layer_with_a_super_scale_per_row_loads_to_the_same_weights(high, b_high):
+    W = _w(3)
+    d_out = W.shape[0]
+    high = np.sort(np.asarray(high, np.int64))
+    mask = np.ones(W.shape[1], bool)
+    mask[high] = False
+
+    def part(cols, bits):  # a version-1 part, built by hand: one super-scale per row
+        scale, zero = qz.minmax_params(np.ascontiguousarray(cols), bits, 64)
+        s32, code, sup = scale8(scale, rows=1)
+        codes = qz.quantize(np.ascontiguousarray(cols), np.ascontiguousarray(s32), zero, bits, 64)
+        return QuantPart(bits, 64, codes, code, zero, sup, super_rows=1), s32, codes, zero
+
+    if mask.any():
+        low, s_low, c_low, z_low = part(W[:, mask], 2)
+        expect_low = qz.dequantize(c_low, np.ascontiguousarray(s_low), z_low, 2, 64)
+    else:  # every column is high-impact: an empty low part
+        low = QuantPart(2, 64, np.zeros((d_out, 0), np.uint8), np.zeros((d_out, 0), np.float16),
+                        np.zeros((d_out, 0), np.uint8))
+        expect_low = np.zeros((d_out, 0), np.float32)
+    hp = h16 = None
+    if b_high == 16:
+        h16 = W[:, high].astype(np.float16)
+    elif high.size:
+        hp, *_ = part(W[:, high], b_high)
+    ql = QuantizedLayer("blk.q", d_out, W.shape[1], high, low, hp, h16)
+    np.testing.assert_array_equal(ql.dequantize()[:, mask], expect_low)
+    entry = layer_entry(ql)
+    entry.pop("scale_super_rows")  # version-1 entries have no such key
+    back = layer_from_tensors("blk.q", entry, layer_tensors(ql), version=1)
+    np.testing.assert_array_equal(back.dequantize(), ql.dequantize())
+    n_parts = int(mask.any()) + (hp is not None)
+    default = QuantizedLayer.rtn("blk.q", W, 2, 64, high_idx=high, b_high=b_high, scale_bits=8)
+    sb = default.storage_bits()  # same widths and groups; default blocks of rows
+    sup_default = sum(16 * -(-d_out // super_rows(qz.n_groups(n, 64)))
+                      for n, on in ((int(mask.sum()), mask.any()), (high.size, hp is not None)) if on)
+    assert back.storage_bits() == sb - sup_default + 16 * d_out * n_parts
+    with pytest.raises(CheckpointError, match="scales_super"):  # read as version 2: wrong shape
+        layer_from_tensors("blk.q", entry, layer_tensors(ql), version=2)
+
+
+def test_packed_config_versions_1_and_2_are_read_and_others_refused(tmp_path):
+    for v, ok in ((1, True), (2, True), (3, False), (None, False)):
+        (tmp_path / "quantization_config.json").write_text(json.dumps(
+            {"format": "hiquant-packed", "version": v, "layers": {}}))
+        if ok:
+            assert read_quant_config(tmp_path)["version"] == v
+        else:
+            with pytest.raises(CheckpointError, match="version"):
+                read_quant_config(tmp_path)
 
 
 def test_rtn_layer_equals_the_primitives_with_fp16_scales():

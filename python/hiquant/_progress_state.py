@@ -15,7 +15,8 @@ import numpy as np
 from ._atomic import atomic_write_bytes, atomic_write_text
 from .errors import InvalidArgumentError
 
-STATE_VERSION = 2  # 2: hidden states named by block count, full-precision path kept
+STATE_VERSION = 3  # 2: hidden states named by block count, full-precision path kept;
+# 3: 8-bit scales share a super-scale per block of rows (packed format version 2)
 
 
 def run_key(settings: dict, model_fingerprint: dict, calib: dict) -> str:

@@ -156,8 +156,9 @@ def layer_cost_bits(d_out: int, d_in: int, k: int, b_low: int, b_high: int,
       ``d_out·k·b_high + d_out·ng(k, g)·(scale_bits + b_high)``; with ``b_high == 16`` the high
       part is kept in FP16: ``d_out·k·16``, no scales or zeros;
     * the high-column mask: ``d_in`` bits when ``k > 0``;
-    * ``scale_bits`` 16 (float16 scales) or 8 (double-quantized: 8-bit codes per group plus a
-      float16 super-scale per row of each non-empty quantized part, ``16·d_out`` bits each).
+    * ``scale_bits`` 16 (float16 scales) or 8 (double-quantized: 8-bit codes per group plus, for
+      each non-empty quantized part, a float16 super-scale per block of ``max(1, 256 // ng)``
+      whole rows, ``16·ceil(d_out / rows)`` bits).
 
     ``ng(n, g)`` is 0 for n == 0, 1 when g <= 0 or g >= n, else ``ceil(n/g)``. The packed export
     writes exactly this payload (this is :func:`hiquant.layers.storage_bits`).

@@ -1,23 +1,26 @@
 """Checkpoint export: fake-quant Hugging Face folders and hiquant's packed format.
 
-Packed format (``format: "hiquant-packed", version 1``), one safetensors file ``model.safetensors``
+Packed format (``format: "hiquant-packed", version 2``), one safetensors file ``model.safetensors``
 plus ``quantization_config.json``:
 
 * every quantized linear ``NAME`` (a Hugging Face tensor stem such as
   ``model.layers.0.self_attn.q_proj``) stores
   ``NAME.low.qweight`` (uint8, the low part's codes packed densely at b_low bits, row-major),
   ``NAME.low.scales`` (float16 ``(d_out, n_groups)``; with 8-bit scales uint8 codes plus
-  ``NAME.low.scales_super``, float16 ``(d_out,)``, see :mod:`hiquant.layers`), ``NAME.low.qzeros``
+  ``NAME.low.scales_super``, float16 ``(ceil(d_out / R),)`` for blocks of R rows, see
+  :mod:`hiquant.layers`), ``NAME.low.qzeros``
   (uint8, zero points packed at b_low bits); the same under ``NAME.high.`` for a quantized high part, or
   ``NAME.high.weight`` (float16 ``(d_out, k)``) for an FP16 high part; and ``NAME.high_mask``
   (uint8, a d_in-bit little-endian mask of the high-impact columns) when ``k > 0``;
 * every other tensor (embeddings, norms, ``lm_head``) is copied unchanged in its stored dtype;
-* ``quantization_config.json`` lists each layer's shape, widths, group size and ``k``, the method
+* ``quantization_config.json`` lists each layer's shape, widths, group size, ``k`` and, with 8-bit
+  scales, ``scale_super_rows`` (R of each quantized part, ``{"low": R, "high": R}``), the method
   and its settings, and the bit accounting. The quantized tensors' payload is exactly
   ``sum(layer.storage_bits()) / 8`` bytes up to one padding byte per packed tensor; the only other
   bytes are the safetensors JSON header and the unquantized tensors.
 
 Loading a packed folder gives back exactly the dequantized weights that hiquant evaluated.
+Version 1 (a super-scale per row, R = 1 with no ``scale_super_rows``) is still read.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from .layers import QuantizedLayer, QuantPart
 __all__ = ["PACKED_FORMAT", "layer_tensors", "layer_from_tensors", "layer_entry"]
 
 PACKED_FORMAT = "hiquant-packed"
-PACKED_VERSION = 1
+PACKED_VERSION = 2
+READ_VERSIONS = (1, 2)  # version 1: 8-bit scales had a super-scale per row (super_rows == 1)
 
 
 def _pack_part(prefix: str, part: QuantPart) -> dict:
@@ -67,16 +71,21 @@ def layer_tensors(ql: QuantizedLayer) -> dict:
 
 
 def layer_entry(ql: QuantizedLayer) -> dict:
-    return {
+    entry = {
         "d_out": ql.d_out, "d_in": ql.d_in, "k": ql.k,
         "b_low": ql.b_low, "b_high": ql.b_high if ql.k else None,
         "group_size": ql.group_size, "storage_bits": ql.storage_bits(),
         "scale_bits": ql.scale_bits,
     }
+    rows = {nm: p.super_rows for nm, p in (("low", ql.low), ("high", ql.high))
+            if p is not None and p.scale_super is not None}
+    if rows:
+        entry["scale_super_rows"] = rows
+    return entry
 
 
 def _unpack_part(prefix: str, tensors: dict, d_out: int, n_cols: int, bits: int, group: int,
-                 where: str, scale_bits: int = 16) -> QuantPart:
+                 where: str, scale_bits: int = 16, rows: int = 1) -> QuantPart:
     try:
         qweight, scales, qzeros = (tensors[f"{prefix}.{s}"] for s in ("qweight", "scales", "qzeros"))
     except KeyError as e:
@@ -89,9 +98,10 @@ def _unpack_part(prefix: str, tensors: dict, d_out: int, n_cols: int, bits: int,
     sup = None
     if scale_bits == 8 and n_cols:
         sup = tensors.get(f"{prefix}.scales_super")
-        if sup is None or sup.dtype != np.float16 or sup.shape != (d_out,):
+        nb = -(-d_out // rows)
+        if sup is None or sup.dtype != np.float16 or sup.shape != (nb,):
             raise CheckpointError(f"{where}: {prefix}.scales_super is missing or not "
-                                  f"float16{(d_out,)}")
+                                  f"float16{(nb,)} ({d_out} rows in blocks of {rows})")
         if not np.all(np.isfinite(sup)) or np.any(sup <= 0) or np.any(scales == 0):
             raise CheckpointError(f"{where}: {prefix} has non-positive 8-bit scales")
     try:
@@ -104,11 +114,13 @@ def _unpack_part(prefix: str, tensors: dict, d_out: int, n_cols: int, bits: int,
     if sup is None and scales.dtype == np.float16 and n_cols and (
             not np.all(np.isfinite(scales)) or np.any(scales <= 0)):
         raise CheckpointError(f"{where}: {prefix}.scales has non-positive or non-finite values")
-    return QuantPart(bits, group, codes, scales, zero, sup)
+    return QuantPart(bits, group, codes, scales, zero, sup, rows if sup is not None else None)
 
 
-def layer_from_tensors(name: str, entry: dict, tensors: dict, where: str = "packed checkpoint") -> QuantizedLayer:
-    """Rebuild a QuantizedLayer from its config entry and packed tensors (validating both)."""
+def layer_from_tensors(name: str, entry: dict, tensors: dict, where: str = "packed checkpoint",
+                       version: int = PACKED_VERSION) -> QuantizedLayer:
+    """Rebuild a QuantizedLayer from its config entry and packed tensors (validating both).
+    ``version``: the packed format's version (1: a super-scale per row)."""
     try:
         d_out, d_in, k = int(entry["d_out"]), int(entry["d_in"]), int(entry["k"])
         b_low, group = int(entry["b_low"]), int(entry["group_size"])
@@ -120,6 +132,7 @@ def layer_from_tensors(name: str, entry: dict, tensors: dict, where: str = "pack
         raise CheckpointError(f"{where}: layer {name} has impossible sizes d_out={d_out} d_in={d_in} k={k}")
     if scale_bits not in (16, 8):
         raise CheckpointError(f"{where}: layer {name} has scale_bits {scale_bits}; expected 16 or 8")
+    rows = _super_rows_of(name, entry, d_out, d_in, k, group, scale_bits, version, where)
     if b_low not in qz.PACK_BITS or (k and b_high not in (*qz.PACK_BITS, 16)):
         raise CheckpointError(f"{where}: layer {name} has unsupported widths {b_low}/{b_high}")
     high_idx = np.zeros(0, np.int64)
@@ -131,7 +144,8 @@ def layer_from_tensors(name: str, entry: dict, tensors: dict, where: str = "pack
         high_idx = np.flatnonzero(mask).astype(np.int64)
         if high_idx.size != k:
             raise CheckpointError(f"{where}: {name}.high_mask marks {high_idx.size} columns, config says {k}")
-    low = _unpack_part(f"{name}.low", tensors, d_out, d_in - k, b_low, group, where, scale_bits)
+    low = _unpack_part(f"{name}.low", tensors, d_out, d_in - k, b_low, group, where, scale_bits,
+                       rows["low"])
     high = high16 = None
     if k:
         if b_high == 16:
@@ -139,8 +153,30 @@ def layer_from_tensors(name: str, entry: dict, tensors: dict, where: str = "pack
             if high16 is None or high16.dtype != np.float16 or high16.shape != (d_out, k):
                 raise CheckpointError(f"{where}: {name}.high.weight is missing or not float16{(d_out, k)}")
         else:
-            high = _unpack_part(f"{name}.high", tensors, d_out, k, b_high, group, where, scale_bits)
+            high = _unpack_part(f"{name}.high", tensors, d_out, k, b_high, group, where, scale_bits,
+                                rows["high"])
     return QuantizedLayer(name, d_out, d_in, high_idx, low, high, high16)
+
+
+def _super_rows_of(name, entry, d_out, d_in, k, group, scale_bits, version, where) -> dict:
+    """Rows per super-scale of each part: 1 in version 1; the entry's ``scale_super_rows`` in
+    version 2 (hiquant's default rule when a part is not listed)."""
+    from .layers import super_rows
+    rows = {"low": super_rows(qz.n_groups(d_in - k, group) if d_in > k else 1),
+            "high": super_rows(qz.n_groups(k, group) if k else 1)}
+    if scale_bits != 8:
+        return rows
+    if version == 1:
+        return {"low": 1, "high": 1}
+    given = entry.get("scale_super_rows", {})
+    if not isinstance(given, dict):
+        raise CheckpointError(f"{where}: layer {name} has a malformed scale_super_rows {given!r}")
+    for part, r in given.items():
+        if part not in rows or isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise CheckpointError(f"{where}: layer {name} has a malformed scale_super_rows "
+                                  f"{given!r}; expected positive integers under 'low' / 'high'")
+        rows[part] = r
+    return rows
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
@@ -161,9 +197,9 @@ def read_quant_config(folder: Path) -> dict | None:
         raise CheckpointError(f"{p}: not valid JSON ({e}); re-export the checkpoint") from None
     if not isinstance(cfg, dict) or cfg.get("format") != PACKED_FORMAT:
         raise CheckpointError(f"{p}: not a {PACKED_FORMAT} config")
-    if cfg.get("version") != PACKED_VERSION:
+    if cfg.get("version") not in READ_VERSIONS:
         raise CheckpointError(f"{p}: format version {cfg.get('version')} is not supported "
-                              f"(this hiquant reads version {PACKED_VERSION})")
+                              f"(this hiquant reads versions {', '.join(map(str, READ_VERSIONS))})")
     if not isinstance(cfg.get("layers"), dict):
         raise CheckpointError(f"{p}: missing the 'layers' table")
     return cfg
@@ -286,6 +322,7 @@ class _PackedLinears:
         self.path = path
         self._st = st
         self._entries = qcfg["layers"]
+        self._version = qcfg["version"]
         self.tensors = {}
         for stem, e in self._entries.items():
             try:
@@ -297,7 +334,8 @@ class _PackedLinears:
     def layer(self, stem: str) -> QuantizedLayer:
         prefix = stem + "."
         tensors = {n: self._st.array(n) for n in self._st.tensors if n.startswith(prefix)}
-        return layer_from_tensors(stem, self._entries[stem], tensors, where=str(self._st.path))
+        return layer_from_tensors(stem, self._entries[stem], tensors, where=str(self._st.path),
+                                  version=self._version)
 
     def array(self, name: str) -> np.ndarray:
         return self.layer(name[: -len(".weight")]).dequantize()

@@ -92,9 +92,10 @@ class PartExport:
     wq: np.ndarray  # float32 (d_out, n_cols)
     bits: int
     group_size: int
-    # 8-bit stored scales (hiquant.layers.scale8): scale == scale_super[:, None] * scale_code
+    # 8-bit stored scales (hiquant.layers.scale8): scale == S * scale_code, S the float16
+    # super-scale of the row's block of super_rows(n_groups) rows
     scale_code: np.ndarray | None = None  # uint8 (d_out, n_groups)
-    scale_super: np.ndarray | None = None  # float16 (d_out,)
+    scale_super: np.ndarray | None = None  # float16 (ceil(d_out / super_rows),)
 
 
 class LWC:

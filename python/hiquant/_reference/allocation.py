@@ -33,15 +33,22 @@ def n_groups(n: int, group_size: int) -> int:
 def layer_cost_bits(d_out: int, d_in: int, k: int, b_low: int, b_high: int, group_size: int,
                     scale_bits: int = 16) -> int:
     """Bits of a layer with ``k`` high-impact columns (see hiquant.allocate.layer_cost_bits).
-    8-bit scales: a float16 super-scale per row of every non-empty quantized part."""
-    per_row = 16 if scale_bits == 8 else 0
+    8-bit scales: a float16 super-scale per block of max(1, 256 // n_groups) whole rows of every
+    non-empty quantized part (the last block may be short)."""
+
+    def super_bits(n_cols: int) -> int:
+        if scale_bits != 8 or n_cols == 0:
+            return 0
+        rows = max(1, 256 // n_groups(n_cols, group_size))
+        return 16 * math.ceil(d_out / rows)
+
     low = d_out * (d_in - k) * b_low + d_out * n_groups(d_in - k, group_size) * (scale_bits + b_low)
-    low += d_out * per_row if d_in > k else 0
+    low += super_bits(d_in - k)
     if b_high == 16:
         high = d_out * k * 16
     else:
         high = d_out * k * b_high + d_out * n_groups(k, group_size) * (scale_bits + b_high)
-        high += d_out * per_row if k else 0
+        high += super_bits(k)
     mask = d_in if k > 0 else 0
     return low + high + mask
 
