@@ -67,6 +67,13 @@ def packed_layer(data: bytes) -> None:
     scale_bits = [16, 8, 4][data[2] % 3] if len(data) > 8 else 16
     entry = {"d_out": d_out, "d_in": d_in, "k": k, "b_low": b_low, "b_high": b_high, "group_size": group,
              "scale_bits": scale_bits}
+    version = 2
+    if len(data) > 9:  # rows per super-scale (version 2), legal and malformed; or version 1
+        rows = [None, {"low": 1}, {"low": 2, "high": 3}, {"low": 0}, "x", {"mid": 1}, {"low": True},
+                {"high": 10**12}, {"low": -3}, {"low": 2.5}][data[9] % 10]
+        if rows is not None:
+            entry["scale_super_rows"] = rows
+        version = 1 + (data[9] >= 128)
     tensors = {}
     for part in ("low", "high"):
         tensors[f"x.{part}.qweight"] = rng.integers(0, 256, size=rng.integers(0, 40), dtype=np.uint8)
@@ -79,7 +86,7 @@ def packed_layer(data: bytes) -> None:
     tensors["x.high_mask"] = rng.integers(0, 256, size=(d_in + 7) // 8, dtype=np.uint8)
     tensors["x.high.weight"] = rng.standard_normal((d_out, k)).astype(np.float16)
     try:
-        layer_from_tensors("x", entry, tensors).dequantize()
+        layer_from_tensors("x", entry, tensors, version=version).dequantize()
     except EXPECTED:
         pass
 

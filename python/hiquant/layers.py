@@ -84,6 +84,7 @@ def scale8(scale: np.ndarray, rows: int | None = None) -> tuple[np.ndarray, np.n
     rows = super_rows(ng) if rows is None else int(rows)
     if rows < 1:
         raise InvalidArgumentError(f"rows per super-scale must be >= 1, got {rows}")
+    rows = min(rows, max(d_out, 1))  # one block either way; keeps the padding below bounded
     nb = n_super(d_out, rows)
     if ng:
         pad = np.full((nb * rows - d_out, ng), FP16_TINY, np.float32)  # the short last block
@@ -93,7 +94,7 @@ def scale8(scale: np.ndarray, rows: int | None = None) -> tuple[np.ndarray, np.n
     sup = np.maximum(smax / np.float32(255.0), np.float32(FP16_TINY)).astype(np.float16)
     low = sup.astype(np.float32) * np.float32(255.0) < smax  # rounded down: step up one ulp
     sup[low] = np.nextafter(sup[low], np.float16(np.inf))
-    sup_rows = np.repeat(sup.astype(np.float32), rows)[:d_out]
+    sup_rows = sup.astype(np.float32)[np.arange(d_out) // rows]
     codes = np.clip(np.rint(s / sup_rows[:, None]), 1, 255).astype(np.uint8)
     return sup_rows[:, None] * codes.astype(np.float32), codes, sup
 
@@ -194,7 +195,7 @@ class QuantPart:
         """The scales as used: float16 values, or ``S * c`` (exact in float32)."""
         if self.scale_super is None:
             return self.scale.astype(np.float32)
-        sup = np.repeat(self.scale_super.astype(np.float32), self.super_rows)[:self.codes.shape[0]]
+        sup = self.scale_super.astype(np.float32)[np.arange(self.codes.shape[0]) // self.super_rows]
         return sup[:, None] * self.scale.astype(np.float32)
 
     @classmethod
