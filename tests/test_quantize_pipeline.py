@@ -66,7 +66,7 @@ def test_rtn_run_reports_exact_bits_and_its_export_reloads_identically(model, tm
     assert ppl == pytest.approx(rep.ppl, rel=2e-3)  # fp16 storage of the dequantized weights
 
 
-def test_hiq_with_8bit_scales_fits_its_budget_and_reloads_identically(model, tmp_path):
+def test_hiq_with_8bit_scales_fits_its_budget_and_reloads_identically_in_both_packed_versions(model, tmp_path):
     """scale_bits=8: allocation, the layers and the packed export count the same bits; the
     packed folder reloads to exactly the evaluated weights."""
     out = tmp_path / "run8"
@@ -82,6 +82,23 @@ def test_hiq_with_8bit_scales_fits_its_budget_and_reloads_identically(model, tmp
     assert {e["scale_bits"] for e in cfg["layers"].values()} == {8}
     for name in model.linear_names():
         np.testing.assert_array_equal(pm.get_weight(name), model.get_weight(name))
+    # The same folder re-expressed in packed format version 1 (a super-scale per row: each
+    # block's super-scale repeated over its rows, same codes) loads to the same weights.
+    import shutil
+    from safetensors.numpy import load_file, save_file
+    v1 = tmp_path / "v1"
+    shutil.copytree(out / "packed", v1)
+    tensors = load_file(str(v1 / "model.safetensors"))
+    for stem, e in cfg["layers"].items():
+        for part, rows in e.pop("scale_super_rows").items():
+            sup = tensors[f"{stem}.{part}.scales_super"]
+            tensors[f"{stem}.{part}.scales_super"] = np.repeat(sup, rows)[:e["d_out"]]
+    cfg["version"] = 1
+    save_file(tensors, str(v1 / "model.safetensors"))
+    (v1 / "quantization_config.json").write_text(json.dumps(cfg))
+    pm1 = load_packed(v1)
+    for name in model.linear_names():
+        np.testing.assert_array_equal(pm1.get_weight(name), model.get_weight(name))
     with pytest.raises(hiquant.InvalidArgumentError, match="scale_bits"):
         quantize(embedded_model_path(), embedded_calib_path(), method="gptq", scale_bits=8,
                  model=model, progress=False, **FAST)
