@@ -34,7 +34,7 @@ import numpy as np
 from . import quantizer as qz
 from ._atomic import atomic_dir
 from .errors import CheckpointError
-from .layers import QuantizedLayer, QuantPart
+from .layers import QuantizedLayer, QuantPart, n_super, super_rows
 
 __all__ = ["PACKED_FORMAT", "layer_tensors", "layer_from_tensors", "layer_entry"]
 
@@ -85,7 +85,8 @@ def layer_entry(ql: QuantizedLayer) -> dict:
 
 
 def _unpack_part(prefix: str, tensors: dict, d_out: int, n_cols: int, bits: int, group: int,
-                 where: str, scale_bits: int = 16, rows: int = 1) -> QuantPart:
+                 where: str, scale_bits: int = 16, rows: int | None = None) -> QuantPart:
+    """``rows``: rows per super-scale of an 8-bit part; None: the default :func:`super_rows`."""
     try:
         qweight, scales, qzeros = (tensors[f"{prefix}.{s}"] for s in ("qweight", "scales", "qzeros"))
     except KeyError as e:
@@ -98,7 +99,8 @@ def _unpack_part(prefix: str, tensors: dict, d_out: int, n_cols: int, bits: int,
     sup = None
     if scale_bits == 8 and n_cols:
         sup = tensors.get(f"{prefix}.scales_super")
-        nb = -(-d_out // rows)
+        rows = super_rows(ng) if rows is None else rows
+        nb = n_super(d_out, rows)
         if sup is None or sup.dtype != np.float16 or sup.shape != (nb,):
             raise CheckpointError(f"{where}: {prefix}.scales_super is missing or not "
                                   f"float16{(nb,)} ({d_out} rows in blocks of {rows})")
@@ -132,7 +134,7 @@ def layer_from_tensors(name: str, entry: dict, tensors: dict, where: str = "pack
         raise CheckpointError(f"{where}: layer {name} has impossible sizes d_out={d_out} d_in={d_in} k={k}")
     if scale_bits not in (16, 8):
         raise CheckpointError(f"{where}: layer {name} has scale_bits {scale_bits}; expected 16 or 8")
-    rows = _super_rows_of(name, entry, d_out, d_in, k, group, scale_bits, version, where)
+    rows = _super_rows_of(name, entry, scale_bits, version, where)
     if b_low not in qz.PACK_BITS or (k and b_high not in (*qz.PACK_BITS, 16)):
         raise CheckpointError(f"{where}: layer {name} has unsupported widths {b_low}/{b_high}")
     high_idx = np.zeros(0, np.int64)
@@ -158,12 +160,10 @@ def layer_from_tensors(name: str, entry: dict, tensors: dict, where: str = "pack
     return QuantizedLayer(name, d_out, d_in, high_idx, low, high, high16)
 
 
-def _super_rows_of(name, entry, d_out, d_in, k, group, scale_bits, version, where) -> dict:
+def _super_rows_of(name, entry, scale_bits, version, where) -> dict:
     """Rows per super-scale of each part: 1 in version 1; the entry's ``scale_super_rows`` in
-    version 2 (hiquant's default rule when a part is not listed)."""
-    from .layers import super_rows
-    rows = {"low": super_rows(qz.n_groups(d_in - k, group) if d_in > k else 1),
-            "high": super_rows(qz.n_groups(k, group) if k else 1)}
+    version 2 (None, hiquant's default rule, when a part is not listed)."""
+    rows = {"low": None, "high": None}
     if scale_bits != 8:
         return rows
     if version == 1:
