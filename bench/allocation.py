@@ -212,7 +212,7 @@ def part_model(args, out: dict) -> None:
     out["min_feasible_avg_bits"] = min_avg
     out["max_avg_bits"] = max_avg
     print(f"budget range with {sb}-bit scales, g=64: {min_avg:.5f} .. {max_avg:.5f} bits/weight")
-    for sb in (16, 8):
+    for sb in (16, 8, 6):
         for g in (64, 128):
             c = A.option_costs(shapes, A.DEFAULT_CANDIDATES, 2, 3, g, scale_bits=sb)
             out.setdefault("min_feasible_by_scale_bits_and_group", {})[f"s{sb}_g{g}"] = c.min(1).sum() / nw
@@ -283,7 +283,7 @@ def main(argv=None) -> None:
     ap.add_argument("--avg-bits", type=float, default=None,
                     help="the budget of part 2 (default: 2.3 where feasible, else midway in the "
                          "feasible range)")
-    ap.add_argument("--scale-bits", type=int, default=8, choices=(16, 8),
+    ap.add_argument("--scale-bits", type=int, default=8, choices=(16, 8, 6),
                     help="stored scale precision for the costs (8: 2.3 bits is feasible at W2 g64)")
     args = ap.parse_args(argv)
     args.estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]

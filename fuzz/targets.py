@@ -64,7 +64,7 @@ def packed_layer(data: bytes) -> None:
     d_out, d_in, k = 1 + data[0] % 9, 1 + data[1] % 17, data[2] % 20
     b_low, b_high, group = [2, 3, 4, 8, 5][data[3] % 5], [2, 3, 4, 8, 16, 1][data[4] % 6], data[5] % 9 - 1
     rng = np.random.default_rng(int.from_bytes(data[6:8], "little"))
-    scale_bits = [16, 8, 4][data[2] % 3] if len(data) > 8 else 16
+    scale_bits = [16, 8, 6, 4][data[2] % 4] if len(data) > 8 else 16
     entry = {"d_out": d_out, "d_in": d_in, "k": k, "b_low": b_low, "b_high": b_high, "group_size": group,
              "scale_bits": scale_bits}
     version = 2
@@ -78,9 +78,11 @@ def packed_layer(data: bytes) -> None:
     for part in ("low", "high"):
         tensors[f"x.{part}.qweight"] = rng.integers(0, 256, size=rng.integers(0, 40), dtype=np.uint8)
         ng = rng.integers(0, 4)
-        tensors[f"x.{part}.scales"] = (rng.standard_normal((d_out, ng)).astype(np.float16)
-                                       if scale_bits == 16 or rng.random() < 0.2 else
-                                       rng.integers(0, 256, size=(d_out, ng), dtype=np.uint8))
+        r = rng.random()
+        tensors[f"x.{part}.scales"] = (
+            rng.standard_normal((d_out, ng)).astype(np.float16) if scale_bits == 16 or r < 0.2 else
+            rng.integers(0, 256, size=(d_out, ng), dtype=np.uint8) if r < 0.6 else
+            rng.integers(0, 256, size=rng.integers(0, d_out * 4), dtype=np.uint8))  # packed 6-bit
         tensors[f"x.{part}.scales_super"] = rng.standard_normal(rng.integers(0, d_out + 2)).astype(np.float16)
         tensors[f"x.{part}.qzeros"] = rng.integers(0, 256, size=rng.integers(0, 8), dtype=np.uint8)
     tensors["x.high_mask"] = rng.integers(0, 256, size=(d_in + 7) // 8, dtype=np.uint8)

@@ -55,7 +55,7 @@ def test_layer_cost_bits_matches_reference_formula_and_the_storage_format():
         k = int(rng.integers(0, d_in + 1))
         b_low, b_high = int(rng.choice([2, 3, 4, 8])), int(rng.choice([2, 3, 4, 8, 16]))
         g = int(rng.choice([-1, 0, 1, 7, 32, 64, 128, 1000]))
-        sb = int(rng.choice([8, 16]))
+        sb = int(rng.choice([6, 8, 16]))
         want = ref.layer_cost_bits(d_out, d_in, k, b_low, b_high, g, sb)
         assert A.layer_cost_bits(d_out, d_in, k, b_low, b_high, g, sb) == want
         assert storage_bits(d_out, d_in, k, b_low, b_high, g, sb) == want
@@ -66,7 +66,7 @@ def test_layer_cost_bits_equals_bits_of_a_real_quantized_layer():
     W = rng.normal(size=(24, 40)).astype(np.float32)
     for k, b_high, g in [(0, 3, 8), (5, 3, 8), (13, 4, 16), (40, 3, 0), (7, 16, 8)]:
         idx = np.sort(rng.choice(40, k, replace=False))
-        for sb in (16, 8):
+        for sb in (16, 8, 6):
             ql = QuantizedLayer.rtn("l", W, 2, g, high_idx=idx, b_high=b_high, scale_bits=sb)
             assert ql.scale_bits == (sb if (k < 40 or b_high != 16) else 16)
             assert A.layer_cost_bits(24, 40, k, 2, b_high, g, sb) == ql.storage_bits()
@@ -84,6 +84,8 @@ def test_layer_cost_bits_known_values():
     want8 = (4096 * 3686 * 2 + 4096 * 58 * 10 + 1024 * 16 + 4096 * 410 * 3 + 4096 * 7 * 11
              + 114 * 16 + 4096)
     assert A.layer_cost_bits(4096, 4096, 410, 2, 3, 64, 8) == want8
+    # 6-bit scale codes: the same super-scales, 2 bits less per group
+    assert A.layer_cost_bits(4096, 4096, 410, 2, 3, 64, 6) == want8 - 2 * 4096 * (58 + 7)
 
 
 def test_layer_cost_bits_rejects_bad_arguments():

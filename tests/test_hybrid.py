@@ -341,7 +341,7 @@ def test_block_driver_lowers_the_block_error_and_sets_the_weights(tmp_path):
         hybrid.quantize_block(model, 0, h, {})
 
 
-@pytest.mark.parametrize("scale_bits", [16, 8])
+@pytest.mark.parametrize("scale_bits", [16, 8, 6])
 def test_low_fixed_reproduces_the_sequential_run(scale_bits):
     """AdaRound against a given low part (objective='refine' passes the block-refined one) is the
     sequential run's second phase: given that run's own LWC export it returns the same layer."""

@@ -10,10 +10,10 @@ import pytest
 
 import hiquant
 from hiquant._atomic import atomic_dir, atomic_write_text
-from hiquant.errors import CheckpointError
+from hiquant.errors import CheckpointError, InvalidArgumentError
 from hiquant.export import layer_entry, layer_from_tensors, layer_tensors, read_quant_config
 from hiquant.layers import (SCALE_SUPER_BLOCK, QuantizedLayer, QuantPart, fp16_scales, scale8,
-                            storage_bits, super_rows)
+                            scale_codes, storage_bits, super_rows)
 from hiquant import quantizer as qz
 
 CASES = [  # (high columns, b_high)
@@ -29,7 +29,7 @@ def _w(seed=0, shape=(48, 200)):
     return (np.random.default_rng(seed).standard_normal(shape) * 0.02).astype(np.float32)
 
 
-@pytest.mark.parametrize("scale_bits", [16, 8])
+@pytest.mark.parametrize("scale_bits", [16, 8, 6])
 @pytest.mark.parametrize("high,b_high", CASES)
 @pytest.mark.parametrize("b_low,group", [(2, 64), (3, 128), (4, 0), (2, 7)])
 def test_packed_roundtrip_gives_identical_weights(high, b_high, b_low, group, scale_bits):
@@ -42,7 +42,7 @@ def test_packed_roundtrip_gives_identical_weights(high, b_high, b_low, group, sc
     np.testing.assert_array_equal(back.high_idx, np.sort(high))
 
 
-@pytest.mark.parametrize("scale_bits", [16, 8])
+@pytest.mark.parametrize("scale_bits", [16, 8, 6])
 @pytest.mark.parametrize("high,b_high", CASES)
 @pytest.mark.parametrize("b_low,group", [(2, 64), (3, 128), (8, 32)])
 def test_packed_bytes_equal_the_counted_storage_bits(high, b_high, b_low, group, scale_bits):
@@ -65,29 +65,41 @@ def test_storage_bits_formula_by_hand():
     assert storage_bits(d_out, d_in, k, 2, 16, 64) == low + d_out * k * 16 + d_in
 
 
+@pytest.mark.parametrize("code_bits", [8, 6])
 @pytest.mark.parametrize("rows", [None, 1, 7])
-def test_scale8_is_an_exact_product_on_a_grid_that_covers_every_group(rows):
+def test_scale_codes_are_an_exact_product_on_a_grid_that_covers_every_group(rows, code_bits):
     rng = np.random.default_rng(5)
     s = (np.abs(rng.standard_normal((200, 9))) * rng.lognormal(0, 3, (200, 1))).astype(np.float32)
     s[3, :] = 1e-9  # a row of (almost) empty groups: raised to float16's smallest normal
     s[4, 2] = s[4].max() * 1e-4  # a group far below its row's largest
-    s32, code, sup = scale8(s, rows)
+    s32, code, sup = scale_codes(s, code_bits, rows)
+    cmax = 2 ** code_bits - 1
     r = 256 // 9 if rows is None else rows  # 28 whole rows of 9 codes fit in 256
     assert sup.shape == (-(-200 // r),)  # the last block is short
-    assert code.dtype == np.uint8 and code.min() >= 1 and sup.dtype == np.float16
+    assert code.dtype == np.uint8 and code.min() >= 1 and code.max() <= cmax
+    assert sup.dtype == np.float16
     S = np.repeat(sup.astype(np.float64), r)[:200, None]  # each row's block super-scale
     # the stored scale is S * c exactly (float32 product == float64 product)
     np.testing.assert_array_equal(s32.astype(np.float64), S * code.astype(np.float64))
     sf = np.maximum(s, np.float32(np.finfo(np.float16).tiny)).astype(np.float64)
     for b in range(sup.size):  # S is the smallest float16 that covers its block's largest scale
         blk = sf[b * r:(b + 1) * r]
-        assert sup[b].astype(np.float64) * 255 >= blk.max()
+        assert sup[b].astype(np.float64) * cmax >= blk.max()
         below = np.nextafter(sup[b], np.float16(0)).astype(np.float64)
-        assert below * 255 < blk.max() or sup[b] == np.float16(np.finfo(np.float16).tiny)
+        assert below * cmax < blk.max() or sup[b] == np.float16(np.finfo(np.float16).tiny)
     ok = sf >= S / 2  # rounded to nearest: moves by at most S / 2
     assert np.all(np.abs(s32 - sf)[ok] <= np.broadcast_to(S, sf.shape)[ok] / 2 * (1 + 1e-6))
     assert np.all(s32[~ok] == np.broadcast_to(S, sf.shape)[~ok])  # tiny groups: raised to S
     assert not ok[4, 2]
+
+
+def test_scale_codes_refuse_widths_other_than_8_and_6_and_scale8_is_the_8_bit_case():
+    s = np.abs(np.random.default_rng(2).standard_normal((10, 3))).astype(np.float32) + 0.1
+    for got, want in zip(scale8(s), scale_codes(s, 8)):
+        np.testing.assert_array_equal(got, want)
+    for bad in (4, 7, 16, True):
+        with pytest.raises(InvalidArgumentError, match="8 or 6"):
+            scale_codes(s, bad)
 
 
 def test_super_scale_blocks_hold_whole_rows_of_at_most_256_codes():
@@ -118,6 +130,48 @@ def test_8bit_storage_formula_by_hand_at_llama_bench_width():
     assert storage_bits(384, 384, 8, 2, 3, 64, 8, (1, 1)) == low + high + 384 + 2 * 384 * 16 - 12 * 16
     # an FP16 high part has no super-scale
     assert storage_bits(384, 384, 8, 2, 16, 64, 8) == low + 384 * 8 * 16 + 384
+
+
+def test_6bit_storage_formula_by_hand_at_llama_bench_width():
+    # as the 8-bit case above with 6-bit codes: same super-scale blocks, 2 bits less per group
+    low = 384 * 376 * 2 + 384 * 6 * (6 + 2) + 10 * 16
+    high = 384 * 8 * 3 + 384 * 1 * (6 + 3) + 2 * 16
+    assert storage_bits(384, 384, 8, 2, 3, 64, 6) == low + high + 384
+    # plain W2 g64 at 4096 x 4096: 2 + 8 / 64 bits per weight plus 16 bits per 256 scales
+    assert storage_bits(4096, 4096, 0, 2, 3, 64, 6) == 4096 * 4096 * 2 + 4096 * 64 * 8 + 1024 * 16
+
+
+def test_6bit_scales_are_stored_packed_and_cost_what_the_formula_says():
+    W = _w(shape=(64, 256))
+    q8 = QuantizedLayer.rtn("x", W, 2, 64, scale_bits=8)
+    q6 = QuantizedLayer.rtn("x", W, 2, 64, scale_bits=6)
+    assert q6.scale_bits == 6 and q6.low.scale_code_bits == 6 and q6.low.scale.max() <= 63
+    assert q8.storage_bits() - q6.storage_bits() == 64 * 4 * 2
+    t = layer_tensors(q6)
+    assert t["x.low.scales"].shape == (64 * 4 * 6 // 8,) and t["x.low.scales"].dtype == np.uint8
+    np.testing.assert_array_equal(qz.unpack_codes(t["x.low.scales"], 6, 256, shape=(64, 4)),
+                                  q6.low.scale)
+    e8 = np.square(q8.dequantize() - W).mean()
+    e6 = np.square(q6.dequantize() - W).mean()
+    assert e6 == pytest.approx(e8, rel=0.1)
+    # an unpacked (d_out, n_groups) tensor in a 6-bit entry is refused, naming the packed shape
+    t["x.low.scales"] = q6.low.scale
+    with pytest.raises(CheckpointError, match=r"scales is uint8\(64, 4\), expected uint8\(192,\)"):
+        layer_from_tensors("x", layer_entry(q6), t)
+
+
+def test_6bit_scale_codes_are_refused_in_format_version_1_and_zero_codes_anywhere():
+    W = _w(shape=(16, 128))
+    q6 = QuantizedLayer.rtn("x", W, 2, 64, scale_bits=6)
+    entry, t = layer_entry(q6), layer_tensors(q6)
+    with pytest.raises(CheckpointError, match="scale_bits 6"):
+        layer_from_tensors("x", entry, t, version=1)
+    t["x.low.scales"] = qz.pack_codes(np.zeros((16, 2), np.uint8), 6)
+    with pytest.raises(CheckpointError, match="non-positive 6-bit scales"):
+        layer_from_tensors("x", entry, t)
+    with pytest.raises(InvalidArgumentError, match="codes in 1..63"):
+        QuantPart(2, 64, q6.low.codes, np.full((16, 2), 64, np.uint8), q6.low.zero,
+                  q6.low.scale_super, scale_code_bits=6)
 
 
 @pytest.mark.parametrize("high,b_high", CASES)

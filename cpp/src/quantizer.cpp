@@ -289,8 +289,8 @@ void fake_quantize(const float* W, int64_t rows, int64_t cols, const QuantSpec& 
 // and pack in parallel; the tail (n % 8 codes) goes through the generic bit loop.
 
 int64_t packed_size(int64_t n_codes, int bits) {
-  HQ_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8,
-           "packing supports bits in {2, 3, 4, 8}; got ", bits);
+  HQ_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 6 || bits == 8,
+           "packing supports bits in {2, 3, 4, 6, 8}; got ", bits);
   HQ_CHECK(n_codes >= 0, "negative code count ", n_codes);
   return (n_codes * bits + 7) / 8;
 }

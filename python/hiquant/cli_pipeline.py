@@ -186,9 +186,9 @@ def add_pipeline_commands(sub) -> None:
     p.add_argument("--hbits", type=int, default=None, help="high-impact width b_H (default wbits+1; 16 = FP16)")
     p.add_argument("--group", dest="group_size", type=int, default=64, help="group size (0: per row)")
     p.add_argument("--avg-bits", dest="avg_bits", type=float, default=None, help="bit budget per weight")
-    p.add_argument("--scale-bits", dest="scale_bits", type=int, default=None, choices=(16, 8),
-                   help="stored group-scale precision: 16 (float16, default) or 8 (double-quantized "
-                        "with a float16 super-scale per 256 scales)")
+    p.add_argument("--scale-bits", dest="scale_bits", type=int, default=None, choices=(16, 8, 6),
+                   help="stored group-scale precision: 16 (float16, default), 8 or 6 (codes of that "
+                        "width, double-quantized with a float16 super-scale per 256 scales)")
     p.add_argument("--ratio", type=float, default=None, help="fixed-ratio: the ratio of every layer")
     p.add_argument("--candidates", default=None,
                    help=f"comma-separated candidate ratios (default {','.join(map(str, DEFAULT_CANDIDATES))})")

@@ -6,21 +6,24 @@ plus ``quantization_config.json``:
 * every quantized linear ``NAME`` (a Hugging Face tensor stem such as
   ``model.layers.0.self_attn.q_proj``) stores
   ``NAME.low.qweight`` (uint8, the low part's codes packed densely at b_low bits, row-major),
-  ``NAME.low.scales`` (float16 ``(d_out, n_groups)``; with 8-bit scales uint8 codes plus
-  ``NAME.low.scales_super``, float16 ``(ceil(d_out / R),)`` for blocks of R rows, see
+  ``NAME.low.scales`` (float16 ``(d_out, n_groups)``; with 8-bit scales uint8 codes
+  ``(d_out, n_groups)``, with 6-bit scales the codes packed densely at 6 bits (1-D, row-major),
+  either plus ``NAME.low.scales_super``, float16 ``(ceil(d_out / R),)`` for blocks of R rows, see
   :mod:`hiquant.layers`), ``NAME.low.qzeros``
   (uint8, zero points packed at b_low bits); the same under ``NAME.high.`` for a quantized high part, or
   ``NAME.high.weight`` (float16 ``(d_out, k)``) for an FP16 high part; and ``NAME.high_mask``
   (uint8, a d_in-bit little-endian mask of the high-impact columns) when ``k > 0``;
 * every other tensor (embeddings, norms, ``lm_head``) is copied unchanged in its stored dtype;
-* ``quantization_config.json`` lists each layer's shape, widths, group size, ``k`` and, with 8-bit
-  scales, ``scale_super_rows`` (R of each quantized part, ``{"low": R, "high": R}``), the method
+* ``quantization_config.json`` lists each layer's shape, widths, group size, ``scale_bits``, ``k``
+  and, with coded scales, ``scale_super_rows`` (R of each quantized part, ``{"low": R, "high": R}``), the method
   and its settings, and the bit accounting. The quantized tensors' payload is exactly
   ``sum(layer.storage_bits()) / 8`` bytes up to one padding byte per packed tensor; the only other
   bytes are the safetensors JSON header and the unquantized tensors.
 
 Loading a packed folder gives back exactly the dequantized weights that hiquant evaluated.
-Version 1 (a super-scale per row, R = 1 with no ``scale_super_rows``) is still read.
+Version 1 (a super-scale per row, R = 1 with no ``scale_super_rows``; 8-bit codes only) is still
+read. 6-bit scale codes were added within version 2: a reader that knows only 16 and 8 refuses
+them by their ``scale_bits`` rather than misreading them.
 """
 
 from __future__ import annotations
@@ -44,9 +47,14 @@ READ_VERSIONS = (1, 2)  # version 1: 8-bit scales had a super-scale per row (sup
 
 
 def _pack_part(prefix: str, part: QuantPart) -> dict:
+    scales = part.scale
+    if part.scale_super is not None and part.scale_code_bits != 8:
+        # 6-bit scale codes: packed densely (1-D) like the weight codes, so the file holds the
+        # bits that storage_bits counts
+        scales = qz.pack_codes(part.scale, part.scale_code_bits)
     out = {
         f"{prefix}.qweight": qz.pack_codes(part.codes, part.bits),
-        f"{prefix}.scales": part.scale,
+        f"{prefix}.scales": scales,
         f"{prefix}.qzeros": qz.pack_codes(part.zero, part.bits),
     }
     if part.scale_super is not None:
@@ -86,18 +94,25 @@ def layer_entry(ql: QuantizedLayer) -> dict:
 
 def _unpack_part(prefix: str, tensors: dict, d_out: int, n_cols: int, bits: int, group: int,
                  where: str, scale_bits: int = 16, rows: int | None = None) -> QuantPart:
-    """``rows``: rows per super-scale of an 8-bit part; None: the default :func:`super_rows`."""
+    """``rows``: rows per super-scale of a part with coded (8- or 6-bit) scales; None: the
+    default :func:`super_rows`. 6-bit scale codes are stored packed (1-D)."""
     try:
         qweight, scales, qzeros = (tensors[f"{prefix}.{s}"] for s in ("qweight", "scales", "qzeros"))
     except KeyError as e:
         raise CheckpointError(f"{where}: tensor {e.args[0]} is missing from the packed checkpoint") from None
     ng = qz.n_groups(n_cols, group) if n_cols else 0
     sdt = np.float16 if (scale_bits == 16 or not n_cols) else np.uint8  # empty part: float16 (d_out, 0)
-    if scales.dtype != sdt or scales.shape != (d_out, ng):
+    shape = (d_out, ng)
+    if scale_bits not in (16, 8) and n_cols:
+        shape = (qz.packed_size(d_out * ng, scale_bits),)
+    if scales.dtype != sdt or scales.shape != shape:
         raise CheckpointError(f"{where}: {prefix}.scales is {scales.dtype}{scales.shape}, expected "
-                              f"{np.dtype(sdt).name}{(d_out, ng)}")
+                              f"{np.dtype(sdt).name}{shape}")
+    if shape != (d_out, ng):
+        scales = qz.unpack_codes(np.ascontiguousarray(scales), scale_bits, d_out * ng,
+                                 shape=(d_out, ng))
     sup = None
-    if scale_bits == 8 and n_cols:
+    if scale_bits != 16 and n_cols:
         sup = tensors.get(f"{prefix}.scales_super")
         rows = super_rows(ng) if rows is None else rows
         nb = n_super(d_out, rows)
@@ -105,7 +120,7 @@ def _unpack_part(prefix: str, tensors: dict, d_out: int, n_cols: int, bits: int,
             raise CheckpointError(f"{where}: {prefix}.scales_super is missing or not "
                                   f"float16{(nb,)} ({d_out} rows in blocks of {rows})")
         if not np.all(np.isfinite(sup)) or np.any(sup <= 0) or np.any(scales == 0):
-            raise CheckpointError(f"{where}: {prefix} has non-positive 8-bit scales")
+            raise CheckpointError(f"{where}: {prefix} has non-positive {scale_bits}-bit scales")
     try:
         codes = qz.unpack_codes(np.ascontiguousarray(qweight, np.uint8), bits, d_out * n_cols,
                                 shape=(d_out, n_cols))
@@ -116,7 +131,8 @@ def _unpack_part(prefix: str, tensors: dict, d_out: int, n_cols: int, bits: int,
     if sup is None and scales.dtype == np.float16 and n_cols and (
             not np.all(np.isfinite(scales)) or np.any(scales <= 0)):
         raise CheckpointError(f"{where}: {prefix}.scales has non-positive or non-finite values")
-    return QuantPart(bits, group, codes, scales, zero, sup, rows if sup is not None else None)
+    return QuantPart(bits, group, codes, scales, zero, sup, rows if sup is not None else None,
+                     scale_code_bits=scale_bits if sup is not None else 8)
 
 
 def layer_from_tensors(name: str, entry: dict, tensors: dict, where: str = "packed checkpoint",
@@ -132,8 +148,9 @@ def layer_from_tensors(name: str, entry: dict, tensors: dict, where: str = "pack
         raise CheckpointError(f"{where}: layer {name} has a malformed entry ({e})") from None
     if not (0 <= k <= d_in) or d_out <= 0 or d_in <= 0:
         raise CheckpointError(f"{where}: layer {name} has impossible sizes d_out={d_out} d_in={d_in} k={k}")
-    if scale_bits not in (16, 8):
-        raise CheckpointError(f"{where}: layer {name} has scale_bits {scale_bits}; expected 16 or 8")
+    if scale_bits not in (16, 8, 6) or (version == 1 and scale_bits == 6):
+        raise CheckpointError(f"{where}: layer {name} has scale_bits {scale_bits}; expected 16, 8 "
+                              f"or 6 (6 from format version 2 on)")
     rows = _super_rows_of(name, entry, scale_bits, version, where)
     if b_low not in qz.PACK_BITS or (k and b_high not in (*qz.PACK_BITS, 16)):
         raise CheckpointError(f"{where}: layer {name} has unsupported widths {b_low}/{b_high}")
@@ -164,7 +181,7 @@ def _super_rows_of(name, entry, scale_bits, version, where) -> dict:
     """Rows per super-scale of each part: 1 in version 1; the entry's ``scale_super_rows`` in
     version 2 (None, hiquant's default rule, when a part is not listed)."""
     rows = {"low": None, "high": None}
-    if scale_bits != 8:
+    if scale_bits == 16:
         return rows
     if version == 1:
         return {"low": 1, "high": 1}

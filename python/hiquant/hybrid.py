@@ -104,52 +104,54 @@ class HybridResult:
 def _part(bits: int, group_size: int, exp: K.PartExport):
     from .layers import QuantPart
     if exp.scale_super is not None:
-        return QuantPart(bits, group_size, exp.codes, exp.scale_code, exp.zero, exp.scale_super)
+        return QuantPart(bits, group_size, exp.codes, exp.scale_code, exp.zero, exp.scale_super,
+                         scale_code_bits=exp.scale_code_bits)
     return QuantPart(bits, group_size, exp.codes, exp.scale.astype(np.float16), exp.zero)
 
 
 def _lwc_export(lwc: K.LWC, W: np.ndarray, scale_bits: int) -> K.PartExport:
-    """LWC's final integer form at the stored scale precision. 8-bit: the learned (float16)
+    """LWC's final integer form at the stored scale precision. 8- or 6-bit: the learned (float16)
     scales are double-quantized and the codes recomputed with them and LWC's zero points, i.e.
     round-to-nearest within the learned clipping range on the stored grid."""
     exp = lwc.export()
     if scale_bits == 16:
         return exp
     from . import quantizer as qz
-    from .layers import scale8
-    s32, code, sup = scale8(exp.scale)
+    from .layers import scale_codes
+    s32, code, sup = scale_codes(exp.scale, scale_bits)
     s32 = np.ascontiguousarray(s32)
     codes = qz.quantize(np.ascontiguousarray(W, np.float32), s32, exp.zero, exp.bits,
                         exp.group_size)
     wq = qz.dequantize(codes, s32, exp.zero, exp.bits, exp.group_size)
-    return K.PartExport(codes, s32, exp.zero, wq, exp.bits, exp.group_size, code, sup)
+    return K.PartExport(codes, s32, exp.zero, wq, exp.bits, exp.group_size, code, sup, scale_bits)
 
 
 def _adaround(Wh: np.ndarray, bits: int, gs: int, scale_bits: int, **kw) -> K.AdaRound:
-    """AdaRound on the stored scale grid: with 8-bit scales the min-max scales are
+    """AdaRound on the stored scale grid: with 8- or 6-bit scales the min-max scales are
     double-quantized first, so the rounding is learned for the scales that are stored."""
     if scale_bits == 16:
         return K.AdaRound(Wh, bits, gs, **kw)
     from . import quantizer as qz
-    from .layers import scale8
+    from .layers import scale_codes
     s, _ = qz.minmax_params(Wh, bits, gs)
-    s32, code, sup = scale8(s)
+    s32, code, sup = scale_codes(s, scale_bits)
     ada = K.AdaRound(Wh, bits, gs, scale=np.ascontiguousarray(s32), **kw)
-    ada._scale8 = (code, sup)
+    ada._scale_codes = (code, sup, scale_bits)
     return ada
 
 
 def _ada_export(ada: K.AdaRound) -> K.PartExport:
     exp = ada.export()
-    s8 = getattr(ada, "_scale8", None)
-    if s8 is not None:
-        exp.scale_code, exp.scale_super = s8
+    coded = getattr(ada, "_scale_codes", None)
+    if coded is not None:
+        exp.scale_code, exp.scale_super, exp.scale_code_bits = coded
     return exp
 
 
 def _scale_bits(v) -> int:
-    if isinstance(v, bool) or v not in (16, 8):
-        raise InvalidArgumentError(f"scale_bits must be 16 or 8, got {v!r}")
+    from .layers import SCALE_BITS
+    if isinstance(v, bool) or v not in SCALE_BITS:
+        raise InvalidArgumentError(f"scale_bits must be 16, 8 or 6, got {v!r}")
     return int(v)
 
 
@@ -256,8 +258,8 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
     ``adaround_iters`` steps on the whole layer (LWC at ``lwc_lr`` throughout), each step then costs
     a full ``d_in x d_in`` product — kept for the measurement that chose ``sequential``.
 
-    ``scale_bits``: the stored scale precision (:mod:`hiquant.layers`): 16 (float16) or 8
-    (double-quantized; LWC's learned scales are rounded to it before the low part is frozen, and
+    ``scale_bits``: the stored scale precision (:mod:`hiquant.layers`): 16 (float16), 8 or 6
+    (double-quantized codes; LWC's learned scales are rounded to it before the low part is frozen, and
     AdaRound learns its rounding on the rounded scales, so the high part compensates for exactly
     what is stored).
 

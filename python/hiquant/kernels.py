@@ -87,15 +87,16 @@ class PartExport:
     """A quantized part: ``wq == scale * (codes - zero)`` per group, exactly, in float32."""
 
     codes: np.ndarray  # uint8 (d_out, n_cols)
-    scale: np.ndarray  # float32 (d_out, n_groups), float16-exact (or on the 8-bit grid below)
+    scale: np.ndarray  # float32 (d_out, n_groups), float16-exact (or on the coded grid below)
     zero: np.ndarray  # uint8 (d_out, n_groups)
     wq: np.ndarray  # float32 (d_out, n_cols)
     bits: int
     group_size: int
-    # 8-bit stored scales (hiquant.layers.scale8): scale == S * scale_code, S the float16
+    # coded stored scales (hiquant.layers.scale_codes): scale == S * scale_code, S the float16
     # super-scale of the row's block of super_rows(n_groups) rows
-    scale_code: np.ndarray | None = None  # uint8 (d_out, n_groups)
+    scale_code: np.ndarray | None = None  # uint8 (d_out, n_groups), < 2**scale_code_bits
     scale_super: np.ndarray | None = None  # float16 (ceil(d_out / super_rows),)
+    scale_code_bits: int = 8
 
 
 class LWC:

@@ -58,7 +58,7 @@ class QuantizeSettings:
     wbits: int = 2
     hbits: int | None = None  # default wbits + 1; 16 = FP16 retention
     group_size: int = 64
-    scale_bits: int = 16  # stored scale precision: 16 (float16) or 8 (double-quantized, hiquant.layers)
+    scale_bits: int = 16  # stored scale precision: 16 (float16), 8 or 6 (double-quantized codes, hiquant.layers)
     avg_bits: float | None = None  # budget (average bits per weight over quantized layers)
     ratio: float | None = None  # fixed-ratio: the ratio of every layer
     candidates: tuple = DEFAULT_CANDIDATES
@@ -118,10 +118,11 @@ class QuantizeSettings:
             raise InvalidArgumentError(f"wbits must be 2, 3, 4 or 8 (packable widths), got {s.wbits}")
         if s.hbits not in (2, 3, 4, 8, 16):
             raise InvalidArgumentError(f"hbits must be 2, 3, 4, 8 or 16 (FP16), got {s.hbits}")
-        if s.scale_bits not in (16, 8):
-            raise InvalidArgumentError(f"scale_bits must be 16 or 8, got {s.scale_bits}")
+        from .layers import SCALE_BITS
+        if isinstance(s.scale_bits, bool) or s.scale_bits not in SCALE_BITS:
+            raise InvalidArgumentError(f"scale_bits must be 16, 8 or 6, got {s.scale_bits!r}")
         kind = info["quantizer"] if s.quantizer == "auto" else s.quantizer
-        if s.scale_bits == 8 and kind == "gptq":
+        if s.scale_bits != 16 and kind == "gptq":
             raise InvalidArgumentError("gptq forms its group scales as the column sweep reaches "
                                        "them and stores them as float16; use scale_bits=16")
         if s.objective == "auto":

@@ -55,7 +55,7 @@ inline double rint_exact(double x) {
   return (x + kMagic) - kMagic;
 }
 
-// Bit-packing of codes < 2^bits, bits in {2, 3, 4, 8}: code i occupies bits [i*b, (i+1)*b) of a
+// Bit-packing of codes < 2^bits, bits in {2, 3, 4, 6, 8}: code i occupies bits [i*b, (i+1)*b) of a
 // little-endian bit stream (LSB first), so 3-bit codes pack densely (8 codes in 3 bytes).
 int64_t packed_size(int64_t n_codes, int bits);
 void pack_codes(const uint8_t* codes, int64_t n, int bits, uint8_t* out, int n_threads = 0);

@@ -33,11 +33,11 @@ def n_groups(n: int, group_size: int) -> int:
 def layer_cost_bits(d_out: int, d_in: int, k: int, b_low: int, b_high: int, group_size: int,
                     scale_bits: int = 16) -> int:
     """Bits of a layer with ``k`` high-impact columns (see hiquant.allocate.layer_cost_bits).
-    8-bit scales: a float16 super-scale per block of max(1, 256 // n_groups) whole rows of every
-    non-empty quantized part (the last block may be short)."""
+    8- or 6-bit scale codes: a float16 super-scale per block of max(1, 256 // n_groups) whole rows
+    of every non-empty quantized part (the last block may be short)."""
 
     def super_bits(n_cols: int) -> int:
-        if scale_bits != 8 or n_cols == 0:
+        if scale_bits == 16 or n_cols == 0:
             return 0
         rows = max(1, 256 // n_groups(n_cols, group_size))
         return 16 * math.ceil(d_out / rows)
