@@ -4,7 +4,7 @@ average bits, wall time and peak resident memory.
 
     python bench/pipeline.py [--quick] [--model DIR] [--calib FILE] [--test FILE]
                              [--configs w2g64,w3g128] [--methods rtn,gptq,...] [--threads N]
-                             [--budget-w2 2.30] [--budget-w3 3.30] [--scale-bits-hybrid 16]
+                             [--budget-w2 2.30] [--budget-w3 3.30] [--extra-hybrid "--scale-bits 6"]
 
 Defaults: ``../shared/bench/llama-bench`` with 128 x 512 calibration windows from ``calib.txt``
 (random.seed(0) starts, the reference runs' protocol) and the shared perplexity protocol on

@@ -400,7 +400,9 @@ def test_allocate_infeasible_budget_names_min_feasible_in_the_users_unit():
         A.allocate(shapes, fc, M, avg_bits=2.3)
     mf = e.value.min_feasible
     assert mf == pytest.approx(costs.min(1).sum() / n_weights)
-    assert "avg_bits" in str(e.value)
+    assert "avg_bits" in str(e.value) and "scale_bits=8 or 6" in str(e.value)  # what to do
+    with pytest.raises(InfeasibleBudgetError, match=r"or scale_bits=6$"):
+        A.allocate(shapes, fc, M, avg_bits=2.1, scale_bits=8)
     al = A.allocate(shapes, fc, M, avg_bits=mf)  # the number it names is feasible
     assert al.total_bits == costs.min(1).sum()
     with pytest.raises(InfeasibleBudgetError) as e:

@@ -781,7 +781,10 @@ def allocate(shapes, fisher_col: Mapping, M, *, avg_bits: float | None = None,
                     f"avg_bits={avg_bits} is infeasible: even the smallest ratio in every layer "
                     f"needs {min_cost / n_weights:.6f} bits per weight (b_low={b_low}, "
                     f"b_high={b_high}, group_size={g}, {scale_bits}-bit scales); pass "
-                    f"avg_bits >= {mf!r}", mf) from e
+                    f"avg_bits >= {mf!r}" + (" or store cheaper scales (scale_bits=8 or 6)"
+                                              if scale_bits == 16 else
+                                              " or scale_bits=6" if scale_bits == 8 else ""),
+                    mf) from e
             raise InfeasibleBudgetError(
                 f"total_bits={budget} is infeasible: the cheapest allocation needs {min_cost} "
                 f"bits; pass total_bits >= {min_cost}", min_cost) from e
