@@ -81,6 +81,22 @@ def test_cli_eval_reports_errors_without_traceback(tmp_path, capsys):
         main(["eval", str(tmp_path), "--text", "x", "--seqlen", "0"])
 
 
+def test_cli_quantize_takes_6bit_scales_and_reports_their_exact_bits(tmp_path, capsys):
+    from hiquant.datasets import embedded_calib_path, embedded_model_path
+    from hiquant.layers import storage_bits
+    model = embedded_model_path()
+    args = ["quantize", str(model), "--calib", str(embedded_calib_path()), "--method", "rtn",
+            "--wbits", "2", "--group", "64", "--n-calib", "4", "--seqlen", "64", "--quiet"]
+    assert main(args + ["--scale-bits", "6", "--out", str(tmp_path / "q")]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    m = load_model(model)
+    shapes = [m.linear_shape(n) for n in m.linear_names()]
+    want = sum(storage_bits(do, di, 0, 2, 2, 64, 6) for do, di in shapes)
+    assert res["avg_bits"] == want / sum(do * di for do, di in shapes)
+    with pytest.raises(SystemExit):  # a width the format does not have
+        main(args + ["--scale-bits", "4"])
+
+
 @pytest.mark.slow
 @pytest.mark.bench_assets
 def test_llama_bench_perplexity_is_6_997(bench_assets):
