@@ -132,6 +132,27 @@ def test_hiq_with_6bit_scales_buys_more_high_columns_and_its_packed_file_holds_t
         np.testing.assert_array_equal(pm.get_weight(name), model.get_weight(name))
 
 
+def test_hiq_with_ratios_0_and_1_exports_and_reloads_layers_with_an_empty_part(model, tmp_path):
+    """Candidates 0 (no high-impact columns) and 1 (every column high-impact: an empty low part,
+    (d_out, 0) tensors in the packed file) run through the refine objective, both exports and the
+    loader; the packed folder reloads to exactly the evaluated weights."""
+    out = tmp_path / "edge"
+    rep = quantize(embedded_model_path(), embedded_calib_path(), method="hiq", wbits=2,
+                   group_size=64, scale_bits=6, avg_bits=2.5, candidates=(0.0, 0.02, 1.0),
+                   estimator="diagonal", block_epochs=1, out=out, model=model, progress=False,
+                   **FAST)
+    ratios = {L["ratio"] for L in rep.layers}
+    assert {0.0, 1.0} <= ratios and rep.avg_bits <= 2.5
+    d_in = {L["name"]: L["d_in"] for L in rep.layers}
+    assert all(L["k"] == d_in[L["name"]] for L in rep.layers if L["ratio"] == 1.0)
+    from hiquant.export import load_packed
+    pm = load_packed(out / "packed")
+    for name in model.linear_names():
+        np.testing.assert_array_equal(pm.get_weight(name), model.get_weight(name))
+    assert load_model(out / "fake").get_weight(model.linear_names()[0]).shape == \
+        model.get_weight(model.linear_names()[0]).shape
+
+
 def test_existing_output_is_never_overwritten_unless_asked(model, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -153,7 +153,10 @@ def write_streaming(path: str | os.PathLike, entries: Iterable[tuple[str, str, t
         f.write(hjson)
         for name, dtype, shape, produce in entries:
             data = produce()
-            buf = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else memoryview(data).cast("B")
+            # a flat byte view; memoryview.cast refuses zero-size shapes such as the (d_out, 0)
+            # scales of a layer whose every column is high-impact
+            buf = (memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+                   if isinstance(data, np.ndarray) else memoryview(data).cast("B"))
             want = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
             if buf.nbytes != want:
                 raise ValueError(f"tensor {name}: producer gave {buf.nbytes} bytes, expected {want}")
