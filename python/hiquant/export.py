@@ -15,8 +15,8 @@ plus ``quantization_config.json``:
   (uint8, a d_in-bit little-endian mask of the high-impact columns) when ``k > 0``;
 * every other tensor (embeddings, norms, ``lm_head``) is copied unchanged in its stored dtype;
 * ``quantization_config.json`` lists each layer's shape, widths, group size, ``scale_bits``, ``k``
-  and, with coded scales, ``scale_super_rows`` (R of each quantized part, ``{"low": R, "high": R}``), the method
-  and its settings, and the bit accounting. The quantized tensors' payload is exactly
+  and, with coded scales, ``scale_super_rows`` (R of each quantized part,
+  ``{"low": R, "high": R}``), the method and its settings, and the bit accounting. The quantized tensors' payload is exactly
   ``sum(layer.storage_bits()) / 8`` bytes up to one padding byte per packed tensor; the only other
   bytes are the safetensors JSON header and the unquantized tensors.
 
