@@ -42,7 +42,7 @@ import numpy as np
 from . import _core
 from ._threads import resolve_n_threads
 from .errors import InfeasibleBudgetError, InvalidArgumentError, NumericalError
-from .layers import SCALE_BITS, QuantizedLayer, storage_bits
+from .layers import QuantizedLayer, storage_bits
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -157,9 +157,8 @@ def layer_cost_bits(d_out: int, d_in: int, k: int, b_low: int, b_high: int,
       part is kept in FP16: ``d_out·k·16``, no scales or zeros;
     * the high-column mask: ``d_in`` bits when ``k > 0``;
     * ``scale_bits`` 16 (float16 scales), 8 or 6 (double-quantized: 8- or 6-bit codes per group
-      plus, for
-      each non-empty quantized part, a float16 super-scale per block of ``max(1, 256 // ng)``
-      whole rows, ``16·ceil(d_out / rows)`` bits).
+      plus, for each non-empty quantized part, a float16 super-scale per block of
+      ``max(1, 256 // ng)`` whole rows, ``16·ceil(d_out / rows)`` bits).
 
     ``ng(n, g)`` is 0 for n == 0, 1 when g <= 0 or g >= n, else ``ceil(n/g)``. The packed export
     writes exactly this payload (this is :func:`hiquant.layers.storage_bits`).
@@ -170,8 +169,6 @@ def layer_cost_bits(d_out: int, d_in: int, k: int, b_low: int, b_high: int,
         raise InvalidArgumentError(f"k must be an integer in [0, d_in = {d_in}], got {k!r}")
     b_low = _bits(b_low, "b_low", range(1, 9))
     b_high = _bits(b_high, "b_high", set(range(1, 9)) | {16})
-    if isinstance(scale_bits, bool) or scale_bits not in SCALE_BITS:
-        raise InvalidArgumentError(f"scale_bits must be 16, 8 or 6, got {scale_bits!r}")
     return storage_bits(d_out, d_in, int(k), b_low, b_high, _group(group_size), scale_bits)
 
 

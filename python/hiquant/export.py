@@ -16,9 +16,9 @@ plus ``quantization_config.json``:
 * every other tensor (embeddings, norms, ``lm_head``) is copied unchanged in its stored dtype;
 * ``quantization_config.json`` lists each layer's shape, widths, group size, ``scale_bits``, ``k``
   and, with coded scales, ``scale_super_rows`` (R of each quantized part,
-  ``{"low": R, "high": R}``), the method and its settings, and the bit accounting. The quantized tensors' payload is exactly
-  ``sum(layer.storage_bits()) / 8`` bytes up to one padding byte per packed tensor; the only other
-  bytes are the safetensors JSON header and the unquantized tensors.
+  ``{"low": R, "high": R}``), the method and its settings, and the bit accounting. The quantized
+  tensors' payload is exactly ``sum(layer.storage_bits()) / 8`` bytes up to one padding byte per
+  packed tensor; the only other bytes are the safetensors JSON header and the unquantized tensors.
 
 Loading a packed folder gives back exactly the dequantized weights that hiquant evaluated.
 Version 1 (a super-scale per row, R = 1 with no ``scale_super_rows``; 8-bit codes only) is still
@@ -37,7 +37,7 @@ import numpy as np
 from . import quantizer as qz
 from ._atomic import atomic_dir
 from .errors import CheckpointError
-from .layers import QuantizedLayer, QuantPart, n_super, super_rows
+from .layers import SCALE_BITS, QuantizedLayer, QuantPart, n_super, super_rows
 
 __all__ = ["PACKED_FORMAT", "layer_tensors", "layer_from_tensors", "layer_entry"]
 
@@ -46,12 +46,17 @@ PACKED_VERSION = 2
 READ_VERSIONS = (1, 2)  # version 1: 8-bit scales had a super-scale per row (super_rows == 1)
 
 
+def _packs_scale_codes(scale_bits: int) -> bool:
+    """Scale codes narrower than a byte (6-bit) are stored packed densely (1-D) like the weight
+    codes, so the file holds the bits that storage_bits counts; 8-bit codes are a
+    ``(d_out, n_groups)`` uint8 array, float16 scales as they are."""
+    return scale_bits < 8
+
+
 def _pack_part(prefix: str, part: QuantPart) -> dict:
     scales = part.scale
-    if part.scale_super is not None and part.scale_code_bits != 8:
-        # 6-bit scale codes: packed densely (1-D) like the weight codes, so the file holds the
-        # bits that storage_bits counts
-        scales = qz.pack_codes(part.scale, part.scale_code_bits)
+    if _packs_scale_codes(part.scale_bits):
+        scales = qz.pack_codes(part.scale, part.scale_bits)
     out = {
         f"{prefix}.qweight": qz.pack_codes(part.codes, part.bits),
         f"{prefix}.scales": scales,
@@ -103,7 +108,7 @@ def _unpack_part(prefix: str, tensors: dict, d_out: int, n_cols: int, bits: int,
     ng = qz.n_groups(n_cols, group) if n_cols else 0
     sdt = np.float16 if (scale_bits == 16 or not n_cols) else np.uint8  # empty part: float16 (d_out, 0)
     shape = (d_out, ng)
-    if scale_bits not in (16, 8) and n_cols:
+    if _packs_scale_codes(scale_bits) and n_cols:
         shape = (qz.packed_size(d_out * ng, scale_bits),)
     if scales.dtype != sdt or scales.shape != shape:
         raise CheckpointError(f"{where}: {prefix}.scales is {scales.dtype}{scales.shape}, expected "
@@ -148,7 +153,7 @@ def layer_from_tensors(name: str, entry: dict, tensors: dict, where: str = "pack
         raise CheckpointError(f"{where}: layer {name} has a malformed entry ({e})") from None
     if not (0 <= k <= d_in) or d_out <= 0 or d_in <= 0:
         raise CheckpointError(f"{where}: layer {name} has impossible sizes d_out={d_out} d_in={d_in} k={k}")
-    if scale_bits not in (16, 8, 6) or (version == 1 and scale_bits == 6):
+    if scale_bits not in SCALE_BITS or (version == 1 and scale_bits == 6):
         raise CheckpointError(f"{where}: layer {name} has scale_bits {scale_bits}; expected 16, 8 "
                               f"or 6 (6 from format version 2 on)")
     rows = _super_rows_of(name, entry, scale_bits, version, where)

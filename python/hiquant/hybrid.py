@@ -48,6 +48,7 @@ import numpy as np
 from . import kernels as K
 from ._threads import resolve_n_threads
 from .errors import InvalidArgumentError, NumericalError
+from .layers import check_scale_bits
 
 __all__ = ["HybridResult", "quantize_layer", "quantize_layer_as", "quantize_block",
            "block_loss", "ORDERS"]
@@ -146,13 +147,6 @@ def _ada_export(ada: K.AdaRound) -> K.PartExport:
     if coded is not None:
         exp.scale_code, exp.scale_super, exp.scale_code_bits = coded
     return exp
-
-
-def _scale_bits(v) -> int:
-    from .layers import SCALE_BITS
-    if isinstance(v, bool) or v not in SCALE_BITS:
-        raise InvalidArgumentError(f"scale_bits must be 16, 8 or 6, got {v!r}")
-    return int(v)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,7 +279,7 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
     if order not in ORDERS:
         raise InvalidArgumentError(f"order must be one of {ORDERS}, got {order!r}")
     lwc_iters, adaround_iters = _iters(lwc_iters, "lwc_iters"), _iters(adaround_iters, "adaround_iters")
-    scale_bits = _scale_bits(scale_bits)
+    scale_bits = check_scale_bits(scale_bits)
     hi = _high_idx(high_idx, d_in)
     lo = _split(d_in, hi)
     k, d_low = hi.size, lo.size
@@ -514,7 +508,7 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
     lin = {n: _BlockLinear(n, _weights(np.asarray(model.get_weight(n), np.float32)), plans[n],
                            dict(lr=lwc_lr, weight_decay=lwc_weight_decay),
                            dict(lr=adaround_lr, lam=lam, iters=adaround_iters, warmup=warmup,
-                                b_start=b_start, b_end=b_end), nt, _scale_bits(scale_bits))
+                                b_start=b_start, b_end=b_end), nt, check_scale_bits(scale_bits))
            for n in names}
     for n, p in (lwc_init or {}).items():
         if n not in lin:

@@ -51,7 +51,8 @@ from . import quantizer as qz
 from .errors import InvalidArgumentError
 
 __all__ = ["QuantPart", "QuantizedLayer", "storage_bits", "fp16_scales", "scale_codes", "scale8",
-           "stored_scales", "super_rows", "SCALE_BITS", "SCALE_CODE_BITS", "SCALE_SUPER_BLOCK"]
+           "stored_scales", "super_rows", "check_scale_bits", "SCALE_BITS", "SCALE_CODE_BITS",
+           "SCALE_SUPER_BLOCK"]
 
 SCALE_BITS = (16, 8, 6)  # float16 scales, or double-quantized codes of 8 or 6 bits
 
@@ -60,6 +61,13 @@ SCALE_CODE_BITS = (8, 6)  # the double-quantized ones
 SCALE_SUPER_BLOCK = 256  # scale codes per float16 super-scale (at most; whole rows)
 
 FP16_TINY = float(np.finfo(np.float16).tiny)  # smallest normal float16 scale (6.1e-5)
+
+
+def check_scale_bits(scale_bits) -> int:
+    """``scale_bits`` as an int if it is one of :data:`SCALE_BITS`; else InvalidArgumentError."""
+    if isinstance(scale_bits, bool) or scale_bits not in SCALE_BITS:
+        raise InvalidArgumentError(f"scale_bits must be 16, 8 or 6, got {scale_bits!r}")
+    return int(scale_bits)
 
 
 def fp16_scales(scale: np.ndarray) -> np.ndarray:
@@ -118,11 +126,9 @@ def scale8(scale: np.ndarray, rows: int | None = None) -> tuple[np.ndarray, np.n
 
 def stored_scales(scale: np.ndarray, scale_bits: int) -> np.ndarray:
     """The float32 values of ``scale`` after rounding to the stored precision."""
-    if scale_bits == 16:
+    if check_scale_bits(scale_bits) == 16:
         return fp16_scales(scale)
-    if scale_bits in SCALE_CODE_BITS:
-        return scale_codes(scale, scale_bits)[0]
-    raise InvalidArgumentError(f"scale_bits must be 16, 8 or 6, got {scale_bits!r}")
+    return scale_codes(scale, scale_bits)[0]
 
 
 def _ng(n_cols: int, group_size: int) -> int:
@@ -137,8 +143,7 @@ def storage_bits(d_out: int, d_in: int, k: int, b_low: int, b_high: int, group_s
     non-empty quantized part also stores a float16 super-scale per block of rows:
     ``super_rows_lh`` = (rows of the low part's blocks, of the high part's), ``None`` entries
     (or no tuple) meaning the default :func:`super_rows`."""
-    if isinstance(scale_bits, bool) or scale_bits not in SCALE_BITS:
-        raise InvalidArgumentError(f"scale_bits must be 16, 8 or 6, got {scale_bits!r}")
+    scale_bits = check_scale_bits(scale_bits)
     r_low, r_high = super_rows_lh if super_rows_lh is not None else (None, None)
 
     def sup(n_cols: int, rows) -> int:

@@ -118,9 +118,8 @@ class QuantizeSettings:
             raise InvalidArgumentError(f"wbits must be 2, 3, 4 or 8 (packable widths), got {s.wbits}")
         if s.hbits not in (2, 3, 4, 8, 16):
             raise InvalidArgumentError(f"hbits must be 2, 3, 4, 8 or 16 (FP16), got {s.hbits}")
-        from .layers import SCALE_BITS
-        if isinstance(s.scale_bits, bool) or s.scale_bits not in SCALE_BITS:
-            raise InvalidArgumentError(f"scale_bits must be 16, 8 or 6, got {s.scale_bits!r}")
+        from .layers import check_scale_bits
+        check_scale_bits(s.scale_bits)
         kind = info["quantizer"] if s.quantizer == "auto" else s.quantizer
         if s.scale_bits != 16 and kind == "gptq":
             raise InvalidArgumentError("gptq forms its group scales as the column sweep reaches "

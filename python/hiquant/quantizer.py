@@ -94,8 +94,8 @@ def packed_size(n_codes: int, bits: int) -> int:
 def pack_codes(codes: np.ndarray, bits: int, *, n_threads=None) -> np.ndarray:
     """Pack uint8 codes (< 2**bits, any shape, C order) into a dense little-endian bit stream.
 
-    ``bits`` is 2, 3, 4, 6 or 8; 3-bit codes pack 8 to 3 bytes (6-bit: 4 to 3). Returns a 1-D uint8 array of
-    ``packed_size(codes.size, bits)`` bytes. A code that does not fit raises ``ValueError``.
+    ``bits`` is 2, 3, 4, 6 or 8; 3-bit codes pack 8 to 3 bytes (6-bit: 4 to 3). Returns a 1-D
+    uint8 array of ``packed_size(codes.size, bits)`` bytes. A code that does not fit raises ``ValueError``.
     """
     return _core.pack_codes(codes, _bits(bits), resolve_n_threads(n_threads))
 
