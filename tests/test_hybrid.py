@@ -206,6 +206,48 @@ def test_fp16_retention_and_no_high_columns_and_all_columns_high():
     np.testing.assert_array_equal(rall.to_layer("x").dequantize(), rall.wq)
 
 
+@pytest.mark.parametrize("b_high", [3, 16])
+def test_gptq_low_rounding_keeps_the_grid_and_matches_the_float64_twin(b_high):
+    """low_rounding='gptq' re-chooses only the low part's codes on LWC's grid: scales and zero
+    points identical to round-to-nearest's, codes those of the float64 GPTQ twin on that grid —
+    the high columns last and free (AdaRound learns them next), or absent from H when they are
+    FP16 (fixed at W)."""
+    from hiquant._reference import gptq as ref_gptq
+    W, X, H = _problem()
+    hi = _high(H, W, 0.15)
+    kw = dict(lwc_iters=40, adaround_iters=60, scale_bits=6)
+    near = hybrid.quantize_layer(W, H, X.shape[0], hi, 2, b_high, 32, **kw)
+    gq = hybrid.quantize_layer(W, H, X.shape[0], hi, 2, b_high, 32, low_rounding="gptq", **kw)
+    np.testing.assert_array_equal(gq.low.scale, near.low.scale)
+    np.testing.assert_array_equal(gq.low.zero, near.low.zero)
+    np.testing.assert_array_equal(gq.low.scale_code, near.low.scale_code)
+    assert not np.array_equal(gq.low.codes, near.low.codes)
+    perm = np.concatenate([gq.low_idx, hi])
+    n = W.shape[1] if b_high != 16 else gq.low_idx.size
+    Wp, Hp = W[:, perm][:, :n], H[np.ix_(perm, perm)][:n, :n]
+    want = ref_gptq.gptq(Wp, Hp, 2, 32, scale=near.low.scale, zero=near.low.zero,
+                         n_quant=gq.low_idx.size)
+    np.testing.assert_array_equal(gq.low.codes, want["codes"])
+    np.testing.assert_array_equal(gq.to_layer("x").dequantize(), gq.wq)
+    assert gq.loss_final < near.loss_final
+
+
+def test_gptq_low_rounding_applies_to_a_given_low_part_too():
+    W, X, H = _problem()
+    hi = _high(H, W)
+    low_only = hybrid.quantize_layer(W, H, X.shape[0], hi, 2, 3, 32, lwc_iters=40,
+                                     adaround_iters=0)
+    full = hybrid.quantize_layer(W, H, X.shape[0], hi, 2, 3, 32, lwc_iters=40, adaround_iters=60,
+                                 low_rounding="gptq")
+    again = hybrid.quantize_layer(W, H, X.shape[0], hi, 2, 3, 32, adaround_iters=60,
+                                  low_fixed=low_only.low, low_rounding="gptq")
+    np.testing.assert_array_equal(again.wq, full.wq)
+    with pytest.raises(ValueError, match="low_rounding must be"):
+        hybrid.quantize_layer(W, H, X.shape[0], hi, 2, 3, 32, low_rounding="stochastic")
+    with pytest.raises(ValueError, match="sequential"):
+        hybrid.quantize_layer(W, H, X.shape[0], hi, 2, 3, 32, low_rounding="gptq", order="joint")
+
+
 def test_hybrid_results_identical_for_1_and_2_threads():
     W, X, H = _problem(rows=256, cols=192)
     hi = _high(H, W)

@@ -606,7 +606,8 @@ void init_kernels(py::module_& m) {
 
   m.def("gptq", [](const py::object& W_, const py::object& H_, int bits, int64_t group_size,
                    double percdamp, int64_t blocksize, bool act_order, bool fp16_scales,
-                   int n_threads, const py::object& progress) {
+                   int n_threads, const py::object& progress, const py::object& grid_scale_,
+                   const py::object& grid_zero_, int64_t n_quant) {
     check_bits(bits);
     check_group(group_size);
     if (blocksize < 1) throw py::value_error("blocksize must be >= 1, got " +
@@ -616,11 +617,29 @@ void init_kernels(py::module_& m) {
     const auto rows = W.shape(0), cols = W.shape(1);
     require_shape(H, "H", {cols, cols},
                   "pass the Gram matrix of this layer's inputs (d_in x d_in)");
-    const auto ng = hiquant::n_groups(cols, group_size);
-    auto codes = new_array<uint8_t>({rows, cols});
+    if (n_quant < 0 || n_quant > cols)
+      throw py::value_error("n_quant must be in 0..cols (" + std::to_string(cols) + "), got " +
+                            std::to_string(n_quant));
+    const int64_t nq = n_quant > 0 ? n_quant : cols;
+    if (act_order && (nq != cols || !grid_scale_.is_none()))
+      throw py::value_error("act_order cannot be combined with a fixed grid or n_quant < cols");
+    if (grid_scale_.is_none() != grid_zero_.is_none())
+      throw py::value_error("a fixed grid needs both scale and zero (or neither)");
+    const auto ng = hiquant::n_groups(nq, group_size);
+    py::array_t<float, py::array::c_style> grid_scale;
+    py::array_t<uint8_t, py::array::c_style> grid_zero;
+    if (!grid_scale_.is_none()) {
+      grid_scale = require_array<float>(grid_scale_, "scale", 2);
+      grid_zero = require_array<uint8_t>(grid_zero_, "zero", 2);
+      require_shape(grid_scale, "scale", {rows, ng},
+                    "pass one scale per (row, group of the quantized columns)");
+      require_shape(grid_zero, "zero", {rows, ng},
+                    "pass one zero point per (row, group of the quantized columns)");
+    }
+    auto codes = new_array<uint8_t>({rows, nq});
     auto scale = new_array<float>({rows, ng});
     auto zero = new_array<uint8_t>({rows, ng});
-    auto wq = new_array<float>({rows, cols});
+    auto wq = new_array<float>({rows, nq});
     hiquant::GptqSpec spec;
     spec.bits = bits;
     spec.group_size = group_size;
@@ -628,6 +647,11 @@ void init_kernels(py::module_& m) {
     spec.blocksize = blocksize;
     spec.act_order = act_order;
     spec.fp16_scales = fp16_scales;
+    spec.n_quant = nq;
+    if (!grid_scale_.is_none()) {
+      spec.grid_scale = grid_scale.data();
+      spec.grid_zero = grid_zero.data();
+    }
     hiquant::GptqOutput out{codes.mutable_data(), scale.mutable_data(), zero.mutable_data(),
                             wq.mutable_data()};
     const float* w = W.data();
@@ -654,7 +678,8 @@ void init_kernels(py::module_& m) {
     return d;
   }, py::arg("W"), py::arg("H"), py::arg("bits"), py::arg("group_size"),
      py::arg("percdamp") = 0.01, py::arg("blocksize") = 128, py::arg("act_order") = false,
-     py::arg("fp16_scales") = true, py::arg("n_threads") = 0, py::arg("progress") = py::none());
+     py::arg("fp16_scales") = true, py::arg("n_threads") = 0, py::arg("progress") = py::none(),
+     py::arg("scale") = py::none(), py::arg("zero") = py::none(), py::arg("n_quant") = 0);
 }
 
 }  // namespace hiquant_py

@@ -98,11 +98,26 @@ GptqStats gptq(const float* W, int64_t rows, int64_t cols, const double* H, cons
                                           bad % cols, "; check the checkpoint"));
   }
   check_gram(H, cols, n_threads);
+  HQ_CHECK(spec.n_quant <= cols, "n_quant (", spec.n_quant, ") exceeds the ", cols, " columns");
+  const int64_t n = cols, nq = spec.n_quant > 0 ? spec.n_quant : cols;
+  const bool fixed_grid = spec.grid_scale != nullptr;
+  HQ_CHECK(fixed_grid == (spec.grid_zero != nullptr),
+           "a fixed grid needs both its scales and its zero points");
+  HQ_CHECK(!spec.act_order || (nq == n && !fixed_grid),
+           "act_order cannot be combined with a fixed grid or n_quant < cols");
+  const int64_t gs = spec.group_size > 0 && spec.group_size < nq ? spec.group_size : 0;
+  const int64_t ng = n_groups(nq, spec.group_size);
+  const int maxq = (1 << spec.bits) - 1;
+  if (fixed_grid)
+    for (int64_t i = 0; i < rows * ng; ++i) {
+      HQ_CHECK(std::isfinite(spec.grid_scale[i]) && spec.grid_scale[i] > 0.0f,
+               "grid scale at row ", i / ng, ", group ", i % ng, " is ", spec.grid_scale[i],
+               "; scales must be finite and positive");
+      HQ_CHECK(spec.grid_zero[i] <= maxq, "grid zero point at row ", i / ng, ", group ", i % ng,
+               " is ", int(spec.grid_zero[i]), ", above 2^bits - 1 = ", maxq);
+    }
   rc.poll();
   const auto t0 = std::chrono::steady_clock::now();
-  const int64_t n = cols, gs = spec.group_size > 0 && spec.group_size < n ? spec.group_size : 0;
-  const int64_t ng = n_groups(n, spec.group_size);
-  const int maxq = (1 << spec.bits) - 1;
   GptqStats st;
 
   // Dead columns, column order, damping.
@@ -156,7 +171,7 @@ GptqStats gptq(const float* W, int64_t rows, int64_t cols, const double* H, cons
   std::vector<char> forms_group(static_cast<size_t>(n), 0);
   if (gs > 0) {
     std::vector<char> seen(static_cast<size_t>(ng), 0);
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < nq; ++i) {
       const int64_t g = perm[i] / gs;
       if (!seen[g]) forms_group[i] = seen[g] = 1;
     }
@@ -166,6 +181,13 @@ GptqStats gptq(const float* W, int64_t rows, int64_t cols, const double* H, cons
   std::vector<float> cur_s(static_cast<size_t>(rows));
   std::vector<float> cur_z(static_cast<size_t>(rows));
   auto form = [&](int64_t r, int64_t g, const float* vals, int64_t m) {
+    if (fixed_grid) {
+      cur_s[r] = spec.grid_scale[r * ng + g];
+      cur_z[r] = static_cast<float>(spec.grid_zero[r * ng + g]);
+      out.scale[r * ng + g] = cur_s[r];
+      out.zero[r * ng + g] = spec.grid_zero[r * ng + g];
+      return;
+    }
     const GroupRange gr = group_range(vals, m, r, gs > 0 ? g * gs : 0);
     float s = static_cast<float>((double(gr.hi) - double(gr.lo)) / maxq);
     if (spec.fp16_scales) s = fp16_round_scale(s);
@@ -176,19 +198,21 @@ GptqStats gptq(const float* W, int64_t rows, int64_t cols, const double* H, cons
     out.zero[r * ng + g] = static_cast<uint8_t>(z);
   };
   if (gs == 0)
-    parallel_for(rows, n_threads, [&](int64_t r) { form(r, 0, W + r * n, n); });
+    parallel_for(rows, n_threads, [&](int64_t r) { form(r, 0, W + r * n, nq); });
 
-  const int64_t bs = std::min<int64_t>(spec.blocksize, n);
+  // Only the first nq columns are quantized; the lazy updates stop there too (the later columns
+  // are never read), but U covers all n, so the compensation is the one with them free.
+  const int64_t bs = std::min<int64_t>(spec.blocksize, nq);
   constexpr int64_t kChunk = 192;  // rows per task: a 128 x 192 block buffer stays in L2
   const int64_t n_chunks = (rows + kChunk - 1) / kChunk;
   std::vector<double> row_loss(static_cast<size_t>(rows), 0.0);
   PackedB Ublk;
-  const int64_t n_blocks = (n + bs - 1) / bs;
+  const int64_t n_blocks = (nq + bs - 1) / bs;
   const double dmaxq = maxq;
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     rc.poll();
-    const int64_t i1 = blk * bs, i2 = std::min(n, i1 + bs), count = i2 - i1;
-    if (i2 < n) Ublk.pack(U.data() + i1 * n + i2, n, count, n - i2, n_threads);
+    const int64_t i1 = blk * bs, i2 = std::min(nq, i1 + bs), count = i2 - i1;
+    if (i2 < nq) Ublk.pack(U.data() + i1 * n + i2, n, count, nq - i2, n_threads);
     parallel_for(n_chunks, n_threads, [&](int64_t ch) {
       const int64_t r0 = ch * kChunk, nr = std::min(kChunk, rows - r0);
       std::vector<float> W1t(static_cast<size_t>(count * nr)), Err(static_cast<size_t>(nr * count));
@@ -198,7 +222,7 @@ GptqStats gptq(const float* W, int64_t rows, int64_t cols, const double* H, cons
       for (int64_t i = 0; i < count; ++i) {
         const int64_t col = i1 + i, ocol = perm[col];
         if (gs > 0 && forms_group[col]) {
-          const int64_t g = ocol / gs, c0 = g * gs, m = std::min(gs, n - c0);
+          const int64_t g = ocol / gs, c0 = g * gs, m = std::min(gs, nq - c0);
           for (int64_t j = 0; j < nr; ++j) {
             const float* wr = Wc.data() + (r0 + j) * n;
             for (int64_t c = 0; c < m; ++c) gvals[c] = wr[pos[c0 + c]];
@@ -218,8 +242,8 @@ GptqStats gptq(const float* W, int64_t rows, int64_t cols, const double* H, cons
           const float dq = s * (static_cast<float>(v) - z);
           const float e = (w - dq) / d;
           row_loss[r] += double(w - dq) * double(w - dq) / d2;
-          out.codes[r * n + ocol] = static_cast<uint8_t>(v);
-          out.wq[r * n + ocol] = dq;
+          out.codes[r * nq + ocol] = static_cast<uint8_t>(v);
+          out.wq[r * nq + ocol] = dq;
           errv[j] = e;
           Err[j * count + i] = -e;
         }
@@ -230,7 +254,7 @@ GptqStats gptq(const float* W, int64_t rows, int64_t cols, const double* H, cons
           for (int64_t j = 0; j < nr; ++j) wk[j] -= u * errv[j];
         }
       }
-      if (i2 < n)
+      if (i2 < nq)
         gemm_packed(Err.data(), count, nr, Ublk, Wc.data() + r0 * n + i2, n, true, 1);
     });
     rc.report(blk + 1, n_blocks);

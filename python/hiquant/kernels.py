@@ -395,7 +395,8 @@ class GPTQResult:
 def gptq(W: np.ndarray, H: np.ndarray, *, bits: int, group_size: int | None = None,
          percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False,
          fp16_scales: bool = True, n_threads: int | None = None,
-         progress: Progress = None) -> GPTQResult:
+         progress: Progress = None, scale: np.ndarray | None = None,
+         zero: np.ndarray | None = None, n_quant: int | None = None) -> GPTQResult:
     """GPTQ of one layer (IST-DASLab/gptq's algorithm; see cpp/include/hiquant/gptq.hpp).
 
     ``W`` float32 ``(d_out, d_in)``; ``H`` float64 ``(d_in, d_in)``, the Gram matrix of the
@@ -404,10 +405,17 @@ def gptq(W: np.ndarray, H: np.ndarray, *, bits: int, group_size: int | None = No
     ``act_order`` quantizes columns by decreasing ``H_ii`` (groups stay consecutive columns in the
     original order). Raises :class:`hiquant.NumericalError` if the damped ``H`` is not positive
     definite.
+
+    Error-compensating rounding on a given grid: ``scale`` (float32) and ``zero`` (uint8), both
+    ``(d_out, n_groups)``, fix every group's parameters (e.g. LWC's learned clipping), so GPTQ only
+    chooses the codes. ``n_quant``: quantize only the first ``n_quant`` columns (codes and ``wq``
+    then have ``n_quant`` columns); the later ones stay in ``H``, so the compensation is the one
+    in which they are free as well (the hybrid quantizer learns them next, with AdaRound).
     """
     r = _core.gptq(W, H, _int(bits, "bits"), _group(group_size), _float(percdamp, "percdamp"),
                    _int(blocksize, "blocksize"), bool(act_order), bool(fp16_scales),
-                   resolve_n_threads(n_threads), progress)
+                   resolve_n_threads(n_threads), progress, scale, zero,
+                   0 if n_quant is None else _int(n_quant, "n_quant"))
     return GPTQResult(r["codes"], r["scale"], r["zero"], r["wq"], r["loss"], r["damp"],
                       r["n_dead"], r["perm"],
                       {"factor": r["seconds_factor"], "loop": r["seconds_loop"]})

@@ -15,8 +15,9 @@ Objectives of the learned quantizers (``objective``):
   full-precision model's output, LWC and AdaRound learned from scratch on mini-batches of windows
   (one forward and backward of the block per step).
 * ``"refine"`` (the default for lwc and the hybrid methods): the layer-wise LWC solution, then ``block_epochs`` passes of block-wise
-  refinement of its clipping, then layer-wise AdaRound of the high columns against the refined
-  low part. Measured on llama-bench (W2 g64, hiq at 2.30 bits, 1000/5000 iterations): diagonal
+  refinement of its clipping, then (``low_rounding``, gptq by default for the hybrid methods)
+  GPTQ's error-compensating rounding of the low part on that grid, then layer-wise AdaRound of
+  the high columns against the low part. Measured on llama-bench (W2 g64, hiq at 2.30 bits, 1000/5000 iterations): diagonal
   M layer 10.37, refine (2 epochs) 9.91; fisher M layer 10.76, block from scratch (2 epochs)
   12.68 — a few block-wise epochs only help when they start from a good solution.
 
@@ -46,6 +47,7 @@ __all__ = ["QuantizeSettings", "Report", "quantize"]
 
 DEFAULT_CANDIDATES = (0.02, 0.05, 0.10, 0.15, 0.20)
 OBJECTIVES = ("layer", "block", "refine")  # and "auto" (QuantizeSettings.objective)
+LOW_ROUNDINGS = ("nearest", "gptq")  # and "auto" (QuantizeSettings.low_rounding)
 REFINE_ORDERS = ("lwc-first", "adaround-first")
 DIAGONAL_AUTO_BYTES = 2 << 30  # estimator="auto": the largest Fisher diagonal kept in memory
 
@@ -98,6 +100,12 @@ class QuantizeSettings:
     # "adaround-first" — the layer-wise hybrid (LWC and AdaRound), then block-wise clipping with
     # the high columns fixed at their AdaRound values (the block sees their real error)
     refine_order: str = "lwc-first"
+    # the low part's codes on its learned grid: "nearest" (round-to-nearest, as LWC trains and
+    # OmniQuant exports) or "gptq" (GPTQ's error-compensating sweep on the fixed grid, the high
+    # columns free; hybrid.quantize_layer). "auto": gptq for the hybrid methods (hiq, fixed-ratio,
+    # fp16-retention) on the layer and lwc-first refine objectives, nearest otherwise — lwc stays
+    # OmniQuant's quantizer. Measured on llama-bench hiq W2 g64 at 2.30 bits: 9.169 -> 8.759.
+    low_rounding: str = "auto"
     gptq_percdamp: float = 0.01
     gptq_blocksize: int = 128
     gptq_act_order: bool = False
@@ -138,6 +146,24 @@ class QuantizeSettings:
         if s.refine_order not in REFINE_ORDERS:
             raise InvalidArgumentError(f"refine_order must be one of {', '.join(REFINE_ORDERS)}, "
                                        f"got {s.refine_order!r}")
+        # where a low part's grid is final before its codes are chosen (not in the block
+        # objective, which learns codes and grid together, nor after adaround-first's block pass,
+        # which fixes the high columns first)
+        grid_final = kind in ("lwc", "hybrid") and (
+            s.objective == "layer" or (s.objective == "refine" and s.refine_order == "lwc-first"))
+        if s.low_rounding == "auto":
+            s.low_rounding = "gptq" if kind == "hybrid" and grid_final else "nearest"
+        if s.low_rounding not in LOW_ROUNDINGS:
+            raise InvalidArgumentError(f"low_rounding must be one of {', '.join(LOW_ROUNDINGS)} "
+                                       f"or auto, got {s.low_rounding!r}")
+        if s.low_rounding == "gptq" and not grid_final:
+            raise InvalidArgumentError(
+                "low_rounding='gptq' chooses the codes of an LWC low part on its final grid: it "
+                "applies to the lwc and hybrid quantizers with objective layer or refine "
+                f"(refine_order lwc-first), not quantizer {kind!r} with objective "
+                f"{s.objective!r}" + (f", refine_order {s.refine_order!r}"
+                                       if s.objective == "refine" else "")
+                + "; pass low_rounding='nearest'")
         from .hybrid import LWC_SCHEDULES
         if s.block_lr_schedule not in LWC_SCHEDULES:
             raise InvalidArgumentError(f"block_lr_schedule must be one of {', '.join(LWC_SCHEDULES)}"
@@ -393,9 +419,11 @@ def _refine_block(model, b: int, h: np.ndarray, targets: np.ndarray, plans: dict
     objective (cheap, full batch); (2) block-wise refinement of those clipping parameters on the
     block's output error against the full-precision targets — the one thing a layer-wise
     objective cannot see: the error the block receives from the quantized blocks before it, and
-    how its seven layers' errors combine through attention and the MLP; (3) with the low parts
-    frozen at their refined values, AdaRound of the high columns on the layer-wise objective
-    (5000 cheap Gram steps instead of a few hundred block steps). Leaves the block's weights in
+    how its seven layers' errors combine through attention and the MLP; (3) with
+    ``low_rounding="gptq"``, the low parts' codes re-chosen on their refined grids by GPTQ's
+    error-compensating sweep (the grid, so the size, unchanged); (4) with the low parts frozen,
+    AdaRound of the high columns on the layer-wise objective (5000 cheap Gram steps instead of a
+    few hundred block steps). Leaves the block's weights in
     ``model`` quantized and returns ``{name: QuantizedLayer}``. With ``refine_order=
     "adaround-first"`` (1) also runs the layer-wise AdaRound, (2) keeps its high columns fixed, and
     there is no (3)."""
@@ -414,8 +442,10 @@ def _refine_block(model, b: int, h: np.ndarray, targets: np.ndarray, plans: dict
         H, ntok = grams.gram(n)
         p = block_plans[n]
         ada = adaround_first and p.k and p.b_high != 16
+        # only LWC's clipping is kept from here when the block pass follows: no rounding pass
         r = hybrid.quantize_layer(W[n], H, ntok, p.high_idx, p.b_low, p.b_high if p.k else p.b_low,
-                                  p.group_size, **(kw if ada else {**kw, "adaround_iters": 0}))
+                                  p.group_size, **(kw if ada else {**kw, "adaround_iters": 0,
+                                                                   "low_rounding": "nearest"}))
         if r.lwc_params is not None:
             lwc_init[n] = r.lwc_params
         if ada:
@@ -427,12 +457,14 @@ def _refine_block(model, b: int, h: np.ndarray, targets: np.ndarray, plans: dict
     for n in names:
         p = block_plans[n]
         info = {"objective": "refine", "steps": steps}
-        if p.k and p.b_high != 16 and not adaround_first:
+        adaround_part = p.k and p.b_high != 16 and not adaround_first
+        if adaround_part or (s.low_rounding == "gptq" and res[n].low is not None):
             H, ntok = grams.gram(n)
-            r = hybrid.quantize_layer(W[n], H, ntok, p.high_idx, p.b_low, p.b_high, p.group_size,
+            r = hybrid.quantize_layer(W[n], H, ntok, p.high_idx, p.b_low,
+                                      p.b_high if p.k else p.b_low, p.group_size,
                                       low_fixed=res[n].low, **kw)
             ql = r.to_layer(n, info=info)
-        else:  # no AdaRound part: the block pass's result is final (FP16 high columns included)
+        else:  # neither AdaRound nor a rounding pass: the block pass's result is final
             ql = res[n].to_layer(n, info=info)
         model.set_weight(n, ql)
         out[n] = ql

@@ -22,6 +22,13 @@
 // and its zero recomputed from that scale, so that a float16-scale export reproduces the codes
 // exactly; without it, the float32 scale of gptq.py is kept.
 //
+// Fixed grid (grid_scale / grid_zero given): the per (row, group) scales and zero points are the
+// caller's (e.g. LWC's learned clipping range) instead of formed from W; GPTQ only chooses the
+// codes — error-compensating rounding on a given grid. Only the first n_quant columns are
+// quantized (n_quant <= 0: all); the later ones take part in H, so each quantized column's error
+// is compensated as if the later columns were free too (the caller learns them afterwards, as the
+// hybrid quantizer does its high-impact columns with AdaRound). Both need act_order = false.
+//
 // Numerics: H^-1's Cholesky factor is computed in float64 (Eigen) through the reversed Cholesky
 // of H (H = R R^T with R upper, U = R^-1: one factorization and one triangular inverse instead of
 // gptq.py's three factorizations); the column loop runs in float32 like gptq.py. Rows are
@@ -41,9 +48,13 @@ struct GptqSpec {
   int64_t blocksize = 128;
   bool act_order = false;
   bool fp16_scales = true;
+  const float* grid_scale = nullptr;   // fixed grid: rows x n_groups(n_quant), finite and > 0
+  const uint8_t* grid_zero = nullptr;  // fixed grid: rows x n_groups(n_quant), <= 2^bits - 1
+  int64_t n_quant = 0;                 // columns to quantize (the first ones); <= 0: all
 };
 
-// Caller-allocated outputs: codes and wq are rows x cols, scale and zero rows x n_groups.
+// Caller-allocated outputs: codes and wq are rows x n_quant, scale and zero rows x
+// n_groups(n_quant) (the grid itself when it was given).
 struct GptqOutput {
   uint8_t* codes;
   float* scale;

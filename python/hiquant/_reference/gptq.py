@@ -23,13 +23,17 @@ def _params(vals, maxq, fp16_scales):
 
 
 def gptq(W, H, bits, group_size=None, percdamp=0.01, blocksize=128, act_order=False,
-         fp16_scales=True):
-    """Returns dict(codes, scale, zero, wq, loss, perm) in the original column order."""
+         fp16_scales=True, scale=None, zero=None, n_quant=None):
+    """Returns dict(codes, scale, zero, wq, loss, perm) in the original column order. With
+    ``scale``/``zero`` the group parameters are those (a fixed grid); with ``n_quant`` only the
+    first ``n_quant`` columns are quantized, the others stay in H (and are updated, unused)."""
     maxq = 2**bits - 1
     W0 = np.asarray(W, np.float32).astype(np.float64)
     rows, n = W0.shape
-    gs = group_size if group_size and 0 < group_size < n else 0
-    ng = -(-n // gs) if gs else 1
+    nq = n_quant or n
+    gs = group_size if group_size and 0 < group_size < nq else 0
+    ng = -(-nq // gs) if gs else 1
+    grid = scale is not None
     H = np.array(H, np.float64)
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
@@ -45,22 +49,29 @@ def gptq(W, H, bits, group_size=None, percdamp=0.01, blocksize=128, act_order=Fa
     Hinv = Linv.T @ Linv
     U = np.linalg.cholesky(Hinv).T  # upper
 
+    if grid:
+        grid_scale, grid_zero = np.asarray(scale, np.float64), np.asarray(zero, np.float64)
     scale = np.zeros((rows, ng), np.float32)
     zero = np.zeros((rows, ng), np.uint8)
-    codes = np.zeros((rows, n), np.uint8)
-    wq = np.zeros((rows, n), np.float64)
+    codes = np.zeros((rows, nq), np.uint8)
+    wq = np.zeros((rows, nq), np.float64)
+
+    def params(r, g, vals):
+        if grid:
+            return grid_scale[r, g], grid_zero[r, g]
+        return _params(vals, maxq, fp16_scales)
     cur_s = np.zeros(rows)
     cur_z = np.zeros(rows)
     if not gs:
         for r in range(rows):
-            cur_s[r], cur_z[r] = _params(W0[r], maxq, fp16_scales)  # original row, as find_params(W)
+            cur_s[r], cur_z[r] = params(r, 0, W0[r, :nq])  # original row, as find_params(W)
             scale[r, 0], zero[r, 0] = cur_s[r], cur_z[r]
     pos = np.empty(n, np.int64)
     pos[perm] = np.arange(n)
     seen = set()
     loss = 0.0
-    for i1 in range(0, n, blocksize):
-        i2 = min(i1 + blocksize, n)
+    for i1 in range(0, nq, blocksize):
+        i2 = min(i1 + blocksize, nq)
         W1 = Wp[:, i1:i2].copy()
         Err1 = np.zeros_like(W1)
         for i in range(i2 - i1):
@@ -68,9 +79,9 @@ def gptq(W, H, bits, group_size=None, percdamp=0.01, blocksize=128, act_order=Fa
             if gs and perm[col] // gs not in seen:
                 g = perm[col] // gs
                 seen.add(g)
-                cols = pos[np.arange(g * gs, min(g * gs + gs, n))]
+                cols = pos[np.arange(g * gs, min(g * gs + gs, nq))]
                 for r in range(rows):
-                    cur_s[r], cur_z[r] = _params(Wp[r, cols], maxq, fp16_scales)  # global W
+                    cur_s[r], cur_z[r] = params(r, g, Wp[r, cols])  # global W
                     scale[r, g], zero[r, g] = cur_s[r], cur_z[r]
             w = W1[:, i]
             d = U[col, col]
