@@ -42,12 +42,16 @@ GRID = [
     ("hiq, diagonal M, layer-wise objective", "hiq", W2, "diagonal", "paper", 3, "auto"),
     ("hiq, diagonal M, refine with aug loss", "hiq", W2, "diagonal", "paper", 3, "auto"),
     ("hiq, diagonal M, refine adaround-first", "hiq", W2, "diagonal", "paper", 3, "auto"),
+    ("hiq, diagonal M, nearest low rounding", "hiq", W2, "diagonal", "paper", 3, "auto"),
+    ("lwc, GPTQ low rounding", "lwc", W2, None, None, None, "auto"),
 ]
 # settings beyond the defaults (the others use the default objective, refine lwc-first)
 EXTRA = {"lwc, layer-wise objective": dict(objective="layer"),
          "hiq, diagonal M, layer-wise objective": dict(objective="layer"),
          "hiq, diagonal M, refine with aug loss": dict(block_aug_loss=True),
-         "hiq, diagonal M, refine adaround-first": dict(refine_order="adaround-first")}
+         "hiq, diagonal M, refine adaround-first": dict(refine_order="adaround-first"),
+         "hiq, diagonal M, nearest low rounding": dict(low_rounding="nearest"),
+         "lwc, GPTQ low rounding": dict(low_rounding="gptq")}
 QUICK = {"rtn", "fixed ratio, hybrid", "hiq, fisher M", "hiq, diagonal M (no inter-layer)"}
 
 
