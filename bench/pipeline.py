@@ -4,13 +4,13 @@ average bits, wall time and peak resident memory.
 
     python bench/pipeline.py [--quick] [--model DIR] [--calib FILE] [--test FILE]
                              [--configs w2g64,w3g128] [--methods rtn,gptq,...] [--threads N]
-                             [--budget-w2 2.30] [--budget-w3 3.30] [--extra-hybrid "--scale-bits 6"]
+                             [--budget-w2 2.30] [--budget-w3 3.30] [--extra-hybrid "--scale-bits 8"]
 
 Defaults: ``../shared/bench/llama-bench`` with 128 x 512 calibration windows from ``calib.txt``
 (random.seed(0) starts, the reference runs' protocol) and the shared perplexity protocol on
 ``test.txt`` (200 x 512). rtn, gptq, lwc and adaround run at their own bits (W{b} g{g}: codes
 plus float16 scales and b-bit zeros); fixed-ratio, fp16-retention and hiq share one budget per
-config. Runs share a statistics cache (``--cache``) except the first hybrid run, which is timed
+config (their default storage: 6-bit scale codes, `--scale-bits auto`). Runs share a statistics cache (``--cache``) except the first hybrid run, which is timed
 from a cold cache as the end-to-end figure. ``--quick`` (CI): the embedded model, two methods,
 few windows. Ends with one JSON line.
 """

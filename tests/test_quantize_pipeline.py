@@ -26,14 +26,18 @@ def test_top_columns_takes_the_largest_scores_with_ties_to_the_lower_index():
     np.testing.assert_array_equal(top_columns(fc, 0), [])
 
 
-def test_uniform_ratio_meets_the_budget_exactly_and_is_maximal():
+@pytest.mark.parametrize("scale_bits", [16, "auto"])
+def test_uniform_ratio_meets_the_budget_exactly_and_is_maximal(scale_bits):
     from hiquant.layers import storage_bits
     shapes = {"a": (64, 128), "b": (128, 384)}
-    s = QuantizeSettings(method="fixed-ratio", wbits=2, hbits=3, group_size=64).resolved()
+    s = QuantizeSettings(method="fixed-ratio", wbits=2, hbits=3, group_size=64,
+                         scale_bits=scale_bits).resolved()
+    assert s.scale_bits == (6 if scale_bits == "auto" else 16)  # auto: 6 for the hybrid methods
     n_w = 64 * 128 + 128 * 384
     budget = 2.4 * n_w
     r = uniform_ratio_for_budget(shapes, s, budget)
-    bits = lambda r: sum(storage_bits(o, i, int(np.ceil(r * i - 1e-9)), 2, 3, 64) for o, i in shapes.values())  # noqa: E731
+    bits = lambda r: sum(storage_bits(o, i, int(np.ceil(r * i - 1e-9)), 2, 3, 64, s.scale_bits)  # noqa: E731
+                         for o, i in shapes.values())
     assert bits(r) <= budget < bits(r + 1 / 384 + 1e-6)
     with pytest.raises(hiquant.InfeasibleBudgetError) as e:
         uniform_ratio_for_budget(shapes, s, 2.0 * n_w)

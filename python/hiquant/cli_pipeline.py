@@ -14,6 +14,10 @@ __all__ = ["add_pipeline_commands"]
 DEMO_METHODS = ("rtn", "gptq", "lwc", "fixed-ratio", "fp16-retention", "hiq")
 
 
+
+def _scale_bits(text: str):
+    return text if text == "auto" else int(text)
+
 def _emit(result: dict) -> None:
     sys.stdout.write(json.dumps(result, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
@@ -188,9 +192,11 @@ def add_pipeline_commands(sub) -> None:
     p.add_argument("--hbits", type=int, default=None, help="high-impact width b_H (default wbits+1; 16 = FP16)")
     p.add_argument("--group", dest="group_size", type=int, default=64, help="group size (0: per row)")
     p.add_argument("--avg-bits", dest="avg_bits", type=float, default=None, help="bit budget per weight")
-    p.add_argument("--scale-bits", dest="scale_bits", type=int, default=None, choices=(16, 8, 6),
-                   help="stored group-scale precision: 16 (float16, default), 8 or 6 (codes of that "
-                        "width, double-quantized with a float16 super-scale per 256 scales)")
+    p.add_argument("--scale-bits", dest="scale_bits", type=_scale_bits, default=None,
+                   choices=("auto", 16, 8, 6),
+                   help="stored group-scale precision: 16 (float16), 8 or 6 (codes of that width, "
+                        "double-quantized with a float16 super-scale per 256 scales); default auto: "
+                        "6 for hiq, fixed-ratio and fp16-retention, 16 for the others")
     p.add_argument("--ratio", type=float, default=None, help="fixed-ratio: the ratio of every layer")
     p.add_argument("--candidates", default=None,
                    help=f"comma-separated candidate ratios (default {','.join(map(str, DEFAULT_CANDIDATES))})")

@@ -60,7 +60,12 @@ class QuantizeSettings:
     wbits: int = 2
     hbits: int | None = None  # default wbits + 1; 16 = FP16 retention
     group_size: int = 64
-    scale_bits: int = 16  # stored scale precision: 16 (float16), 8 or 6 (double-quantized codes, hiquant.layers)
+    # stored scale precision: 16 (float16), 8 or 6 (double-quantized codes, hiquant.layers), or
+    # "auto": 6 for the methods with high-impact columns (hiq, fixed-ratio, fp16-retention), whose
+    # budgets near the plain format need cheap scales — W2 g64 with float16 scales cannot reach
+    # 2.30 bits at all, and 6-bit codes measured better than 8-bit ones there (9.35 vs 9.53) —,
+    # 16 otherwise (rtn, gptq, lwc, adaround store plain float16 scales, as the peers do)
+    scale_bits: int | str = "auto"
     avg_bits: float | None = None  # budget (average bits per weight over quantized layers)
     ratio: float | None = None  # fixed-ratio: the ratio of every layer
     candidates: tuple = DEFAULT_CANDIDATES
@@ -127,8 +132,10 @@ class QuantizeSettings:
         if s.hbits not in (2, 3, 4, 8, 16):
             raise InvalidArgumentError(f"hbits must be 2, 3, 4, 8 or 16 (FP16), got {s.hbits}")
         from .layers import check_scale_bits
-        check_scale_bits(s.scale_bits)
         kind = info["quantizer"] if s.quantizer == "auto" else s.quantizer
+        if s.scale_bits == "auto":
+            s.scale_bits = 6 if info["allocation"] != "none" and kind != "gptq" else 16
+        check_scale_bits(s.scale_bits)
         if s.scale_bits != 16 and kind == "gptq":
             raise InvalidArgumentError("gptq forms its group scales as the column sweep reaches "
                                        "them and stores them as float16; use scale_bits=16")
