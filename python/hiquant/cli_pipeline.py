@@ -145,15 +145,18 @@ def cmd_demo(args) -> int:
     fp = perplexity(model, ids, seqlen, args.windows, progress=False)["ppl"]
     rows = [("FP16", "-", 16.0, fp, 0.0)]
     methods = args.methods.split(",")
-    if args.avg_bits is None:  # the budget: plain W{wbits} storage plus 0.17 bit per weight
+    if args.avg_bits is None:
+        # the budget: W{wbits} storage with the hybrid methods' scales (6-bit codes, their
+        # default) plus 0.17 bit per weight for high-impact columns
         from .layers import storage_bits
+        scale_bits = QuantizeSettings(method="hiq").resolved().scale_bits
         names = model.linear_names()
         n_w = sum(a * b for a, b in map(model.linear_shape, names))
-        base = sum(storage_bits(*model.linear_shape(n), 0, args.wbits, args.wbits, args.group)
-                   for n in names) / n_w
+        base = sum(storage_bits(*model.linear_shape(n), 0, args.wbits, args.wbits, args.group,
+                                scale_bits) for n in names) / n_w
         args.avg_bits = round(base + 0.17, 3)
         print(f"hiquant demo: budget {args.avg_bits} bits per weight (W{args.wbits} g{args.group} "
-              f"costs {base:.3f})", file=sys.stderr)
+              f"with {scale_bits}-bit scales costs {base:.3f})", file=sys.stderr)
     for m in methods:
         # 200 LWC / 500 AdaRound steps and the layer-wise objective: on this 1 M-parameter model
         # with 16 k calibration tokens the pipeline defaults (1000 / 5000 and the block-wise
