@@ -230,6 +230,7 @@ def test_gptq_low_rounding_keeps_the_grid_and_matches_the_float64_twin(b_high):
     np.testing.assert_array_equal(gq.low.codes, want["codes"])
     np.testing.assert_array_equal(gq.to_layer("x").dequantize(), gq.wq)
     assert gq.loss_final < near.loss_final
+    assert gq.history["low_rounding"]["method"] == "gptq" and "low_rounding" not in near.history
 
 
 def test_gptq_low_rounding_applies_to_a_given_low_part_too():
