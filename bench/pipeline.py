@@ -10,8 +10,9 @@ Defaults: ``../shared/bench/llama-bench`` with 128 x 512 calibration windows fro
 (random.seed(0) starts, the reference runs' protocol) and the shared perplexity protocol on
 ``test.txt`` (200 x 512). rtn, gptq, lwc and adaround run at their own bits (W{b} g{g}: codes
 plus float16 scales and b-bit zeros); fixed-ratio, fp16-retention and hiq share one budget per
-config (their default storage: 6-bit scale codes, `--scale-bits auto`). Runs share a statistics cache (``--cache``) except the first hybrid run, which is timed
-from a cold cache as the end-to-end figure. ``--quick`` (CI): the embedded model, two methods,
+config (their default storage: 6-bit scale codes, ``--scale-bits auto``). Runs share a statistics
+cache (``--cache``) except the first hybrid run, which is timed from a cold cache as the
+end-to-end figure. ``--quick`` (CI): the embedded model, two methods,
 few windows. Ends with one JSON line.
 """
 

@@ -185,7 +185,8 @@ def cmd_demo(args) -> int:
 def add_pipeline_commands(sub) -> None:
     from .methods import METHODS
     from .allocate import ESTIMATORS
-    from .pipeline import DEFAULT_CANDIDATES, LOW_ROUNDINGS, OBJECTIVES, REFINE_ORDERS
+    from .hybrid import LOW_ROUNDINGS
+    from .pipeline import DEFAULT_CANDIDATES, OBJECTIVES, REFINE_ORDERS
 
     p = sub.add_parser("quantize", help="quantize a checkpoint", description=cmd_quantize.__doc__)
     p.add_argument("model", metavar="MODEL_DIR")

@@ -14,11 +14,12 @@ Objectives of the learned quantizers (``objective``):
 * ``"block"``: OmniQuant's — the block's output from the quantized path against the
   full-precision model's output, LWC and AdaRound learned from scratch on mini-batches of windows
   (one forward and backward of the block per step).
-* ``"refine"`` (the default for lwc and the hybrid methods): the layer-wise LWC solution, then ``block_epochs`` passes of block-wise
-  refinement of its clipping, then (``low_rounding``, gptq by default for the hybrid methods)
-  GPTQ's error-compensating rounding of the low part on that grid, then layer-wise AdaRound of
-  the high columns against the low part. Measured on llama-bench (W2 g64, hiq at 2.30 bits, 1000/5000 iterations): diagonal
-  M layer 10.37, refine (2 epochs) 9.91; fisher M layer 10.76, block from scratch (2 epochs)
+* ``"refine"`` (the default for lwc and the hybrid methods): the layer-wise LWC solution, then
+  ``block_epochs`` passes of block-wise refinement of its clipping, then (``low_rounding``, gptq
+  by default for the hybrid methods) GPTQ's error-compensating rounding of the low part on that
+  grid, then layer-wise AdaRound of the high columns against the low part. Measured on
+  llama-bench (W2 g64, hiq at 2.30 bits, 1000/5000 iterations, nearest codes): diagonal M layer
+  10.37, refine (2 epochs) 9.91; fisher M layer 10.76, block from scratch (2 epochs)
   12.68 — a few block-wise epochs only help when they start from a good solution.
 
 Options of the block-wise objectives: ``block_aug_loss`` (OmniQuant's aug_loss: the block also fits
@@ -47,7 +48,6 @@ __all__ = ["QuantizeSettings", "Report", "quantize"]
 
 DEFAULT_CANDIDATES = (0.02, 0.05, 0.10, 0.15, 0.20)
 OBJECTIVES = ("layer", "block", "refine")  # and "auto" (QuantizeSettings.objective)
-LOW_ROUNDINGS = ("nearest", "gptq")  # and "auto" (QuantizeSettings.low_rounding)
 REFINE_ORDERS = ("lwc-first", "adaround-first")
 DIAGONAL_AUTO_BYTES = 2 << 30  # estimator="auto": the largest Fisher diagonal kept in memory
 
@@ -157,6 +157,7 @@ class QuantizeSettings:
         # where a low part's grid is final before its codes are chosen (not in the block
         # objective, which learns codes and grid together, nor after adaround-first's block pass,
         # which fixes the high columns first)
+        from .hybrid import LOW_ROUNDINGS, LWC_SCHEDULES  # lazily: not part of `import hiquant`
         grid_final = kind in ("lwc", "hybrid") and (
             s.objective == "layer" or (s.objective == "refine" and s.refine_order == "lwc-first"))
         if s.low_rounding == "auto":
@@ -172,7 +173,6 @@ class QuantizeSettings:
                 f"{s.objective!r}" + (f", refine_order {s.refine_order!r}"
                                        if s.objective == "refine" else "")
                 + "; pass low_rounding='nearest'")
-        from .hybrid import LWC_SCHEDULES
         if s.block_lr_schedule not in LWC_SCHEDULES:
             raise InvalidArgumentError(f"block_lr_schedule must be one of {', '.join(LWC_SCHEDULES)}"
                                        f", got {s.block_lr_schedule!r}")
@@ -431,10 +431,9 @@ def _refine_block(model, b: int, h: np.ndarray, targets: np.ndarray, plans: dict
     ``low_rounding="gptq"``, the low parts' codes re-chosen on their refined grids by GPTQ's
     error-compensating sweep (the grid, so the size, unchanged); (4) with the low parts frozen,
     AdaRound of the high columns on the layer-wise objective (5000 cheap Gram steps instead of a
-    few hundred block steps). Leaves the block's weights in
-    ``model`` quantized and returns ``{name: QuantizedLayer}``. With ``refine_order=
-    "adaround-first"`` (1) also runs the layer-wise AdaRound, (2) keeps its high columns fixed, and
-    there is no (3)."""
+    few hundred block steps). Leaves the block's weights in ``model`` quantized and returns
+    ``{name: QuantizedLayer}``. With ``refine_order="adaround-first"`` (1) also runs the
+    layer-wise AdaRound, (2) keeps its high columns fixed, and there is no (3) or (4)."""
     from . import hybrid
     names = model.block_linear_names(b)
     grams = _block_grams(model, b, h, bs, s.n_threads)

@@ -60,6 +60,7 @@ def gptq(W, H, bits, group_size=None, percdamp=0.01, blocksize=128, act_order=Fa
         if grid:
             return grid_scale[r, g], grid_zero[r, g]
         return _params(vals, maxq, fp16_scales)
+
     cur_s = np.zeros(rows)
     cur_z = np.zeros(rows)
     if not gs:
