@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import emit, environment  # noqa: E402
 
 import hiquant  # noqa: E402
-from hiquant import kernels as K  # noqa: E402
+from hiquant import learners as K  # noqa: E402
 
 
 def timed_pairs(fns: dict, repeats: int, warmup: int = 1) -> dict:
@@ -267,7 +267,7 @@ def main(argv=None) -> None:
     # ---- LWC, every column
     obj_full = K.LayerwiseObjective(W, H, N)
     # LWC is timed over a fit of lwc_steps steps (per step): the default evaluation (incremental,
-    # see hiquant.kernels.fit) pays one full product at the start and then updates only where
+    # see hiquant.learners.fit) pays one full product at the start and then updates only where
     # codes change, so a 2-step timing would measure its setup, not the steps a real fit takes
     # (200-500). The one-product-per-step path is timed beside it.
     lwc_steps = 10 if args.quick else 40

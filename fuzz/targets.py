@@ -122,7 +122,7 @@ def quantizer_bindings(data: bytes) -> None:
 def _gptq_on_grid(W, bits, group, n_quant, payload):
     """GPTQ on a fixed grid with scales, zero points and n_quant from the bytes (any of them may
     be wrong: NaN or zero scales, zero points above 2^bits - 1, shapes that do not match)."""
-    from hiquant import kernels as K
+    from hiquant import learners as K
     cols = W.shape[1] if W.ndim == 2 else 0
     raw = np.resize(payload, 4 * (cols + W.shape[0] * 64)) if payload.size else np.zeros(0, np.uint8)
     H = np.diag(1.0 + np.resize(raw, cols).astype(np.float64)) if cols else np.zeros((0, 0))

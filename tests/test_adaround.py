@@ -8,10 +8,10 @@ import pytest
 from tolerances import F32_ATOL, F32_RTOL, FD_RTOL, REDUCE_ATOL, REDUCE_RTOL
 
 import hiquant
-from hiquant import kernels as K
+from hiquant import learners as K
 from hiquant._reference import adaround as ref
 from hiquant._reference import lwc as ref_lwc
-from hiquant.layers import QuantPart
+from hiquant.storage import QuantPart
 from hiquant import quantizer as qz
 
 CASES = [(2, 32), (3, 64), (4, None), (3, 48)]
@@ -217,7 +217,7 @@ def test_adaround_with_given_scales_equals_the_default_when_given_its_own():
     ea, eb = a.export(), b.export()
     np.testing.assert_array_equal(ea.codes, eb.codes)
     np.testing.assert_array_equal(ea.zero, eb.zero)
-    from hiquant.layers import scale8
+    from hiquant.storage import scale8
     s8 = np.ascontiguousarray(scale8(s)[0])
     c = K.AdaRound(W, 3, 32, scale=s8)
     np.testing.assert_array_equal(c.export().scale, s8)

@@ -12,7 +12,7 @@ import pytest
 
 import hiquant.allocate as A
 from hiquant.errors import InfeasibleBudgetError, InvalidArgumentError, NumericalError
-from hiquant.layers import QuantizedLayer, storage_bits
+from hiquant.storage import QuantizedLayer, storage_bits
 from hiquant._reference import allocation as ref
 from tolerances import REDUCE_RTOL
 

@@ -83,7 +83,7 @@ def test_cli_eval_reports_errors_without_traceback(tmp_path, capsys):
 
 def test_cli_quantize_takes_6bit_scales_and_reports_their_exact_bits(tmp_path, capsys):
     from hiquant.datasets import embedded_calib_path, embedded_model_path
-    from hiquant.layers import storage_bits
+    from hiquant.storage import storage_bits
     model = embedded_model_path()
     args = ["quantize", str(model), "--calib", str(embedded_calib_path()), "--method", "rtn",
             "--wbits", "2", "--group", "64", "--n-calib", "4", "--seqlen", "64", "--quiet"]

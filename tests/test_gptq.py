@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 import hiquant
-from hiquant import kernels as K
+from hiquant import learners as K
 from hiquant import quantizer as qz
 from hiquant._reference import gptq as ref
 from hiquant._reference import lwc as ref_lwc
-from hiquant.layers import QuantPart
+from hiquant.storage import QuantPart
 
 
 def _layer(rows, cols, tokens, seed=0, dead=()):

@@ -16,9 +16,9 @@ from tolerances import FD_RTOL, REDUCE_ATOL, REDUCE_RTOL
 
 import hiquant
 from hiquant import hybrid
-from hiquant import kernels as K
+from hiquant import learners as K
 from hiquant._reference import lwc as ref
-from hiquant.layers import QuantizedLayer
+from hiquant.storage import QuantizedLayer
 from hiquant.methods import LayerPlan
 
 
@@ -181,7 +181,7 @@ def test_adaround_phase_compensates_the_low_part_error():
     hi = _high(H, W, 0.2)
     r = hybrid.quantize_layer(W, H, X.shape[0], hi, 2, 3, 32, lwc_iters=50, adaround_iters=300)
     lo = r.low_idx
-    from hiquant.layers import QuantPart
+    from hiquant.storage import QuantPart
     rtn_high = QuantPart.from_weights(np.ascontiguousarray(W[:, hi]), 3, 32).dequantize()
     wq = r.wq.copy()
     wq[:, hi] = rtn_high

@@ -8,10 +8,10 @@ import pytest
 from tolerances import F32_ATOL, F32_RTOL, FD_RTOL, REDUCE_ATOL, REDUCE_RTOL
 
 import hiquant
-from hiquant import kernels as K
+from hiquant import learners as K
 from hiquant import quantizer as qz
 from hiquant._reference import lwc as ref
-from hiquant.layers import QuantPart
+from hiquant.storage import QuantPart
 
 CASES = [(2, 32), (3, 64), (4, None), (3, 48)]  # (bits, group_size); 48 leaves a ragged group
 

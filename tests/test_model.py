@@ -198,7 +198,7 @@ def test_set_weight_changes_forward_and_reset_restores_it(tiny_llama):
 def test_a_quantized_layer_as_weight_is_dequantized_on_use_and_equals_its_array(tiny_llama):
     """set_weight(name, QuantizedLayer) keeps the codes (bounded memory) and behaves exactly like
     set_weight(name, layer.dequantize())."""
-    from hiquant.layers import QuantizedLayer
+    from hiquant.storage import QuantizedLayer
     folder, cfg, _ = tiny_llama
     a, b = load_model(folder), load_model(folder)
     ids = _ids(cfg)

@@ -28,7 +28,7 @@ def test_top_columns_takes_the_largest_scores_with_ties_to_the_lower_index():
 
 @pytest.mark.parametrize("scale_bits", [16, "auto"])
 def test_uniform_ratio_meets_the_budget_exactly_and_is_maximal(scale_bits):
-    from hiquant.layers import storage_bits
+    from hiquant.storage import storage_bits
     shapes = {"a": (64, 128), "b": (128, 384)}
     s = QuantizeSettings(method="fixed-ratio", wbits=2, hbits=3, group_size=64,
                          scale_bits=scale_bits).resolved()

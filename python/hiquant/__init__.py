@@ -15,6 +15,7 @@ from .errors import (
     HiquantError,
     InfeasibleBudgetError,
     InvalidArgumentError,
+    InvalidTypeError,
     NumericalError,
 )
 from .evaluate import perplexity
@@ -39,6 +40,7 @@ __all__ = [
     "get_num_threads",
     "HiquantError",
     "InvalidArgumentError",
+    "InvalidTypeError",
     "NumericalError",
     "InfeasibleBudgetError",
     "CheckpointError",

@@ -9,7 +9,7 @@ layer::
     minimize  δᵀ M δ   subject to   Σ_l Σ_m c[l, m] δ[l, m] <= budget,   Σ_m δ[l, m] = 1.
 
 * :func:`layer_cost_bits` — the exact storage of one layer, in bits (the packed export writes
-  exactly this many payload bits; it is :func:`hiquant.layers.storage_bits`, one formula).
+  exactly this many payload bits; it is :func:`hiquant.storage.storage_bits`, one formula).
 * :func:`sensitivity_matrix` — M by one of three estimators (``"measured"``, ``"fisher"``,
   ``"diagonal"``), recorded in the result. All three estimate ``ΔᵀHΔ`` (twice the second-order
   loss increase) of the quantization error ``Δ``, so their scales are comparable.
@@ -18,7 +18,7 @@ layer::
   or total bits) → per-layer ratio, ``k``, high-impact column indices and bits.
 
 Δ of an option: round-to-nearest min-max quantization of the layer at the option's split
-(:meth:`hiquant.layers.QuantizedLayer.rtn`: the :mod:`hiquant.quantizer` primitives applied to the
+(:meth:`hiquant.storage.QuantizedLayer.rtn`: the :mod:`hiquant.quantizer` primitives applied to the
 low and the high column subsets separately, each in its own groups, scales rounded through
 float16 as stored), minus the full-precision weight. ``b_high = 16`` keeps the high columns in
 FP16 (their Δ is the float16 rounding error).
@@ -42,7 +42,7 @@ import numpy as np
 from . import _core
 from ._threads import resolve_n_threads
 from .errors import InfeasibleBudgetError, InvalidArgumentError, NumericalError
-from .layers import QuantizedLayer, storage_bits
+from .storage import QuantizedLayer, storage_bits
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -161,7 +161,7 @@ def layer_cost_bits(d_out: int, d_in: int, k: int, b_low: int, b_high: int,
       ``max(1, 256 // ng)`` whole rows, ``16·ceil(d_out / rows)`` bits).
 
     ``ng(n, g)`` is 0 for n == 0, 1 when g <= 0 or g >= n, else ``ceil(n/g)``. The packed export
-    writes exactly this payload (this is :func:`hiquant.layers.storage_bits`).
+    writes exactly this payload (this is :func:`hiquant.storage.storage_bits`).
     """
     d_out = _pos_int(d_out, "d_out")
     d_in = _pos_int(d_in, "d_in")

@@ -148,7 +148,7 @@ def cmd_demo(args) -> int:
     if args.avg_bits is None:
         # the budget: W{wbits} storage with the hybrid methods' scales (6-bit codes, their
         # default) plus 0.17 bit per weight for high-impact columns
-        from .layers import storage_bits
+        from .storage import storage_bits
         scale_bits = QuantizeSettings(method="hiq").resolved().scale_bits
         names = model.linear_names()
         n_w = sum(a * b for a, b in map(model.linear_shape, names))

@@ -6,6 +6,7 @@ from __future__ import annotations
 __all__ = [
     "HiquantError",
     "InvalidArgumentError",
+    "InvalidTypeError",
     "NumericalError",
     "InfeasibleBudgetError",
     "CheckpointError",
@@ -18,6 +19,11 @@ class HiquantError(Exception):
 
 class InvalidArgumentError(HiquantError, ValueError):
     """An argument is malformed: a shape, range or option that cannot work."""
+
+
+class InvalidTypeError(HiquantError, TypeError):
+    """An argument has the wrong type or dtype (a float64 array where float32 is required, a str
+    where an int is): convert it visibly and call again."""
 
 
 class NumericalError(HiquantError, ArithmeticError):

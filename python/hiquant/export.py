@@ -9,7 +9,7 @@ plus ``quantization_config.json``:
   ``NAME.low.scales`` (float16 ``(d_out, n_groups)``; with 8-bit scales uint8 codes
   ``(d_out, n_groups)``, with 6-bit scales the codes packed densely at 6 bits (1-D, row-major),
   either plus ``NAME.low.scales_super``, float16 ``(ceil(d_out / R),)`` for blocks of R rows, see
-  :mod:`hiquant.layers`), ``NAME.low.qzeros``
+  :mod:`hiquant.storage`), ``NAME.low.qzeros``
   (uint8, zero points packed at b_low bits); the same under ``NAME.high.`` for a quantized high part, or
   ``NAME.high.weight`` (float16 ``(d_out, k)``) for an FP16 high part; and ``NAME.high_mask``
   (uint8, a d_in-bit little-endian mask of the high-impact columns) when ``k > 0``;
@@ -37,7 +37,7 @@ import numpy as np
 from . import quantizer as qz
 from ._atomic import atomic_dir
 from .errors import CheckpointError
-from .layers import SCALE_BITS, QuantizedLayer, QuantPart, n_super, super_rows
+from .storage import SCALE_BITS, QuantizedLayer, QuantPart, n_super, super_rows
 
 __all__ = ["PACKED_FORMAT", "layer_tensors", "layer_from_tensors", "layer_entry"]
 

@@ -1,7 +1,7 @@
 """Hybrid quantization of a linear layer: the high-impact input columns with AdaRound at ``b_high``
 bits (or kept in FP16), the rest with learnable weight clipping (LWC) at ``b_low`` bits.
 
-Two objectives, the same quantizer parts (:mod:`hiquant.kernels`):
+Two objectives, the same quantizer parts (:mod:`hiquant.learners`):
 
 * :func:`quantize_layer` — layer-wise: ``tr((W_q - W) H (W_q - W)^T) / N`` from the layer's
   calibration Gram matrix, trained in C++.
@@ -46,10 +46,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import kernels as K
+from . import learners as K
 from ._threads import resolve_n_threads
 from .errors import InvalidArgumentError, NumericalError
-from .layers import check_scale_bits
+from .storage import check_scale_bits
 
 __all__ = ["HybridResult", "quantize_layer", "quantize_layer_as", "quantize_block",
            "block_loss", "ORDERS"]
@@ -82,9 +82,9 @@ class HybridResult:
     lwc_params: np.ndarray | None = None  # LWC's learned (gamma, beta), (2, d_out, n_groups)
 
     def to_layer(self, name: str, *, info: dict | None = None):
-        """The :class:`hiquant.layers.QuantizedLayer` (exact round trip, the parts' scale
+        """The :class:`hiquant.storage.QuantizedLayer` (exact round trip, the parts' scale
         precision)."""
-        from .layers import QuantizedLayer, QuantPart
+        from .storage import QuantizedLayer, QuantPart
         d_out = self.wq.shape[0]
         if self.low is not None:
             low = _part(self.b_low, self.group_size, self.low)
@@ -105,7 +105,7 @@ class HybridResult:
 
 
 def _part(bits: int, group_size: int, exp: K.PartExport):
-    from .layers import QuantPart
+    from .storage import QuantPart
     if exp.scale_super is not None:
         return QuantPart(bits, group_size, exp.codes, exp.scale_code, exp.zero, exp.scale_super,
                          scale_code_bits=exp.scale_code_bits)
@@ -120,7 +120,7 @@ def _lwc_export(lwc: K.LWC, W: np.ndarray, scale_bits: int) -> K.PartExport:
     if scale_bits == 16:
         return exp
     from . import quantizer as qz
-    from .layers import scale_codes
+    from .storage import scale_codes
     s32, code, sup = scale_codes(exp.scale, scale_bits)
     s32 = np.ascontiguousarray(s32)
     codes = qz.quantize(np.ascontiguousarray(W, np.float32), s32, exp.zero, exp.bits,
@@ -135,7 +135,7 @@ def _adaround(Wh: np.ndarray, bits: int, gs: int, scale_bits: int, **kw) -> K.Ad
     if scale_bits == 16:
         return K.AdaRound(Wh, bits, gs, **kw)
     from . import quantizer as qz
-    from .layers import scale_codes
+    from .storage import scale_codes
     s, _ = qz.minmax_params(Wh, bits, gs)
     s32, code, sup = scale_codes(s, scale_bits)
     ada = K.AdaRound(Wh, bits, gs, scale=np.ascontiguousarray(s32), **kw)
@@ -212,8 +212,8 @@ def _split(d_in: int, high_idx: np.ndarray):
 
 def _rtn_wq(Wp: np.ndarray, d_low: int, b_low: int, b_high: int, group_size: int,
             scale_bits: int = 16) -> np.ndarray:
-    """Round-to-nearest of the same plan in the permuted layout (as layers.rtn)."""
-    from .layers import QuantPart
+    """Round-to-nearest of the same plan in the permuted layout (as storage.QuantizedLayer.rtn)."""
+    from .storage import QuantPart
     out = np.empty_like(Wp)
     if d_low:
         out[:, :d_low] = QuantPart.from_weights(np.ascontiguousarray(Wp[:, :d_low]), b_low,
@@ -255,7 +255,7 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
     ``adaround_iters`` steps on the whole layer (LWC at ``lwc_lr`` throughout), each step then costs
     a full ``d_in x d_in`` product — kept for the measurement that chose ``sequential``.
 
-    ``scale_bits``: the stored scale precision (:mod:`hiquant.layers`): 16 (float16), 8 or 6
+    ``scale_bits``: the stored scale precision (:mod:`hiquant.storage`): 16 (float16), 8 or 6
     (double-quantized codes; LWC's learned scales are rounded to it before the low part is frozen, and
     AdaRound learns its rounding on the rounded scales, so the high part compensates for exactly
     what is stored).
@@ -266,7 +266,7 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
 
     ``low_rounding``: how the low part's codes are chosen on its (LWC-learned or ``low_fixed``)
     grid. ``"nearest"``: round-to-nearest, as LWC trains and OmniQuant exports. ``"gptq"``: GPTQ's
-    error-compensating column sweep on that fixed grid (:func:`hiquant.kernels.gptq` with
+    error-compensating column sweep on that fixed grid (:func:`hiquant.learners.gptq` with
     ``scale``/``zero``, damping ``percdamp``); the scales and zero points, hence the stored size,
     are unchanged. The high columns come last in the sweep's order and stay free, so the
     compensation is the one AdaRound then realizes when it learns them on the whole layer's loss;
@@ -413,7 +413,7 @@ def layer_kwargs(settings) -> dict:
 def quantize_layer_as(name: str, W: np.ndarray, H: np.ndarray, n_tokens: int, plan, *, mode: str,
                       settings):
     """The pipeline's entry (hiquant.pipeline): quantize one layer for a method's ``plan`` and
-    return a :class:`hiquant.layers.QuantizedLayer`.
+    return a :class:`hiquant.storage.QuantizedLayer`.
 
     ``mode``: ``"lwc"`` (LWC on every column), ``"adaround"`` (AdaRound on every column at
     ``b_low``, stored as the low part) or ``"hybrid"`` (the plan's high columns at ``b_high``).
@@ -429,7 +429,7 @@ def quantize_layer_as(name: str, W: np.ndarray, H: np.ndarray, n_tokens: int, pl
         res = quantize_layer(W, H, n_tokens, np.arange(d_in), plan.b_low, plan.b_low,
                              plan.group_size, **kw)
         # every column was learned by AdaRound: store it as the (only) low part, no mask
-        from .layers import QuantizedLayer
+        from .storage import QuantizedLayer
         low = _part(plan.b_low, res.group_size, res.high)
         return QuantizedLayer(name, W.shape[0], d_in, np.zeros(0, np.int64), low, None, None,
                               {"order": "adaround", "loss_final": res.loss_final,

@@ -673,7 +673,7 @@ class Model:
         computing in float64 also accepts float64 (finite-difference checks need it).
 
         ``W`` may also be a quantized layer (anything with ``d_out``, ``d_in`` and an exact
-        ``dequantize()``, e.g. :class:`hiquant.layers.QuantizedLayer`): it is kept as is and
+        ``dequantize()``, e.g. :class:`hiquant.storage.QuantizedLayer`): it is kept as is and
         dequantized when the layer is used, so a quantized model holds about one byte per weight
         (its codes) instead of a float32 copy — what keeps the pipeline's memory bounded by the
         largest block."""

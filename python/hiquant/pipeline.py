@@ -60,7 +60,7 @@ class QuantizeSettings:
     wbits: int = 2
     hbits: int | None = None  # default wbits + 1; 16 = FP16 retention
     group_size: int = 64
-    # stored scale precision: 16 (float16), 8 or 6 (double-quantized codes, hiquant.layers), or
+    # stored scale precision: 16 (float16), 8 or 6 (double-quantized codes, hiquant.storage), or
     # "auto": 6 for the methods with high-impact columns (hiq, fixed-ratio, fp16-retention), whose
     # budgets near the plain format need cheap scales — W2 g64 with float16 scales cannot reach
     # 2.30 bits at all, and 6-bit codes measured better than 8-bit ones there (9.35 vs 9.53) —,
@@ -132,7 +132,7 @@ class QuantizeSettings:
             raise InvalidArgumentError(f"wbits must be 2, 3, 4 or 8 (packable widths), got {s.wbits}")
         if s.hbits not in (2, 3, 4, 8, 16):
             raise InvalidArgumentError(f"hbits must be 2, 3, 4, 8 or 16 (FP16), got {s.hbits}")
-        from .layers import check_scale_bits
+        from .storage import check_scale_bits
         kind = info["quantizer"] if s.quantizer == "auto" else s.quantizer
         if s.scale_bits == "auto":
             s.scale_bits = 6 if info["allocation"] != "none" and kind != "gptq" else 16
@@ -281,7 +281,7 @@ def n_high(ratio: float, d_in: int) -> int:
 
 
 def _total_bits(shapes: dict, ks: dict, s: QuantizeSettings) -> int:
-    from .layers import storage_bits
+    from .storage import storage_bits
     return sum(storage_bits(d_out, d_in, ks[n], s.wbits, s.hbits, s.group_size, s.scale_bits)
                for n, (d_out, d_in) in shapes.items())
 
@@ -387,13 +387,13 @@ def _gram_accumulate(G: np.ndarray, X: np.ndarray) -> None:
 
 def _quantize_layer(kind: str, name: str, W: np.ndarray, H: np.ndarray, n_tokens: int,
                     plan: LayerPlan, s: QuantizeSettings):
-    from .layers import QuantizedLayer, QuantPart
+    from .storage import QuantizedLayer, QuantPart
     if kind == "rtn":
         return QuantizedLayer.rtn(name, W, plan.b_low, plan.group_size, plan.high_idx, plan.b_high,
                                   scale_bits=s.scale_bits)
     if kind == "gptq":
-        from . import kernels
-        res = kernels.gptq(W, H, bits=plan.b_low, group_size=plan.group_size,
+        from . import learners
+        res = learners.gptq(W, H, bits=plan.b_low, group_size=plan.group_size,
                            percdamp=s.gptq_percdamp, blocksize=s.gptq_blocksize,
                            act_order=s.gptq_act_order, n_threads=s.n_threads)
         low = QuantPart(plan.b_low, plan.group_size, res.codes, res.scale.astype(np.float16), res.zero)
@@ -545,7 +545,7 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
 
     state = None
     if checkpoint_dir is not None:
-        from ._progress_state import ProgressState, plans_from_json, run_key
+        from .progress import ProgressState, plans_from_json, run_key
         state = ProgressState(checkpoint_dir, run_key(asdict(s), model.fingerprint(), calib_settings),
                               resume=resume)
         if cache_dir is None:  # statistics survive a crash too
@@ -669,7 +669,7 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
         if block_obj:
             h_fp = targets
         if state is not None:
-            from ._progress_state import plans_to_json
+            from .progress import plans_to_json
             from .export import layer_entry
             names_b = model.block_linear_names(b)
             entries = dict(state.meta["entries"]) if state.meta else {}

@@ -1,7 +1,7 @@
 """Float64 NumPy references for hiquant.allocate (independent of the C++ core).
 
 * :func:`layer_cost_bits` — the storage cost of one layer, written from the specification
-  (not from :mod:`hiquant.layers`), so tests can check the library's single cost function.
+  (not from :mod:`hiquant.storage`), so tests can check the library's single cost function.
 * :func:`iqp_objective` — δᵀMδ of a one-hot choice.
 * :func:`brute_force` — exhaustive enumeration of every choice (itertools order), the ground
   truth the native solver is tested against on small instances.

@@ -3,7 +3,7 @@
 A method decides two things for each linear layer: its *plan* (how many high-impact columns and
 at which widths — `LayerPlan`) and how a layer is quantized given that plan and its calibration
 Gram matrix (`quantize_layer`). Methods are comparable at matched average bits because the bits
-of every plan are counted by the one storage formula in :mod:`hiquant.layers`.
+of every plan are counted by the one storage formula in :mod:`hiquant.storage`.
 
 =================  ===============================================  ==========================
 name               high-impact columns                              layer quantizer

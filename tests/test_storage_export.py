@@ -12,7 +12,7 @@ import hiquant
 from hiquant._atomic import atomic_dir, atomic_write_text
 from hiquant.errors import CheckpointError, InvalidArgumentError
 from hiquant.export import layer_entry, layer_from_tensors, layer_tensors, read_quant_config
-from hiquant.layers import (SCALE_SUPER_BLOCK, QuantizedLayer, QuantPart, fp16_scales, scale8,
+from hiquant.storage import (SCALE_SUPER_BLOCK, QuantizedLayer, QuantPart, fp16_scales, scale8,
                             scale_codes, storage_bits, super_rows)
 from hiquant import quantizer as qz
 

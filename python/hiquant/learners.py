@@ -92,7 +92,7 @@ class PartExport:
     wq: np.ndarray  # float32 (d_out, n_cols)
     bits: int
     group_size: int
-    # coded stored scales (hiquant.layers.scale_codes): scale == S * scale_code, S the float16
+    # coded stored scales (hiquant.storage.scale_codes): scale == S * scale_code, S the float16
     # super-scale of the row's block of super_rows(n_groups) rows
     scale_code: np.ndarray | None = None  # uint8 (d_out, n_groups), < 2**scale_code_bits
     scale_super: np.ndarray | None = None  # float16 (ceil(d_out / super_rows),)
