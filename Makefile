@@ -1,10 +1,12 @@
 # Two entry points do all set-up on a fresh machine (Debian/Ubuntu with Python >= 3.9):
 #   make run    the main job: quantize the embedded model with hiq and the baselines, print the table
-#   make test   the test suite
+#   make test   the test suite, with its oracles (torch 2.13.0 CPU, transformers)
+# CI (.ci/run) runs `make lint`, then `make test`, then the sanitizers, fuzzing and `make bench-quick`.
 PY ?= python3
 PIP = $(PY) -m pip
+RUFF = ruff==0.17.5
 
-.PHONY: run test setup system-deps oracles bench-quick
+.PHONY: run test lint setup system-deps oracles bench-quick
 
 system-deps:
 	@# Eigen3 headers for the C++ core (the only non-PyPI build dependency).
@@ -20,9 +22,14 @@ setup: system-deps
 	$(PIP) install -q -e ".[test,plot]"
 
 oracles:
-	@# Optional test oracles (PyTorch CPU + transformers), installed only where a local CPU wheel of
-	@# torch 2.13.0 is available, so that no multi-GB CUDA build is ever pulled. Tests skip without them.
+	@# The test oracles: torch==2.13.0 (pinned exactly: the local CPU wheel, never a CUDA build) and
+	@# transformers. Tests that need a missing one skip; under CI=true they fail (tests/conftest.py).
 	@bash tools/install_oracles.sh "$(PY)"
+
+lint:
+	@# ruff, pinned, with pyproject.toml's [tool.ruff] configuration.
+	@$(PIP) install -q "$(RUFF)"
+	$(PY) -m ruff check .
 
 run: setup
 	$(PY) -m hiquant demo

@@ -30,10 +30,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import emit, environment, interleaved  # noqa: E402
-
 import hiquant  # noqa: E402
 import hiquant.allocate as A  # noqa: E402
+from _common import emit, environment, interleaved  # noqa: E402
 from hiquant._reference import allocation as ref  # noqa: E402
 
 SHAPES_7B = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
@@ -107,7 +106,8 @@ def part_solver(args, out: dict) -> None:
     res = {}
     fns = {
         "exact": lambda: res.__setitem__("exact", A.solve(M, costs, budget, blocks=blocks)),
-        "exact, 1 thread": lambda: res.__setitem__("exact1", A.solve(M, costs, budget, blocks=blocks, n_threads=1)),
+        "exact, 1 thread": lambda: res.__setitem__(
+            "exact1", A.solve(M, costs, budget, blocks=blocks, n_threads=1)),
     }
     if not args.quick:
         fns["general (same instance)"] = lambda: res.__setitem__(
@@ -133,7 +133,8 @@ def part_solver(args, out: dict) -> None:
         out["general_on_7b_excess"] = (g.objective - ex.objective) / abs(ex.objective)
 
     # --- general path, dense Fisher-like 1,120 variables
-    Mf, costs_f, budget_f, _, _, nwf = llama7b_instance(nb, dense_fisher=True, avg_bits=args.avg_bits_7b, seed=1)
+    Mf, costs_f, budget_f, _, _, nwf = llama7b_instance(nb, dense_fisher=True, avg_bits=args.avg_bits_7b,
+                                                        seed=1)
     res = {}
     t = interleaved({"general": lambda: res.__setitem__("g", A.solve(Mf, costs_f, budget_f))},
                     repeats=max(1, reps - 2), warmup=0 if args.quick else 1)
@@ -161,7 +162,8 @@ def part_solver(args, out: dict) -> None:
     }, repeats=reps, warmup=1)
     assert abs(res["n"].objective - res["r"].objective) <= 1e-9 * max(1, abs(res["r"].objective))
     print(f"\nbrute-force check ({K}^{L} = {K ** L} choices, dense PSD M): native "
-          f"{t['native (exact)']['min'] * 1e3:.2f} ms, reference {t['reference brute force']['min'] * 1e3:.1f} ms, "
+          f"{t['native (exact)']['min'] * 1e3:.2f} ms, "
+          f"reference {t['reference brute force']['min'] * 1e3:.1f} ms, "
           f"same optimum {res['n'].objective:.6f}")
     out["reference_check"] = {"choices": K ** L, "native_s": t["native (exact)"]["min"],
                               "reference_s": t["reference brute force"]["min"],

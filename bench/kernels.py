@@ -32,9 +32,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import emit, environment  # noqa: E402
-
 import hiquant  # noqa: E402
+from _common import emit, environment  # noqa: E402
 from hiquant import learners as K  # noqa: E402
 
 
@@ -314,7 +313,8 @@ def main(argv=None) -> None:
     Wq_fixed[:, lo] = low.wq
     hsteps = 10 if args.quick else 40
     t = timed_pairs({
-        "hiquant": (lambda: K.AdaRound(np.ascontiguousarray(Wp[:, d_in - k:]), 3, g, iters=hsteps, warmup=0.0),
+        "hiquant": (lambda: K.AdaRound(np.ascontiguousarray(Wp[:, d_in - k:]), 3, g, iters=hsteps,
+                                       warmup=0.0),
                     lambda a: K.fit(obj_h, hsteps, adaround=a, adaround_col0=d_in - k)),
         "torch (same algebra)": (lambda: TorchAdaRound(torch, W, H, N, 3, g, hi, Wq_fixed, True),
                                  lambda ta: [ta.step() for _ in range(hsteps)]),

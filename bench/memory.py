@@ -37,6 +37,7 @@ def write_checkpoint(folder: str, n_layers: int, shape: dict, seed: int = 0) -> 
     """A LlamaForCausalLM folder with random float16 weights (std 0.02, norms 1). Returns the
     parameter count."""
     from safetensors.numpy import save_file
+
     from hiquant.datasets import embedded_model_path
     os.makedirs(folder, exist_ok=True)
     D, I, V = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]

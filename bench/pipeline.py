@@ -32,7 +32,8 @@ from _common import emit, environment  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ASSETS = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "bench"))
-METHODS = ("rtn", "gptq", "lwc", "hiq", "fixed-ratio", "fp16-retention")  # hiq first: its cold-cache run is the end-to-end figure
+# hiq first: its cold-cache run is the end-to-end figure
+METHODS = ("rtn", "gptq", "lwc", "hiq", "fixed-ratio", "fp16-retention")
 HYBRID = ("fixed-ratio", "fp16-retention", "hiq")
 REFERENCE = {  # the peers' own code on llama-bench (../shared/bench/README.md)
     "w2g64": {"rtn": 20.08, "gptq": 16.30, "lwc (OmniQuant, block-wise)": 10.26},

@@ -17,9 +17,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import emit, environment, interleaved  # noqa: E402
-
 import hiquant  # noqa: E402
+from _common import emit, environment, interleaved  # noqa: E402
 from hiquant import quantizer as q  # noqa: E402
 from hiquant._reference import quantizer as ref  # noqa: E402
 

@@ -97,6 +97,7 @@ def stats_worker(args) -> dict:
         gcheck = float(sum(float(np.trace(G)) for G in {id(G): G for G in st.gram.values()}.values()))
     else:
         import torch
+
         from hiquant.model import load_model
         torch.set_num_threads(args.threads)
         model = load_model(args.model)  # for the tokenizer and the same windows only
@@ -248,7 +249,8 @@ def main(argv=None) -> None:
         except ImportError:
             print("PyTorch/transformers not installed: hiquant only", file=sys.stderr)
 
-    from hiquant.model import load_model, map_ordered
+    from hiquant._threads import map_ordered
+    from hiquant.model import load_model
     model = load_model(args.model)
     # Each side runs at 1 thread and at --threads (quick: 1 thread only): hiquant with worker
     # threads over windows, PyTorch with its intra-op threads.

@@ -15,9 +15,10 @@ import atheris
 
 sys.path.insert(0, os.path.dirname(__file__))
 with atheris.instrument_imports():
+    from targets import TARGETS
+
     import hiquant._safetensors_io  # noqa: F401
     import hiquant.export  # noqa: F401
-    from targets import TARGETS
 
 
 def main() -> None:

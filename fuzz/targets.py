@@ -15,7 +15,7 @@ import numpy as np
 from hiquant import quantizer as qz
 from hiquant._safetensors_io import SafetensorsFile
 from hiquant.errors import HiquantError
-from hiquant.export import layer_from_tensors
+from hiquant.packed import layer_from_tensors
 
 EXPECTED = (HiquantError, ValueError, TypeError, OverflowError)
 
@@ -103,7 +103,8 @@ def quantizer_bindings(data: bytes) -> None:
     dtype = [np.float32, np.float64, np.float16, np.uint8, np.int32][data[4] % 5]
     payload = np.frombuffer(data[6:] + b"\0" * 512, dtype=np.uint8)[: rows * cols * 4]
     with np.errstate(all="ignore"):
-        W = payload.view(np.float32)[: rows * cols].reshape(rows, cols).astype(dtype) if rows * cols else np.zeros((rows, cols), dtype)
+        W = (payload.view(np.float32)[: rows * cols].reshape(rows, cols).astype(dtype) if rows * cols
+             else np.zeros((rows, cols), dtype))
     if data[5] & 1 and W.ndim == 2 and W.shape[1] > 1:
         W = W[:, ::2]  # non-contiguous
     for call in (

@@ -29,14 +29,18 @@ from hiquant import plots
 %matplotlib inline
 model = load_model(embedded_model_path())
 print(model)"""),
-    ("md", "## 1. Calibration and the empirical Fisher\n\nPer-sequence gradients of the LM loss on 32 random windows of the calibration text; each input channel's score is the column sum of the squared gradients."),
+    ("md", "## 1. Calibration and the empirical Fisher\n\nPer-sequence gradients of the LM loss on 32 random "
+           "windows of the calibration text; each input channel's score is the column sum of the squared "
+           "gradients."),
     ("code", """windows, calib_settings = calibration_windows(model.tokenizer, embedded_calib_path(), n=32, seqlen=256, seed=0)
 t0 = time.perf_counter()
 stats = collect_stats(model, windows, gram=False, fisher=True, progress=False)
-print(f"Fisher of {len(model.linear_names())} layers from {windows.shape} windows in {time.perf_counter() - t0:.1f} s")"""),
+print(f"Fisher of {len(model.linear_names())} layers from {windows.shape} windows in {time.perf_counter() - t0:.1f} s")"""),  # noqa: E501
     ("code", """names = model.linear_names()
 fig = plots.plot_fisher_and_ratios(names, stats.fisher_col)"""),
-    ("md", "## 2. Allocation: per-layer ratios under one bit budget\n\n`fisher` estimator of M (inter-layer terms across blocks), 2-bit low part, 3-bit high part, groups of 64, budget 2.45 bits per weight counted exactly (codes, fp16 scales, packed zero points, the high-column mask)."),
+    ("md", "## 2. Allocation: per-layer ratios under one bit budget\n\n`fisher` estimator of M (inter-layer "
+           "terms across blocks), 2-bit low part, 3-bit high part, groups of 64, budget 2.45 bits per weight "
+           "counted exactly (codes, fp16 scales, packed zero points, the high-column mask)."),
     ("code", """from hiquant import allocate
 shapes = {n: model.linear_shape(n) for n in names}
 sm = allocate.sensitivity_matrix(model, windows, estimator="fisher", fisher_col=stats.fisher_col,
@@ -47,7 +51,8 @@ fixed = QuantizeSettings(method="fixed-ratio", wbits=2, group_size=64).resolved(
 from hiquant.pipeline import uniform_ratio_for_budget
 r_fixed = uniform_ratio_for_budget(shapes, fixed, alloc.budget_bits)
 fig = plots.plot_fisher_and_ratios(names, stats.fisher_col, alloc.ratios, fixed_ratio=r_fixed)"""),
-    ("md", "## 3. Quantize with several methods\n\nEvery method runs through the same pipeline; `avg_bits` is the exact storage of each result."),
+    ("md", "## 3. Quantize with several methods\n\nEvery method runs through the same pipeline; `avg_bits` "
+           "is the exact storage of each result."),
     ("code", """common = dict(wbits=2, group_size=64, n_calib=16, seqlen=256, eval_seqlen=256, eval_windows=50,
               lwc_iters=50, adaround_iters=100)  # short runs so the notebook executes in minutes
 runs = [("rtn", {}), ("gptq", {}), ("lwc", {}),
@@ -63,7 +68,7 @@ for method, extra in runs:
 model.reset_weights()
 from hiquant.evaluate import perplexity_of_text
 fp = perplexity_of_text(model, embedded_test_path(), 256, 50, progress=False)["ppl"]
-print(f"FP16 perplexity {fp:.3f}")"""),
+print(f"FP16 perplexity {fp:.3f}")"""),  # noqa: E501
     ("code", """fig = plots.plot_ppl_vs_bits(rows, fp_ppl=fp)"""),
 ]
 
@@ -108,14 +113,16 @@ def build(cells):
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     for kind, src in cells:
-        nb.cells.append(nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src))
+        cell = nbformat.v4.new_markdown_cell if kind == "md" else nbformat.v4.new_code_cell
+        nb.cells.append(cell(src))
     return nb
 
 
 def main(argv=None) -> int:
     for name, cells in (("01_walkthrough.ipynb", WALKTHROUGH), ("02_bring_your_own_model.ipynb", BYOM)):
         nb = build(cells)
-        NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+        NotebookClient(nb, timeout=1800, kernel_name="python3",
+                       resources={"metadata": {"path": str(HERE)}}).execute()
         nbformat.write(nb, HERE / name)
         print(f"wrote {HERE / name}")
     return 0

@@ -11,7 +11,7 @@ import pytest
 
 from hiquant.calib import (calibration_windows, leading_windows, load_jsonl_text, load_text,
                            load_wikitext2, sample_windows, tokenize_text)
-from hiquant.errors import InvalidArgumentError
+from hiquant.errors import InvalidArgumentError, InvalidTypeError
 from hiquant.model import load_model
 
 
@@ -108,6 +108,8 @@ def test_tokenize_text_is_the_whole_text_without_special_tokens(tiny_llama):
         tokenize_text(m.tokenizer, "")
     with pytest.raises(InvalidArgumentError, match="no tokenizer"):
         tokenize_text(None, "text")
+    with pytest.raises(InvalidTypeError, match="text must be a str"):
+        tokenize_text(m.tokenizer, b"bytes")
 
 
 def test_calibration_windows_records_settings(tiny_llama, tmp_path):

@@ -15,11 +15,12 @@ import pytest
 from tolerances import FD_RTOL, REDUCE_ATOL, REDUCE_RTOL
 
 import hiquant
-from hiquant import hybrid
+from hiquant import blockwise
+from hiquant.methods import hybrid
 from hiquant import learners as K
 from hiquant._reference import lwc as ref
 from hiquant.storage import QuantizedLayer
-from hiquant.methods import LayerPlan
+from hiquant.allocate import LayerPlan
 
 
 def _problem(rows=48, cols=160, tokens=500, seed=0):
@@ -220,12 +221,12 @@ def test_gptq_low_rounding_keeps_the_grid_and_matches_the_float64_twin(b_high):
     gq = hybrid.quantize_layer(W, H, X.shape[0], hi, 2, b_high, 32, low_rounding="gptq", **kw)
     np.testing.assert_array_equal(gq.low.scale, near.low.scale)
     np.testing.assert_array_equal(gq.low.zero, near.low.zero)
-    np.testing.assert_array_equal(gq.low.scale_code, near.low.scale_code)
+    np.testing.assert_array_equal(gq.low.scale_f32(), near.low.scale_f32())
     assert not np.array_equal(gq.low.codes, near.low.codes)
     perm = np.concatenate([gq.low_idx, hi])
     n = W.shape[1] if b_high != 16 else gq.low_idx.size
     Wp, Hp = W[:, perm][:, :n], H[np.ix_(perm, perm)][:n, :n]
-    want = ref_gptq.gptq(Wp, Hp, 2, 32, scale=near.low.scale, zero=near.low.zero,
+    want = ref_gptq.gptq(Wp, Hp, 2, 32, scale=near.low.scale_f32(), zero=near.low.zero,
                          n_quant=gq.low_idx.size)
     np.testing.assert_array_equal(gq.low.codes, want["codes"])
     np.testing.assert_array_equal(gq.to_layer("x").dequantize(), gq.wq)
@@ -327,17 +328,26 @@ def test_fit_releases_the_gil():
     assert count[0] > 1000
 
 
-def test_pipeline_entry_builds_quantized_layers_for_each_mode():
+def test_every_layer_quantizer_of_the_registry_returns_a_quantized_layer_for_its_plan():
+    from hiquant.config import QuantizeSettings, resolve
+    from hiquant.methods import quantizer
+    from hiquant.stats import LayerStats
     W, X, H = _problem(rows=16, cols=64)
-    s = SimpleNamespace(lwc_iters=10, lwc_lr=1e-2, adaround_iters=20, adaround_lr=1e-3, n_threads=None)
     hi = _high(H, W)
-    for mode, plan in (("lwc", LayerPlan(0, np.zeros(0, np.int64), 2, 3, 16)),
+    for mode, plan in (("rtn", LayerPlan(0, np.zeros(0, np.int64), 3, 3, 16)),
+                       ("gptq", LayerPlan(0, np.zeros(0, np.int64), 3, 3, 16)),
+                       ("lwc", LayerPlan(0, np.zeros(0, np.int64), 2, 2, 16)),
                        ("adaround", LayerPlan(0, np.zeros(0, np.int64), 3, 3, 16)),
                        ("hybrid", LayerPlan(hi.size, hi, 2, 3, 16, 0.1)),
                        ("hybrid", LayerPlan(hi.size, hi, 2, 16, 16, 0.1))):
-        ql = hybrid.quantize_layer_as("m.x", W, H, X.shape[0], plan, mode=mode, settings=s)
+        method = {"hybrid": "fixed-ratio"}.get(mode, mode)
+        s = resolve(QuantizeSettings(method=method, lwc_iters=10, adaround_iters=20,
+                                     objective="layer", scale_bits=16))
+        ql = quantizer(mode).quantize("m.x", W, LayerStats(H, X.shape[0]), plan, s)
         assert isinstance(ql, QuantizedLayer)
         assert ql.k == (hi.size if mode == "hybrid" else 0)
+        if mode in ("rtn", "gptq"):
+            continue
         assert ql.dequantize().shape == W.shape
         assert ql.storage_bits() > 0
         assert ql.info["loss_final"] <= ql.info["loss_rtn"] * 1.05
@@ -366,11 +376,11 @@ def test_block_driver_lowers_the_block_error_and_sets_the_weights(tmp_path):
     for n in names:
         rtn = QuantizedLayer.rtn(n, model.get_weight(n), 2, 16, plans[n].high_idx, 3)
         model.set_weight(n, rtn.dequantize())
-    rtn_loss, _ = hybrid.block_loss(model.block_forward(0, h), target)
+    rtn_loss, _ = blockwise.block_loss(model.block_forward(0, h), target)
     for n in names:
         model.reset_weight(n)
     seen = []
-    res = hybrid.quantize_block(model, 0, h, plans, targets=target, lwc_iters=40,
+    res = blockwise.quantize_block(model, 0, h, plans, targets=target, lwc_iters=40,
                                 adaround_iters=60, batch_size=2, lwc_lr=5e-3,
                                 progress=lambda p, d, t: seen.append(p))
     assert set(res) == set(names) and set(seen) == {"lwc", "adaround"}
@@ -381,7 +391,7 @@ def test_block_driver_lowers_the_block_error_and_sets_the_weights(tmp_path):
         np.testing.assert_array_equal(model.get_weight(n), res[n].wq)
         np.testing.assert_array_equal(res[n].to_layer(n).dequantize(), res[n].wq)
     with pytest.raises(ValueError, match="plans"):
-        hybrid.quantize_block(model, 0, h, {})
+        blockwise.quantize_block(model, 0, h, {})
 
 
 @pytest.mark.parametrize("scale_bits", [16, 8, 6])
@@ -423,21 +433,21 @@ def test_block_driver_starts_from_given_clipping_and_refines_it(tmp_path):
         X = rng.standard_normal((200, W.shape[1]))
         r = hybrid.quantize_layer(W, X.T @ X, 200, [], 2, 2, 16, lwc_iters=30, scale_bits=8)
         init[n], layerwise[n] = r.lwc_params, r.wq
-    res0 = hybrid.quantize_block(model, 0, h, plans, targets=target, lwc_iters=0,
+    res0 = blockwise.quantize_block(model, 0, h, plans, targets=target, lwc_iters=0,
                                  adaround_iters=0, lwc_init=init, scale_bits=8)
     for n in names:
         np.testing.assert_array_equal(res0[n].wq, layerwise[n])
     for n in names:
         model.reset_weight(n)
-    res = hybrid.quantize_block(model, 0, h, plans, targets=target, lwc_iters=60,
+    res = blockwise.quantize_block(model, 0, h, plans, targets=target, lwc_iters=60,
                                 adaround_iters=0, lwc_init=init, lwc_lr=5e-3, batch_size=6,
                                 scale_bits=8)
     assert res[names[0]].loss_final < res0[names[0]].loss_final
     with pytest.raises(ValueError, match="lwc_init"):
-        hybrid.quantize_block(model, 0, h, plans, targets=target, lwc_iters=0,
+        blockwise.quantize_block(model, 0, h, plans, targets=target, lwc_iters=0,
                               lwc_init={"nope": init[names[0]]})
     with pytest.raises(ValueError, match="lwc_init"):
-        hybrid.quantize_block(model, 0, h, plans, targets=target, lwc_iters=0,
+        blockwise.quantize_block(model, 0, h, plans, targets=target, lwc_iters=0,
                               lwc_init={names[0]: init[names[0]][:, :1]})
 
 
@@ -461,7 +471,7 @@ def test_aug_loss_adds_the_error_against_the_second_target(tmp_path):
     def first_losses(**extra):
         for n in names:
             model.reset_weight(n)
-        r = hybrid.quantize_block(model, 0, h, plans, **kw, **extra)[names[0]]
+        r = blockwise.quantize_block(model, 0, h, plans, **kw, **extra)[names[0]]
         return r.history["lwc"]["loss"], r.loss_final
 
     l1, _ = first_losses(targets=t1)
@@ -471,9 +481,9 @@ def test_aug_loss_adds_the_error_against_the_second_target(tmp_path):
     assert both[1] != pytest.approx(l1[1] + l2[1], rel=1e-9)  # the updates differ from there
     # loss_final is the error against ``targets`` alone
     out = model.block_forward(0, h)
-    assert final == pytest.approx(hybrid.block_loss(out, t1)[0], rel=1e-9)
+    assert final == pytest.approx(blockwise.block_loss(out, t1)[0], rel=1e-9)
     with pytest.raises(ValueError, match="aug_targets"):
-        hybrid.quantize_block(model, 0, h, plans, targets=t1, aug_targets=t2[:2], **kw)
+        blockwise.quantize_block(model, 0, h, plans, targets=t1, aug_targets=t2[:2], **kw)
 
 
 def test_block_driver_keeps_fixed_high_columns_and_refines_the_clipping_around_them(tmp_path):
@@ -500,10 +510,10 @@ def test_block_driver_keeps_fixed_high_columns_and_refines_the_clipping_around_t
         init[n], fixed[n] = r.lwc_params, r.high
     kw = dict(targets=target, adaround_iters=50, lwc_init=init, high_fixed=fixed, scale_bits=8,
               batch_size=6)
-    res0 = hybrid.quantize_block(model, 0, h, plans, lwc_iters=0, **kw)
+    res0 = blockwise.quantize_block(model, 0, h, plans, lwc_iters=0, **kw)
     for n in names:
         model.reset_weight(n)
-    res = hybrid.quantize_block(model, 0, h, plans, lwc_iters=60, lwc_lr=5e-3, **kw)
+    res = blockwise.quantize_block(model, 0, h, plans, lwc_iters=60, lwc_lr=5e-3, **kw)
     assert "adaround" not in res[names[0]].history  # nothing left to round
     assert res[names[0]].loss_final < res0[names[0]].loss_final
     for n in names:
@@ -516,17 +526,17 @@ def test_block_driver_keeps_fixed_high_columns_and_refines_the_clipping_around_t
                                         adaround_iters=5).high
     bad = {**fixed, names[0]: two_columns}
     with pytest.raises(ValueError, match="high_fixed"):
-        hybrid.quantize_block(model, 0, h, plans, lwc_iters=0, **{**kw, "high_fixed": bad})
+        blockwise.quantize_block(model, 0, h, plans, lwc_iters=0, **{**kw, "high_fixed": bad})
     no_high = {n: LayerPlan(0, np.zeros(0, np.int64), 2, 2, 16) for n in names}
     with pytest.raises(ValueError, match="high_fixed"):
-        hybrid.quantize_block(model, 0, h, no_high, targets=target, lwc_iters=0,
+        blockwise.quantize_block(model, 0, h, no_high, targets=target, lwc_iters=0,
                               high_fixed={names[0]: fixed[names[0]]})
 
 
 def test_cosine_schedule_starts_at_the_learning_rate_and_decays_to_zero(tmp_path):
     """lwc_schedule='cosine': lr at step 0, half of it midway, decreasing, ~0 at the last step;
     a one-step cosine run is the constant run exactly; an unknown schedule is refused."""
-    lrs = [hybrid.cosine_lr(1e-2, t, 10) for t in range(10)]
+    lrs = [blockwise.cosine_lr(1e-2, t, 10) for t in range(10)]
     assert lrs[0] == 1e-2 and lrs[5] == pytest.approx(5e-3, rel=1e-12)
     assert all(a > b for a, b in zip(lrs, lrs[1:])) and 0 < lrs[-1] < 3e-4
     checkpoints = pytest.importorskip("checkpoints")
@@ -542,7 +552,7 @@ def test_cosine_schedule_starts_at_the_learning_rate_and_decays_to_zero(tmp_path
     def run(iters, schedule):
         for n in names:
             model.reset_weight(n)
-        return hybrid.quantize_block(model, 0, h, plans, targets=target, lwc_iters=iters,
+        return blockwise.quantize_block(model, 0, h, plans, targets=target, lwc_iters=iters,
                                      adaround_iters=0, batch_size=2, lwc_schedule=schedule)
 
     one_c, one_k = run(1, "cosine"), run(1, "constant")

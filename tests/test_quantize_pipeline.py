@@ -10,7 +10,9 @@ import pytest
 import hiquant
 from hiquant.datasets import embedded_calib_path, embedded_model_path, embedded_test_path
 from hiquant.model import load_model
-from hiquant.pipeline import QuantizeSettings, quantize, top_columns, uniform_ratio_for_budget
+from hiquant.allocate import high_columns, uniform_ratio_for_budget
+from hiquant.config import QuantizeSettings, resolve
+from hiquant.pipeline import quantize
 
 FAST = dict(n_calib=8, seqlen=128, eval_seqlen=128, eval_windows=8, lwc_iters=50, adaround_iters=100)
 
@@ -20,18 +22,18 @@ def model():
     return load_model(embedded_model_path())
 
 
-def test_top_columns_takes_the_largest_scores_with_ties_to_the_lower_index():
+def test_high_columns_takes_the_largest_scores_with_ties_to_the_lower_index():
     fc = np.array([1.0, 5.0, 3.0, 5.0, 0.0, 3.0])
-    np.testing.assert_array_equal(top_columns(fc, 3), [1, 2, 3])
-    np.testing.assert_array_equal(top_columns(fc, 0), [])
+    np.testing.assert_array_equal(high_columns(fc, 3), [1, 2, 3])
+    np.testing.assert_array_equal(high_columns(fc, 0), [])
 
 
 @pytest.mark.parametrize("scale_bits", [16, "auto"])
 def test_uniform_ratio_meets_the_budget_exactly_and_is_maximal(scale_bits):
     from hiquant.storage import storage_bits
     shapes = {"a": (64, 128), "b": (128, 384)}
-    s = QuantizeSettings(method="fixed-ratio", wbits=2, hbits=3, group_size=64,
-                         scale_bits=scale_bits).resolved()
+    s = resolve(QuantizeSettings(method="fixed-ratio", wbits=2, hbits=3, group_size=64,
+                         scale_bits=scale_bits))
     assert s.scale_bits == (6 if scale_bits == "auto" else 16)  # auto: 6 for the hybrid methods
     n_w = 64 * 128 + 128 * 384
     budget = 2.4 * n_w
@@ -59,7 +61,7 @@ def test_rtn_run_reports_exact_bits_and_its_export_reloads_identically(model, tm
     packed = rep.output["packed"]
     assert packed["quantized_payload_bytes"] * 8 == rep.total_bits
     # the packed folder loads back to exactly the evaluated weights
-    from hiquant.export import load_packed
+    from hiquant.packed import load_packed
     pm = load_packed(out / "packed")
     for name in model.linear_names()[:7]:
         np.testing.assert_array_equal(pm.get_weight(name), model.get_weight(name))
@@ -80,7 +82,7 @@ def test_hiq_with_8bit_scales_fits_its_budget_and_reloads_identically_in_both_pa
     assert rep.avg_bits <= 2.6 and rep.settings["scale_bits"] == 8
     assert any(L["k"] > 0 for L in rep.layers)
     assert rep.total_bits == sum(L["bits"] for L in rep.layers)
-    from hiquant.export import load_packed
+    from hiquant.packed import load_packed
     pm = load_packed(out / "packed")
     cfg = json.loads((out / "packed" / "quantization_config.json").read_text())
     assert {e["scale_bits"] for e in cfg["layers"].values()} == {8}
@@ -123,7 +125,7 @@ def test_hiq_with_6bit_scales_buys_more_high_columns_and_its_packed_file_holds_t
                    export="packed", **kw)
     assert rep.avg_bits <= 2.35 and rep.settings["scale_bits"] == 6
     assert sum(L["k"] for L in rep.layers) > sum(L["k"] for L in rep8.layers)
-    from hiquant.export import load_packed
+    from hiquant.packed import load_packed
     from safetensors.numpy import load_file
     cfg = json.loads((out / "packed" / "quantization_config.json").read_text())
     assert {e["scale_bits"] for e in cfg["layers"].values()} == {6}
@@ -149,7 +151,7 @@ def test_hiq_with_ratios_0_and_1_exports_and_reloads_layers_with_an_empty_part(m
     assert {0.0, 1.0} <= ratios and rep.avg_bits <= 2.5
     d_in = {L["name"]: L["d_in"] for L in rep.layers}
     assert all(L["k"] == d_in[L["name"]] for L in rep.layers if L["ratio"] == 1.0)
-    from hiquant.export import load_packed
+    from hiquant.packed import load_packed
     pm = load_packed(out / "packed")
     for name in model.linear_names():
         np.testing.assert_array_equal(pm.get_weight(name), model.get_weight(name))
@@ -298,7 +300,7 @@ def test_auto_estimator_is_diagonal_for_small_models_and_fisher_above_the_memory
                                                                                      monkeypatch):
     """estimator='auto' (the default) keeps the full Fisher diagonal only while it fits
     DIAGONAL_AUTO_BYTES, and the report records the estimator it resolved to."""
-    import hiquant.pipeline as P
+    import hiquant.config as P
     kw = dict(method="hiq", avg_bits=2.6, wbits=2, group_size=64, model=model, progress=False,
               **FAST)
     assert P.QuantizeSettings().estimator == "auto"
@@ -313,7 +315,7 @@ def test_auto_estimator_is_diagonal_for_small_models_and_fisher_above_the_memory
 
 def test_low_rounding_auto_is_gptq_for_hybrid_methods_only_where_the_grid_is_final():
     def resolved(**kw):
-        return QuantizeSettings(avg_bits=2.6, **kw).resolved().low_rounding
+        return resolve(QuantizeSettings(avg_bits=2.6, **kw)).low_rounding
     for method in ("hiq", "fixed-ratio", "fp16-retention"):
         assert resolved(method=method) == "gptq"
         assert resolved(method=method, objective="layer") == "gptq"

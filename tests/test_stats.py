@@ -183,7 +183,7 @@ def test_block_by_block_gradients_equal_the_whole_model_gradients(qwen):
     want = m.weight_grads(ids)
     for ckpt in (False, True):
         got, blocks = {}, []
-        for b, g in m.iter_block_weight_grads(ids, checkpoint=ckpt):
+        for b, g in m.iter_block_weight_grads(ids, recompute=ckpt):
             blocks.append(b)
             got.update(g)
         assert blocks == list(reversed(range(m.num_blocks)))
@@ -221,7 +221,7 @@ def test_gram_with_fisher_equals_gram_alone(qwen):
 def test_stats_identical_for_any_thread_count_and_checkpointing(qwen):
     m, cfg = qwen
     win = _windows(cfg, n=6)
-    runs = [collect_stats(m, win, progress=False, n_threads=nt, checkpoint=ckpt)
+    runs = [collect_stats(m, win, progress=False, n_threads=nt, recompute=ckpt)
             for nt, ckpt in ((1, False), (2, False), (3, True))]
     for st in runs[1:]:
         for name in m.linear_names():

@@ -1,4 +1,5 @@
-"""The hybrid layer format: exact storage accounting, packed round trips, atomic outputs."""
+"""The hybrid layer format: exact storage accounting, packed round trips (layer and whole
+folder, through the public loader), atomic outputs."""
 
 from __future__ import annotations
 
@@ -9,12 +10,21 @@ import numpy as np
 import pytest
 
 import hiquant
+from hiquant import quantizer as qz
 from hiquant._atomic import atomic_dir, atomic_write_text
 from hiquant.errors import CheckpointError, InvalidArgumentError
-from hiquant.export import layer_entry, layer_from_tensors, layer_tensors, read_quant_config
-from hiquant.storage import (SCALE_SUPER_BLOCK, QuantizedLayer, QuantPart, fp16_scales, scale8,
-                            scale_codes, storage_bits, super_rows)
-from hiquant import quantizer as qz
+from hiquant.export import layer_entry, layer_tensors, write_fake_quant, write_packed
+from hiquant.packed import layer_from_tensors, load_packed, open_checkpoint, read_quant_config
+from hiquant.storage import (
+    SCALE_SUPER_BLOCK,
+    QuantizedLayer,
+    QuantPart,
+    fp16_scales,
+    scale8,
+    scale_codes,
+    storage_bits,
+    super_rows,
+)
 
 CASES = [  # (high columns, b_high)
     ([], 0),
@@ -300,3 +310,99 @@ def test_atomic_write_replaces_the_file_whole(tmp_path):
     atomic_write_text(p, '{"a": 1}')
     assert p.read_text() == '{"a": 1}'
     assert os.listdir(tmp_path) == ["r.json"]
+
+
+# ------------------------------------------------------------------------------ whole folders
+
+
+def _quantize_some(model, every=2, scale_bits=16):
+    """RTN layers for every ``every``-th linear of the model (a mix of quantized and stored)."""
+    out = {}
+    for i, name in enumerate(model.linear_names()):
+        if i % every == 0:
+            W = model.get_weight(name)
+            out[name] = QuantizedLayer.rtn(name, W, 3, 16, high_idx=[0, 3], b_high=4,
+                                           scale_bits=scale_bits)
+    return out
+
+
+@pytest.mark.parametrize("arch,opts", [("LlamaForCausalLM", {}),
+                                       ("Qwen2ForCausalLM", {"style": "4.x", "tie": True})])
+@pytest.mark.parametrize("scale_bits", [16, 6])
+def test_packed_folder_loads_exactly_the_dequantized_weights_and_the_stored_rest(
+        tiny_checkpoint, tmp_path, arch, opts, scale_bits):
+    """Linear weights from the packed codes, bit for bit; every other tensor (Qwen2's q/k/v
+    biases included) read as stored; forward passes equal the model with the layers set."""
+    from hiquant.model import load_model
+    folder, cfg, _ = tiny_checkpoint(arch, **opts)
+    m = load_model(folder)
+    q = _quantize_some(m, scale_bits=scale_bits)
+    write_packed(tmp_path / "packed", m, q, {"method": "rtn"})
+    pm = load_packed(tmp_path / "packed")
+    assert isinstance(open_checkpoint(tmp_path / "packed"), type(pm))
+    for name in m.linear_names():
+        want = q[name].dequantize() if name in q else m.get_weight(name)
+        np.testing.assert_array_equal(pm.get_weight(name), want)
+        assert pm.linear_shape(name) == m.linear_shape(name)
+    assert pm.modified_weights() == []
+    for name, ql in q.items():
+        m.set_weight(name, ql)
+    ids = np.random.default_rng(0).integers(0, cfg["vocab_size"], (2, 9))
+    np.testing.assert_array_equal(pm.sequence_losses(ids), m.sequence_losses(ids))
+    # the source tensors of a packed model: stored ones unchanged, packed linears as float32
+    src = {t.name: t for t in pm.source_tensors()}
+    assert set(src) == set(t.name for t in m.source_tensors())
+    for name, ql in q.items():
+        t = src[name + ".weight"]
+        assert t.dtype == "F32" and t.shape == (ql.d_out, ql.d_in)
+        np.testing.assert_array_equal(t.read(), ql.dequantize())
+
+
+def test_fake_quant_and_packed_folders_load_to_the_same_weights(tiny_llama, tmp_path):
+    from hiquant.model import load_model
+    m = load_model(tiny_llama[0])
+    q = _quantize_some(m, every=3, scale_bits=8)
+    write_fake_quant(tmp_path / "fake", m, q)
+    write_packed(tmp_path / "packed", m, q, {"method": "rtn"})
+    fm, pm = open_checkpoint(tmp_path / "fake"), open_checkpoint(tmp_path / "packed")
+    for name in m.linear_names():
+        np.testing.assert_array_equal(fm.get_weight(name), pm.get_weight(name))
+
+
+def test_load_model_takes_linear_weights_from_another_source(tiny_llama):
+    from hiquant.model import load_model
+    folder, cfg, _ = tiny_llama
+    m = load_model(folder)
+    name = m.linear_names()[4]
+    W = (m.get_weight(name) * 0.5).astype(np.float32)
+    ql = QuantizedLayer.rtn(m.linear_names()[0], m.get_weight(m.linear_names()[0]), 4, 16)
+    sm = load_model(folder, linear_source={name: W, m.linear_names()[0]: ql})
+    np.testing.assert_array_equal(sm.get_weight(name), W)
+    np.testing.assert_array_equal(sm.get_weight(m.linear_names()[0], original=True),
+                                  ql.dequantize())
+    sm.set_weight(name, m.get_weight(name))
+    sm.reset_weight(name)
+    np.testing.assert_array_equal(sm.get_weight(name), W)  # the source is the model's own
+    with pytest.raises(hiquant.CheckpointError, match="has shape"):
+        load_model(folder, linear_source={name: W.T.copy()})
+    with pytest.raises(hiquant.CheckpointError, match="not a linear layer"):
+        load_model(folder, linear_source={"model.layers.9.mlp.up_proj": W})
+    with pytest.raises(hiquant.InvalidTypeError, match="linear_source"):
+        load_model(folder, linear_source={name: W.tolist()})
+
+
+def test_packed_folder_with_a_layer_of_the_wrong_shape_raises_checkpoint_error(tiny_llama,
+                                                                              tmp_path):
+    from hiquant.model import load_model
+    m = load_model(tiny_llama[0])
+    q = _quantize_some(m)
+    write_packed(tmp_path / "packed", m, q, {"method": "rtn"})
+    p = tmp_path / "packed" / "quantization_config.json"
+    cfg = json.loads(p.read_text())
+    first = next(iter(cfg["layers"]))
+    cfg["layers"][first]["d_in"] += 1
+    p.write_text(json.dumps(cfg))
+    with pytest.raises(hiquant.CheckpointError, match=first):
+        load_packed(tmp_path / "packed")
+    with pytest.raises(hiquant.CheckpointError, match="no quantization_config.json"):
+        load_packed(tiny_llama[0])

@@ -1,12 +1,15 @@
-import os
 from pathlib import Path
 
 import pytest
 
 # The hiquant.testing plugin's fixtures and hooks (pytest_plugins is only allowed in a root conftest).
 from hiquant import testing as _hq
-from hiquant.testing import hiquant_cache_dir, hiquant_results, quantize_and_eval  # noqa: F401
-from hiquant.testing import pytest_terminal_summary  # noqa: F401
+from hiquant.testing import (  # noqa: F401
+    hiquant_cache_dir,
+    hiquant_results,
+    pytest_terminal_summary,
+    quantize_and_eval,
+)
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "bench"
 

@@ -11,7 +11,7 @@ hiquant::IqpMethod parse_method(const std::string& s) {
   if (s == "auto") return hiquant::IqpMethod::Auto;
   if (s == "exact") return hiquant::IqpMethod::Exact;
   if (s == "general") return hiquant::IqpMethod::General;
-  throw py::value_error("method must be 'auto', 'exact' or 'general', got '" + s + "'");
+  throw InvalidArgument("method must be 'auto', 'exact' or 'general', got '" + s + "'");
 }
 
 struct Checked {
@@ -113,7 +113,7 @@ void init_allocation(py::module_& m) {
       [](const py::object& M_, int64_t n_options) {
         auto M = require_array<double>(M_, "M", 2);
         if (n_options < 1 || M.shape(0) % n_options != 0 || M.shape(0) != M.shape(1))
-          throw py::value_error("M must be square with a side divisible by n_options");
+          throw InvalidArgument("M must be square with a side divisible by n_options");
         const int64_t L = M.shape(0) / n_options;
         std::vector<int64_t> comp;
         {

@@ -13,6 +13,11 @@
 namespace hiquant_py {
 namespace py = pybind11;
 
+// Binding checks throw the core's exception classes; the one translator in module.cpp maps them to
+// hiquant.InvalidArgumentError (a ValueError) and hiquant.InvalidTypeError (a TypeError).
+using hiquant::InvalidArgument;
+using hiquant::InvalidType;
+
 template <typename T>
 const char* dtype_name();
 template <> inline const char* dtype_name<float>() { return "float32"; }
@@ -31,27 +36,28 @@ inline std::string shape_str(const py::array& a) {
 }
 
 // Checks that `obj` is a NumPy array of exactly dtype T, C-contiguous, with `ndim` dimensions
-// (ndim < 0: any), and returns it without copying. Raises TypeError (not an array, wrong dtype)
-// or ValueError (layout, rank, empty) naming the argument and what to do.
+// (ndim < 0: any), and returns it without copying. Throws hiquant::InvalidType (not an array, wrong
+// dtype: hiquant.InvalidTypeError in Python) or hiquant::InvalidArgument (layout, rank, empty:
+// hiquant.InvalidArgumentError) naming the argument and what to do.
 template <typename T>
 py::array_t<T, py::array::c_style> require_array(const py::handle& obj, const char* name, int ndim,
                                                  bool allow_empty = false) {
   if (!py::isinstance<py::array>(obj))
-    throw py::type_error(std::string(name) + " must be a numpy.ndarray of " + dtype_name<T>() +
-                         ", got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
+    throw InvalidType(std::string(name) + " must be a numpy.ndarray of " + dtype_name<T>() +
+                      ", got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
   py::array a = py::reinterpret_borrow<py::array>(obj);
   if (!a.dtype().is(py::dtype::of<T>()))
-    throw py::type_error(std::string(name) + " must have dtype " + dtype_name<T>() + ", got " +
-                         std::string(py::str(a.dtype())) + "; convert it with " + name +
-                         ".astype(numpy." + dtype_name<T>() + ")");
+    throw InvalidType(std::string(name) + " must have dtype " + dtype_name<T>() + ", got " +
+                      std::string(py::str(a.dtype())) + "; convert it with " + name +
+                      ".astype(numpy." + dtype_name<T>() + ")");
   if (ndim >= 0 && a.ndim() != ndim)
-    throw py::value_error(std::string(name) + " must be " + std::to_string(ndim) +
+    throw InvalidArgument(std::string(name) + " must be " + std::to_string(ndim) +
                           "-dimensional, got shape " + shape_str(a));
   if (!(a.flags() & py::array::c_style))
-    throw py::value_error(std::string(name) +
+    throw InvalidArgument(std::string(name) +
                           " must be C-contiguous; pass numpy.ascontiguousarray(" + name + ")");
   if (!allow_empty && a.size() == 0)
-    throw py::value_error(std::string(name) + " is empty (shape " + shape_str(a) +
+    throw InvalidArgument(std::string(name) + " is empty (shape " + shape_str(a) +
                           "); pass a non-empty array");
   return py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(a);
 }
@@ -67,7 +73,7 @@ void require_shape(const py::array_t<T, py::array::c_style>& a, const char* name
       want += std::to_string(shape[i]) + (i + 1 < shape.size() || shape.size() == 1 ? ", " : "");
     if (shape.size() == 1) want.pop_back();
     want += ")";
-    throw py::value_error(std::string(name) + " has shape " + shape_str(a) + " but " + want +
+    throw InvalidArgument(std::string(name) + " has shape " + shape_str(a) + " but " + want +
                           " is required; " + hint);
   }
 }

@@ -1,6 +1,6 @@
 // Bindings of the learned-quantization kernels: LWC and AdaRound parts, Adam state, the
 // layer-wise Gram objective and its training loop, GPTQ, and the packed GEMM (for tests and
-// benchmarks). Public wrappers live in python/hiquant/kernels.py.
+// benchmarks). Public wrappers live in python/hiquant/learners.py.
 #include <atomic>
 #include <memory>
 
@@ -24,7 +24,7 @@ class BusyGuard {
  public:
   BusyGuard(std::atomic<bool>& flag, const char* what) : flag_(flag) {
     if (flag_.exchange(true))
-      throw py::value_error(std::string(what) +
+      throw InvalidArgument(std::string(what) +
                             " is in use by another thread; use one object per thread");
   }
   ~BusyGuard() { flag_.store(false); }
@@ -62,13 +62,13 @@ struct QuadHandle {
 
 void check_bits(int bits, const char* name = "bits") {
   if (bits < 2 || bits > 8)
-    throw py::value_error(std::string(name) + " must be an integer in 2..8, got " +
+    throw InvalidArgument(std::string(name) + " must be an integer in 2..8, got " +
                           std::to_string(bits));
 }
 
 void check_group(int64_t group_size) {
   if (group_size < -1)
-    throw py::value_error("group_size must be a positive integer, or 0 / -1 for one group per "
+    throw InvalidArgument("group_size must be a positive integer, or 0 / -1 for one group per "
                           "output row; got " + std::to_string(group_size));
 }
 
@@ -78,7 +78,7 @@ py::array_t<float, py::array::c_style> out_or_new(const py::object& out_, py::ss
   if (out_.is_none()) return new_array<float>({rows, cols});
   auto out = require_array<float>(out_, "out", 2);
   require_shape(out, "out", {rows, cols}, "pass a float32 array of the part's shape");
-  if (!out.writeable()) throw py::value_error("out is read-only; pass a writeable array");
+  if (!out.writeable()) throw InvalidArgument("out is read-only; pass a writeable array");
   return out;
 }
 
@@ -92,7 +92,7 @@ struct GradView {
 GradView require_grad(const py::object& g_, int64_t rows, int64_t cols, int64_t col0) {
   auto g = require_array<float>(g_, "dwq", 2);
   if (g.shape(0) != rows || col0 < 0 || g.shape(1) < col0 + cols)
-    throw py::value_error("dwq has shape " + shape_str(g) + " but the part needs (" +
+    throw InvalidArgument("dwq has shape " + shape_str(g) + " but the part needs (" +
                           std::to_string(rows) + ", " + std::to_string(cols) + ")" +
                           (col0 ? " starting at column " + std::to_string(col0) : std::string()) +
                           "; pass dL/dW_q of the part's weights");
@@ -168,9 +168,9 @@ void init_kernels(py::module_& m) {
     auto A = require_array<float>(A_, "A", 2);
     auto B = require_array<float>(B_, "B", 2);
     if (A.shape(1) != B.shape(0))
-      throw py::value_error("A has shape " + shape_str(A) + " and B " + shape_str(B) +
+      throw InvalidArgument("A has shape " + shape_str(A) + " and B " + shape_str(B) +
                             "; A's columns must equal B's rows");
-    if (kernel < 0 || kernel > 2) throw py::value_error("kernel must be 0 (auto), 1 or 2");
+    if (kernel < 0 || kernel > 2) throw InvalidArgument("kernel must be 0 (auto), 1 or 2");
     const auto M = A.shape(0), K = A.shape(1), N = B.shape(1);
     auto C = new_array<float>({M, N});
     const float* a = A.data();
@@ -189,7 +189,7 @@ void init_kernels(py::module_& m) {
   py::class_<AdamHandle>(m, "Adam")
       .def(py::init([](int64_t n, double lr, double beta1, double beta2, double eps,
                        double weight_decay, bool decoupled) {
-             if (n < 0) throw py::value_error("n_params must be >= 0");
+             if (n < 0) throw InvalidArgument("n_params must be >= 0");
              auto h = std::make_unique<AdamHandle>();
              h->adam = hiquant::Adam(n, adam_config(lr, beta1, beta2, eps, weight_decay,
                                                     decoupled));
@@ -317,7 +317,7 @@ void init_kernels(py::module_& m) {
                scale = require_array<float>(scale_, "scale", 2);
                const int64_t ng = hiquant::n_groups(cols, group_size);
                if (scale.shape(0) != rows || scale.shape(1) != ng)
-                 throw py::value_error("scale must have shape (" + std::to_string(rows) + ", " +
+                 throw InvalidArgument("scale must have shape (" + std::to_string(rows) + ", " +
                                        std::to_string(ng) + "): one per row and group");
                sp = scale.data();
                for (int64_t i = 0; i < rows * ng; ++i)
@@ -418,10 +418,10 @@ void init_kernels(py::module_& m) {
       p = h.part->params();
       n = h.part->n_params();
     } else {
-      throw py::type_error("part must be an LwcPart or an AdaRoundPart");
+      throw InvalidType("part must be an LwcPart or an AdaRoundPart");
     }
     if (grad.size() != n || a.adam.size() != n)
-      throw py::value_error("grad has " + std::to_string(grad.size()) + " values and the Adam "
+      throw InvalidArgument("grad has " + std::to_string(grad.size()) + " values and the Adam "
                             "state " + std::to_string(a.adam.size()) + " but the part has " +
                             std::to_string(n) + " parameters; pass the part's own gradient");
     if (hiquant::first_nonfinite(grad.data(), n) >= 0)
@@ -469,7 +469,7 @@ void init_kernels(py::module_& m) {
         auto v = require_array<float>(v_, "values", 2);
         const int64_t rows = h.obj->d_out(), d_in = h.obj->d_in();
         if (v.shape(0) != rows || col0 < 0 || col0 + v.shape(1) > d_in)
-          throw py::value_error("values of shape " + shape_str(v) + " at column " +
+          throw InvalidArgument("values of shape " + shape_str(v) + " at column " +
                                 std::to_string(col0) + " do not fit the layer (" +
                                 std::to_string(rows) + ", " + std::to_string(d_in) + ")");
         if (hiquant::first_nonfinite(v.data(), v.size()) >= 0)
@@ -506,8 +506,8 @@ void init_kernels(py::module_& m) {
   py::class_<QuadHandle>(m, "LwcQuadratic")
       .def(py::init([](const py::object& obj, const py::object& part, int n_threads) {
              if (!py::isinstance<ObjectiveHandle>(obj) || !py::isinstance<LwcHandle>(part))
-               throw py::type_error("LwcQuadratic(objective, part): a LayerwiseObjective and an "
-                                    "LwcPart");
+               throw InvalidType("LwcQuadratic(objective, part): a LayerwiseObjective and an "
+                                 "LwcPart");
              auto h = std::make_unique<QuadHandle>();
              h->obj = obj;
              h->part = part;
@@ -544,14 +544,14 @@ void init_kernels(py::module_& m) {
                             double b_end, double lam, int n_threads, const py::object& progress,
                             int lwc_eval) {
     if (lwc_eval < 0 || lwc_eval > 2)
-      throw py::value_error("lwc_eval must be 0 (auto), 1 (gemm) or 2 (incremental)");
+      throw InvalidArgument("lwc_eval must be 0 (auto), 1 (gemm) or 2 (incremental)");
     BusyGuard go(oh.busy, "this objective");
     std::vector<std::unique_ptr<BusyGuard>> guards;
     hiquant::LwcSlot ls{nullptr, nullptr, lwc_col0};
     hiquant::AdaRoundSlot as{nullptr, nullptr, ada_col0};
     if (!lwc_.is_none()) {
       if (!py::isinstance<LwcHandle>(lwc_) || !py::isinstance<AdamHandle>(lwc_adam_))
-        throw py::type_error("lwc must be an LwcPart with an Adam state in lwc_adam (or None)");
+        throw InvalidType("lwc must be an LwcPart with an Adam state in lwc_adam (or None)");
       auto& h = lwc_.cast<LwcHandle&>();
       auto& a = lwc_adam_.cast<AdamHandle&>();
       guards.push_back(std::make_unique<BusyGuard>(h.busy, "this LWC part"));
@@ -561,7 +561,7 @@ void init_kernels(py::module_& m) {
     }
     if (!ada_.is_none()) {
       if (!py::isinstance<AdaHandle>(ada_) || !py::isinstance<AdamHandle>(ada_adam_))
-        throw py::type_error("ada must be an AdaRoundPart with an Adam state in ada_adam (or None)");
+        throw InvalidType("ada must be an AdaRoundPart with an Adam state in ada_adam (or None)");
       auto& h = ada_.cast<AdaHandle&>();
       auto& a = ada_adam_.cast<AdamHandle&>();
       guards.push_back(std::make_unique<BusyGuard>(h.busy, "this AdaRound part"));
@@ -610,7 +610,7 @@ void init_kernels(py::module_& m) {
                    const py::object& grid_zero_, int64_t n_quant) {
     check_bits(bits);
     check_group(group_size);
-    if (blocksize < 1) throw py::value_error("blocksize must be >= 1, got " +
+    if (blocksize < 1) throw InvalidArgument("blocksize must be >= 1, got " +
                                              std::to_string(blocksize));
     auto W = require_array<float>(W_, "W", 2);
     auto H = require_array<double>(H_, "H", 2);
@@ -618,13 +618,13 @@ void init_kernels(py::module_& m) {
     require_shape(H, "H", {cols, cols},
                   "pass the Gram matrix of this layer's inputs (d_in x d_in)");
     if (n_quant < 0 || n_quant > cols)
-      throw py::value_error("n_quant must be in 0..cols (" + std::to_string(cols) + "), got " +
+      throw InvalidArgument("n_quant must be in 0..cols (" + std::to_string(cols) + "), got " +
                             std::to_string(n_quant));
     const int64_t nq = n_quant > 0 ? n_quant : cols;
     if (act_order && (nq != cols || !grid_scale_.is_none()))
-      throw py::value_error("act_order cannot be combined with a fixed grid or n_quant < cols");
+      throw InvalidArgument("act_order cannot be combined with a fixed grid or n_quant < cols");
     if (grid_scale_.is_none() != grid_zero_.is_none())
-      throw py::value_error("a fixed grid needs both scale and zero (or neither)");
+      throw InvalidArgument("a fixed grid needs both scale and zero (or neither)");
     const auto ng = hiquant::n_groups(nq, group_size);
     py::array_t<float, py::array::c_style> grid_scale;
     py::array_t<uint8_t, py::array::c_style> grid_zero;

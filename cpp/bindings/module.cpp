@@ -33,6 +33,9 @@ namespace py = pybind11;
 PYBIND11_MODULE(_core, m) {
   m.doc() = "hiquant native core (internal: use the hiquant package)";
 
+  // The one exception translator: every error a binding or the core raises on purpose reaches
+  // Python as a class of python/hiquant/errors.py (InvalidArgument and InvalidType also thrown by
+  // the binding checks in binding_util.hpp).
   py::register_exception_translator([](std::exception_ptr p) {
     if (!p) return;
     auto raise = [](const char* cls_name, const char* what) {
@@ -47,6 +50,11 @@ PYBIND11_MODULE(_core, m) {
       PyErr_SetObject(cls.ptr(), exc.ptr());
     } catch (const hiquant::InvalidArgument& e) {
       raise("InvalidArgumentError", e.what());
+    } catch (const hiquant::InvalidType& e) {
+      raise("InvalidTypeError", e.what());
+    } catch (const py::cast_error& e) {
+      // A Python object of the wrong type met a cast in a binding body.
+      raise("InvalidTypeError", e.what());
     } catch (const hiquant::NumericalError& e) {
       raise("NumericalError", e.what());
     } catch (const hiquant::Interrupted& e) {

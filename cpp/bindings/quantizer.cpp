@@ -8,9 +8,9 @@ namespace {
 
 hiquant::QuantSpec make_spec(int bits, int64_t group_size) {
   if (bits < 2 || bits > 8)
-    throw py::value_error("bits must be an integer in 2..8, got " + std::to_string(bits));
+    throw InvalidArgument("bits must be an integer in 2..8, got " + std::to_string(bits));
   if (group_size < -1)
-    throw py::value_error("group_size must be a positive integer, or 0 / -1 for one group per "
+    throw InvalidArgument("group_size must be a positive integer, or 0 / -1 for one group per "
                           "output row; got " + std::to_string(group_size));
   return {bits, group_size};
 }
@@ -33,7 +33,7 @@ Params require_params(const py::handle& scale, const py::handle& zero, py::ssize
 
 void init_quantizer(py::module_& m) {
   m.def("n_groups", [](int64_t cols, int64_t group_size) {
-    if (cols <= 0) throw py::value_error("cols must be positive");
+    if (cols <= 0) throw InvalidArgument("cols must be positive");
     return hiquant::n_groups(cols, group_size);
   }, py::arg("cols"), py::arg("group_size"));
 
@@ -105,7 +105,7 @@ void init_quantizer(py::module_& m) {
       // A caller-provided buffer saves the page faults of a fresh allocation in loops.
       out = require_array<float>(out_, "out", 2);
       require_shape(out, "out", {rows, cols}, "pass a float32 array of W's shape");
-      if (!out.writeable()) throw py::value_error("out is read-only; pass a writeable array");
+      if (!out.writeable()) throw InvalidArgument("out is read-only; pass a writeable array");
     }
     auto scale = new_array<float>({rows, ng});
     auto zero = new_array<uint8_t>({rows, ng});
@@ -138,11 +138,11 @@ void init_quantizer(py::module_& m) {
   }, py::arg("codes"), py::arg("bits"), py::arg("n_threads") = 0);
 
   m.def("unpack_codes", [](const py::object& packed_, int bits, int64_t n, int n_threads) {
-    if (n < 0) throw py::value_error("n_codes must be >= 0, got " + std::to_string(n));
+    if (n < 0) throw InvalidArgument("n_codes must be >= 0, got " + std::to_string(n));
     auto packed = require_array<uint8_t>(packed_, "packed", 1, /*allow_empty=*/true);
     const int64_t need = hiquant::packed_size(n, bits);
     if (packed.size() != need)
-      throw py::value_error("packed has " + std::to_string(packed.size()) + " bytes but " +
+      throw InvalidArgument("packed has " + std::to_string(packed.size()) + " bytes but " +
                             std::to_string(n) + " codes of " + std::to_string(bits) +
                             " bits need exactly " + std::to_string(need) +
                             "; pass the n_codes and bits it was packed with");

@@ -9,7 +9,7 @@ namespace {
 template <typename T>
 T* writable_data(py::array_t<T, py::array::c_style>& a, const char* name) {
   if (!a.writeable())
-    throw py::value_error(std::string(name) + " is read-only; pass a writable array (it is "
+    throw InvalidArgument(std::string(name) + " is read-only; pass a writable array (it is "
                           "updated in place)");
   return a.mutable_data();
 }
@@ -22,9 +22,9 @@ void init_stats(py::module_& m) {
     auto G = require_array<double>(G_, "G", 2);
     auto X = require_array<float>(X_, "X", 2, /*allow_empty=*/true);
     const auto n = X.shape(0), d = X.shape(1);
-    if (d == 0) throw py::value_error("X has no columns (shape " + shape_str(X) + ")");
+    if (d == 0) throw InvalidArgument("X has no columns (shape " + shape_str(X) + ")");
     require_shape(G, "G", {d, d}, "pass the (d_in, d_in) accumulator of this layer's inputs");
-    if (chunk_rows < 1) throw py::value_error("chunk_rows must be >= 1");
+    if (chunk_rows < 1) throw InvalidArgument("chunk_rows must be >= 1");
     double* g = writable_data(G, "G");
     const float* x = X.data();
     auto rc = python_run_control(progress);
@@ -40,7 +40,7 @@ void init_stats(py::module_& m) {
     auto F = require_array<float>(F_, "F", -1);
     auto g = require_array<float>(g_, "grad", -1);
     if (F.ndim() != g.ndim())
-      throw py::value_error("grad has shape " + shape_str(g) + " but F has " + shape_str(F) +
+      throw InvalidArgument("grad has shape " + shape_str(g) + " but F has " + shape_str(F) +
                             "; pass the gradient of the same layer");
     std::vector<py::ssize_t> shape(F.shape(), F.shape() + F.ndim());
     require_shape(g, "grad", shape, "pass the gradient of the same layer");

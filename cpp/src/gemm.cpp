@@ -1,23 +1,19 @@
 #include "hiquant/gemm.hpp"
 
 #include <algorithm>
-#include <cstring>
 #include <new>
 
 #include "hiquant/errors.hpp"
+#include "hiquant/microkernel.hpp"
 #include "hiquant/parallel.hpp"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define HQ_GEMM_X86 1
-#include <immintrin.h>
-#endif
 
 namespace hiquant {
 
 namespace {
 
-constexpr int64_t kMR = 6;  // rows of a micro-tile: 6 x 16 uses 12 of the 16 AVX2 registers
+constexpr int64_t kMR = kMicroMR;  // rows of a micro-tile (hiquant/microkernel.hpp)
 constexpr int64_t kNR = PackedB::kNR;
+static_assert(kNR == kMicroNR, "a packed B panel is one micro-tile wide");
 constexpr int64_t kKC = PackedB::kKC;
 constexpr int64_t kMC = 144;  // rows per A block: 144 x 256 floats = 144 KiB (fits L2)
 
@@ -29,150 +25,21 @@ float* aligned_floats(size_t n) {
   return static_cast<float*>(p);
 }
 
-// ---------------------------------------------------------------------------------------------
-// Micro-kernels: c[i*ldc + j] (+)= sum_k a[k*MR + i] * b[k*NR + j] for a full 6 x 16 tile.
-
-#if defined(HQ_GEMM_X86)
-__attribute__((target("avx2,fma"))) void kernel_avx2(int64_t kc, const float* a, const float* b,
-                                                     float* c, int64_t ldc, bool acc) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
-  __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
-  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
-  __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
-  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
-  __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-  for (int64_t k = 0; k < kc; ++k) {
-    const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-    __m256 ai = _mm256_broadcast_ss(a);
-    c00 = _mm256_fmadd_ps(ai, b0, c00);
-    c01 = _mm256_fmadd_ps(ai, b1, c01);
-    ai = _mm256_broadcast_ss(a + 1);
-    c10 = _mm256_fmadd_ps(ai, b0, c10);
-    c11 = _mm256_fmadd_ps(ai, b1, c11);
-    ai = _mm256_broadcast_ss(a + 2);
-    c20 = _mm256_fmadd_ps(ai, b0, c20);
-    c21 = _mm256_fmadd_ps(ai, b1, c21);
-    ai = _mm256_broadcast_ss(a + 3);
-    c30 = _mm256_fmadd_ps(ai, b0, c30);
-    c31 = _mm256_fmadd_ps(ai, b1, c31);
-    ai = _mm256_broadcast_ss(a + 4);
-    c40 = _mm256_fmadd_ps(ai, b0, c40);
-    c41 = _mm256_fmadd_ps(ai, b1, c41);
-    ai = _mm256_broadcast_ss(a + 5);
-    c50 = _mm256_fmadd_ps(ai, b0, c50);
-    c51 = _mm256_fmadd_ps(ai, b1, c51);
-    a += kMR;
-    b += kNR;
-  }
-  float* r0 = c;
-  float* r1 = c + ldc;
-  float* r2 = c + 2 * ldc;
-  float* r3 = c + 3 * ldc;
-  float* r4 = c + 4 * ldc;
-  float* r5 = c + 5 * ldc;
-  if (acc) {
-    c00 = _mm256_add_ps(c00, _mm256_loadu_ps(r0));
-    c01 = _mm256_add_ps(c01, _mm256_loadu_ps(r0 + 8));
-    c10 = _mm256_add_ps(c10, _mm256_loadu_ps(r1));
-    c11 = _mm256_add_ps(c11, _mm256_loadu_ps(r1 + 8));
-    c20 = _mm256_add_ps(c20, _mm256_loadu_ps(r2));
-    c21 = _mm256_add_ps(c21, _mm256_loadu_ps(r2 + 8));
-    c30 = _mm256_add_ps(c30, _mm256_loadu_ps(r3));
-    c31 = _mm256_add_ps(c31, _mm256_loadu_ps(r3 + 8));
-    c40 = _mm256_add_ps(c40, _mm256_loadu_ps(r4));
-    c41 = _mm256_add_ps(c41, _mm256_loadu_ps(r4 + 8));
-    c50 = _mm256_add_ps(c50, _mm256_loadu_ps(r5));
-    c51 = _mm256_add_ps(c51, _mm256_loadu_ps(r5 + 8));
-  }
-  _mm256_storeu_ps(r0, c00);
-  _mm256_storeu_ps(r0 + 8, c01);
-  _mm256_storeu_ps(r1, c10);
-  _mm256_storeu_ps(r1 + 8, c11);
-  _mm256_storeu_ps(r2, c20);
-  _mm256_storeu_ps(r2 + 8, c21);
-  _mm256_storeu_ps(r3, c30);
-  _mm256_storeu_ps(r3 + 8, c31);
-  _mm256_storeu_ps(r4, c40);
-  _mm256_storeu_ps(r4 + 8, c41);
-  _mm256_storeu_ps(r5, c50);
-  _mm256_storeu_ps(r5 + 8, c51);
-}
-
-bool cpu_has_avx2_fma() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-// Four-lane vectors: SSE2 on any x86-64, NEON on ARM64. The 6 x 16 tile is done in two halves of
-// 6 x 8 so that the 12 accumulators fit the 16 vector registers of SSE2.
-typedef float v4f __attribute__((vector_size(16)));
-
-void kernel_portable(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
-                     bool acc) {
-  for (int half = 0; half < 2; ++half) {
-    v4f s[kMR][2];
-    for (int i = 0; i < kMR; ++i) s[i][0] = s[i][1] = v4f{0, 0, 0, 0};
-    const float* ap = a;
-    const float* bp = b + 8 * half;
-    for (int64_t k = 0; k < kc; ++k) {
-      v4f b0, b1;
-      std::memcpy(&b0, bp, sizeof b0);
-      std::memcpy(&b1, bp + 4, sizeof b1);
-      for (int i = 0; i < kMR; ++i) {
-        const v4f ai = v4f{ap[i], ap[i], ap[i], ap[i]};
-        s[i][0] += ai * b0;
-        s[i][1] += ai * b1;
-      }
-      ap += kMR;
-      bp += kNR;
-    }
-    for (int i = 0; i < kMR; ++i) {
-      float* ci = c + i * ldc + 8 * half;
-      if (acc) {
-        v4f o0, o1;
-        std::memcpy(&o0, ci, sizeof o0);
-        std::memcpy(&o1, ci + 4, sizeof o1);
-        s[i][0] += o0;
-        s[i][1] += o1;
-      }
-      std::memcpy(ci, &s[i][0], sizeof s[i][0]);
-      std::memcpy(ci + 4, &s[i][1], sizeof s[i][1]);
-    }
-  }
-}
-#else
-void kernel_portable(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
-                     bool acc) {
-  float s[kMR][kNR] = {};
-  for (int64_t k = 0; k < kc; ++k)
-    for (int i = 0; i < kMR; ++i)
-      for (int j = 0; j < kNR; ++j) s[i][j] += a[k * kMR + i] * b[k * kNR + j];
-  for (int i = 0; i < kMR; ++i)
-    for (int j = 0; j < kNR; ++j) c[i * ldc + j] = acc ? s[i][j] + c[i * ldc + j] : s[i][j];
-}
-#endif
-
-using KernelFn = void (*)(int64_t, const float*, const float*, float*, int64_t, bool);
+using KernelFn = MicroKernelFn;
 
 KernelFn resolve_kernel(GemmKernel kernel) {
   switch (kernel) {
     case GemmKernel::Portable:
-      return kernel_portable;
+      return micro_kernel_portable;
     case GemmKernel::Avx2:
-#if defined(HQ_GEMM_X86)
-      HQ_CHECK(gemm_avx2_available(), "the AVX2+FMA GEMM kernel is not available on this CPU");
-      return kernel_avx2;
-#else
-      throw InvalidArgument("the AVX2+FMA GEMM kernel is not compiled in on this platform");
-#endif
+      if (!micro_kernel_avx2_compiled())
+        throw InvalidArgument("the AVX2+FMA GEMM kernel is not compiled in on this platform");
+      HQ_CHECK(micro_kernel_avx2_available(),
+               "the AVX2+FMA GEMM kernel is not available on this CPU");
+      return micro_kernel_avx2();
     case GemmKernel::Auto:
     default:
-#if defined(HQ_GEMM_X86)
-      if (gemm_avx2_available()) return kernel_avx2;
-#endif
-      return kernel_portable;
+      return micro_kernel_auto();
   }
 }
 
@@ -246,17 +113,10 @@ void gemm_rows(const float* A, int64_t lda, int64_t r0, int64_t r1, const Packed
 
 }  // namespace
 
-bool gemm_avx2_available() {
-#if defined(HQ_GEMM_X86)
-  static const bool ok = cpu_has_avx2_fma();
-  return ok;
-#else
-  return false;
-#endif
-}
+bool gemm_avx2_available() { return micro_kernel_avx2_available(); }
 
 const char* gemm_kernel_name(GemmKernel kernel) {
-  return resolve_kernel(kernel) == kernel_portable ? "portable" : "avx2-fma";
+  return micro_kernel_name(resolve_kernel(kernel));
 }
 
 template <typename T>

@@ -6,21 +6,19 @@
 #include <vector>
 
 #include "hiquant/errors.hpp"
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#include <immintrin.h>
-#define HQ_X86_DISPATCH 1
-#endif
+#include "hiquant/microkernel.hpp"
 
 namespace hiquant {
 
 namespace {
 
-// Register block of the micro-kernel (6 rows × 16 columns of float32 = 12 AVX registers) and the
-// tile one thread owns. kTile is a multiple of both, so packed panels need no edge cases.
-constexpr int kMR = 6;
-constexpr int kNR = 16;
+// Register block of the shared micro-kernel (hiquant/microkernel.hpp: 6 rows × 16 columns of
+// float32) and the tile one thread owns. kTile is a multiple of both, so packed panels need no edge
+// cases.
+constexpr int kMR = static_cast<int>(kMicroMR);
+constexpr int kNR = static_cast<int>(kMicroNR);
 constexpr int64_t kTile = 96;
+static_assert(kTile % kMR == 0 && kTile % kNR == 0, "a tile holds whole micro-panels");
 
 // Pack rows [r0, r0+R) of X into micro-panels of width mw over all d columns, zero-padded:
 // out[(p * R + k) * mw + t] = X[r0 + k, p * mw + t] (0 past column d). Zeros add exactly nothing.
@@ -34,81 +32,6 @@ void pack_rows(const float* X, int64_t d, int64_t r0, int64_t R, int mw, int64_t
     for (int64_t t = 0; t < cnt; ++t) row[t] = src[t];
     for (int64_t t = cnt; t < mw; ++t) row[t] = 0.0f;
   }
-}
-
-// C (kMR × kNR, row-major) = Σ_k a_k b_kᵀ over R rows of packed micro-panels, summed in float32.
-void micro_portable(const float* a, const float* b, int64_t R, float* C) {
-  float acc[kMR][kNR] = {};
-  for (int64_t k = 0; k < R; ++k) {
-    const float* ak = a + k * kMR;
-    const float* bk = b + k * kNR;
-    for (int i = 0; i < kMR; ++i)
-      for (int j = 0; j < kNR; ++j) acc[i][j] += ak[i] * bk[j];
-  }
-  for (int i = 0; i < kMR; ++i)
-    for (int j = 0; j < kNR; ++j) C[i * kNR + j] = acc[i][j];
-}
-
-#ifdef HQ_X86_DISPATCH
-__attribute__((target("avx2,fma"))) void micro_avx2(const float* a, const float* b, int64_t R,
-                                                    float* C) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
-  __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
-  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
-  __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
-  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
-  __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-  for (int64_t k = 0; k < R; ++k) {
-    const float* ak = a + k * kMR;
-    const __m256 b0 = _mm256_loadu_ps(b + k * kNR);
-    const __m256 b1 = _mm256_loadu_ps(b + k * kNR + 8);
-    __m256 x = _mm256_broadcast_ss(ak + 0);
-    c00 = _mm256_fmadd_ps(x, b0, c00);
-    c01 = _mm256_fmadd_ps(x, b1, c01);
-    x = _mm256_broadcast_ss(ak + 1);
-    c10 = _mm256_fmadd_ps(x, b0, c10);
-    c11 = _mm256_fmadd_ps(x, b1, c11);
-    x = _mm256_broadcast_ss(ak + 2);
-    c20 = _mm256_fmadd_ps(x, b0, c20);
-    c21 = _mm256_fmadd_ps(x, b1, c21);
-    x = _mm256_broadcast_ss(ak + 3);
-    c30 = _mm256_fmadd_ps(x, b0, c30);
-    c31 = _mm256_fmadd_ps(x, b1, c31);
-    x = _mm256_broadcast_ss(ak + 4);
-    c40 = _mm256_fmadd_ps(x, b0, c40);
-    c41 = _mm256_fmadd_ps(x, b1, c41);
-    x = _mm256_broadcast_ss(ak + 5);
-    c50 = _mm256_fmadd_ps(x, b0, c50);
-    c51 = _mm256_fmadd_ps(x, b1, c51);
-  }
-  _mm256_storeu_ps(C + 0 * kNR, c00);
-  _mm256_storeu_ps(C + 0 * kNR + 8, c01);
-  _mm256_storeu_ps(C + 1 * kNR, c10);
-  _mm256_storeu_ps(C + 1 * kNR + 8, c11);
-  _mm256_storeu_ps(C + 2 * kNR, c20);
-  _mm256_storeu_ps(C + 2 * kNR + 8, c21);
-  _mm256_storeu_ps(C + 3 * kNR, c30);
-  _mm256_storeu_ps(C + 3 * kNR + 8, c31);
-  _mm256_storeu_ps(C + 4 * kNR, c40);
-  _mm256_storeu_ps(C + 4 * kNR + 8, c41);
-  _mm256_storeu_ps(C + 5 * kNR, c50);
-  _mm256_storeu_ps(C + 5 * kNR + 8, c51);
-}
-
-bool cpu_has_avx2_fma() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-#endif
-
-using MicroFn = void (*)(const float*, const float*, int64_t, float*);
-
-MicroFn select_micro() {
-#ifdef HQ_X86_DISPATCH
-  static const bool avx2 = cpu_has_avx2_fma();
-  if (avx2) return micro_avx2;
-#endif
-  return micro_portable;
 }
 
 bool all_finite(const float* x, int64_t n, int n_threads) {
@@ -127,7 +50,7 @@ bool all_finite(const float* x, int64_t n, int n_threads) {
 // Rows [0, R) of the packed panels, tile (ti, tj) with ti <= tj: the upper-triangle entries of
 // G[I, J] += float32 sums over those R rows (float64 accumulation into G).
 void gram_tile(double* G, int64_t d, const float* ap, const float* bp, int64_t R, int64_t stride_a,
-               int64_t stride_b, int64_t ti, int64_t tj, MicroFn micro) {
+               int64_t stride_b, int64_t ti, int64_t tj, MicroKernelFn micro) {
   const int64_t np_a = (d + kMR - 1) / kMR, np_b = (d + kNR - 1) / kNR;
   const int64_t pa0 = ti * (kTile / kMR), pa1 = std::min(np_a, pa0 + kTile / kMR);
   const int64_t pb0 = tj * (kTile / kNR), pb1 = std::min(np_b, pb0 + kTile / kNR);
@@ -137,7 +60,8 @@ void gram_tile(double* G, int64_t d, const float* ap, const float* bp, int64_t R
     for (int64_t pb = pb0; pb < pb1; ++pb) {
       const int64_t gj0 = pb * kNR;
       if (gj0 + kNR <= gi0) continue;  // entirely below the diagonal
-      micro(ap + pa * stride_a, bp + pb * stride_b, R, C);
+      // C (kMR × kNR, row-major) = Σ_k a_k b_kᵀ over the R rows, summed in float32
+      micro(R, ap + pa * stride_a, bp + pb * stride_b, C, kNR, /*acc=*/false);
       for (int a = 0; a < kMR; ++a) {
         const int64_t gi = gi0 + a;
         if (gi >= d) break;
@@ -177,7 +101,7 @@ bool lower_vs_upper(double* G, int64_t d, bool mirror, int n_threads) {
 }  // namespace
 
 const char* gram_kernel_name() {
-  return select_micro() == micro_portable ? "portable" : "avx2-fma";
+  return micro_kernel_name(micro_kernel_auto());
 }
 
 void gram_accumulate(double* G, const float* X, int64_t n, int64_t d, int n_threads,
@@ -191,7 +115,7 @@ void gram_accumulate(double* G, const float* X, int64_t n, int64_t d, int n_thre
                   "the calibration data)");
   HQ_CHECK(lower_vs_upper(G, d, /*mirror=*/false, n_threads),
            "G is not symmetric; pass a Gram accumulator (zeros, or the result of earlier calls)");
-  const MicroFn micro = select_micro();
+  const MicroKernelFn micro = micro_kernel_auto();
   const int64_t nt = (d + kTile - 1) / kTile;
   std::vector<std::pair<int64_t, int64_t>> tiles;
   for (int64_t i = 0; i < nt; ++i)

@@ -19,9 +19,10 @@ from .errors import (
     NumericalError,
 )
 from .evaluate import perplexity
-from .export import load_packed, open_checkpoint
+from .packed import load_packed, open_checkpoint
 from .model import load_model
-from .pipeline import QuantizeSettings, Report, quantize
+from .config import QuantizeSettings
+from .pipeline import Report, quantize
 from .stats import collect_stats
 
 __version__ = "0.1.0"

@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InvalidArgumentError
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1}
@@ -159,7 +159,9 @@ def write_streaming(path: str | os.PathLike, entries: Iterable[tuple[str, str, t
                    if isinstance(data, np.ndarray) else memoryview(data).cast("B"))
             want = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
             if buf.nbytes != want:
-                raise ValueError(f"tensor {name}: producer gave {buf.nbytes} bytes, expected {want}")
+                raise InvalidArgumentError(
+                    f"tensor {name}: the producer gave {buf.nbytes} bytes but its header entry "
+                    f"needs {want}; pass data of the declared dtype and shape")
             f.write(buf)
         f.flush()
         os.fsync(f.fileno())

@@ -40,6 +40,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from . import _core
+from .config import DEFAULT_CANDIDATES, ESTIMATORS
 from ._threads import resolve_n_threads
 from .errors import InfeasibleBudgetError, InvalidArgumentError, NumericalError
 from .storage import QuantizedLayer, storage_bits
@@ -60,10 +61,11 @@ __all__ = [
     "LayerAllocation",
     "Allocation",
     "allocate",
+    "LayerPlan",
+    "uniform_ratio_for_budget",
+    "plan_layers",
 ]
 
-DEFAULT_CANDIDATES = (0.02, 0.05, 0.10, 0.15, 0.20)
-ESTIMATORS = ("measured", "fisher", "diagonal")
 _METHODS = ("auto", "exact", "general")
 
 
@@ -804,3 +806,93 @@ def allocate(shapes, fisher_col: Mapping, M, *, avg_bits: float | None = None,
     return Allocation(layers=layers, total_bits=total, n_weights=n_weights, budget_bits=budget,
                       candidates=cand, b_low=b_low, b_high=b_high, group_size=g,
                       scale_bits=scale_bits, estimator=estimator, result=res)
+
+
+# --------------------------------------------------------------------------------------------
+# plans: what the quantizer stores for each layer, for every allocation kind
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What a method stores for one layer: ``k`` high-impact columns (ascending ``high_idx``) at
+    ``b_high`` bits (16: kept in FP16), the rest at ``b_low`` bits, groups of ``group_size``
+    within each part; ``ratio`` is the candidate ratio the plan came from
+    (``k = ratio_to_k(ratio, d_in)``). Made once, by :func:`plan_layers`; nobody recomputes it."""
+
+    k: int
+    high_idx: np.ndarray  # ascending int64 (k,)
+    b_low: int
+    b_high: int  # 16 = FP16 retention; ignored when k == 0
+    group_size: int
+    ratio: float = 0.0
+
+
+def _uniform_bits(shapes: dict, ratio: float, s) -> int:
+    return sum(storage_bits(d_out, d_in, ratio_to_k(ratio, d_in), s.wbits, s.hbits,
+                            s.group_size, s.scale_bits) for d_out, d_in in shapes.values())
+
+
+def uniform_ratio_for_budget(shapes: dict, settings, budget_bits: float) -> float:
+    """The largest ratio, the same in every layer, whose exact storage fits ``budget_bits`` under
+    the (resolved) settings' widths, group size and scale storage."""
+    s = settings
+    n_weights = sum(a * b for a, b in shapes.values())
+    at0 = _uniform_bits(shapes, 0.0, s)
+    if at0 > budget_bits:
+        raise InfeasibleBudgetError(
+            f"a budget of {budget_bits / n_weights:.4f} bits per weight is below the cost of "
+            f"W{s.wbits} g{s.group_size} with no high-impact columns ({at0 / n_weights:.4f}); "
+            "raise the budget", at0 / n_weights)
+    if _uniform_bits(shapes, 1.0, s) <= budget_bits:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(50):  # bisection on a monotone step function
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if _uniform_bits(shapes, mid, s) <= budget_bits else (lo, mid)
+    return lo
+
+
+def plan_layers(settings, shapes: dict, *, fisher_col: Mapping | None = None,
+                sensitivity: SensitivityMatrix | None = None) -> tuple[dict, Allocation | None]:
+    """One :class:`LayerPlan` per layer for the (resolved) settings' method, and the
+    :class:`Allocation` when the IQP chose the ratios (else None).
+
+    Allocation kinds (:data:`hiquant.methods.METHODS`): ``none`` — no high-impact columns;
+    ``fixed`` — one ratio in every layer (``settings.ratio``, else the largest that fits
+    ``avg_bits``, else the method's default ratio); ``iqp`` — per-layer ratios from
+    :func:`allocate` on ``sensitivity`` (M) under ``avg_bits``. The high-impact columns of a
+    layer are its ``k`` highest ``fisher_col`` scores (:func:`high_columns`).
+    """
+    from .methods import METHODS
+    s = settings
+    spec = METHODS[s.method]
+    names = list(shapes)
+    allocation = None
+    if spec.allocation == "none" or s.hbits == s.wbits:
+        ratios = {n: 0.0 for n in names}
+    elif spec.allocation == "fixed":
+        if s.ratio is not None:
+            r = float(s.ratio)
+        elif s.avg_bits is not None:
+            n_weights = sum(a * b for a, b in shapes.values())
+            r = uniform_ratio_for_budget(shapes, s, s.avg_bits * n_weights)
+        else:
+            r = spec.default_ratio
+        ratios = {n: r for n in names}
+    else:  # iqp
+        if sensitivity is None:
+            raise InvalidArgumentError(f"method {s.method!r} allocates with the IQP: pass the "
+                                       "sensitivity matrix")
+        allocation = allocate(shapes, fisher_col, sensitivity, avg_bits=s.avg_bits,
+                              scale_bits=s.scale_bits, n_threads=s.n_threads)
+        return ({la.name: LayerPlan(la.k, la.high_idx, s.wbits, s.hbits, s.group_size,
+                                    float(la.ratio)) for la in allocation.layers}, allocation)
+    plans = {}
+    for n in names:
+        k = ratio_to_k(ratios[n], shapes[n][1])
+        if k and fisher_col is None:
+            raise InvalidArgumentError(f"method {s.method!r} keeps high-impact columns: pass the "
+                                       "Fisher column scores")
+        idx = high_columns(fisher_col[n], k) if k else np.zeros(0, np.int64)
+        plans[n] = LayerPlan(k, idx, s.wbits, s.hbits, s.group_size, ratios[n])
+    return plans, allocation

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, InvalidTypeError
 
 __all__ = [
     "load_text",
@@ -136,7 +136,7 @@ def tokenize_text(tokenizer, text: str) -> np.ndarray:
         raise InvalidArgumentError("the model has no tokenizer.json; pass token ids directly or "
                                    "add the tokenizer to the checkpoint folder")
     if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
+        raise InvalidTypeError(f"text must be a str, got {type(text).__name__}")
     if not text:
         raise InvalidArgumentError("text is empty; pass the contents of a calibration file")
     enc = tokenizer.encode(text, add_special_tokens=False)

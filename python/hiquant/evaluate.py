@@ -13,9 +13,9 @@ import time
 
 import numpy as np
 
+from ._threads import resolve_workers
 from .calib import leading_windows, load_text, tokenize_text
 from .errors import InvalidArgumentError
-from .model import resolve_workers
 
 __all__ = ["perplexity", "perplexity_of_text"]
 
@@ -25,9 +25,10 @@ def perplexity(model, ids: np.ndarray, seqlen: int = 512, windows: int | None = 
                progress: bool = True) -> dict:
     """Perplexity of ``model`` on the token ids ``ids`` (1-D) with the reference protocol.
 
-    ``windows=None`` uses every full window. Windows run in chunks of ``batch_size`` on
-    ``n_threads`` workers (see :meth:`hiquant.model.Model.sequence_losses`); the result does not
-    depend on ``n_threads``. Returns ``{"ppl", "mean_loss", "seqlen", "windows", "n_tokens",
+    ``model``: any :class:`hiquant.runtime.ModelRuntime`. ``windows=None`` uses every full
+    window. Windows run in chunks of ``batch_size`` (default ``model.auto_batch(seqlen)``) on
+    ``n_threads`` workers (see ``ModelRuntime.sequence_losses``); the result does not depend on
+    ``n_threads``. Returns ``{"ppl", "mean_loss", "seqlen", "windows", "n_tokens",
     "batch_size", "n_threads", "seconds", "tokens_per_s", "window_losses"}`` (``window_losses``:
     float64 array of the per-window mean losses).
     """
@@ -37,7 +38,7 @@ def perplexity(model, ids: np.ndarray, seqlen: int = 512, windows: int | None = 
                                    f"{ids.dtype} with shape {ids.shape}")
     win = leading_windows(ids, seqlen, windows)
     n = win.shape[0]
-    bs = batch_size or model._auto_batch(seqlen)
+    bs = batch_size or model.auto_batch(seqlen)
     nt = resolve_workers(n_threads)
     bar = None
     if progress:

@@ -7,12 +7,13 @@ One design for every learned quantizer: a *part* covers some columns of a weight
 * ``backward(dwq)`` — the gradient of the loss w.r.t. its parameters from ``dL/dW_q``
   (straight-through where rounding is involved),
 * ``step(dwq)`` — backward plus one Adam(W) update of its parameters (state kept in C++),
-* ``export()`` — the final integer form: uint8 codes, float32 scales already rounded through
-  float16 (so a float16-scale export reproduces ``W_q`` exactly), uint8 zeros, and ``W_q``.
+* ``export()`` — the final integer form as the stored part, a :class:`hiquant.storage.QuantPart`
+  (uint8 codes, scales at the stored precision — float16 or double-quantized codes — and uint8
+  zeros); its ``wq`` is exactly the fake-quantized weights the part stores.
 
 The same parts serve two objectives: the *layer-wise* Gram objective (:class:`LayerwiseObjective`,
 trained by :func:`fit` entirely in C++), and any objective whose ``dL/dW_q`` the caller computes,
-e.g. the block-wise reconstruction of :func:`hiquant.hybrid.quantize_block`.
+e.g. the block-wise reconstruction of :func:`hiquant.blockwise.quantize_block`.
 
 Defaults (stated, and where they come from):
 
@@ -39,11 +40,11 @@ import numpy as np
 
 from . import _core
 from ._threads import resolve_n_threads
+from .errors import InvalidArgumentError
 
 __all__ = [
     "LWC",
     "AdaRound",
-    "PartExport",
     "LayerwiseObjective",
     "FitResult",
     "fit",
@@ -63,7 +64,9 @@ Progress = Optional[Callable[[int, int], None]]
 
 def _int(x, name: str) -> int:
     if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+        from .errors import InvalidTypeError
+
+        raise InvalidTypeError(f"{name} must be an int, got {type(x).__name__}")
     return int(x)
 
 
@@ -74,29 +77,14 @@ def _group(group_size) -> int:
 
 
 def _float(x, name: str) -> float:
+    from .errors import InvalidArgumentError, InvalidTypeError
+
     if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
+        raise InvalidTypeError(f"{name} must be a number, got {type(x).__name__}")
     x = float(x)
     if not np.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x}")
+        raise InvalidArgumentError(f"{name} must be finite, got {x}")
     return x
-
-
-@dataclass
-class PartExport:
-    """A quantized part: ``wq == scale * (codes - zero)`` per group, exactly, in float32."""
-
-    codes: np.ndarray  # uint8 (d_out, n_cols)
-    scale: np.ndarray  # float32 (d_out, n_groups), float16-exact (or on the coded grid below)
-    zero: np.ndarray  # uint8 (d_out, n_groups)
-    wq: np.ndarray  # float32 (d_out, n_cols)
-    bits: int
-    group_size: int
-    # coded stored scales (hiquant.storage.scale_codes): scale == S * scale_code, S the float16
-    # super-scale of the row's block of super_rows(n_groups) rows
-    scale_code: np.ndarray | None = None  # uint8 (d_out, n_groups), < 2**scale_code_bits
-    scale_super: np.ndarray | None = None  # float16 (ceil(d_out / super_rows),)
-    scale_code_bits: int = 8
 
 
 class LWC:
@@ -166,10 +154,26 @@ class LWC:
         """Training-time ``(scale float32, zero uint8)``, each ``(d_out, n_groups)``."""
         return self._part.scales(self.n_threads)
 
-    def export(self) -> PartExport:
-        """Final codes with the scales rounded through float16 first (zero recomputed)."""
-        codes, s, z, wq = self._part.export(self.n_threads)
-        return PartExport(codes, s, z, wq, self.bits, self.group_size)
+    def export(self, W: np.ndarray | None = None, scale_bits: int = 16):
+        """The stored part (:class:`hiquant.storage.QuantPart`): final codes with the learned
+        scales rounded through float16 first (zero recomputed). ``scale_bits`` 8 or 6: those
+        float16 scales are double-quantized and the codes of ``W`` (this part's weights, required
+        then) recomputed on that grid with the same zero points — round-to-nearest within the
+        learned clipping range on the stored grid."""
+        from . import quantizer as qz
+        from .config import check_scale_bits
+        from .storage import QuantPart, scale_codes
+        codes, s, z, _ = self._part.export(self.n_threads)
+        if check_scale_bits(scale_bits) == 16:
+            return QuantPart(self.bits, self.group_size, codes, s.astype(np.float16), z)
+        if W is None:
+            raise InvalidArgumentError("export(scale_bits=8 or 6) needs W, the part's weights, to "
+                                       "recompute the codes on the stored scale grid")
+        s32, code, sup = scale_codes(s, scale_bits)
+        codes = qz.quantize(np.ascontiguousarray(W, np.float32), np.ascontiguousarray(s32), z,
+                            self.bits, self.group_size)
+        return QuantPart(self.bits, self.group_size, codes, code, z, sup,
+                         scale_code_bits=scale_bits)
 
 
 def adaround_schedule(t: int, iters: int, warmup: float = 0.2, b_start: float = 20.0,
@@ -193,16 +197,30 @@ class AdaRound:
     ``w / scale``; soft forward ``scale * (clamp(floor(w/scale) + h(V) + zero, 0, maxq) - zero)``;
     regularizer ``lam * sum(1 - |2 h(V) - 1|**b)``; hard rounding (``V >= 0``, i.e.
     ``h >= 1/2``) in :meth:`export`. ``scale`` (float32 ``(d_out, n_groups)``, optional): use
-    these scales as given (e.g. already rounded to 8-bit storage) instead of min-max ones; the
-    zero points still come from each group's range. ``step()`` follows :func:`adaround_schedule` over ``iters``
+    these scales as given instead of min-max ones; the zero points still come from each group's
+    range. ``scale_bits`` (16, 8 or 6): the stored scale precision; with 8 or 6 the scales are
+    double-quantized before the rounding is learned, so it is learned for what is stored. ``step()`` follows :func:`adaround_schedule` over ``iters``
     steps (the regularizer is added to the caller's loss).
     """
 
     def __init__(self, W: np.ndarray, bits: int, group_size: int | None = None, *,
                  lr: float = 1e-3, lam: float = 0.01, iters: int = 5000, warmup: float = 0.2,
                  b_start: float = 20.0, b_end: float = 2.0, n_threads: int | None = None,
-                 scale: np.ndarray | None = None):
+                 scale: np.ndarray | None = None, scale_bits: int = 16):
+        from .config import check_scale_bits
         self.n_threads = resolve_n_threads(n_threads)
+        self.scale_bits = check_scale_bits(scale_bits)
+        self._scale_codes = None  # (codes, super-scales) of double-quantized stored scales
+        if self.scale_bits != 16:
+            # learn the rounding on the scales that are stored: min-max scales (unless given),
+            # double-quantized to scale_bits-bit codes first
+            from . import quantizer as qz
+            from .storage import scale_codes
+            if scale is None:
+                scale, _ = qz.minmax_params(W, _int(bits, "bits"), _group(group_size))
+            s32, code, sup = scale_codes(scale, self.scale_bits)
+            scale = np.ascontiguousarray(s32)
+            self._scale_codes = (code, sup)
         self.iters = _int(iters, "iters")
         self.lam = _float(lam, "lam")
         self.warmup = _float(warmup, "warmup")
@@ -269,9 +287,16 @@ class AdaRound:
         """Fraction of weights whose ``h(V)`` is strictly between 0 and 1."""
         return self._part.soft_fraction(self.n_threads)
 
-    def export(self) -> PartExport:
-        codes, s, z, wq = self._part.export(self.n_threads)
-        return PartExport(codes, s, z, wq, self.bits, self.group_size)
+    def export(self):
+        """The stored part (:class:`hiquant.storage.QuantPart`): hard-rounded codes, the scales at
+        the stored precision chosen at construction (``scale_bits``)."""
+        from .storage import QuantPart
+        codes, s, z, _ = self._part.export(self.n_threads)
+        if self._scale_codes is None:
+            return QuantPart(self.bits, self.group_size, codes, s.astype(np.float16), z)
+        code, sup = self._scale_codes
+        return QuantPart(self.bits, self.group_size, codes, code, z, sup,
+                         scale_code_bits=self.scale_bits)
 
 
 class LayerwiseObjective:

@@ -1,8 +1,11 @@
-"""A PyTorch-free runtime for LLaMA-family checkpoints: load, forward, backward.
+"""The NumPy model runtime for LLaMA-family checkpoints: load, forward, backward.
 
 hiquant evaluates the models it quantizes, collects the inputs of every linear layer and takes
 per-sequence weight gradients (empirical Fisher) with this module alone: NumPy float32 with BLAS
 matrix products on ``(B*T, d)`` matrices, batched attention, no loops over tokens or heads.
+:class:`Model` implements :class:`hiquant.runtime.ModelRuntime`, the surface the stages use;
+reading the model folder (``config.json``, safetensors) is :mod:`hiquant.checkpoint`'s, and the
+worker pool and BLAS thread control are :mod:`hiquant._threads`'.
 
 Supported checkpoints (Hugging Face layout): ``LlamaForCausalLM``, ``MistralForCausalLM``,
 ``Qwen2ForCausalLM`` (q/k/v biases) and ``Qwen3ForCausalLM`` (per-head q/k RMSNorm before RoPE);
@@ -43,417 +46,36 @@ V=32000) with one worker at T=512 that is about 0.75 GiB for a block, 0.5 GiB fo
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
-import hashlib
-import json
 import math
-import os
-import re
-import struct
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
-from ._safetensors_io import SafetensorsFile, bf16_to_f32
-from .errors import CheckpointError, InvalidArgumentError
+from ._threads import map_ordered
+from .checkpoint import (
+    LINEAR_SUFFIXES,
+    STORED_DTYPES,
+    ModelConfig,
+    SourceTensor,
+    check_tensors,
+    expand_tensor,
+    file_digest,
+    load_json,
+    open_weights,
+    parse_config,
+)
+from .errors import CheckpointError, InvalidArgumentError, InvalidTypeError, NumericalError
 
 __all__ = [
-    "SUPPORTED_ARCHITECTURES",
-    "ModelConfig",
     "Model",
     "BlockCache",
     "load_model",
-    "parse_config",
-    "blas_threads",
-    "set_blas_threads",
-    "single_threaded_blas",
-    "map_ordered",
+    "rope_inv_freq",
 ]
-
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-)
-
-# Linear layers of a decoder block in the order every hiquant stage uses: q, k, v, o, gate, up, down.
-LINEAR_SUFFIXES = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
-
-# transformers' defaults for keys a config.json may omit (configuration_<arch>.py, 5.x). The
-# structural sizes (hidden_size, layers, heads, intermediate_size, vocab_size) have defaults there
-# too, but a config without them is malformed: we require them.
-_ARCH_DEFAULTS = {
-    "LlamaForCausalLM": dict(num_key_value_heads=None, head_dim=None, rms_norm_eps=1e-6,
-                             tie_word_embeddings=False, attention_bias=False, sliding_window=None,
-                             max_position_embeddings=2048),
-    "MistralForCausalLM": dict(num_key_value_heads=8, head_dim=None, rms_norm_eps=1e-6,
-                               tie_word_embeddings=False, attention_bias=False, sliding_window=4096,
-                               max_position_embeddings=4096 * 32),
-    "Qwen2ForCausalLM": dict(num_key_value_heads=32, head_dim=None, rms_norm_eps=1e-6,
-                             tie_word_embeddings=False, attention_bias=True, sliding_window=4096,
-                             max_position_embeddings=32768),
-    "Qwen3ForCausalLM": dict(num_key_value_heads=32, head_dim=128, rms_norm_eps=1e-6,
-                             tie_word_embeddings=False, attention_bias=False, sliding_window=4096,
-                             max_position_embeddings=32768),
-}
-
-# safetensors dtypes the runtime computes with → hiquant's name for them
-_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-# Non-parameter buffers some older checkpoints saved; they carry no information we need.
-_IGNORED_TENSOR = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
-
-
-# --------------------------------------------------------------------------------------------
-# config
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The parts of ``config.json`` the runtime uses, normalized across transformers 4.x/5.x.
-
-    ``rope_scaling`` is None for plain RoPE, else a dict with ``rope_type`` ("linear" or
-    "llama3") and its parameters. ``source_dtype`` is the dtype the weights are stored in.
-    ``sliding_window`` is the attention window when the checkpoint enables one (the runtime then
-    refuses sequences longer than it rather than silently attending too far). ``raw`` is the
-    parsed config.json.
-    """
-
-    arch: str
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict | None
-    tie_word_embeddings: bool
-    attention_bias: bool
-    qk_norm: bool
-    source_dtype: str
-    sliding_window: int | None = None
-    max_position_embeddings: int = 2048
-    o_bias: bool = False
-    raw: dict = field(default_factory=dict, compare=False, repr=False)
-
-    def fingerprint(self) -> str:
-        """sha256 of the canonical JSON of ``raw`` (key order and whitespace do not matter)."""
-        blob = json.dumps(self.raw, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()
-
-
-def _cfg_error(path, msg: str) -> CheckpointError:
-    return CheckpointError(f"{path}: {msg}")
-
-
-def _get_int(raw: dict, key: str, path, *, default=None, required=False, minimum=1) -> int:
-    if key not in raw or raw[key] is None:
-        if required:
-            raise _cfg_error(path, f"missing required key '{key}'; this does not look like a "
-                             "Hugging Face causal-LM config.json")
-        return default
-    v = raw[key]
-    if isinstance(v, bool) or not isinstance(v, int):
-        if isinstance(v, float) and v.is_integer():
-            v = int(v)
-        else:
-            raise _cfg_error(path, f"'{key}' must be an integer, got {v!r}")
-    if v < minimum:
-        raise _cfg_error(path, f"'{key}' must be >= {minimum}, got {v}")
-    return v
-
-
-def _get_float(d: dict, key: str, path, default: float) -> float:
-    v = d.get(key, None)
-    if v is None:
-        return float(default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _cfg_error(path, f"'{key}' must be a finite number, got {v!r}")
-    return float(v)
-
-
-def _get_bool(raw: dict, key: str, path, default: bool) -> bool:
-    v = raw.get(key, default)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise _cfg_error(path, f"'{key}' must be true or false, got {v!r}")
-    return v
-
-
-def _parse_rope(raw: dict, path, max_pos: int) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from a 5.x ``rope_parameters`` or 4.x ``rope_theta`` +
-    ``rope_scaling``, following transformers' standardize_rope_params."""
-    params = raw.get("rope_parameters")
-    if params is not None:
-        if not isinstance(params, dict):
-            raise _cfg_error(path, f"'rope_parameters' must be an object, got {params!r}")
-        if params and all(isinstance(v, dict) for v in params.values()):
-            raise _cfg_error(path, "per-layer-type 'rope_parameters' are not supported by the "
-                             "LLaMA-family architectures hiquant runs")
-        params = dict(params)
-        if "rope_theta" not in params and raw.get("rope_theta") is not None:
-            params["rope_theta"] = raw["rope_theta"]
-    else:
-        scaling = raw.get("rope_scaling")
-        if scaling is not None and not isinstance(scaling, dict):
-            raise _cfg_error(path, f"'rope_scaling' must be an object or null, got {scaling!r}")
-        params = dict(scaling or {})
-        params["rope_theta"] = raw.get("rope_theta", 10000.0)
-    theta = _get_float(params, "rope_theta", path, 10000.0)
-    if theta <= 0:
-        raise _cfg_error(path, f"rope_theta must be positive, got {theta}")
-    prf = params.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
-    if prf is not None and prf != 1.0:
-        raise _cfg_error(path, f"partial_rotary_factor={prf} is not supported (only 1.0)")
-    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
-    if rope_type == "default":
-        return theta, None
-    if rope_type == "linear":
-        factor = _get_float(params, "factor", path, float("nan"))
-        if not factor > 0:
-            raise _cfg_error(path, "linear RoPE scaling needs a positive 'factor'")
-        return theta, {"rope_type": "linear", "factor": factor}
-    if rope_type == "llama3":
-        out = {"rope_type": "llama3"}
-        for k in ("factor", "low_freq_factor", "high_freq_factor"):
-            if params.get(k) is None:
-                raise _cfg_error(path, f"llama3 RoPE scaling needs '{k}'")
-            out[k] = _get_float(params, k, path, 0.0)
-        omp = params.get("original_max_position_embeddings", raw.get(
-            "original_max_position_embeddings", max_pos))
-        if isinstance(omp, bool) or not isinstance(omp, (int, float)) or omp <= 0:
-            raise _cfg_error(path, f"'original_max_position_embeddings' must be positive, got {omp!r}")
-        out["original_max_position_embeddings"] = omp
-        if out["high_freq_factor"] == out["low_freq_factor"]:
-            raise _cfg_error(path, "llama3 RoPE scaling needs high_freq_factor != low_freq_factor")
-        return theta, out
-    raise _cfg_error(path, f"RoPE type '{rope_type}' is not supported (supported: default, "
-                     "linear, llama3)")
-
-
-def parse_config(raw: dict, path="config.json", source_dtype: str = "float32") -> ModelConfig:
-    """Validate a parsed config.json and normalize it into a :class:`ModelConfig`."""
-    if not isinstance(raw, dict):
-        raise _cfg_error(path, "must hold a JSON object")
-    archs = raw.get("architectures")
-    if not isinstance(archs, list) or len(archs) != 1 or not isinstance(archs[0], str):
-        raise _cfg_error(path, f"'architectures' must list exactly one architecture, got {archs!r}")
-    arch = archs[0]
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise _cfg_error(path, f"architecture '{arch}' is not supported; hiquant runs "
-                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-    d = _ARCH_DEFAULTS[arch]
-    act = raw.get("hidden_act", "silu")
-    if act != "silu":
-        raise _cfg_error(path, f"hidden_act '{act}' is not supported (only 'silu')")
-    if raw.get("mlp_bias"):
-        raise _cfg_error(path, "mlp_bias=true is not supported")
-    hidden = _get_int(raw, "hidden_size", path, required=True)
-    layers = _get_int(raw, "num_hidden_layers", path, required=True)
-    heads = _get_int(raw, "num_attention_heads", path, required=True)
-    inter = _get_int(raw, "intermediate_size", path, required=True)
-    vocab = _get_int(raw, "vocab_size", path, required=True)
-    kv = raw["num_key_value_heads"] if "num_key_value_heads" in raw else d["num_key_value_heads"]
-    kv = heads if kv is None else _get_int({"num_key_value_heads": kv}, "num_key_value_heads", path)
-    if heads % kv:
-        raise _cfg_error(path, f"num_attention_heads={heads} is not a multiple of "
-                         f"num_key_value_heads={kv}")
-    hd = raw.get("head_dim", d["head_dim"])
-    if hd is None:
-        if hidden % heads:
-            raise _cfg_error(path, f"hidden_size={hidden} is not a multiple of "
-                             f"num_attention_heads={heads}; give head_dim explicitly")
-        hd = hidden // heads
-    else:
-        hd = _get_int({"head_dim": hd}, "head_dim", path)
-    if hd % 2:
-        raise _cfg_error(path, f"head_dim={hd} must be even for RoPE")
-    eps = _get_float(raw, "rms_norm_eps", path, d["rms_norm_eps"])
-    if eps <= 0:
-        raise _cfg_error(path, f"rms_norm_eps must be positive, got {eps}")
-    max_pos = _get_int(raw, "max_position_embeddings", path, default=d["max_position_embeddings"])
-    theta, scaling = _parse_rope(raw, path, max_pos)
-    tie = _get_bool(raw, "tie_word_embeddings", path, d["tie_word_embeddings"])
-    if arch == "Qwen2ForCausalLM":
-        qkv_bias, o_bias = True, False  # hard-wired in transformers' Qwen2Attention
-    elif arch == "MistralForCausalLM":
-        qkv_bias = o_bias = False
-    else:
-        qkv_bias = o_bias = _get_bool(raw, "attention_bias", path, d["attention_bias"])
-    window = None
-    if arch == "MistralForCausalLM":
-        window = raw["sliding_window"] if "sliding_window" in raw else d["sliding_window"]
-    elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and raw.get("use_sliding_window"):
-        window = raw.get("sliding_window", d["sliding_window"])
-    if window is not None:
-        window = _get_int({"sliding_window": window}, "sliding_window", path)
-    return ModelConfig(
-        arch=arch, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv,
-        head_dim=hd, intermediate_size=inter, vocab_size=vocab, rms_norm_eps=eps,
-        rope_theta=theta, rope_scaling=scaling, tie_word_embeddings=tie,
-        attention_bias=qkv_bias, qk_norm=arch == "Qwen3ForCausalLM", source_dtype=source_dtype,
-        sliding_window=window, max_position_embeddings=max_pos, o_bias=o_bias, raw=raw)
-
-
-# --------------------------------------------------------------------------------------------
-# safetensors
-
-
-def _file_digest(path: Path) -> str:
-    """sha256 of a whole file, streamed (hashlib.file_digest needs Python 3.11)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _expand(raw: np.ndarray, st_dtype: str, out_dtype) -> np.ndarray:
-    """Stored bits → a fresh C-contiguous array of out_dtype. BF16 is exact: the 16 bits are the
-    top half of a float32."""
-    if st_dtype == "BF16":
-        f = bf16_to_f32(raw)
-        return f if np.dtype(out_dtype) == np.float32 else f.astype(out_dtype)
-    return np.array(raw, dtype=out_dtype, order="C", copy=True)
-
-
-# --------------------------------------------------------------------------------------------
-# BLAS threads
-
-
-def _openblas_setter():
-    """(set, get) thread functions of the OpenBLAS NumPy is linked with, found among the loaded
-    shared libraries (NumPy wheels bundle it under a suffixed name); (None, None) if absent."""
-    try:
-        with open("/proc/self/maps") as f:
-            libs = sorted({ln.split()[-1] for ln in f
-                           if "blas" in ln.lower() and ln.split()[-1].startswith("/")})
-    except OSError:
-        return None, None
-    for lib in libs:
-        try:
-            h = ctypes.CDLL(lib)
-        except OSError:
-            continue
-        for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"),
-                               ("scipy_openblas", ""), ("openblas", "")):
-            setter = getattr(h, f"{prefix}_set_num_threads{suffix}", None)
-            getter = getattr(h, f"{prefix}_get_num_threads{suffix}", None)
-            if setter is not None and getter is not None:
-                getter.restype = ctypes.c_int
-                return setter, getter
-    return None, None
-
-
-_BLAS = None  # (setter, getter) once looked up
-_blas_lock = threading.Lock()
-_blas_depth = 0
-_blas_saved = None
-
-
-def _blas_fns():
-    global _BLAS
-    if _BLAS is None:
-        _BLAS = _openblas_setter()
-    return _BLAS
-
-
-def set_blas_threads(n: int) -> bool:
-    """Set the thread count of NumPy's OpenBLAS (the runtime's matrix products). Returns False
-    when NumPy's BLAS is not an OpenBLAS whose setter can be found (then set OPENBLAS_NUM_THREADS
-    or OMP_NUM_THREADS before starting Python)."""
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    fn, _ = _blas_fns()
-    if fn is None:
-        return False
-    with _blas_lock:
-        if _blas_depth:  # inside single_threaded_blas(): applies when it exits
-            globals()["_blas_saved"] = n
-        else:
-            fn(ctypes.c_int(n))
-    return True
-
-
-def blas_threads() -> int | None:
-    """NumPy's OpenBLAS thread count, or None when it cannot be read."""
-    _, get = _blas_fns()
-    return int(get()) if get is not None else None
-
-
-@contextlib.contextmanager
-def single_threaded_blas():
-    """Run NumPy's OpenBLAS on one thread inside the block (re-entrant; restored on exit).
-
-    The runtime parallelizes over sequences with its own worker threads instead of inside each
-    matrix product: results are then identical for any thread count (OpenBLAS's threaded
-    products are not bitwise reproducible), and a busy machine does not stall BLAS threads at
-    their barriers (measured here with other jobs running: one 4×512-token block took 1.56 s with
-    two BLAS threads, 0.38 s with one). Yields False when the BLAS cannot be controlled.
-    """
-    global _blas_depth, _blas_saved
-    fn, get = _blas_fns()
-    if fn is None:
-        yield False
-        return
-    with _blas_lock:
-        if _blas_depth == 0:
-            _blas_saved = int(get())
-            fn(ctypes.c_int(1))
-        _blas_depth += 1
-    try:
-        yield True
-    finally:
-        with _blas_lock:
-            _blas_depth -= 1
-            if _blas_depth == 0:
-                fn(ctypes.c_int(_blas_saved))
-
-
-def resolve_workers(n_threads: int | None) -> int:
-    """Worker threads for the runtime: n_threads, or hiquant's default thread count."""
-    from ._threads import get_num_threads, resolve_n_threads
-    n = resolve_n_threads(n_threads)
-    return n if n > 0 else max(1, get_num_threads())
-
-
-def map_ordered(fn, items, n_threads: int | None = None):
-    """[fn(x) for x in items] on worker threads with single-threaded BLAS; results in order.
-    NumPy releases the GIL in matrix products and large element-wise operations, so the workers
-    run in parallel. The first exception is re-raised after the others are cancelled."""
-    items = list(items)
-    nw = min(resolve_workers(n_threads), len(items))
-    with single_threaded_blas():
-        if nw <= 1:
-            return [fn(x) for x in items]
-        with ThreadPoolExecutor(max_workers=nw, thread_name_prefix="hiquant") as ex:
-            futs = [ex.submit(fn, x) for x in items]
-            try:
-                return [f.result() for f in futs]
-            except BaseException:
-                for f in futs:
-                    f.cancel()
-                raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,15 +188,22 @@ def _is_int_array(a) -> bool:
 
 
 class Model:
-    """A loaded checkpoint. Build it with :func:`load_model`.
+    """A loaded checkpoint: the NumPy implementation of :class:`hiquant.runtime.ModelRuntime`.
+    Build it with :func:`load_model`.
 
     Linear layers are named by their Hugging Face tensor stem without ``.weight``
     (``model.layers.0.self_attn.q_proj``); :meth:`linear_names` lists them in block order
     q, k, v, o, gate, up, down.
+
+    ``files``: filename → SafetensorsFile, ``tensor_file``: tensor name → the file holding it
+    (both from :func:`hiquant.checkpoint.open_weights`, checked by
+    :func:`hiquant.checkpoint.check_tensors`); ``linear_source``: linear name → weight of the
+    layers not read from the files (see :func:`load_model`).
     """
 
     def __init__(self, path: Path, config: ModelConfig, files: dict, tensor_file: dict,
-                 tokenizer, compute_dtype, weight_cache_bytes: int):
+                 tokenizer, compute_dtype, weight_cache_bytes: int,
+                 linear_source: Mapping | None = None):
         self.path = Path(path)
         self.config = config
         self.tokenizer = tokenizer
@@ -583,6 +212,8 @@ class Model:
         self._files = files  # filename → SafetensorsFile
         self._content_digests: dict = {}  # (path, size, mtime, inode) → sha256, for fingerprint()
         self._where = tensor_file  # tensor name → SafetensorsFile
+        # linear name → array or quantized layer standing in for the stored NAME.weight
+        self._source = dict(linear_source) if linear_source is not None else {}
         self._overrides: dict[str, np.ndarray] = {}
         self._cache: OrderedDict = OrderedDict()
         self._cache_nbytes = 0
@@ -615,7 +246,33 @@ class Model:
     def linear_shape(self, name: str) -> tuple[int, int]:
         """(d_out, d_in) of a linear layer, without reading it."""
         self._check_name(name)
+        if name in self._source:
+            return _layer_shape(self._source[name])
         return tuple(self._where[name + ".weight"].tensors[name + ".weight"].shape)
+
+    def input_groups(self, i: int) -> list[list[str]]:
+        """The linear layers of block ``i`` grouped by the input they share, in block order:
+        ``[[q, k, v], [o], [gate, up], [down]]``. Layers of one group receive the same array in
+        :meth:`block_forward`'s ``capture`` (and share one Gram matrix); this is the one place
+        the runtime states that fact."""
+        q, k, v, o, gate, up, down = self.block_linear_names(i)
+        return [[q, k, v], [o], [gate, up], [down]]
+
+    def source_tensors(self) -> list[SourceTensor]:
+        """Every tensor of the checkpoint this model was loaded from, sorted by name, as the
+        exporters copy it (:class:`hiquant.checkpoint.SourceTensor`: name, stored safetensors
+        dtype, shape, ``read()`` → stored values). Linear weights given by ``linear_source``
+        appear as ``NAME.weight``, float32 ("F32"), read as their dequantized values; weights
+        replaced by :meth:`set_weight` do not show here (the source is what was loaded)."""
+        out = []
+        for name, f in self._where.items():
+            t = f.tensors[name]
+            out.append(SourceTensor(name, t.dtype, tuple(t.shape),
+                                    (lambda f=f, n=name: f.raw(n))))
+        for stem, o in self._source.items():
+            out.append(SourceTensor(stem + ".weight", "F32", _layer_shape(o),
+                                    (lambda o=o: _override_array(o, np.float32))))
+        return sorted(out, key=lambda t: t.name)
 
     def fingerprint(self) -> dict:
         """What identifies these weights: the config hash and, per safetensors file, its size and
@@ -630,7 +287,7 @@ class Model:
             st = f.path.stat()
             memo_key = (str(f.path), st.st_size, st.st_mtime_ns, st.st_ino)
             if memo_key not in self._content_digests:
-                self._content_digests[memo_key] = _file_digest(f.path)
+                self._content_digests[memo_key] = file_digest(f.path)
             files[fname] = {"size": st.st_size, "sha256": self._content_digests[memo_key]}
         return {"config_sha256": self.config.fingerprint(), "files": files}
 
@@ -642,7 +299,7 @@ class Model:
 
     def _check_block(self, i) -> int:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise TypeError(f"block index must be an int, got {type(i).__name__}")
+            raise InvalidTypeError(f"block index must be an int, got {type(i).__name__}")
         if not 0 <= i < self.num_blocks:
             raise IndexError(f"block index {i} out of range; the model has {self.num_blocks} blocks")
         return int(i)
@@ -657,14 +314,17 @@ class Model:
 
     def _tensor(self, name: str, dtype=None) -> np.ndarray:
         f = self._where[name]
-        return _expand(f.array(name), f.tensors[name].dtype, dtype or self.compute_dtype)
+        return expand_tensor(f.array(name), f.tensors[name].dtype, dtype or self.compute_dtype)
 
     def get_weight(self, name: str, *, original: bool = False) -> np.ndarray:
         """A fresh float32 C-contiguous copy of a linear layer's weight ``(d_out, d_in)``: the
-        weight set by :meth:`set_weight` if any (unless ``original=True``), else the checkpoint's."""
+        weight set by :meth:`set_weight` if any (unless ``original=True``), else the checkpoint's
+        (or the ``linear_source``'s, see :func:`load_model`)."""
         self._check_name(name)
         if not original and name in self._overrides:
             return _override_array(self._overrides[name], np.float32)
+        if name in self._source:
+            return _override_array(self._source[name], np.float32)
         return self._tensor(name + ".weight", np.float32)
 
     def set_weight(self, name: str, W: np.ndarray) -> None:
@@ -688,16 +348,16 @@ class Model:
             self._evict(i)
             return
         if not isinstance(W, np.ndarray):
-            raise TypeError(f"W must be a numpy.ndarray of float32, got {type(W).__name__}")
+            raise InvalidTypeError(f"W must be a numpy.ndarray of float32, got {type(W).__name__}")
         if W.dtype != np.float32 and W.dtype != self.compute_dtype:
-            raise TypeError(f"W must have dtype float32, got {W.dtype}; convert it with "
-                            "W.astype(numpy.float32)")
+            raise InvalidTypeError(f"W must have dtype float32, got {W.dtype}; convert it with "
+                                   "W.astype(numpy.float32)")
         shape = self.linear_shape(name)
         if W.shape != shape:
             raise InvalidArgumentError(f"W has shape {W.shape} but {name} has {shape}; pass a "
                                        "weight of the same layer")
         if not np.isfinite(W).all():
-            from .errors import NumericalError
+
             raise NumericalError(f"W for {name} contains NaN or Inf")
         self._overrides[name] = np.array(W, order="C", copy=True)
         self._evict(i)
@@ -750,6 +410,8 @@ class Model:
     def _linear(self, name: str) -> np.ndarray:
         if name in self._overrides:
             return _override_array(self._overrides[name], self.compute_dtype)
+        if name in self._source:
+            return _override_array(self._source[name], self.compute_dtype)
         return self._tensor(name + ".weight")
 
     def _block_params(self, i: int) -> _BlockParams:
@@ -802,11 +464,14 @@ class Model:
 
     # ---- forward pieces
 
-    def _check_ids(self, ids, name="ids", min_len=1) -> np.ndarray:
+    def check_ids(self, ids, name: str = "ids", min_len: int = 1) -> np.ndarray:
+        """Validate token ids and return them unchanged: an integer ndarray ``(batch, seqlen)``
+        with batch >= 1, seqlen >= ``min_len`` and every id in ``[0, vocab_size)``. Raises
+        InvalidTypeError / InvalidArgumentError naming the argument ``name``."""
         if not _is_int_array(ids):
-            raise TypeError(f"{name} must be an integer numpy.ndarray of token ids with shape "
-                            f"(batch, seqlen), got {type(ids).__name__}"
-                            + (f" of {ids.dtype}" if isinstance(ids, np.ndarray) else ""))
+            raise InvalidTypeError(f"{name} must be an integer numpy.ndarray of token ids with "
+                                   f"shape (batch, seqlen), got {type(ids).__name__}"
+                                   + (f" of {ids.dtype}" if isinstance(ids, np.ndarray) else ""))
         if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < min_len:
             raise InvalidArgumentError(f"{name} must have shape (batch, seqlen) with batch >= 1 and "
                                        f"seqlen >= {min_len}, got {ids.shape}")
@@ -819,16 +484,18 @@ class Model:
 
     def _check_h(self, h, name="h") -> np.ndarray:
         if not isinstance(h, np.ndarray):
-            raise TypeError(f"{name} must be a numpy.ndarray, got {type(h).__name__}")
+            raise InvalidTypeError(f"{name} must be a numpy.ndarray, got {type(h).__name__}")
         if h.dtype != self.compute_dtype:
-            raise TypeError(f"{name} must have dtype {self.compute_dtype} (the model's compute "
-                            f"dtype), got {h.dtype}")
+            raise InvalidTypeError(f"{name} must have dtype {self.compute_dtype} (the model's "
+                                   f"compute dtype), got {h.dtype}")
         if h.ndim != 3 or h.shape[2] != self.config.hidden_size or h.shape[0] < 1 or h.shape[1] < 1:
             raise InvalidArgumentError(f"{name} must have shape (batch, seqlen, "
                                        f"{self.config.hidden_size}), got {h.shape}")
         return h
 
-    def _check_seqlen(self, T: int) -> None:
+    def check_seqlen(self, T: int) -> None:
+        """Raise InvalidArgumentError when sequences of ``T`` tokens cannot be run (longer than
+        the checkpoint's sliding attention window, which the runtime does not implement)."""
         w = self.config.sliding_window
         if w is not None and T > w:
             raise InvalidArgumentError(
@@ -837,12 +504,12 @@ class Model:
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """Token embeddings: int ids (B, T) → compute-dtype hidden states (B, T, hidden)."""
-        ids = self._check_ids(ids)
-        self._check_seqlen(ids.shape[1])
+        ids = self.check_ids(ids)
+        self.check_seqlen(ids.shape[1])
         name = "model.embed_tokens.weight"
         f = self._where[name]
         rows = f.array(name)[ids.reshape(-1)]  # gathers only the rows used, in the stored dtype
-        out = _expand(rows, f.tensors[name].dtype, self.compute_dtype)
+        out = expand_tensor(rows, f.tensors[name].dtype, self.compute_dtype)
         return out.reshape(ids.shape[0], ids.shape[1], self.config.hidden_size)
 
     def _rope(self, T: int):
@@ -886,7 +553,7 @@ class Model:
         h = self._check_h(h)
         c, cd = self.config, self.compute_dtype
         B, T, D = h.shape
-        self._check_seqlen(T)
+        self.check_seqlen(T)
         P = self._block_params(i)
         names = self._names[i]
         KV, G, hd = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
@@ -1077,7 +744,7 @@ class Model:
         ``losses.sum()`` with respect to ``h``.
         """
         h = self._check_h(h)
-        ids = self._check_ids(ids, min_len=2)
+        ids = self.check_ids(ids, min_len=2)
         B, T = ids.shape
         if h.shape[:2] != (B, T):
             raise InvalidArgumentError(f"h has shape {h.shape} but ids has {ids.shape}")
@@ -1112,17 +779,25 @@ class Model:
 
     # ---- whole model
 
-    def _auto_batch(self, T: int, budget: int = 128 << 20) -> int:
-        """Sequences per forward chunk: enough for about 512 rows per matrix product (measured:
-        one 512-token window per chunk beats 2 or 4, which only add memory traffic), fewer if one
-        chunk's activations would exceed ``budget``. Independent of the thread count on purpose:
-        the chunking decides the matrix shapes, hence the rounding, so results do not depend on
-        how many workers run the chunks."""
+    def activation_bytes(self, T: int) -> int:
+        """Bytes of one decoder block's activations for one sequence of ``T`` tokens, in the
+        compute dtype: what ``block_forward(..., cache=True)`` keeps for the backward pass
+        (attention probabilities ``H·T²``, the q/k/v projections and their RoPE'd copies, the
+        MLP's ``5·I`` and ``4·D`` per token), the largest working set of a block. The one
+        activation-size estimate: :meth:`auto_batch` sizes forward chunks by it and the backward
+        passes (here and in :func:`hiquant.stats.collect_stats`) decide on recomputation by it."""
         c = self.config
-        per_seq = self.compute_dtype.itemsize * T * (
-            c.num_heads * T + 4 * c.hidden_size + 2 * (self._nq + 2 * self._nkv)
-            + 4 * c.intermediate_size)
-        return max(1, min(-(-512 // T), budget // per_seq))
+        nq, nkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        return self.compute_dtype.itemsize * T * (
+            c.num_heads * T + 4 * c.hidden_size + 3 * (nq + 2 * nkv) + 5 * c.intermediate_size)
+
+    def auto_batch(self, T: int, budget: int = 128 << 20) -> int:
+        """Sequences of ``T`` tokens per forward chunk: enough for about 512 rows per matrix
+        product (measured: one 512-token window per chunk beats 2 or 4, which only add memory
+        traffic), fewer if one chunk's :meth:`activation_bytes` would exceed ``budget`` bytes.
+        Independent of the thread count on purpose: the chunking decides the matrix shapes,
+        hence the rounding, so results do not depend on how many workers run the chunks."""
+        return max(1, min(-(-512 // T), budget // self.activation_bytes(T)))
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
         """Hidden states after the last block (before the final norm), (B, T, hidden)."""
@@ -1140,11 +815,11 @@ class Model:
         single-threaded BLAS. Results do not depend on ``n_threads``. ``progress``: optional
         callable(n_sequences_done) called as chunks finish.
         """
-        ids = self._check_ids(ids, min_len=2)
-        bs = batch_size or self._auto_batch(ids.shape[1])
+        ids = self.check_ids(ids, min_len=2)
+        bs = batch_size or self.auto_batch(ids.shape[1])
         if isinstance(bs, bool) or not isinstance(bs, (int, np.integer)) or bs < 1:
             raise InvalidArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
-        self._check_seqlen(ids.shape[1])
+        self.check_seqlen(ids.shape[1])
 
         def run(b0):
             chunk = ids[b0:b0 + bs]
@@ -1157,47 +832,44 @@ class Model:
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         """Next-token logits (B, T, vocab) in the compute dtype."""
-        ids = self._check_ids(ids)
+        ids = self.check_ids(ids)
         h = self.forward(ids)
         hd, _, y, _ = self._final(h)
         return (y @ hd.W.T).reshape(ids.shape[0], ids.shape[1], -1)
 
-    def weight_grads(self, ids: np.ndarray, *, checkpoint: bool | None = None) -> dict:
+    def weight_grads(self, ids: np.ndarray, *, recompute: bool | None = None) -> dict:
         """Gradient of the mean over the batch of the per-sequence losses with respect to every
         linear weight: ``{name: dW}`` (compute dtype, (d_out, d_in)). Call with one sequence
-        (B = 1) for per-sequence gradients. ``checkpoint=True`` keeps only each block's input and
+        (B = 1) for per-sequence gradients. ``recompute=True`` keeps only each block's input and
         recomputes its activations during the backward pass (less memory, one more forward);
-        None chooses it when the activations of all blocks would exceed 2 GiB."""
+        None chooses it when the activations of all blocks (:meth:`activation_bytes`) would
+        exceed 2 GiB."""
         grads = {}
-        for _, g in self._block_weight_grads(ids, checkpoint, 2 << 30):
+        for _, g in self._block_weight_grads(ids, recompute, 2 << 30):
             grads.update(g)
         return {n: grads[n] for n in self.linear_names()}
 
-    def iter_block_weight_grads(self, ids: np.ndarray, *, checkpoint: bool | None = None):
+    def iter_block_weight_grads(self, ids: np.ndarray, *, recompute: bool | None = None):
         """The same gradients as :meth:`weight_grads`, yielded one block at a time from the last
         block to the first as ``(block, {name: dW})``, so that a caller that consumes each block's
         gradients (the Fisher estimator of M) holds one block's worth, not the model's: for a
-        7B LLaMA that is 0.8 GB instead of 26 GB. ``checkpoint``: as weight_grads, but chosen
+        7B LLaMA that is 0.8 GB instead of 26 GB. ``recompute``: as weight_grads, but chosen
         when all blocks' activations would exceed 1 GiB."""
-        return self._block_weight_grads(ids, checkpoint, 1 << 30)
+        return self._block_weight_grads(ids, recompute, 1 << 30)
 
-    def _block_weight_grads(self, ids: np.ndarray, checkpoint: bool | None, limit: int):
-        ids = self._check_ids(ids, min_len=2)
+    def _block_weight_grads(self, ids: np.ndarray, recompute: bool | None, limit: int):
+        ids = self.check_ids(ids, min_len=2)
         B, T = ids.shape
-        if checkpoint is None:
-            c = self.config
-            per_block = self.compute_dtype.itemsize * B * T * (
-                c.num_heads * T + 4 * c.hidden_size + 3 * (self._nq + 2 * self._nkv)
-                + 5 * c.intermediate_size)
-            checkpoint = per_block * self.num_blocks > limit
-        return self._backward_blocks(ids, checkpoint)
+        if recompute is None:
+            recompute = B * self.activation_bytes(T) * self.num_blocks > limit
+        return self._backward_blocks(ids, recompute)
 
-    def _backward_blocks(self, ids: np.ndarray, checkpoint: bool):
+    def _backward_blocks(self, ids: np.ndarray, recompute: bool):
         B = ids.shape[0]
         h = self.embed(ids)
         saved = []
         for i in range(self.num_blocks):
-            if checkpoint:
+            if recompute:
                 saved.append(h)
                 h = self.block_forward(i, h)
             else:
@@ -1208,11 +880,18 @@ class Model:
             dh /= B
         for i in reversed(range(self.num_blocks)):
             cch = saved[i]
-            if checkpoint:
+            if recompute:
                 _, cch = self.block_forward(i, cch, cache=True)
             saved[i] = None
             dh, g = self.block_backward(i, cch, dh)
             yield i, g
+
+
+def _layer_shape(o) -> tuple[int, int]:
+    """(d_out, d_in) of an array or a quantized layer."""
+    if isinstance(o, np.ndarray):
+        return tuple(o.shape)
+    return (int(o.d_out), int(o.d_in))
 
 
 def _override_array(o, dtype) -> np.ndarray:
@@ -1223,100 +902,23 @@ def _override_array(o, dtype) -> np.ndarray:
     return W.astype(dtype, copy=False) if W.dtype != dtype else W
 
 
-# --------------------------------------------------------------------------------------------
-# loading
-
-
-def _load_json(path: Path, what: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: {what} not found") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: {what} is not valid JSON ({e}); fix or re-download it") from e
-
-
-def _expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    D, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    nq, nkv, hd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
-    exp = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
-    if not cfg.tie_word_embeddings:
-        exp["lm_head.weight"] = (V, D)
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        exp[p + "input_layernorm.weight"] = (D,)
-        exp[p + "post_attention_layernorm.weight"] = (D,)
-        shapes = {"self_attn.q_proj": (nq, D), "self_attn.k_proj": (nkv, D),
-                  "self_attn.v_proj": (nkv, D), "self_attn.o_proj": (D, nq),
-                  "mlp.gate_proj": (I, D), "mlp.up_proj": (I, D), "mlp.down_proj": (D, I)}
-        for s, shp in shapes.items():
-            exp[p + s + ".weight"] = shp
-        if cfg.attention_bias:
-            exp[p + "self_attn.q_proj.bias"] = (nq,)
-            exp[p + "self_attn.k_proj.bias"] = (nkv,)
-            exp[p + "self_attn.v_proj.bias"] = (nkv,)
-        if cfg.o_bias:
-            exp[p + "self_attn.o_proj.bias"] = (D,)
-        if cfg.qk_norm:
-            exp[p + "self_attn.q_norm.weight"] = (hd,)
-            exp[p + "self_attn.k_norm.weight"] = (hd,)
-    return exp
-
-
-def _open_weights(folder: Path) -> tuple[dict, dict]:
-    """filename → SafetensorsFile and tensor name → file, from model.safetensors or the index."""
-    index = folder / "model.safetensors.index.json"
-    single = folder / "model.safetensors"
-    if index.exists():
-        idx = _load_json(index, "the shard index")
-        wm = idx.get("weight_map") if isinstance(idx, dict) else None
-        if not isinstance(wm, dict) or not wm or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
-            raise CheckpointError(f"{index}: needs a non-empty 'weight_map' of tensor name → "
-                                  "shard file; fix or re-download it")
-        files = {}
-        for fname in sorted(set(wm.values())):
-            fp = folder / fname
-            if Path(fname).name != fname or not fp.is_file():
-                raise CheckpointError(f"{index}: lists shard '{fname}', which is not a file in "
-                                      f"{folder}; download the missing shard")
-            files[fname] = SafetensorsFile(fp)
-        where = {}
-        for fname, f in files.items():
-            for name in f.tensors:
-                if name in where:
-                    raise CheckpointError(f"{f.path}: tensor '{name}' is also in "
-                                          f"{where[name].path}; the shards are inconsistent")
-                if wm.get(name) != fname:
-                    raise CheckpointError(
-                        f"{f.path}: holds tensor '{name}' but {index.name} maps it to "
-                        f"{wm.get(name)!r}; the index and the shards do not match")
-                where[name] = f
-        for name, fname in wm.items():
-            if name not in where:
-                raise CheckpointError(f"{folder / fname}: tensor '{name}' listed in {index.name} "
-                                      "is missing from the shard; re-download it")
-        return files, where
-    if single.exists():
-        f = SafetensorsFile(single)
-        return {single.name: f}, {n: f for n in f.tensors}
-    shards = sorted(p.name for p in folder.glob("model-*-of-*.safetensors"))
-    if shards:
-        raise CheckpointError(f"{folder}: has shards ({shards[0]}, ...) but no "
-                              "model.safetensors.index.json; download the index too")
-    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json; "
-                          "hiquant reads Hugging Face safetensors checkpoints (convert .bin "
-                          "checkpoints with transformers' save_pretrained)")
-
-
 def load_model(path, *, compute_dtype="float32", weight_cache_bytes: int = 1 << 30,
-               load_tokenizer: bool = True) -> Model:
+               load_tokenizer: bool = True, linear_source: Mapping | None = None) -> Model:
     """Load a Hugging Face checkpoint folder (see the module docstring for what is supported).
 
     ``compute_dtype`` "float32" (default) or "float64" (for gradient checks). Weights stay
     memory-mapped in their stored dtype; ``weight_cache_bytes`` bounds the expanded copies kept
     between calls. Raises CheckpointError on anything missing, malformed or inconsistent.
+
+    ``linear_source``: linear weights taken from elsewhere than the folder's safetensors files,
+    a mapping linear name (``model.layers.0.self_attn.q_proj``) → a float array ``(d_out, d_in)``
+    or a quantized layer (``d_out``, ``d_in`` and an exact ``dequantize()``, e.g.
+    :class:`hiquant.storage.QuantizedLayer`, or a lazy stand-in decoding on demand). Those
+    layers' ``NAME.weight`` need not be stored, and other tensors stored under ``NAME.`` belong
+    to the source and are not read (biases still are); the given weights are the model's own
+    (``get_weight(original=True)``, ``reset_weight`` go back to them) and are dequantized each
+    time a block's weights are expanded (the weight cache keeps them). The packed reader
+    (:func:`hiquant.packed.load_packed`) loads through this.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -1329,39 +931,30 @@ def load_model(path, *, compute_dtype="float32", weight_cache_bytes: int = 1 << 
             or weight_cache_bytes < 0:
         raise InvalidArgumentError(f"weight_cache_bytes must be a non-negative int, got "
                                    f"{weight_cache_bytes!r}")
+    source = {}
+    if linear_source is not None:
+        if not isinstance(linear_source, Mapping):
+            raise InvalidTypeError(f"linear_source must be a mapping of linear name → weight, "
+                                   f"got {type(linear_source).__name__}")
+        for name, o in linear_source.items():
+            if not (isinstance(o, np.ndarray) and o.ndim == 2 and o.dtype in (np.float32, cd)) \
+                    and not (callable(getattr(o, "dequantize", None))
+                             and hasattr(o, "d_out") and hasattr(o, "d_in")):
+                raise InvalidTypeError(f"linear_source[{name!r}] must be a float32 array "
+                                       "(d_out, d_in) or a quantized layer with d_out, d_in and "
+                                       f"dequantize(), got {type(o).__name__}")
+            source[name] = o
     cfg_path = folder / "config.json"
-    raw = _load_json(cfg_path, "config.json")
+    raw = load_json(cfg_path, "config.json")
     cfg = parse_config(raw, cfg_path)
-    files, where = _open_weights(folder)
-
-    expected = _expected_tensors(cfg)
-    for name, shape in expected.items():
-        f = where.get(name)
-        if f is None:
-            hint = ""
-            if name == "lm_head.weight":
-                hint = " (or set tie_word_embeddings=true in config.json if the model ties them)"
-            raise CheckpointError(f"{folder}: tensor '{name}' is missing from the checkpoint"
-                                  f"{hint}; the weights do not match config.json")
-        e = f.tensors[name]
-        if e.dtype not in _ST_DTYPES:
-            raise CheckpointError(f"{f.path}: tensor '{name}' has dtype {e.dtype}; hiquant "
-                                  "reads F32, F16 and BF16 weights (convert the checkpoint)")
-        if tuple(e.shape) != shape:
-            raise CheckpointError(f"{f.path}: tensor '{name}' has shape {tuple(e.shape)} but "
-                                  f"config.json implies {shape}; the weights and config.json do "
-                                  "not match")
-    extra = sorted(n for n in where if n not in expected and not _IGNORED_TENSOR.match(n))
-    if extra:
-        hint = ""
-        if "lm_head.weight" in extra and cfg.tie_word_embeddings:
-            hint = " (config.json says tie_word_embeddings=true but an lm_head is stored)"
-        raise CheckpointError(f"{where[extra[0]].path}: unexpected tensor '{extra[0]}'"
-                              f"{' and %d more' % (len(extra) - 1) if len(extra) > 1 else ''}"
-                              f"{hint}; the checkpoint does not match config.json "
-                              f"({cfg.arch}, {cfg.num_layers} layers)")
+    files, where = open_weights(folder)
+    where = check_tensors(folder, cfg, where,
+                          provided={n: _layer_shape(o) for n, o in source.items()})
     lin = f"model.layers.0.{LINEAR_SUFFIXES[0]}.weight"
-    src = _ST_DTYPES[where[lin].tensors[lin].dtype]
+    if lin in where:
+        src = STORED_DTYPES[where[lin].tensors[lin].dtype]
+    else:  # the linears come from the source: the dtype the checkpoint was saved from
+        src = str(raw.get("dtype") or raw.get("torch_dtype") or "float16")
     cfg = dataclasses.replace(cfg, source_dtype=src)
 
     tok = None
@@ -1372,4 +965,4 @@ def load_model(path, *, compute_dtype="float32", weight_cache_bytes: int = 1 << 
             tok = Tokenizer.from_file(str(tp))
         except Exception as e:  # tokenizers raises its own Exception type
             raise CheckpointError(f"{tp}: cannot load the tokenizer ({e}); fix or re-download it") from e
-    return Model(folder, cfg, files, where, tok, cd, weight_cache_bytes)
+    return Model(folder, cfg, files, where, tok, cd, weight_cache_bytes, linear_source=source)

@@ -111,7 +111,7 @@ def plans_to_json(plans: dict) -> dict:
 
 
 def plans_from_json(d: dict) -> dict:
-    from .methods import LayerPlan
+    from .allocate import LayerPlan
     return {n: LayerPlan(v["k"], np.asarray(v["high_idx"], np.int64), v["b_low"], v["b_high"],
                          v["group_size"], v["ratio"]) for n, v in d.items()}
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import _core
 from ._threads import resolve_n_threads
+from .errors import InvalidArgumentError, InvalidTypeError
 
 __all__ = [
     "n_groups",
@@ -41,14 +42,22 @@ def _group(group_size: int | None) -> int:
     if group_size is None:
         return 0
     if not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool):
-        raise TypeError(f"group_size must be an int or None, got {type(group_size).__name__}")
-    return int(group_size)
+        raise InvalidTypeError(
+            f"group_size must be an int or None, got {type(group_size).__name__}")
+    group_size = int(group_size)
+    if not -(2**63) <= group_size < 2**63:  # the native check names the valid range
+        raise InvalidArgumentError(f"group_size must be a positive integer, or 0 / -1 for one "
+                                   f"group per output row; got {group_size}")
+    return group_size
 
 
 def _bits(bits: int) -> int:
     if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool):
-        raise TypeError(f"bits must be an int, got {type(bits).__name__}")
-    return int(bits)
+        raise InvalidTypeError(f"bits must be an int, got {type(bits).__name__}")
+    bits = int(bits)
+    if not -(2**31) <= bits < 2**31:  # fits the native int; the native check names the range
+        raise InvalidArgumentError(f"bits must be an integer in 2..8, got {bits}")
+    return bits
 
 
 def n_groups(d_in: int, group_size: int | None) -> int:

@@ -37,14 +37,13 @@ import json
 import os
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import _core
-from ._threads import resolve_n_threads
+from ._threads import map_ordered, resolve_n_threads
 from .errors import HiquantError, InvalidArgumentError, NumericalError
 
 __all__ = [
@@ -218,21 +217,16 @@ def _check_windows(model, windows) -> np.ndarray:
     return np.ascontiguousarray(windows)
 
 
-def _input_groups(model, b: int) -> list[list[str]]:
-    q, k, v, o, gate, up, down = model.block_linear_names(b)
-    return [[q, k, v], [o], [gate, up], [down]]
-
-
 def collect_stats(model, windows: np.ndarray, *, gram: bool = True, fisher: bool = True,
                   progress: bool = True, n_threads: int | None = None,
-                  batch_size: int | None = None, checkpoint: bool | None = None,
+                  batch_size: int | None = None, recompute: bool | None = None,
                   meta: dict | None = None, fisher_full: bool = True) -> CalibStats:
     """Gram matrices and/or the empirical Fisher diagonal of every linear layer on ``windows``
     (int token ids, ``(n, seqlen)``), with the model's current weights.
 
     Fisher needs one forward and backward pass per window (per-sequence gradients); Gram alone
     runs windows in chunks of ``batch_size``. ``n_threads`` workers (default: hiquant's thread
-    count) run windows concurrently; the result does not depend on it. ``checkpoint``: keep only
+    count) run windows concurrently; the result does not depend on it. ``recompute``: keep only
     block inputs and recompute activations in the backward pass (None: when one window's
     activations of all blocks would exceed 1 GiB). ``meta`` is merged into ``.meta``.
     ``fisher_full=False`` keeps only the column scores ``fisher_col`` (``d_in`` per layer,
@@ -244,24 +238,21 @@ def collect_stats(model, windows: np.ndarray, *, gram: bool = True, fisher: bool
     if not (gram or fisher):
         raise InvalidArgumentError("nothing to collect: pass gram=True and/or fisher=True")
     n, T = windows.shape
-    model._check_ids(windows, "windows", min_len=2)
-    model._check_seqlen(T)
+    model.check_ids(windows, "windows", min_len=2)
+    model.check_seqlen(T)
     nb = model.num_blocks
     if fisher:
         bs = 1
     else:
-        bs = batch_size or model._auto_batch(T)
+        bs = batch_size or model.auto_batch(T)
     units = [windows[u:u + bs] for u in range(0, n, bs)]
-    if checkpoint is None:
-        c = model.config
-        per_block = 4 * T * (c.num_heads * T + 4 * c.hidden_size + 3 * (model._nq + 2 * model._nkv)
-                             + 5 * c.intermediate_size)
-        checkpoint = per_block * nb > (1 << 30)
+    if recompute is None:
+        recompute = model.activation_bytes(T) * nb > (1 << 30)
 
     out = CalibStats()
     if gram:
         for b in range(nb):
-            for group in _input_groups(model, b):
+            for group in model.input_groups(b):
                 d_in = model.linear_shape(group[0])[1]
                 G = np.zeros((d_in, d_in), dtype=np.float64)
                 for name in group:
@@ -289,14 +280,14 @@ def collect_stats(model, windows: np.ndarray, *, gram: bool = True, fisher: bool
         saved = []
         for b in range(nb):
             captured = {}
-            groups = _input_groups(model, b)
+            groups = model.input_groups(b)
             firsts = {g[0] for g in groups}
 
             def capture(name, X, captured=captured, firsts=firsts):
                 if name in firsts:
                     captured[name] = X
 
-            if fisher and not checkpoint:
+            if fisher and not recompute:
                 h_next, cache = model.block_forward(b, h, cache=True,
                                                     capture=capture if gram else None)
                 saved.append(cache)
@@ -316,7 +307,7 @@ def collect_stats(model, windows: np.ndarray, *, gram: bool = True, fisher: bool
             _, dh = model.head_loss(h, ids, grad=True)
             for b in reversed(range(nb)):
                 cache = saved[b]
-                if checkpoint:
+                if recompute:
                     _, cache = model.block_forward(b, cache, cache=True)
                 saved[b] = None
                 dh, grads = model.block_backward(b, cache, dh)
@@ -346,27 +337,13 @@ def collect_stats(model, windows: np.ndarray, *, gram: bool = True, fisher: bool
                 t.wake()
             raise
 
-    from .model import resolve_workers, single_threaded_blas
+    def stop_workers() -> None:  # also on Ctrl-C in the calling thread
+        abort.set()
+        for t in turn_g + turn_f:
+            t.wake()
 
-    nw = min(resolve_workers(n_threads), len(units))
     try:
-        with single_threaded_blas():
-            if nw <= 1:
-                for u in range(len(units)):
-                    guarded(u)
-            else:
-                with ThreadPoolExecutor(max_workers=nw, thread_name_prefix="hiquant-stats") as ex:
-                    futs = [ex.submit(guarded, u) for u in range(len(units))]
-                    try:
-                        for f in futs:
-                            f.result()
-                    except BaseException:
-                        abort.set()
-                        for t in turn_g + turn_f:
-                            t.wake()
-                        for f in futs:
-                            f.cancel()
-                        raise
+        map_ordered(guarded, range(len(units)), n_threads, on_error=stop_workers)
     finally:
         if bar is not None:
             bar.close()
@@ -433,3 +410,53 @@ def load_or_collect(cache_dir, model, windows: np.ndarray, *, gram: bool = True,
                        fisher_full=fisher_full)
     st.save(path)
     return st
+
+
+# ---------------------------------------------------------------------------------- per block
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """What a layer quantizer receives about its calibration inputs: ``gram`` ``G = Σ x xᵀ``
+    (float64 ``(d_in, d_in)``, shared by the layers of one input group) and ``n_tokens``, the
+    number of input rows summed into it."""
+
+    gram: np.ndarray
+    n_tokens: int
+
+
+def block_grams(model, b: int, h: np.ndarray, *, batch_size: int,
+                n_threads: int | None = None) -> dict:
+    """Gram matrices of block ``b``'s linear inputs over the hidden states ``h`` entering it
+    (``(n, seqlen, hidden)``), with the block's current weights: ``{linear name: LayerStats}``.
+
+    Batches of ``batch_size`` windows run on the worker pool, each into its own partial sums; the
+    partials are added in batch order, so the result does not depend on the thread count. Layers
+    that share an input (``model.input_groups(b)``) share one matrix."""
+    from ._threads import map_ordered
+    groups = model.input_groups(b)
+    firsts = {g[0]: g for g in groups}
+
+    def run(sl):
+        part = {}
+
+        def capture(name, X):
+            if name in firsts:
+                G = np.zeros((X.shape[1], X.shape[1]), np.float64)
+                gram_accumulate(G, np.ascontiguousarray(X, np.float32))
+                part[name] = (G, X.shape[0])
+
+        model.block_forward(b, h[sl], capture=capture)
+        return part
+
+    slices = [slice(a, min(len(h), a + batch_size)) for a in range(0, len(h), batch_size)]
+    total: dict = {}
+    for part in map_ordered(run, slices, n_threads):
+        for name, (G, n) in part.items():
+            if name in total:
+                total[name][0][...] += G
+                total[name][1] += n
+            else:
+                total[name] = [G, n]
+    return {name: LayerStats(total[g[0]][0], int(total[g[0]][1]))
+            for g in groups for name in g}

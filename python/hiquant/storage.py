@@ -44,30 +44,21 @@ the stored precision *before* computing the final codes (AdaRound learns on the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
 from . import quantizer as qz
+from .config import SCALE_BITS, SCALE_CODE_BITS, check_scale_bits
 from .errors import InvalidArgumentError
 
 __all__ = ["QuantPart", "QuantizedLayer", "storage_bits", "fp16_scales", "scale_codes", "scale8",
            "stored_scales", "super_rows", "check_scale_bits", "SCALE_BITS", "SCALE_CODE_BITS",
            "SCALE_SUPER_BLOCK"]
 
-SCALE_BITS = (16, 8, 6)  # float16 scales, or double-quantized codes of 8 or 6 bits
-
-SCALE_CODE_BITS = (8, 6)  # the double-quantized ones
-
 SCALE_SUPER_BLOCK = 256  # scale codes per float16 super-scale (at most; whole rows)
 
 FP16_TINY = float(np.finfo(np.float16).tiny)  # smallest normal float16 scale (6.1e-5)
-
-
-def check_scale_bits(scale_bits) -> int:
-    """``scale_bits`` as an int if it is one of :data:`SCALE_BITS`; else InvalidArgumentError."""
-    if isinstance(scale_bits, bool) or scale_bits not in SCALE_BITS:
-        raise InvalidArgumentError(f"scale_bits must be 16, 8 or 6, got {scale_bits!r}")
-    return int(scale_bits)
 
 
 def fp16_scales(scale: np.ndarray) -> np.ndarray:
@@ -247,8 +238,14 @@ class QuantPart:
         return cls(bits, group_size, codes, s32.astype(np.float16), zero)
 
     def dequantize(self) -> np.ndarray:
+        """The part's float32 weights ``scale * (codes - zero)`` per group (a new array)."""
         return qz.dequantize(self.codes, np.ascontiguousarray(self.scale_f32()), self.zero,
                              self.bits, self.group_size)
+
+    @cached_property
+    def wq(self) -> np.ndarray:
+        """:meth:`dequantize`, computed once (do not modify it in place)."""
+        return self.dequantize()
 
 
 @dataclass

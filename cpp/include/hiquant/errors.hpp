@@ -10,8 +10,14 @@ namespace hiquant {
 struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
-// A caller passed something malformed (shape, range, option). Maps to ValueError.
+// A caller passed something malformed (shape, range, option, layout). Maps to
+// hiquant.InvalidArgumentError (a ValueError).
 struct InvalidArgument : Error {
+  using Error::Error;
+};
+// A caller passed an argument of the wrong type or element type (a float64 array where float32 is
+// required). Maps to hiquant.InvalidTypeError (a TypeError).
+struct InvalidType : Error {
   using Error::Error;
 };
 // Non-finite input or a computation that cannot proceed numerically. Maps to ArithmeticError.

@@ -5,7 +5,8 @@
 // layer-wise objective spends nearly all of its time in one product per step, so the micro-kernel
 // is chosen at run time: AVX2+FMA where the CPU has it (compiled with a target attribute for that
 // function only, so no other code of the library needs AVX2), a portable vector-extension
-// kernel elsewhere.
+// kernel elsewhere. The 6 x 16 micro-kernel and the CPU check are shared with the Gram
+// accumulation (stats.cpp): hiquant/microkernel.hpp.
 //
 // Layout (BLIS-style): B is packed once into panels of KC x NR (kept between calls: the Gram
 // matrix is constant over an optimization), A into panels of MR x KC per block of rows.

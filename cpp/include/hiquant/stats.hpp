@@ -9,7 +9,8 @@
 //   per tile, so G is bitwise identical for any thread count; the lower triangle is mirrored from
 //   the same sums, so G stays exactly symmetric. On x86-64 CPUs with AVX2+FMA an AVX2 kernel is
 //   chosen at run time (the binary itself targets baseline x86-64); elsewhere a portable kernel
-//   (separate multiply and add) runs, whose last bits differ.
+//   (separate multiply and add) runs, whose last bits differ. Both are the GEMM's micro-kernels
+//   (hiquant/microkernel.hpp).
 //
 // fisher_accumulate: F += g ⊙ g elementwise (float32), the per-sequence empirical Fisher diagonal.
 #pragma once

@@ -1,58 +1,82 @@
 """The method registry: every method runs through the same pipeline and code paths.
 
-A method decides two things for each linear layer: its *plan* (how many high-impact columns and
-at which widths — `LayerPlan`) and how a layer is quantized given that plan and its calibration
-Gram matrix (`quantize_layer`). Methods are comparable at matched average bits because the bits
-of every plan are counted by the one storage formula in :mod:`hiquant.storage`.
+A method is two choices: its **allocation** — which input columns of each layer are high-impact
+and at which width (:func:`hiquant.allocate.plan_layers` turns it into one
+:class:`~hiquant.allocate.LayerPlan` per layer) — and its **layer quantizer**, a module of this
+package with one signature::
 
-=================  ===============================================  ==========================
-name               high-impact columns                              layer quantizer
-=================  ===============================================  ==========================
-``rtn``            none                                             round-to-nearest min-max
-``gptq``           none                                             GPTQ
-``lwc``            none                                             learnable weight clipping
-``adaround``       none                                             AdaRound on all columns
-``fixed-ratio``    the same ratio in every layer, at b_H            hybrid (LWC + AdaRound)
-``fp16-retention`` the ratio that meets the budget, kept in FP16    hybrid with b_H = 16
-``hiq``            per-layer ratios from the IQP allocation         hybrid (LWC + AdaRound)
-=================  ===============================================  ==========================
+    quantize(name, W, stats, plan, settings) -> hiquant.storage.QuantizedLayer
+
+``W`` float32 ``(d_out, d_in)``; ``stats`` the layer's :class:`hiquant.stats.LayerStats` (the
+Gram matrix of its calibration inputs and their token count; ``None`` for quantizers that need
+none); ``plan`` its :class:`~hiquant.allocate.LayerPlan`; ``settings`` the resolved
+:class:`hiquant.QuantizeSettings`. Methods are comparable at matched average bits because every
+plan's bits are counted by the one storage formula, :func:`hiquant.storage.storage_bits`.
+
+=================  ==================================================  =====================
+method             high-impact columns (allocation)                    layer quantizer
+=================  ==================================================  =====================
+``rtn``            none                                                ``rtn``: round to nearest
+``gptq``           none                                                ``gptq``
+``lwc``            none                                                ``lwc``: learnable clipping
+``adaround``       none                                                ``adaround`` on all columns
+``fixed-ratio``    one ratio in every layer, at b_H (``fixed``)        ``hybrid`` (LWC + AdaRound)
+``fp16-retention`` the ratio that meets the budget, in FP16 (``fixed``)  ``hybrid``, b_H = 16
+``hiq``            per-layer ratios from the IQP (``iqp``)             ``hybrid`` (LWC + AdaRound)
+=================  ==================================================  =====================
+
+Adding a method: a module here with ``quantize`` (and, for a new quantizer, its name in
+:data:`hiquant.config.QUANTIZERS`), and one entry in :data:`METHODS`.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
-import numpy as np
+from ..errors import InvalidArgumentError
 
-__all__ = ["LayerPlan", "METHODS", "method_info"]
+__all__ = ["MethodSpec", "METHODS", "method_spec", "quantizer"]
 
 
 @dataclass(frozen=True)
-class LayerPlan:
-    """What a method will store for one layer."""
+class MethodSpec:
+    """How a method chooses its plans and which layer quantizer realizes them."""
 
-    k: int  # number of high-impact columns
-    high_idx: np.ndarray  # ascending int64 (k,)
-    b_low: int
-    b_high: int  # 16 = FP16 retention; ignored when k == 0
-    group_size: int
-    ratio: float = 0.0  # the candidate ratio this plan came from (k = ceil(ratio * d_in))
+    allocation: str  # "none" | "fixed" (one ratio everywhere) | "iqp" (hiq's allocation)
+    quantizer: str  # a module of hiquant.methods (hiquant.config.QUANTIZERS)
+    default_ratio: float = 0.0  # allocation "fixed" without ratio or budget
+    fp16_high: bool = False  # the high-impact columns are kept in FP16 (b_H = 16)
+
+    @property
+    def fisher(self) -> bool:
+        """Whether the method needs the Fisher column scores (it keeps high-impact columns)."""
+        return self.allocation != "none"
 
 
-# name -> (uses Fisher column scores, allocation kind, layer quantizer)
 METHODS = {
-    "rtn": dict(fisher=False, allocation="none", quantizer="rtn"),
-    "gptq": dict(fisher=False, allocation="none", quantizer="gptq"),
-    "lwc": dict(fisher=False, allocation="none", quantizer="lwc"),
-    "adaround": dict(fisher=False, allocation="none", quantizer="adaround"),
-    "fixed-ratio": dict(fisher=True, allocation="fixed", quantizer="hybrid"),
-    "fp16-retention": dict(fisher=True, allocation="fixed-budget", quantizer="hybrid"),
-    "hiq": dict(fisher=True, allocation="iqp", quantizer="hybrid"),
+    "rtn": MethodSpec("none", "rtn"),
+    "gptq": MethodSpec("none", "gptq"),
+    "lwc": MethodSpec("none", "lwc"),
+    "adaround": MethodSpec("none", "adaround"),
+    "fixed-ratio": MethodSpec("fixed", "hybrid", default_ratio=0.05),
+    "fp16-retention": MethodSpec("fixed", "hybrid", default_ratio=0.01, fp16_high=True),
+    "hiq": MethodSpec("iqp", "hybrid"),
 }
 
 
-def method_info(name: str) -> dict:
+def method_spec(name: str) -> MethodSpec:
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+        raise InvalidArgumentError(f"unknown method {name!r}; choose one of "
+                                   f"{', '.join(METHODS)}") from None
+
+
+def quantizer(kind: str):
+    """The layer quantizer module ``kind`` (its ``quantize`` has the signature above)."""
+    from ..config import QUANTIZERS
+    if kind not in QUANTIZERS:
+        raise InvalidArgumentError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got "
+                                   f"{kind!r}")
+    return importlib.import_module(f"{__name__}.{kind}")

@@ -1,0 +1,313 @@
+"""Settings of a quantization run: one frozen object, every option vocabulary and width rule, and
+one :func:`resolve` that settles each ``"auto"`` and validates everything before any model work.
+
+A typo costs a second, never a calibration pass: :func:`hiquant.quantize` calls :func:`resolve`
+before it loads calibration text or runs the model, and the resolved settings are what the
+report records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidArgumentError, InvalidTypeError
+
+__all__ = [
+    "QuantizeSettings",
+    "resolve",
+    "WEIGHT_BITS",
+    "FP16_BITS",
+    "HIGH_BITS",
+    "SCALE_BITS",
+    "SCALE_CODE_BITS",
+    "DEFAULT_CANDIDATES",
+    "ESTIMATORS",
+    "OBJECTIVES",
+    "REFINE_ORDERS",
+    "LOW_ROUNDINGS",
+    "LWC_SCHEDULES",
+    "QUANTIZERS",
+    "EXPORTS",
+    "check_bits",
+    "check_group_size",
+    "check_scale_bits",
+    "default_high_bits",
+]
+
+# ---- width rules (the one definition; the packed format stores exactly these widths)
+WEIGHT_BITS = (2, 3, 4, 6, 8)  # code widths of a quantized part
+FP16_BITS = 16  # a "width" of the high-impact part: kept in float16, not quantized
+HIGH_BITS = WEIGHT_BITS + (FP16_BITS,)
+SCALE_BITS = (16, 8, 6)  # stored scales: float16, or double-quantized codes of 8 or 6 bits
+SCALE_CODE_BITS = (8, 6)
+
+# ---- option vocabularies
+DEFAULT_CANDIDATES = (0.02, 0.05, 0.10, 0.15, 0.20)  # the paper's candidate ratios
+ESTIMATORS = ("measured", "fisher", "diagonal")  # M of the allocation IQP (allocate.py)
+OBJECTIVES = ("layer", "block", "refine")  # learned quantizers' objective (blockwise.py)
+REFINE_ORDERS = ("lwc-first", "adaround-first")
+LOW_ROUNDINGS = ("nearest", "gptq")  # codes of an LWC low part on its learned grid
+LWC_SCHEDULES = ("constant", "cosine")  # block-wise LWC learning-rate schedules
+QUANTIZERS = ("rtn", "gptq", "lwc", "adaround", "hybrid")  # layer quantizers (methods/)
+EXPORTS = ("fake", "packed", "both")
+# estimator="auto": the diagonal estimator while the full Fisher diagonal (4 bytes per linear
+# weight) fits in this many bytes, else fisher (whose memory does not grow with the model)
+DIAGONAL_AUTO_BYTES = 2 << 30
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def check_bits(bits, name: str = "bits", *, allow_fp16: bool = False) -> int:
+    """``bits`` as an int if it is a stored width (:data:`WEIGHT_BITS`, or 16 = FP16 when
+    ``allow_fp16``); else :class:`InvalidArgumentError` (:class:`InvalidTypeError` for a
+    non-integer)."""
+    allowed = HIGH_BITS if allow_fp16 else WEIGHT_BITS
+    if not _is_int(bits):
+        raise InvalidTypeError(f"{name} must be an int, got {type(bits).__name__}")
+    if int(bits) not in allowed:
+        raise InvalidArgumentError(f"{name} must be one of {', '.join(map(str, allowed))}"
+                                   f"{' (16 = FP16)' if allow_fp16 else ''}, got {bits}")
+    return int(bits)
+
+
+def check_group_size(group_size, name: str = "group_size") -> int:
+    """Columns per quantization group as an int: a positive int, or ``0`` / ``None`` / ``-1`` for
+    one group per output row (per channel). A group at least as wide as the part is one group
+    per row too. Anything else raises :class:`InvalidArgumentError`."""
+    if group_size is None:
+        return 0
+    if not _is_int(group_size):
+        raise InvalidTypeError(f"{name} must be an int or None, got {type(group_size).__name__}")
+    g = int(group_size)
+    if g < -1:
+        raise InvalidArgumentError(f"{name} must be a positive int, or 0 (one group per output "
+                                   f"row); got {g}")
+    return max(g, 0)
+
+
+def check_scale_bits(scale_bits) -> int:
+    """``scale_bits`` as an int if it is one of :data:`SCALE_BITS`; else InvalidArgumentError."""
+    if isinstance(scale_bits, bool) or scale_bits not in SCALE_BITS:
+        raise InvalidArgumentError(f"scale_bits must be one of {', '.join(map(str, SCALE_BITS))} "
+                                   f"(float16, or 8-/6-bit double-quantized codes), got "
+                                   f"{scale_bits!r}")
+    return int(scale_bits)
+
+
+def default_high_bits(wbits: int) -> int:
+    """The high-impact part's width when ``hbits`` is not given: the next stored width above
+    ``wbits`` (2 → 3, 3 → 4, 4 → 8, 6 → 8) and FP16 above 8."""
+    return {2: 3, 3: 4, 4: 8, 6: 8, 8: FP16_BITS}[wbits]
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """Every knob of a run; :func:`resolve` settles the ``"auto"`` values and the report records
+    the resolved object verbatim. Frozen: derive variants with :func:`dataclasses.replace`."""
+
+    method: str = "hiq"  # a name in hiquant.methods.METHODS
+    wbits: int = 2  # the low (or only) part's width, one of WEIGHT_BITS
+    hbits: int | None = None  # the high-impact part's width; None: default_high_bits(wbits)
+    group_size: int = 64  # columns per group within each part; 0: one group per output row
+    # stored scale precision: 16 (float16), 8 or 6 (double-quantized codes, hiquant.storage), or
+    # "auto": 6 for the methods with high-impact columns (their budgets near the plain format
+    # need cheap scales: W2 g64 with float16 scales cannot reach 2.30 bits), 16 otherwise (the
+    # plain methods store float16 scales, as the peers do)
+    scale_bits: int | str = "auto"
+    avg_bits: float | None = None  # budget: average bits per weight over the quantized layers
+    ratio: float | None = None  # fixed-ratio / fp16-retention: the ratio of every layer
+    candidates: tuple = DEFAULT_CANDIDATES  # hiq: candidate ratios of every layer
+    # M estimator for hiq: measured | fisher | diagonal | auto (diagonal while the full Fisher
+    # diagonal fits DIAGONAL_AUTO_BYTES, else fisher)
+    estimator: str = "auto"
+    m_windows: int = 32  # calibration windows used to build M
+    m_pairs: bool = True  # measured estimator: include the same-block pair terms
+    quantizer: str = "auto"  # the method's own layer quantizer, or one of QUANTIZERS (ablations)
+    n_calib: int = 128  # calibration windows
+    seqlen: int = 512  # tokens per calibration window
+    seed: int = 0  # calibration window sampling and block-wise mini-batch order
+    calib_batch: int = 8  # windows per forward batch when pushing calibration data
+    lwc_iters: int = 1000  # layer-wise LWC steps (full batch)
+    lwc_lr: float = 1e-2
+    adaround_iters: int = 5000  # layer-wise AdaRound steps (AdaRound's paper default)
+    adaround_lr: float = 1e-3
+    # the learned quantizers' objective: "layer" (Gram objective), "block" (block output MSE,
+    # OmniQuant's) or "refine" (layer-wise LWC, block-wise refinement of its clipping, then
+    # layer-wise AdaRound of the high columns); "auto": refine for lwc and hybrid, else layer
+    objective: str = "auto"
+    block_epochs: int = 2  # objective block/refine: passes over the calibration windows
+    block_batch: int = 1  # objective block/refine: windows per step (OmniQuant: 1)
+    block_lr: float | None = None  # objective block/refine: LWC learning rate (None: lwc_lr)
+    block_aug_loss: bool = False  # OmniQuant's aug_loss (also fit the FP block on quantized inputs)
+    block_lr_schedule: str = "constant"  # one of LWC_SCHEDULES
+    refine_order: str = "lwc-first"  # one of REFINE_ORDERS (blockwise.refine_block)
+    # codes of the low part on its learned grid, one of LOW_ROUNDINGS; "auto": gptq for the hybrid
+    # quantizer where the grid is final first (layer, lwc-first refine), nearest otherwise
+    low_rounding: str = "auto"
+    gptq_percdamp: float = 0.01
+    gptq_blocksize: int = 128
+    gptq_act_order: bool = False
+    eval_seqlen: int = 512
+    eval_windows: int = 200
+    n_threads: int | None = None  # None: hiquant's default (hiquant.set_num_threads)
+
+    def replace(self, **changes) -> "QuantizeSettings":
+        """A copy with ``changes`` applied (unknown names raise InvalidArgumentError)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise InvalidArgumentError(f"unknown setting(s) {', '.join(unknown)}; see "
+                                       "hiquant.QuantizeSettings for the names")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _positive_int(s, name, minimum=1):
+    v = getattr(s, name)
+    if not _is_int(v):
+        raise InvalidTypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < minimum:
+        raise InvalidArgumentError(f"{name} must be >= {minimum}, got {v}")
+
+
+def _positive_float(v, name, *, allow_none=False):
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise InvalidTypeError(f"{name} must be a number, got {type(v).__name__}")
+    if not (math.isfinite(v) and v > 0):
+        raise InvalidArgumentError(f"{name} must be a positive finite number, got {v}")
+
+
+def _choice(v, name, options, *, auto=False):
+    if v == "auto" and auto:
+        return
+    if v not in options:
+        raise InvalidArgumentError(f"{name} must be {'auto or ' if auto else ''}one of "
+                                   f"{', '.join(options)}, got {v!r}")
+
+
+def resolve(settings: QuantizeSettings, *, n_weights: int | None = None) -> QuantizeSettings:
+    """The settings with every ``"auto"`` settled and every value checked, or an
+    :class:`InvalidArgumentError` / :class:`InvalidTypeError` naming the setting and what to do.
+
+    ``n_weights`` (the number of weights in the model's quantized linears) settles
+    ``estimator="auto"``; without it the estimator stays ``"auto"``. Resolving resolved settings
+    returns them unchanged.
+    """
+    from .methods import method_spec  # the registry: method names and what each needs
+
+    if not isinstance(settings, QuantizeSettings):
+        raise InvalidTypeError(f"settings must be a hiquant.QuantizeSettings, got "
+                               f"{type(settings).__name__}")
+    s = settings
+    spec = method_spec(s.method)
+    ch: dict = {}
+    wbits = check_bits(s.wbits, "wbits")
+    if spec.allocation == "none":
+        hbits = wbits  # no high-impact part
+        if s.hbits is not None and s.hbits != wbits:
+            raise InvalidArgumentError(f"method {s.method!r} has no high-impact columns; leave "
+                                       "hbits unset")
+    elif spec.fp16_high:
+        hbits = FP16_BITS
+        if s.hbits not in (None, FP16_BITS):
+            raise InvalidArgumentError("fp16-retention keeps its high-impact columns in FP16; "
+                                       "leave hbits unset")
+    elif s.hbits is None:
+        hbits = default_high_bits(wbits)
+    else:
+        hbits = check_bits(s.hbits, "hbits", allow_fp16=True)
+        if hbits <= wbits:
+            raise InvalidArgumentError(f"hbits ({hbits}) must be wider than wbits ({wbits}): the "
+                                       "high-impact columns get the moderate width")
+    ch.update(wbits=wbits, hbits=hbits, group_size=check_group_size(s.group_size))
+
+    _choice(s.quantizer, "quantizer", QUANTIZERS, auto=True)
+    kind = spec.quantizer if s.quantizer == "auto" else s.quantizer
+    if s.quantizer != "auto" and kind != spec.quantizer and spec.allocation != "none" \
+            and kind not in ("rtn", "lwc", "hybrid"):
+        # gptq/adaround ignore high-impact columns: an ablation of hiq's plans with them would
+        # silently drop the plans
+        raise InvalidArgumentError(f"quantizer {kind!r} cannot store the high-impact columns of "
+                                   f"method {s.method!r}; use rtn, lwc or hybrid")
+    scale_bits = s.scale_bits
+    if scale_bits == "auto":
+        scale_bits = 6 if spec.allocation != "none" and kind != "gptq" else 16
+    scale_bits = check_scale_bits(scale_bits)
+    if scale_bits != 16 and kind == "gptq":
+        raise InvalidArgumentError("gptq forms its group scales as the column sweep reaches "
+                                   "them and stores them as float16; use scale_bits=16")
+    ch["scale_bits"] = scale_bits
+
+    objective = s.objective
+    _choice(objective, "objective", OBJECTIVES, auto=True)
+    if objective == "auto":
+        objective = "refine" if kind in ("lwc", "hybrid") else "layer"
+    if objective != "layer" and kind not in ("lwc", "hybrid"):
+        raise InvalidArgumentError(f"objective={objective!r} applies to the lwc and hybrid "
+                                   f"quantizers (lwc, fixed-ratio, fp16-retention, hiq), not "
+                                   f"{kind!r}")
+    ch["objective"] = objective
+    _choice(s.refine_order, "refine_order", REFINE_ORDERS)
+    _choice(s.block_lr_schedule, "block_lr_schedule", LWC_SCHEDULES)
+    # the low part's grid is final before its codes are chosen (not in the block objective, which
+    # learns codes and grid together, nor after adaround-first's block pass)
+    grid_final = kind in ("lwc", "hybrid") and (
+        objective == "layer" or (objective == "refine" and s.refine_order == "lwc-first"))
+    low_rounding = s.low_rounding
+    _choice(low_rounding, "low_rounding", LOW_ROUNDINGS, auto=True)
+    if low_rounding == "auto":
+        low_rounding = "gptq" if kind == "hybrid" and grid_final else "nearest"
+    if low_rounding == "gptq" and not grid_final:
+        raise InvalidArgumentError(
+            "low_rounding='gptq' chooses the codes of an LWC low part on its final grid: it "
+            "applies to the lwc and hybrid quantizers with objective layer or refine "
+            f"(refine_order lwc-first), not quantizer {kind!r} with objective {objective!r}"
+            + (f", refine_order {s.refine_order!r}" if objective == "refine" else "")
+            + "; pass low_rounding='nearest'")
+    ch["low_rounding"] = low_rounding
+
+    for name in ("n_calib", "calib_batch", "block_epochs", "block_batch", "m_windows",
+                 "eval_windows", "gptq_blocksize"):
+        _positive_int(s, name)
+    for name in ("seqlen", "eval_seqlen"):
+        _positive_int(s, name, 2)
+    for name in ("lwc_iters", "adaround_iters", "seed"):
+        _positive_int(s, name, 0)
+    if s.n_threads is not None:
+        _positive_int(s, "n_threads")
+    for name in ("lwc_lr", "adaround_lr", "gptq_percdamp"):
+        _positive_float(getattr(s, name), name)
+    _positive_float(s.block_lr, "block_lr", allow_none=True)
+    _positive_float(s.avg_bits, "avg_bits", allow_none=True)
+    if s.ratio is not None:
+        if isinstance(s.ratio, bool) or not isinstance(s.ratio, (int, float, np.floating)):
+            raise InvalidTypeError(f"ratio must be a number, got {type(s.ratio).__name__}")
+        if not 0.0 <= s.ratio <= 1.0:
+            raise InvalidArgumentError(f"ratio must be in [0, 1], got {s.ratio}")
+    try:
+        candidates = tuple(float(c) for c in s.candidates)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"candidates must be numbers in [0, 1], got "
+                                   f"{s.candidates!r}") from None
+    if not candidates or any(not (0.0 <= c <= 1.0) for c in candidates):
+        raise InvalidArgumentError(f"candidate ratios must be in [0, 1], got {s.candidates}")
+    ch["candidates"] = candidates
+    if spec.allocation == "iqp" and s.avg_bits is None:
+        raise InvalidArgumentError(f"method {s.method!r} needs a budget: pass avg_bits "
+                                   "(e.g. 2.3)")
+
+    estimator = s.estimator
+    _choice(estimator, "estimator", ESTIMATORS, auto=True)
+    if estimator == "auto" and n_weights is not None:
+        estimator = "diagonal" if 4 * n_weights <= DIAGONAL_AUTO_BYTES else "fisher"
+    ch["estimator"] = estimator
+    return dataclasses.replace(s, **ch)
