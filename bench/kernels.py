@@ -17,7 +17,7 @@ On one layer (default 1024 x 4096, 4,096 calibration tokens; H = X^T X):
 
     python bench/kernels.py [--quick] [--threads N] [--order]
 
-``--order`` also runs the sequential-vs-joint measurement behind hiquant.hybrid's choice (needs
+``--order`` also runs the sequential-vs-joint measurement behind hiquant.methods.hybrid's choice (needs
 ../shared/bench/llama-bench; skipped without it).
 """
 
@@ -205,7 +205,8 @@ def run_order_study() -> dict | None:
     if not os.path.isdir(model_dir):
         print("--order: ../shared/bench/llama-bench not found, skipped")
         return None
-    from hiquant import calib, hybrid
+    from hiquant import calib
+    from hiquant.methods import hybrid
     from hiquant.model import load_model
     m = load_model(model_dir)
     win, _ = calib.calibration_windows(m.tokenizer, os.path.join(root, "corpus", "calib.txt"), 64, 512, 0)

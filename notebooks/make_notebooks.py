@@ -24,7 +24,8 @@ from hiquant.datasets import embedded_model_path, embedded_calib_path, embedded_
 from hiquant.model import load_model
 from hiquant.calib import calibration_windows
 from hiquant.stats import collect_stats
-from hiquant.pipeline import quantize, QuantizeSettings
+from hiquant import quantize, QuantizeSettings
+from hiquant.config import resolve
 from hiquant import plots
 %matplotlib inline
 model = load_model(embedded_model_path())
@@ -47,8 +48,8 @@ sm = allocate.sensitivity_matrix(model, windows, estimator="fisher", fisher_col=
                                  b_low=2, b_high=3, group_size=64, n_windows=16)
 alloc = allocate.allocate(shapes, stats.fisher_col, sm, avg_bits=2.45)
 print(alloc.result.status, f"avg bits {alloc.avg_bits:.4f}", f"gap {alloc.result.gap:.2e}")
-fixed = QuantizeSettings(method="fixed-ratio", wbits=2, group_size=64).resolved()
-from hiquant.pipeline import uniform_ratio_for_budget
+fixed = resolve(QuantizeSettings(method="fixed-ratio", wbits=2, group_size=64))
+from hiquant.allocate import uniform_ratio_for_budget
 r_fixed = uniform_ratio_for_budget(shapes, fixed, alloc.budget_bits)
 fig = plots.plot_fisher_and_ratios(names, stats.fisher_col, alloc.ratios, fixed_ratio=r_fixed)"""),
     ("md", "## 3. Quantize with several methods\n\nEvery method runs through the same pipeline; `avg_bits` "
@@ -88,7 +89,7 @@ forward passes over the calibration windows and by the LWC/AdaRound iterations."
 import hiquant
 from hiquant.datasets import embedded_model_path, embedded_calib_path, embedded_test_path
 from hiquant.model import load_model
-from hiquant.pipeline import quantize
+from hiquant import quantize
 MODEL_DIR = os.environ.get("HIQUANT_MODEL", str(embedded_model_path()))
 CALIB = os.environ.get("HIQUANT_CALIB", str(embedded_calib_path()))
 TEST = os.environ.get("HIQUANT_TEST", str(embedded_test_path()))

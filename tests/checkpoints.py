@@ -268,7 +268,7 @@ def _rope(x, inv):
 def reference_logits(cfg: dict, weights: dict, ids: np.ndarray) -> np.ndarray:
     """Naive float64 forward: loops over sequences, layers and heads."""
     W = {n: a.astype(np.float64) for n, a in weights.items()}
-    D, H, K = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    _D, H, K = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd, eps = _hd(cfg), cfg["rms_norm_eps"]
     inv = reference_inv_freq(cfg)
     qk_norm = cfg["architectures"][0] == "Qwen3ForCausalLM"

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tolerances import F32_ATOL, F32_RTOL, FD_RTOL, REDUCE_ATOL, REDUCE_RTOL
 
 import hiquant
 from hiquant import learners as K
+from hiquant import quantizer as qz
 from hiquant._reference import adaround as ref
 from hiquant._reference import lwc as ref_lwc
 from hiquant.storage import QuantPart
-from hiquant import quantizer as qz
+from tolerances import F32_ATOL, F32_RTOL, FD_RTOL, REDUCE_ATOL, REDUCE_RTOL
 
 CASES = [(2, 32), (3, 64), (4, None), (3, 48)]
 
@@ -26,7 +26,8 @@ def _layer(rows=20, cols=112, seed=0):
 
 def _gram(cols, tokens=300, seed=1):
     rng = np.random.default_rng(seed)
-    X = rng.standard_normal((tokens, cols)) @ (np.eye(cols) + 0.2 * rng.standard_normal((cols, cols)) / np.sqrt(cols))
+    X = rng.standard_normal((tokens, cols))  # drawn first, then the mixing matrix
+    X = X @ (np.eye(cols) + 0.2 * rng.standard_normal((cols, cols)) / np.sqrt(cols))
     return X, X.T @ X
 
 
@@ -219,10 +220,12 @@ def test_adaround_with_given_scales_equals_the_default_when_given_its_own():
     np.testing.assert_array_equal(ea.zero, eb.zero)
     from hiquant.storage import scale8
     s8 = np.ascontiguousarray(scale8(s)[0])
-    c = K.AdaRound(W, 3, 32, scale=s8)
+    c = K.AdaRound(W, 3, 32, scale_bits=8)  # 8-bit storage: learned on its double-quantized scales
     np.testing.assert_array_equal(c.export().scale_f32(), s8)
     ex = c.export()
     np.testing.assert_array_equal(ex.wq, qz.dequantize(ex.codes, s8, ex.zero, 3, 32))
+    d = K.AdaRound(W, 3, 32, scale=s8)  # float16 storage: given scales are rounded as stored
+    np.testing.assert_array_equal(d.export().scale_f32(), s8.astype(np.float16).astype(np.float32))
     with pytest.raises(ValueError, match="scale must have shape"):
         K.AdaRound(W, 3, 32, scale=np.ones((20, 2), np.float32))
     with pytest.raises(hiquant.NumericalError, match="positive"):

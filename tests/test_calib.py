@@ -9,8 +9,15 @@ import random
 import numpy as np
 import pytest
 
-from hiquant.calib import (calibration_windows, leading_windows, load_jsonl_text, load_text,
-                           load_wikitext2, sample_windows, tokenize_text)
+from hiquant.calib import (
+    calibration_windows,
+    leading_windows,
+    load_jsonl_text,
+    load_text,
+    load_wikitext2,
+    sample_windows,
+    tokenize_text,
+)
 from hiquant.errors import InvalidArgumentError, InvalidTypeError
 from hiquant.model import load_model
 

@@ -18,7 +18,8 @@ def _layer(rows, cols, tokens, seed=0, dead=()):
     """A typical layer: small weights, correlated inputs with a few outlier channels."""
     rng = np.random.default_rng(seed)
     W = (rng.standard_normal((rows, cols)) * 0.04).astype(np.float32)
-    X = rng.standard_normal((tokens, cols)) @ (np.eye(cols) + 0.3 * rng.standard_normal((cols, cols)) / np.sqrt(cols))
+    X = rng.standard_normal((tokens, cols))  # drawn first, then the mixing matrix
+    X = X @ (np.eye(cols) + 0.3 * rng.standard_normal((cols, cols)) / np.sqrt(cols))
     X[:, rng.choice(cols, 3, replace=False)] *= 12
     X[:, list(dead)] = 0.0
     return W, X.T @ X

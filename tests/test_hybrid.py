@@ -8,25 +8,25 @@ import os
 import signal
 import threading
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from tolerances import FD_RTOL, REDUCE_ATOL, REDUCE_RTOL
 
 import hiquant
 from hiquant import blockwise
-from hiquant.methods import hybrid
 from hiquant import learners as K
 from hiquant._reference import lwc as ref
-from hiquant.storage import QuantizedLayer
 from hiquant.allocate import LayerPlan
+from hiquant.methods import hybrid
+from hiquant.storage import QuantizedLayer
+from tolerances import FD_RTOL, REDUCE_ATOL, REDUCE_RTOL
 
 
 def _problem(rows=48, cols=160, tokens=500, seed=0):
     rng = np.random.default_rng(seed)
     W = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
-    X = rng.standard_normal((tokens, cols)) @ (np.eye(cols) + 0.3 * rng.standard_normal((cols, cols)) / np.sqrt(cols))
+    X = rng.standard_normal((tokens, cols))  # drawn first, then the mixing matrix
+    X = X @ (np.eye(cols) + 0.3 * rng.standard_normal((cols, cols)) / np.sqrt(cols))
     X[:, rng.choice(cols, 4, replace=False)] *= 8
     return W, X, X.T @ X
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tolerances import F32_ATOL, F32_RTOL, FD_RTOL, REDUCE_ATOL, REDUCE_RTOL
 
 import hiquant
 from hiquant import learners as K
 from hiquant import quantizer as qz
 from hiquant._reference import lwc as ref
 from hiquant.storage import QuantPart
+from tolerances import F32_ATOL, F32_RTOL, FD_RTOL, REDUCE_ATOL, REDUCE_RTOL
 
 CASES = [(2, 32), (3, 64), (4, None), (3, 48)]  # (bits, group_size); 48 leaves a ragged group
 
@@ -25,7 +25,8 @@ def _layer(rows=24, cols=136, seed=0):
 
 def _gram(cols, tokens=400, seed=1):
     rng = np.random.default_rng(seed)
-    X = rng.standard_normal((tokens, cols)) @ (np.eye(cols) + 0.2 * rng.standard_normal((cols, cols)) / np.sqrt(cols))
+    X = rng.standard_normal((tokens, cols))  # drawn first, then the mixing matrix
+    X = X @ (np.eye(cols) + 0.2 * rng.standard_normal((cols, cols)) / np.sqrt(cols))
     return X, X.T @ X
 
 

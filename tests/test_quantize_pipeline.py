@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import hiquant
-from hiquant.datasets import embedded_calib_path, embedded_model_path, embedded_test_path
-from hiquant.model import load_model
 from hiquant.allocate import high_columns, uniform_ratio_for_budget
 from hiquant.config import QuantizeSettings, resolve
+from hiquant.datasets import embedded_calib_path, embedded_model_path, embedded_test_path
+from hiquant.model import load_model
 from hiquant.pipeline import quantize
 
 FAST = dict(n_calib=8, seqlen=128, eval_seqlen=128, eval_windows=8, lwc_iters=50, adaround_iters=100)
@@ -72,7 +72,8 @@ def test_rtn_run_reports_exact_bits_and_its_export_reloads_identically(model, tm
     assert ppl == pytest.approx(rep.ppl, rel=2e-3)  # fp16 storage of the dequantized weights
 
 
-def test_hiq_with_8bit_scales_fits_its_budget_and_reloads_identically_in_both_packed_versions(model, tmp_path):
+def test_hiq_with_8bit_scales_fits_its_budget_and_reloads_identically_in_both_packed_versions(
+        model, tmp_path):
     """scale_bits=8: allocation, the layers and the packed export count the same bits; the
     packed folder reloads to exactly the evaluated weights."""
     out = tmp_path / "run8"
@@ -91,6 +92,7 @@ def test_hiq_with_8bit_scales_fits_its_budget_and_reloads_identically_in_both_pa
     # The same folder re-expressed in packed format version 1 (a super-scale per row: each
     # block's super-scale repeated over its rows, same codes) loads to the same weights.
     import shutil
+
     from safetensors.numpy import load_file, save_file
     v1 = tmp_path / "v1"
     shutil.copytree(out / "packed", v1)
@@ -125,8 +127,9 @@ def test_hiq_with_6bit_scales_buys_more_high_columns_and_its_packed_file_holds_t
                    export="packed", **kw)
     assert rep.avg_bits <= 2.35 and rep.settings["scale_bits"] == 6
     assert sum(L["k"] for L in rep.layers) > sum(L["k"] for L in rep8.layers)
-    from hiquant.packed import load_packed
     from safetensors.numpy import load_file
+
+    from hiquant.packed import load_packed
     cfg = json.loads((out / "packed" / "quantization_config.json").read_text())
     assert {e["scale_bits"] for e in cfg["layers"].values()} == {6}
     tensors = load_file(str(out / "packed" / "model.safetensors"))
@@ -170,8 +173,10 @@ def test_existing_output_is_never_overwritten_unless_asked(model, tmp_path):
 
 
 def test_same_seed_gives_identical_reports(model):
-    a = quantize(embedded_model_path(), embedded_calib_path(), method="rtn", model=model, progress=False, **FAST)
-    b = quantize(embedded_model_path(), embedded_calib_path(), method="rtn", model=model, progress=False, **FAST)
+    a = quantize(embedded_model_path(), embedded_calib_path(), method="rtn", model=model,
+                 progress=False, **FAST)
+    b = quantize(embedded_model_path(), embedded_calib_path(), method="rtn", model=model,
+                 progress=False, **FAST)
     assert a.layers == b.layers and a.avg_bits == b.avg_bits
 
 
@@ -181,7 +186,8 @@ def test_bad_settings_raise_clear_errors(model):
     with pytest.raises(ValueError, match="wbits"):
         quantize(embedded_model_path(), embedded_calib_path(), method="rtn", wbits=5, model=model)
     with pytest.raises(ValueError, match="needs a budget"):
-        quantize(embedded_model_path(), embedded_calib_path(), method="hiq", model=model, progress=False, **FAST)
+        quantize(embedded_model_path(), embedded_calib_path(), method="hiq", model=model,
+                 progress=False, **FAST)
 
 
 @pytest.mark.parametrize("method,extra", [("hiq", dict(avg_bits=2.6, estimator="fisher")),

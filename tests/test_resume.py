@@ -62,6 +62,7 @@ def test_a_kill_between_the_hidden_states_and_meta_json_resumes_from_the_previou
     """The hidden states are written before meta.json; they are named by the block count they
     follow, so states written for a block whose meta.json never landed are not picked up."""
     import numpy as np
+
     from hiquant.progress import ProgressState
     st = ProgressState(tmp_path / "p", "key", resume=False)
     h1, h1_fp = np.full((2, 3), 1.0, np.float32), np.full((2, 3), -1.0, np.float32)

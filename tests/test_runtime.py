@@ -228,3 +228,32 @@ def test_source_tensors_list_every_stored_tensor_with_its_bytes(tiny_llama):
         a = stored[t.name]
         assert t.shape == a.shape and t.dtype == "F32"
         assert bytes(t.read()) == a.tobytes()
+
+
+# ------------------------------------------------------------------------------ the worker pool
+
+
+def test_map_ordered_keeps_item_order_for_any_worker_count():
+    from hiquant._threads import map_ordered
+    for nt in (1, 2, 4):
+        assert map_ordered(lambda x: x * x, range(9), nt) == [x * x for x in range(9)]
+
+
+def test_map_ordered_calls_on_error_then_reraises_the_first_failure():
+    import threading
+    import time
+
+    from hiquant._threads import map_ordered
+    release = threading.Event()
+    calls = []
+
+    def fn(x):
+        if x == 0:
+            raise KeyError("item 0")
+        release.wait(10)  # item 1 waits on item 0, as the statistics' turnstiles do
+        return x
+
+    t0 = time.perf_counter()
+    with pytest.raises(KeyError, match="item 0"):
+        map_ordered(fn, [0, 1], 2, on_error=lambda: (calls.append(1), release.set()))
+    assert calls == [1] and time.perf_counter() - t0 < 5  # the waiting worker was released

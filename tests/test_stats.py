@@ -13,8 +13,14 @@ from hiquant import _core
 from hiquant._reference import stats as ref
 from hiquant.errors import HiquantError, InvalidArgumentError, NumericalError
 from hiquant.model import load_model
-from hiquant.stats import (CalibStats, collect_stats, fisher_accumulate, gram_accumulate,
-                           load_or_collect, stats_key)
+from hiquant.stats import (
+    CalibStats,
+    collect_stats,
+    fisher_accumulate,
+    gram_accumulate,
+    load_or_collect,
+    stats_key,
+)
 from tolerances import REDUCE_ATOL, REDUCE_RTOL
 
 

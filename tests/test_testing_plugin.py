@@ -21,7 +21,8 @@ def test_plugin_runs_a_parametrized_grid_and_writes_the_summary(pytester):
     """)
     result = pytester.runpytest_inprocess("-p", "hiquant.testing", "--hiquant-summary", "out/summary", "-q")
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["*hiquant results*", "*| 3 | tiny-llama | rtn | 3 |*", "*| 4 | tiny-llama | rtn | 4 |*"])
+    result.stdout.fnmatch_lines(["*hiquant results*", "*| 3 | tiny-llama | rtn | 3 |*",
+                                 "*| 4 | tiny-llama | rtn | 4 |*"])
     rows = json.loads((pytester.path / "out" / "summary.json").read_text())
     assert [r["wbits"] for r in rows] == [3, 4]
     assert rows[0]["avg_bits"] > rows[0]["wbits"]  # exact storage includes the scales

@@ -46,21 +46,30 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False):
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file via a temporary sibling and os.replace."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike):
+    """Yield a temporary sibling path to write; on success it is made durable and replaces
+    ``path`` (os.replace), so readers see the old file or the complete new one, never a part.
+    On any error (or Ctrl-C) the temporary file is removed."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

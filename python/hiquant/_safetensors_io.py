@@ -47,7 +47,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes); re-download or re-export it")
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes); "
+                                      "re-download or re-export it")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
                 raise CheckpointError(f"{path}: header length {n} does not fit in the file ({size} bytes); "
@@ -88,7 +89,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
     spans.sort()
     for (a0, b0, n0), (a1, b1, n1) in zip(spans, spans[1:]):
         if a1 < b0:
-            raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data section; the file is corrupt")
+            raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data section; "
+                                  "the file is corrupt")
     return infos, meta, data_start
 
 

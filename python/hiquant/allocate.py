@@ -40,9 +40,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from . import _core
-from .config import DEFAULT_CANDIDATES, ESTIMATORS
 from ._threads import resolve_n_threads
-from .errors import InfeasibleBudgetError, InvalidArgumentError, NumericalError
+from .config import DEFAULT_CANDIDATES, ESTIMATORS, HIGH_BITS, WEIGHT_BITS, check_group_size
+from .errors import InfeasibleBudgetError, InvalidArgumentError, InvalidTypeError, NumericalError
 from .storage import QuantizedLayer, storage_bits
 
 __all__ = [
@@ -90,19 +90,14 @@ def _bits(v, name: str, allowed) -> int:
 
 
 def _group(v) -> int:
-    if v is None:
-        return 0
-    if not _is_int(v) or v < -1:
-        raise InvalidArgumentError(f"group_size must be a positive int, or 0 / -1 / None for one "
-                                   f"group per output row; got {v!r}")
-    return int(v)
+    return check_group_size(v)
 
 
 def _candidates(c) -> tuple:
     try:
         vals = tuple(float(x) for x in c)
     except TypeError:
-        raise TypeError(f"candidates must be a sequence of ratios, got {type(c).__name__}") from None
+        raise InvalidTypeError(f"candidates must be a sequence of ratios, got {type(c).__name__}") from None
     if not vals:
         raise InvalidArgumentError("candidates is empty; pass at least one ratio in [0, 1]")
     for x in vals:
@@ -138,7 +133,7 @@ def high_columns(fisher_col: np.ndarray, k: int) -> np.ndarray:
         raise InvalidArgumentError(f"fisher_col must be a non-empty 1-D array of column scores, "
                                    f"got shape {s.shape}")
     if not np.issubdtype(s.dtype, np.number) or np.iscomplexobj(s):
-        raise TypeError(f"fisher_col must hold real numbers, got dtype {s.dtype}")
+        raise InvalidTypeError(f"fisher_col must hold real numbers, got dtype {s.dtype}")
     s = s.astype(np.float64, copy=False)
     if not np.all(np.isfinite(s)):
         raise NumericalError("fisher_col contains NaN or Inf; recompute the Fisher statistics")
@@ -169,8 +164,8 @@ def layer_cost_bits(d_out: int, d_in: int, k: int, b_low: int, b_high: int,
     d_in = _pos_int(d_in, "d_in")
     if not _is_int(k) or not 0 <= k <= d_in:
         raise InvalidArgumentError(f"k must be an integer in [0, d_in = {d_in}], got {k!r}")
-    b_low = _bits(b_low, "b_low", range(1, 9))
-    b_high = _bits(b_high, "b_high", set(range(1, 9)) | {16})
+    b_low = _bits(b_low, "b_low", WEIGHT_BITS)
+    b_high = _bits(b_high, "b_high", HIGH_BITS)
     return storage_bits(d_out, d_in, int(k), b_low, b_high, _group(group_size), scale_bits)
 
 
@@ -245,11 +240,11 @@ class IQPResult:
 
 def _as_M(M, L: int, K: int) -> np.ndarray:
     if not isinstance(M, np.ndarray):
-        raise TypeError(f"M must be a numpy.ndarray of float64, got {type(M).__name__}")
+        raise InvalidTypeError(f"M must be a numpy.ndarray of float64, got {type(M).__name__}")
     if M.dtype == np.float32:  # lossless, and said here rather than done silently in C++
         M = M.astype(np.float64)
     if M.dtype != np.float64:
-        raise TypeError(f"M must have dtype float64, got {M.dtype}; convert it with "
+        raise InvalidTypeError(f"M must have dtype float64, got {M.dtype}; convert it with "
                         "M.astype(numpy.float64)")
     n = L * K
     if M.shape != (n, n):
@@ -276,7 +271,7 @@ def _as_costs(costs) -> np.ndarray:
             raise InvalidArgumentError("costs exceed the int64 range")
         c = c.astype(np.int64)
     else:
-        raise TypeError(f"costs must be an integer array of bit counts, got dtype {c.dtype}")
+        raise InvalidTypeError(f"costs must be an integer array of bit counts, got dtype {c.dtype}")
     if np.any(c < 0):
         raise InvalidArgumentError("costs must be >= 0 (bit counts)")
     return np.ascontiguousarray(c)
@@ -284,7 +279,7 @@ def _as_costs(costs) -> np.ndarray:
 
 def _as_budget(b, name="budget_bits") -> int:
     if isinstance(b, bool) or not isinstance(b, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number of bits, got {type(b).__name__}")
+        raise InvalidTypeError(f"{name} must be a number of bits, got {type(b).__name__}")
     if isinstance(b, (float, np.floating)):
         if not math.isfinite(b):
             raise NumericalError(f"{name} is {b}; pass a finite number of bits")
@@ -463,8 +458,8 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
     if estimator not in ESTIMATORS:
         raise InvalidArgumentError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     cand = _candidates(candidates)
-    b_low = _bits(b_low, "b_low", range(2, 9))
-    b_high = _bits(b_high, "b_high", set(range(2, 9)) | {16})
+    b_low = _bits(b_low, "b_low", WEIGHT_BITS)
+    b_high = _bits(b_high, "b_high", HIGH_BITS)
     g = _group(group_size)
     names, blocks = _model_layers(model, names)
     K, L = len(cand), len(names)
@@ -739,8 +734,8 @@ def allocate(shapes, fisher_col: Mapping, M, *, avg_bits: float | None = None,
     else:
         Mx = M
     cand = _candidates(DEFAULT_CANDIDATES if candidates is None else candidates)
-    b_low = _bits(2 if b_low is None else b_low, "b_low", range(1, 9))
-    b_high = _bits(3 if b_high is None else b_high, "b_high", set(range(1, 9)) | {16})
+    b_low = _bits(2 if b_low is None else b_low, "b_low", WEIGHT_BITS)
+    b_high = _bits(3 if b_high is None else b_high, "b_high", HIGH_BITS)
     g = _group(64 if group_size is None else group_size)
     if on_infeasible not in ("raise", "cheapest"):
         raise InvalidArgumentError(f"on_infeasible must be 'raise' or 'cheapest', got {on_infeasible!r}")
@@ -760,7 +755,7 @@ def allocate(shapes, fisher_col: Mapping, M, *, avg_bits: float | None = None,
                                    "total_bits")
     if avg_bits is not None:
         if isinstance(avg_bits, bool) or not isinstance(avg_bits, (int, float, np.integer, np.floating)):
-            raise TypeError(f"avg_bits must be a number, got {type(avg_bits).__name__}")
+            raise InvalidTypeError(f"avg_bits must be a number, got {type(avg_bits).__name__}")
         if not math.isfinite(avg_bits):
             raise NumericalError(f"avg_bits is {avg_bits}; pass a finite number")
         if avg_bits <= 0:
@@ -884,7 +879,9 @@ def plan_layers(settings, shapes: dict, *, fisher_col: Mapping | None = None,
             raise InvalidArgumentError(f"method {s.method!r} allocates with the IQP: pass the "
                                        "sensitivity matrix")
         allocation = allocate(shapes, fisher_col, sensitivity, avg_bits=s.avg_bits,
-                              scale_bits=s.scale_bits, n_threads=s.n_threads)
+                              candidates=s.candidates, b_low=s.wbits, b_high=s.hbits,
+                              group_size=s.group_size, scale_bits=s.scale_bits,
+                              n_threads=s.n_threads)
         return ({la.name: LayerPlan(la.k, la.high_idx, s.wbits, s.hbits, s.group_size,
                                     float(la.ratio)) for la in allocation.layers}, allocation)
     plans = {}

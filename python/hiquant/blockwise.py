@@ -27,8 +27,15 @@ from ._threads import map_ordered, resolve_n_threads
 from .allocate import LayerPlan
 from .config import LWC_SCHEDULES, check_bits, check_scale_bits
 from .errors import InvalidArgumentError, NumericalError
-from .methods.hybrid import (HybridResult, check_high_idx, check_iters, check_weight,
-                             layer_options, low_columns, quantize_layer)
+from .methods.hybrid import (
+    HybridResult,
+    check_high_idx,
+    check_iters,
+    check_weight,
+    layer_options,
+    low_columns,
+    quantize_layer,
+)
 from .storage import QuantPart
 
 __all__ = ["quantize_block", "refine_block", "block_pass", "block_outputs", "block_loss",
@@ -129,7 +136,8 @@ def quantize_block(model, i: int, inputs: np.ndarray, plans: dict, *,
         raise InvalidArgumentError(f"plans has no entry for {missing}; pass one plan per linear")
     if not isinstance(inputs, np.ndarray) or inputs.ndim != 3:
         raise InvalidArgumentError("inputs must be a (n, seqlen, hidden) numpy array")
-    lwc_iters, adaround_iters = check_iters(lwc_iters, "lwc_iters"), check_iters(adaround_iters, "adaround_iters")
+    lwc_iters = check_iters(lwc_iters, "lwc_iters")
+    adaround_iters = check_iters(adaround_iters, "adaround_iters")
     if lwc_schedule not in LWC_SCHEDULES:
         raise InvalidArgumentError(f"lwc_schedule must be one of {', '.join(LWC_SCHEDULES)}, got "
                                    f"{lwc_schedule!r}")

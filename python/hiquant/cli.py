@@ -44,10 +44,8 @@ def _emit(result: dict) -> None:
 
 def cmd_eval(args) -> int:
     """Perplexity of a checkpoint on a text file (reference protocol)."""
-    from .evaluate import perplexity
     from .calib import load_text, tokenize_text
-    from .model import load_model
-
+    from .evaluate import perplexity
     from .packed import open_checkpoint
 
     threads = _apply_threads(args.threads)
@@ -133,8 +131,8 @@ def _settings_from_args(args):
 
 def cmd_quantize(args) -> int:
     """Quantize a checkpoint; the last stdout line is the run's JSON summary."""
-    from .pipeline import quantize
     from . import _threads
+    from .pipeline import quantize
     if args.threads:
         _threads.set_num_threads(args.threads)
     s = _settings_from_args(args)
@@ -161,6 +159,7 @@ def cmd_inspect(args) -> int:
     """Per-layer Fisher column scores (and, for a hiquant output folder, the chosen ratios),
     with a PNG plot."""
     import numpy as np
+
     from .calib import calibration_windows
     from .model import load_model
     from .stats import collect_stats
@@ -191,11 +190,12 @@ def cmd_inspect(args) -> int:
 
 def cmd_demo(args) -> int:
     """Quantize the embedded model with hiq and the baselines and print the table."""
+    from .calib import load_text, tokenize_text
+    from .config import QuantizeSettings, resolve
     from .datasets import embedded_calib_path, embedded_model_path, embedded_test_path
     from .evaluate import perplexity
-    from .calib import load_text, tokenize_text
+    from .methods import METHODS
     from .model import load_model
-    from .config import QuantizeSettings, resolve
     from .pipeline import quantize
 
     model = load_model(embedded_model_path())
@@ -217,17 +217,14 @@ def cmd_demo(args) -> int:
         print(f"hiquant demo: budget {args.avg_bits} bits per weight (W{args.wbits} g{args.group} "
               f"with {scale_bits}-bit scales costs {base:.3f})", file=sys.stderr)
     for m in methods:
-        # 200 LWC / 500 AdaRound steps and the layer-wise objective: on this 1 M-parameter model
-        # with 16 k calibration tokens the pipeline defaults (1000 / 5000 and the block-wise
-        # refinement, measured better on llama-bench) fit the calibration set too closely
-        # (measured: hiq 42.0 -> 48.2 and lwc 43.0 -> 45.4 with 1000 / 5000; with refine at
-        # 200 / 500, hiq 44.4 and lwc 46.0). So do GPTQ's codes on the low part's grid
-        # (low_rounding, 8.76 vs 9.17 on llama-bench): hiq 42.7 against 41.2 with nearest here.
+        # the demo's model is tiny (1 M parameters, 16 k calibration tokens): fewer LWC /
+        # AdaRound steps, the layer-wise objective and nearest low codes, chosen because the
+        # pipeline's defaults fit so small a calibration set too closely (bench/RESULTS.md)
         s = QuantizeSettings(method=m, wbits=args.wbits, group_size=args.group, seqlen=seqlen,
                              lwc_iters=200, adaround_iters=500, objective="layer",
                              low_rounding="nearest",
                              n_calib=args.n_calib, eval_seqlen=seqlen, eval_windows=args.windows,
-                             avg_bits=args.avg_bits if m in ("hiq", "fixed-ratio", "fp16-retention") else None)
+                             avg_bits=args.avg_bits if METHODS[m].allocation != "none" else None)
         t0 = time.perf_counter()
         rep = quantize(embedded_model_path(), embedded_calib_path(), settings=s, model=model,
                        eval_text=embedded_test_path(), progress=False)
@@ -242,8 +239,16 @@ def cmd_demo(args) -> int:
 
 
 def _add_pipeline_commands(sub) -> None:
-    from .config import (DEFAULT_CANDIDATES, ESTIMATORS, EXPORTS, LOW_ROUNDINGS, LWC_SCHEDULES,
-                         OBJECTIVES, REFINE_ORDERS, SCALE_BITS)
+    from .config import (
+        DEFAULT_CANDIDATES,
+        ESTIMATORS,
+        EXPORTS,
+        LOW_ROUNDINGS,
+        LWC_SCHEDULES,
+        OBJECTIVES,
+        REFINE_ORDERS,
+        SCALE_BITS,
+    )
     from .methods import METHODS
 
     p = sub.add_parser("quantize", help="quantize a checkpoint", description=cmd_quantize.__doc__)
@@ -251,7 +256,8 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--calib", required=True, help="calibration text file")
     p.add_argument("--method", default="hiq", choices=tuple(METHODS))
     p.add_argument("--wbits", type=int, default=2, help="low bit width b_L")
-    p.add_argument("--hbits", type=int, default=None, help="high-impact width b_H (default wbits+1; 16 = FP16)")
+    p.add_argument("--hbits", type=int, default=None,
+                   help="high-impact width b_H (default: the next stored width; 16 = FP16)")
     p.add_argument("--group", dest="group_size", type=int, default=64, help="group size (0: per row)")
     p.add_argument("--avg-bits", dest="avg_bits", type=float, default=None, help="bit budget per weight")
     p.add_argument("--scale-bits", dest="scale_bits", type=_scale_bits, default=None,
@@ -261,7 +267,8 @@ def _add_pipeline_commands(sub) -> None:
                         "6 for hiq, fixed-ratio and fp16-retention, 16 for the others")
     p.add_argument("--ratio", type=float, default=None, help="fixed-ratio: the ratio of every layer")
     p.add_argument("--candidates", default=None,
-                   help=f"comma-separated candidate ratios (default {','.join(map(str, DEFAULT_CANDIDATES))})")
+                   help="comma-separated candidate ratios "
+                        f"(default {','.join(map(str, DEFAULT_CANDIDATES))})")
     p.add_argument("--estimator", default=None, choices=("auto",) + ESTIMATORS,
                    help="M estimator for hiq (default auto: diagonal while the full Fisher "
                         "diagonal fits 2 GiB, i.e. up to ~0.5 B linear weights, else fisher)")

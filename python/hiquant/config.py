@@ -85,7 +85,7 @@ def check_group_size(group_size, name: str = "group_size") -> int:
     if not _is_int(group_size):
         raise InvalidTypeError(f"{name} must be an int or None, got {type(group_size).__name__}")
     g = int(group_size)
-    if g < -1:
+    if g < -1 or g >= 2**31:
         raise InvalidArgumentError(f"{name} must be a positive int, or 0 (one group per output "
                                    f"row); got {g}")
     return max(g, 0)
@@ -168,6 +168,13 @@ class QuantizeSettings:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def layer_quantizer(self) -> str:
+        """The layer quantizer that runs: ``quantizer``, or the method's own when it is "auto"
+        (recorded as "auto", which names it unambiguously)."""
+        from .methods import method_spec
+        return method_spec(self.method).quantizer if self.quantizer == "auto" else self.quantizer
+
 
 def _positive_int(s, name, minimum=1):
     v = getattr(s, name)
@@ -231,7 +238,7 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None) -> Quan
     ch.update(wbits=wbits, hbits=hbits, group_size=check_group_size(s.group_size))
 
     _choice(s.quantizer, "quantizer", QUANTIZERS, auto=True)
-    kind = spec.quantizer if s.quantizer == "auto" else s.quantizer
+    kind = s.layer_quantizer
     if s.quantizer != "auto" and kind != spec.quantizer and spec.allocation != "none" \
             and kind not in ("rtn", "lwc", "hybrid"):
         # gptq/adaround ignore high-impact columns: an ablation of hiq's plans with them would

@@ -40,7 +40,8 @@ import numpy as np
 
 from . import _core
 from ._threads import resolve_n_threads
-from .errors import InvalidArgumentError
+from .config import check_group_size
+from .errors import InvalidArgumentError, InvalidTypeError
 
 __all__ = [
     "LWC",
@@ -64,21 +65,15 @@ Progress = Optional[Callable[[int, int], None]]
 
 def _int(x, name: str) -> int:
     if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
-        from .errors import InvalidTypeError
-
         raise InvalidTypeError(f"{name} must be an int, got {type(x).__name__}")
     return int(x)
 
 
 def _group(group_size) -> int:
-    if group_size is None:
-        return 0
-    return _int(group_size, "group_size")
+    return check_group_size(group_size)
 
 
 def _float(x, name: str) -> float:
-    from .errors import InvalidArgumentError, InvalidTypeError
-
     if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
         raise InvalidTypeError(f"{name} must be a number, got {type(x).__name__}")
     x = float(x)
@@ -197,9 +192,11 @@ class AdaRound:
     ``w / scale``; soft forward ``scale * (clamp(floor(w/scale) + h(V) + zero, 0, maxq) - zero)``;
     regularizer ``lam * sum(1 - |2 h(V) - 1|**b)``; hard rounding (``V >= 0``, i.e.
     ``h >= 1/2``) in :meth:`export`. ``scale`` (float32 ``(d_out, n_groups)``, optional): use
-    these scales as given instead of min-max ones; the zero points still come from each group's
-    range. ``scale_bits`` (16, 8 or 6): the stored scale precision; with 8 or 6 the scales are
-    double-quantized before the rounding is learned, so it is learned for what is stored. ``step()`` follows :func:`adaround_schedule` over ``iters``
+    these scales (rounded through float16 when ``scale_bits`` is 16, the stored precision) instead
+    of min-max ones; the zero points still come from each group's range. ``scale_bits`` (16, 8
+    or 6): the stored scale precision; with 8 or 6 the scales are double-quantized before the
+    rounding is learned, so it is learned for what is stored. ``step()`` follows
+    :func:`adaround_schedule` over ``iters``
     steps (the regularizer is added to the caller's loss).
     """
 
@@ -221,16 +218,19 @@ class AdaRound:
             s32, code, sup = scale_codes(scale, self.scale_bits)
             scale = np.ascontiguousarray(s32)
             self._scale_codes = (code, sup)
+        elif scale is not None and isinstance(scale, np.ndarray) and scale.dtype == np.float32:
+            # float16 storage: learn the rounding on the scales as they will be stored
+            scale = np.ascontiguousarray(scale.astype(np.float16).astype(np.float32))
         self.iters = _int(iters, "iters")
         self.lam = _float(lam, "lam")
         self.warmup = _float(warmup, "warmup")
         self.b_start, self.b_end = _float(b_start, "b_start"), _float(b_end, "b_end")
         if self.iters < 0:
-            raise ValueError(f"iters must be >= 0, got {iters}")
+            raise InvalidArgumentError(f"iters must be >= 0, got {iters}")
         if not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"warmup must be a fraction in [0, 1), got {warmup}")
+            raise InvalidArgumentError(f"warmup must be a fraction in [0, 1), got {warmup}")
         if self.lam < 0 or self.b_start < 1 or self.b_end < 1:
-            raise ValueError("lam must be >= 0 and b_start, b_end >= 1")
+            raise InvalidArgumentError("lam must be >= 0 and b_start, b_end >= 1")
         self._part = _core.AdaRoundPart(W, _int(bits, "bits"), _group(group_size), self.n_threads,
                                         scale)
         self._adam = _core.Adam(self._part.n_params, _float(lr, "lr"))
@@ -314,7 +314,7 @@ class LayerwiseObjective:
         self.n_threads = resolve_n_threads(n_threads)
         self.n_tokens = _float(n_tokens, "n_tokens")
         if self.n_tokens <= 0:
-            raise ValueError(f"n_tokens must be positive, got {n_tokens}")
+            raise InvalidArgumentError(f"n_tokens must be positive, got {n_tokens}")
         self._obj = _core.LayerwiseObjective(W, H, self.n_tokens, self.n_threads)
 
     d_out = property(lambda self: self._obj.d_out)
@@ -381,14 +381,14 @@ def fit(objective: LayerwiseObjective, iters: int, *, lwc: LWC | None = None, lw
     trajectory up to float rounding, at a fraction of the cost; ``"auto"`` (default) picks
     incremental whenever it applies and its state (16 bytes x d_out x n_groups^2) fits 1 GiB."""
     if lwc_eval not in LWC_EVAL:
-        raise ValueError(f"lwc_eval must be one of {tuple(LWC_EVAL)}, got {lwc_eval!r}")
+        raise InvalidArgumentError(f"lwc_eval must be one of {tuple(LWC_EVAL)}, got {lwc_eval!r}")
     iters = _int(iters, "iters")
     if adaround is not None and iters != adaround.iters:
-        raise ValueError(f"iters ({iters}) must equal adaround.iters ({adaround.iters}): the "
+        raise InvalidArgumentError(f"iters ({iters}) must equal adaround.iters ({adaround.iters}): the "
                          "rounding schedule is laid out over the AdaRound part's iterations")
     ada_kw = dict(warmup=0.2, b_start=20.0, b_end=2.0, lam=0.0)
     if adaround is not None and adaround.t != 0:
-        raise ValueError(f"this AdaRound part has already taken {adaround.t} steps; its rounding "
+        raise InvalidArgumentError(f"this AdaRound part has already taken {adaround.t} steps; its rounding "
                          "schedule runs once, so fit it with a fresh part")
     if adaround is not None:
         ada_kw = dict(warmup=adaround.warmup, b_start=adaround.b_start, b_end=adaround.b_end,

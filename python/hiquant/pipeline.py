@@ -222,7 +222,7 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
         raise InvalidArgumentError(f"{out} already exists; choose another folder or pass "
                                    "overwrite=True")
     spec = METHODS[s.method]
-    kind = spec.quantizer if s.quantizer == "auto" else s.quantizer
+    kind = s.layer_quantizer
     timings: dict = {}
     with _Timer(timings, "load"):
         if model is None:

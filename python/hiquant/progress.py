@@ -72,13 +72,15 @@ class ProgressState:
 
     def load_block(self, b: int, layer_names, entries: dict):
         from safetensors.numpy import load_file
-        from .export import layer_from_tensors
+
+        from .packed import layer_from_tensors
         tensors = load_file(str(self.dir / f"block-{b}.safetensors"))
         return {n: layer_from_tensors(n, entries[n], tensors, where=str(self.dir)) for n in layer_names}
 
     def save_block(self, b: int, qlayers: dict, hidden: np.ndarray, plans: dict, entries: dict,
                    allocation: dict | None = None, hidden_fp: np.ndarray | None = None) -> None:
         from safetensors.numpy import save
+
         from .export import layer_tensors
         tensors = {}
         for ql in qlayers.values():

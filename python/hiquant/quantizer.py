@@ -21,6 +21,7 @@ import numpy as np
 
 from . import _core
 from ._threads import resolve_n_threads
+from .config import WEIGHT_BITS, check_group_size
 from .errors import InvalidArgumentError, InvalidTypeError
 
 __all__ = [
@@ -35,20 +36,11 @@ __all__ = [
     "PACK_BITS",
 ]
 
-PACK_BITS = (2, 3, 4, 6, 8)
+PACK_BITS = WEIGHT_BITS  # the widths pack_codes stores (hiquant.config: the one definition)
 
 
 def _group(group_size: int | None) -> int:
-    if group_size is None:
-        return 0
-    if not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool):
-        raise InvalidTypeError(
-            f"group_size must be an int or None, got {type(group_size).__name__}")
-    group_size = int(group_size)
-    if not -(2**63) <= group_size < 2**63:  # the native check names the valid range
-        raise InvalidArgumentError(f"group_size must be a positive integer, or 0 / -1 for one "
-                                   f"group per output row; got {group_size}")
-    return group_size
+    return check_group_size(group_size)
 
 
 def _bits(bits: int) -> int:

@@ -7,22 +7,10 @@
   sequence's mean next-token loss, SqueezeLLM-style), float32 ``(d_out × d_in)``, and per input
   channel ``fisher_col = F.sum(axis=0)`` in float64.
 
-Accumulation accuracy (``gram_accumulate``), measured with ``python bench/runtime.py
---gram-accuracy`` on llama-bench block-3 inputs (65,536 calibration tokens; error of each entry
-relative to ``sqrt(G_ii G_jj)``, against a float64 product; max over entries / relative
-Frobenius norm):
-
-=============================================  =================  =================
-accumulation                                   q/k/v input (384)  down input (1024)
-=============================================  =================  =================
-float32 over all 65,536 rows (one sum)         1.8e-5 / 5.7e-6    3.6e-5 / 1.9e-5
-float32 per 4,096 rows, float64 across         8.0e-7 / 2.7e-7    1.3e-6 / 5.1e-7
-float32 per 256 rows, float64 across (chosen)  4.5e-8 / 2.9e-8    8.2e-8 / 5.0e-8
-=============================================  =================  =================
-
-The chosen scheme computes in float32 (twice float64's SIMD width) yet is ~400 times more
-accurate than one float32 sum, and its error does not grow with the number of tokens (only the
-256-row chunks are summed in float32). Commit f922ef3, AMD EPYC, 2026-11-22.
+Accumulation (``gram_accumulate``): float32 products over chunks of 256 rows, chunk sums added in
+float64 — SIMD at float32 width, with an error that does not grow with the number of tokens
+(measured about 400 times below one float32 sum on llama-bench inputs, ``python bench/runtime.py
+--gram-accuracy``; the table is in bench/RESULTS.md).
 
 Collection runs each calibration window (one sequence: per-sequence gradients) on a worker
 thread with single-threaded BLAS; contributions are added to the shared accumulators in window
@@ -34,8 +22,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from . import _core
+from ._atomic import atomic_file
 from ._threads import map_ordered, resolve_n_threads
-from .errors import HiquantError, InvalidArgumentError, NumericalError
+from .errors import HiquantError, InvalidArgumentError, InvalidTypeError, NumericalError
 
 __all__ = [
     "gram_accumulate",
@@ -99,7 +86,7 @@ class CalibStats:
         return self.gram[name] * (2.0 / self.n_tokens)
 
     def save(self, path) -> Path:
-        """Write to a safetensors file atomically (temporary sibling + os.replace). Shared Gram
+        """Write to a safetensors file atomically (hiquant._atomic.atomic_file). Shared Gram
         matrices are stored once; metadata goes in the header."""
         from safetensors.numpy import save_file
 
@@ -118,20 +105,8 @@ class CalibStats:
         header = {"format": "hiquant-calib-stats", "format_version": FORMAT_VERSION,
                   "n_tokens": int(self.n_tokens), "n_sequences": int(self.n_sequences),
                   "gram_alias": alias, "meta": self.meta}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"hiquant": json.dumps(header, sort_keys=True)})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"hiquant": json.dumps(header, sort_keys=True)})
         return path
 
     @classmethod
@@ -206,7 +181,7 @@ class _Turnstile:
 
 def _check_windows(model, windows) -> np.ndarray:
     if not isinstance(windows, np.ndarray) or not np.issubdtype(windows.dtype, np.integer):
-        raise TypeError("windows must be an integer numpy.ndarray of token ids (n, seqlen), got "
+        raise InvalidTypeError("windows must be an integer numpy.ndarray of token ids (n, seqlen), got "
                         f"{type(windows).__name__}")
     if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
         raise InvalidArgumentError(f"windows must have shape (n, seqlen) with n >= 1 and "

@@ -27,15 +27,12 @@ Scales are stored in one of three precisions (``scale_bits``):
   weight codes, ``S`` = the block's largest scale / 63 rounded up): llama.cpp's k-quants store
   their sub-block scales at 6 bits for the same reason. W2 g64 drops to 2.126 bits per weight
   before any high-impact column; a scale moves by at most ``S / 2`` (a relative 0.8% for scales
-  near the block's largest, more for small ones), which the learned clipping absorbs. On
-  llama-bench hiq W2 g64 at 2.30 bits measured 9.35 with 6-bit codes against 9.53 with 8-bit.
+  near the block's largest, more for small ones), which the learned clipping absorbs.
 
   Why blocks of rows, not one super-scale per row (hiquant's packed format version 1, still read):
   a per-row float16 costs ``16 / d_in`` bits per weight and part — 0.083 bits of a 0.30-bit budget
-  at ``d_in = 384`` with both parts — while blocks of 256 codes cost 0.001. On llama-bench the
-  block-wise codes move a scale by 0.2% on average (0.1% per row), and the freed bits buy
-  high-impact columns: hiq W2 g64 at 2.37 bits with per-row super-scales measured 9.52 against 9.91
-  at 2.30.
+  at ``d_in = 384`` with both parts — while blocks of 256 codes cost 0.001, and the freed bits
+  buy high-impact columns (the comparison on llama-bench is in bench/RESULTS.md).
 
 Either way the stored values are what hiquant evaluated: every method rounds its final scales to
 the stored precision *before* computing the final codes (AdaRound learns on the rounded scales).
@@ -266,7 +263,8 @@ class QuantizedLayer:
         k = self.k
         if k and (np.any(np.diff(self.high_idx) <= 0) or self.high_idx[0] < 0
                   or self.high_idx[-1] >= self.d_in):
-            raise InvalidArgumentError(f"{self.name}: high_idx must be ascending, unique, in [0, {self.d_in})")
+            raise InvalidArgumentError(f"{self.name}: high_idx must be ascending, unique, in "
+                                       f"[0, {self.d_in})")
         if k and self.high is None and self.high_fp16 is None:
             raise InvalidArgumentError(f"{self.name}: {k} high-impact columns but no high part")
         if self.low is not None and self.low.codes.shape != (self.d_out, self.d_in - k):

@@ -29,7 +29,8 @@ def init(W, bits, group_size):
 
 
 def _expand(x, bounds):
-    return np.concatenate([np.repeat(x[:, j:j + 1], e - a, axis=1) for j, (a, e) in enumerate(bounds)], axis=1)
+    return np.concatenate([np.repeat(x[:, j:j + 1], e - a, axis=1)
+                           for j, (a, e) in enumerate(bounds)], axis=1)
 
 
 def h_of(V):

@@ -1,45 +1,20 @@
-"""Hybrid quantization of a linear layer: the high-impact input columns with AdaRound at ``b_high``
-bits (or kept in FP16), the rest with learnable weight clipping (LWC) at ``b_low`` bits.
+"""The hybrid layer quantizer (hiq, fixed-ratio, fp16-retention): the high-impact input columns
+with AdaRound at ``b_high`` bits (or kept in FP16), the rest with learnable weight clipping (LWC)
+at ``b_low`` bits, on the layer-wise Gram objective ``tr((W_q - W) H (W_q - W)^T) / N`` trained in
+C++ (:mod:`hiquant.learners`). The block-wise objectives reuse it (:mod:`hiquant.blockwise`).
 
-Two objectives, the same quantizer parts (:mod:`hiquant.learners`):
-
-* :func:`quantize_layer` — layer-wise: ``tr((W_q - W) H (W_q - W)^T) / N`` from the layer's
-  calibration Gram matrix, trained in C++.
-* :func:`quantize_block` — block-wise (the paper's choice): the reconstruction error of a whole
-  transformer block's output, ``mean over tokens of ||block(h; W_q) - target||^2``, with
-  ``dL/dW_q`` of every linear from the model runtime's block backward.
-
-Sequence, not joint — decided by measurement (``python bench/kernels.py --order``). On four
-layers of block 3 of ``../shared/bench/llama-bench`` (q/o/gate/down; 64 x 512 calibration tokens;
-W2 g64, b_H 3, the top 10% columns by ``H_ii * ||W[:, i]||^2``), final layer-wise loss with equal
-iterations for both parts (500 LWC + 500 AdaRound steps; joint = both learned in the same 500
-steps on the whole layer):
-
-=========  =======  ============  =====
-layer      RTN      sequential    joint
-=========  =======  ============  =====
-q_proj     42.06    **27.95**     28.46
-o_proj     14.22    **9.36**      9.48
-gate_proj  112.13   **72.74**     73.73
-down_proj  23.10    **14.48**     14.57
-=========  =======  ============  =====
-
-Sequential is lower on all four, and cheaper: an AdaRound step on the ``k`` high columns of a
-layer whose low part is frozen costs ``O(d_out k^2)`` (the frozen part enters through one
-precomputed product) against ``O(d_out d_in^2)`` for a joint step — about 100x less at 10% high
-columns. LWC is first learned with the high columns at full precision (AdaRound's soft start
-reproduces them), then frozen at its exported (float16-scale) values; AdaRound then learns the
-high columns on the loss of the *whole* layer (block), compensating for the low part's residual
-error. Joint learning stays available (``order="joint"``) for re-measurement.
-
-LWC's layer-wise loss levelled off within 200-500 full-batch steps on those layers (lr 1e-2), so
-``lwc_iters`` defaults to 500.
+Decision: the two parts are learned in sequence, not jointly (``order="sequential"``). LWC is
+learned first with the high columns at full precision (AdaRound's soft start reproduces them),
+then frozen at its stored values; AdaRound then learns the high columns on the loss of the whole
+layer, compensating for the low part's residual error. Sequential reached a lower layer loss on
+every layer measured (``python bench/kernels.py --order``; numbers in bench/RESULTS.md) and is
+cheaper: an AdaRound step on ``k`` high columns against a frozen low part costs ``O(d_out k^2)``
+instead of ``O(d_out d_in^2)``. ``order="joint"`` stays available for re-measurement.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -105,7 +80,8 @@ def check_weight(W) -> np.ndarray:
     if not isinstance(W, np.ndarray):
         raise InvalidTypeError(f"W must be a numpy.ndarray of float32, got {type(W).__name__}")
     if W.dtype != np.float32:
-        raise InvalidTypeError(f"W must have dtype float32, got {W.dtype}; convert it with W.astype(np.float32)")
+        raise InvalidTypeError(f"W must have dtype float32, got {W.dtype}; convert it with "
+                               "W.astype(np.float32)")
     if W.ndim != 2 or W.size == 0:
         raise InvalidArgumentError(f"W must be a non-empty (d_out, d_in) matrix, got shape {W.shape}")
     if not np.all(np.isfinite(W)):
@@ -207,9 +183,8 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
     are unchanged. The high columns come last in the sweep's order and stay free, so the
     compensation is the one AdaRound then realizes when it learns them on the whole layer's loss;
     FP16 high columns are fixed (at W), so the sweep then sees only the low columns' Gram block.
-    Measured on llama-bench (W2 g64 at 2.30 bits, 6-bit scales, refine; perplexity nearest ->
-    gptq): hiq 9.349 -> 8.916, fixed-ratio 9.518 -> 8.995. With little calibration data it can
-    fit the calibration set too closely (the embedded model's demo: 41.2 -> 42.7).
+    With few calibration tokens per input channel it can fit the calibration set too closely
+    (measurements in bench/RESULTS.md).
 
     ``progress(phase, done, total)`` reports each phase; Ctrl-C interrupts (KeyboardInterrupt).
     Returns a :class:`HybridResult` (codes/scales/zeros of both parts, dequantized ``wq``, loss
@@ -230,7 +205,8 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
     if low_rounding == "gptq" and order != "sequential":
         raise InvalidArgumentError("low_rounding='gptq' needs order='sequential' (the low part's "
                                    "grid must be final before its codes are chosen)")
-    lwc_iters, adaround_iters = check_iters(lwc_iters, "lwc_iters"), check_iters(adaround_iters, "adaround_iters")
+    lwc_iters = check_iters(lwc_iters, "lwc_iters")
+    adaround_iters = check_iters(adaround_iters, "adaround_iters")
     scale_bits = check_scale_bits(scale_bits)
     hi = check_high_idx(high_idx, d_in)
     lo = low_columns(d_in, hi)
