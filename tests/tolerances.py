@@ -9,3 +9,6 @@ REDUCE_ATOL = 1e-5
 # finite-difference gradient checks in float64
 FD_RTOL = 1e-4
 FD_ATOL = 1e-6
+# packed-format products (hiquant.packed_matmul) vs the float64 twin, relative to
+# hiquant._reference.packed_matmul.error_bound (about 16 float32 epsilons)
+PACKED_RTOL = 2e-6

@@ -91,5 +91,6 @@ void init_quantizer(py::module_& m);
 void init_stats(py::module_& m);
 void init_allocation(py::module_& m);
 void init_kernels(py::module_& m);
+void init_packed_matmul(py::module_& m);
 
 }  // namespace hiquant_py

@@ -78,4 +78,5 @@ PYBIND11_MODULE(_core, m) {
   hiquant_py::init_stats(m);
   hiquant_py::init_allocation(m);
   hiquant_py::init_kernels(m);
+  hiquant_py::init_packed_matmul(m);
 }

@@ -1,0 +1,120 @@
+"""Matrix products straight from hiquant's packed format (native kernels, no float weights).
+
+:class:`PackedLinear` holds one linear layer exactly as the packed export stores it (the bit
+streams of :mod:`hiquant.packed`: codes at b_low / b_high bits, zero points, float16 or 8/6-bit
+double-quantized scales with float16 super-scales, an optional float16 high part, the high-impact
+column mask) and computes ``y = x @ W.T`` from those bytes, one token (GEMV) or a few (small-batch
+GEMM) at a time, with AVX2+FMA where the CPU has it (``kernel="auto"``) and a portable kernel
+otherwise. ``W`` itself is never formed; :meth:`PackedLinear.dequantize` forms it on request.
+
+The result equals dequantize-then-multiply within float32 rounding (per row and token, each
+group's ``s * (sum code*x - zero * sum x)`` in float32; the float64 twin is
+:mod:`hiquant._reference.packed_matmul`), and is identical for any thread count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _core
+from ._threads import resolve_n_threads
+from .errors import CheckpointError, InvalidArgumentError
+
+__all__ = ["PackedLinear", "kernel_name", "KERNELS"]
+
+KERNELS = ("auto", "portable", "avx2")
+
+
+def kernel_name(kernel: str = "auto") -> str:
+    """The kernel ``kernel`` runs on this CPU: ``"avx2-fma"`` or ``"portable"``."""
+    return _core.packed_kernel_name(kernel)
+
+
+def _part_from_tensors(prefix: str, tensors: dict, n_cols: int, bits: int, group: int,
+                       scale_bits: int, rows, cols) -> dict:
+    part = {"bits": int(bits), "n_cols": int(n_cols), "cols": cols, "group_size": int(group),
+            "scale_bits": int(scale_bits)}
+    if n_cols == 0:
+        return part
+    if bits == 16:
+        part["weight"] = np.ascontiguousarray(tensors[f"{prefix}.weight"])
+        return part
+    for key in ("qweight", "qzeros", "scales"):
+        part[key] = np.ascontiguousarray(tensors[f"{prefix}.{key}"])
+    if scale_bits != 16:
+        part["scales_super"] = np.ascontiguousarray(tensors[f"{prefix}.scales_super"])
+        part["super_rows"] = int(rows)
+    return part
+
+
+class PackedLinear:
+    """One linear layer's weight ``(d_out, d_in)`` in hiquant's packed format, used as an operator:
+    ``matmul(x)`` is ``x @ W.T`` for ``x`` float32 ``(d_in,)`` or ``(n_tokens, d_in)``.
+
+    Build it with :meth:`from_layer` (a :class:`hiquant.storage.QuantizedLayer`) or
+    :meth:`from_tensors` (the packed export's tensors and config entry, without unpacking)."""
+
+    def __init__(self, name: str, d_out: int, d_in: int, parts: list[dict]):
+        self.name, self.d_out, self.d_in = name, int(d_out), int(d_in)
+        self._parts = parts
+        self._m = _core.PackedMatrix(self.d_out, self.d_in, parts)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.d_out, self.d_in)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weight data one product reads (codes, parameters, column indices)."""
+        return int(self._m.nbytes)
+
+    @classmethod
+    def from_tensors(cls, name: str, entry: dict, tensors: dict, version: int = 2,
+                     where: str = "packed checkpoint") -> "PackedLinear":
+        """From a packed export's tensors of layer ``name`` (``{tensor name: array}``) and its
+        ``quantization_config.json`` entry. The tensors are validated by the same reader that
+        :func:`hiquant.load_packed` uses, and kept as they are (no unpacking)."""
+        from .packed import layer_from_tensors
+        ql = layer_from_tensors(name, entry, tensors, where=where, version=version)  # validates
+        k, d_in = ql.k, ql.d_in
+        b_high = int(entry["b_high"]) if k else 0
+        low_cols = ql.low_idx() if k else None
+        parts = []
+        rows = {"low": ql.low.super_rows if ql.low is not None else None,
+                "high": ql.high.super_rows if ql.high is not None else None}
+        sb = ql.scale_bits
+        try:
+            parts.append(_part_from_tensors(f"{name}.low", tensors, d_in - k, ql.b_low,
+                                            ql.group_size, sb, rows["low"], low_cols))
+            if k:
+                parts.append(_part_from_tensors(f"{name}.high", tensors, k, b_high, ql.group_size,
+                                                sb, rows["high"], ql.high_idx))
+        except KeyError as e:
+            raise CheckpointError(f"{where}: tensor {e.args[0]} is missing") from None
+        return cls(name, ql.d_out, d_in, parts)
+
+    @classmethod
+    def from_layer(cls, ql) -> "PackedLinear":
+        """From a :class:`hiquant.storage.QuantizedLayer` (packed as the exporter packs it)."""
+        from .export import layer_entry, layer_tensors
+        return cls.from_tensors(ql.name, layer_entry(ql), layer_tensors(ql))
+
+    def matmul(self, x: np.ndarray, *, n_threads=None, kernel: str = "auto") -> np.ndarray:
+        """``x @ W.T``: float32 ``(d_in,)`` → ``(d_out,)``, ``(n, d_in)`` → ``(n, d_out)``
+        (C-contiguous; a wrong dtype raises InvalidTypeError, a wrong shape
+        InvalidArgumentError). ``kernel``: "auto", "portable" or "avx2"."""
+        if kernel not in KERNELS:
+            raise InvalidArgumentError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        return self._m.matmul(x, resolve_n_threads(n_threads), kernel)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.matmul(x)
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 weight ``(d_out, d_in)`` (formed here; the products never form it)."""
+        from ._reference.packed_matmul import dequantize_parts
+        return dequantize_parts(self.d_out, self.d_in, self._parts).astype(np.float32)
+
+    def __repr__(self) -> str:
+        return f"PackedLinear({self.name!r}, {self.d_out}x{self.d_in}, {self.nbytes} bytes)"
+

@@ -1,0 +1,137 @@
+"""The packed-format matrix product (hiquant.packed_matmul, cpp/src/packed_matmul.cpp) equals
+dequantize-then-multiply within float32 rounding, for every width, grouping, scale storage and
+high-part kind, on both kernels, identically for any thread count."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hiquant import _core
+from hiquant._reference import packed_matmul as ref
+from hiquant.errors import InvalidArgumentError, InvalidTypeError
+from hiquant.packed_matmul import PackedLinear, kernel_name
+from hiquant.storage import QuantizedLayer
+from tolerances import PACKED_RTOL
+
+KERNELS = ["portable"] + (["avx2"] if kernel_name("auto") == "avx2-fma" else [])
+
+
+def _layer(rng, d_out, d_in, b_low, group, k=0, b_high=0, scale_bits=16):
+    W = rng.standard_normal((d_out, d_in)).astype(np.float32)
+    hi = np.sort(rng.choice(d_in, k, replace=False)) if k else ()
+    return QuantizedLayer.rtn("l", W, b_low, group, hi, b_high, scale_bits)
+
+
+def _check(pl: PackedLinear, x: np.ndarray, kernel: str):
+    y = pl.matmul(x, kernel=kernel)
+    y64 = ref.packed_matmul(pl.d_out, pl.d_in, pl._parts, x)
+    bound = ref.error_bound(pl.d_out, pl.d_in, pl._parts, x)
+    assert y.shape == y64.shape and y.dtype == np.float32
+    assert np.all(np.abs(y - y64) <= PACKED_RTOL * bound + 1e-30)
+    # and the float32 dequantize-then-multiply of the same layer, within the same bound
+    W = pl.dequantize()
+    assert np.all(np.abs(y - (x @ W.T)) <= 2 * PACKED_RTOL * bound + 1e-30)
+    return y
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("b_low", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("scale_bits", [16, 8, 6])
+def test_product_matches_dequantize_then_multiply_for_every_width(kernel, b_low, scale_bits):
+    rng = np.random.default_rng(b_low * 100 + scale_bits)
+    b_high = {2: 3, 3: 4, 4: 8, 6: 8, 8: 2}[b_low]
+    pl = PackedLinear.from_layer(_layer(rng, 37, 203, b_low, 32, 19, b_high, scale_bits))
+    for n in (1, 2, 5, 8, 13):
+        _check(pl, rng.standard_normal((n, 203)).astype(np.float32), kernel)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("group", [0, 5, 8, 64, 100, 1000])
+def test_ragged_and_single_groups(kernel, group):
+    """Groups of the part's own columns, the last one shorter; rows start at any bit offset
+    (odd column counts at 3 and 6 bits)."""
+    rng = np.random.default_rng(group + 7)
+    for b_low, b_high in ((3, 6), (2, 4)):
+        pl = PackedLinear.from_layer(_layer(rng, 29, 301, b_low, group, 23, b_high, 16))
+        _check(pl, rng.standard_normal((3, 301)).astype(np.float32), kernel)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_no_high_columns_all_high_and_fp16_high_part(kernel):
+    rng = np.random.default_rng(3)
+    for k, b_high in ((0, 0), (64, 4), (64, 16), (10, 16)):
+        pl = PackedLinear.from_layer(_layer(rng, 33, 64, 2, 16, k, b_high, 8))
+        _check(pl, rng.standard_normal((1, 64)).astype(np.float32), kernel)
+        _check(pl, rng.standard_normal((8, 64)).astype(np.float32), kernel)
+
+
+def test_one_dimensional_input_gives_one_dimensional_output():
+    rng = np.random.default_rng(4)
+    pl = PackedLinear.from_layer(_layer(rng, 16, 40, 4, 8))
+    x = rng.standard_normal(40).astype(np.float32)
+    y = pl.matmul(x)
+    assert y.shape == (16,)
+    np.testing.assert_array_equal(y, pl.matmul(x[None])[0])
+    assert pl.matmul(np.zeros((0, 40), np.float32)).shape == (0, 16)
+
+
+def test_results_identical_across_thread_counts():
+    rng = np.random.default_rng(5)
+    pl = PackedLinear.from_layer(_layer(rng, 203, 300, 2, 64, 30, 3, 6))
+    x = rng.standard_normal((8, 300)).astype(np.float32)
+    for kernel in KERNELS:
+        a = pl.matmul(x, n_threads=1, kernel=kernel)
+        b = pl.matmul(x, n_threads=2, kernel=kernel)
+        c = pl.matmul(x, n_threads=3, kernel=kernel)
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+
+def test_a_token_tile_does_not_change_a_token_result():
+    """Token t's output is the same whether it is multiplied alone or in a batch (the decode step
+    and the prompt pass agree) up to float32 rounding; rows of a batch never mix."""
+    rng = np.random.default_rng(6)
+    pl = PackedLinear.from_layer(_layer(rng, 50, 128, 3, 64, 12, 4, 16))
+    x = rng.standard_normal((11, 128)).astype(np.float32)
+    y = pl.matmul(x)
+    bound = ref.error_bound(50, 128, pl._parts, x)
+    for t in range(11):
+        assert np.all(np.abs(pl.matmul(x[t]) - y[t]) <= 2 * PACKED_RTOL * bound[t])
+
+
+def test_from_tensors_reads_the_packed_export_without_unpacking():
+    from hiquant.export import layer_entry, layer_tensors
+    rng = np.random.default_rng(7)
+    ql = _layer(rng, 24, 96, 2, 32, 9, 3, 6)
+    pl = PackedLinear.from_tensors("l", layer_entry(ql), layer_tensors(ql))
+    np.testing.assert_array_equal(pl.dequantize(), ql.dequantize())
+    assert pl.nbytes >= ql.storage_bits() // 8
+
+
+def test_bad_inputs_raise_hiquant_errors():
+    rng = np.random.default_rng(8)
+    pl = PackedLinear.from_layer(_layer(rng, 8, 16, 4, 8))
+    with pytest.raises(InvalidTypeError):
+        pl.matmul(np.zeros(16, np.float64))
+    with pytest.raises(InvalidArgumentError, match="d_in = 16"):
+        pl.matmul(np.zeros((2, 15), np.float32))
+    with pytest.raises(InvalidArgumentError):
+        pl.matmul(np.zeros((2, 16), np.float32), kernel="fast")
+    part = dict(pl._parts[0])
+    part["qweight"] = part["qweight"][:-1]
+    with pytest.raises(InvalidArgumentError, match="qweight"):
+        _core.PackedMatrix(8, 16, [part])
+    part = dict(pl._parts[0], cols=np.array([0] * 15 + [16], np.int64))
+    with pytest.raises(InvalidArgumentError, match="outside"):
+        _core.PackedMatrix(8, 16, [part])
+    with pytest.raises(InvalidArgumentError, match="bits"):
+        _core.PackedMatrix(8, 16, [dict(pl._parts[0], bits=5)])
+
+
+def test_reference_unpacker_inverts_pack_codes():
+    from hiquant import quantizer as qz
+    rng = np.random.default_rng(9)
+    for bits in qz.PACK_BITS:
+        c = rng.integers(0, 2**bits, 77).astype(np.uint8)
+        np.testing.assert_array_equal(ref.unpack_bits(qz.pack_codes(c, bits), bits, 77), c)
