@@ -25,6 +25,9 @@ SETTINGS = {
     "lwc": dict(method="lwc", wbits=2, group_size=64, n_calib=8, seqlen=64, lwc_iters=40,
                 block_epochs=1, n_threads=2),
 }
+# the NumPy runtime everywhere (backend="auto" would take torch on a GPU machine)
+for _kw in SETTINGS.values():
+    _kw["backend"] = "numpy"
 
 
 def export_digests(method: str) -> dict:

@@ -315,6 +315,11 @@ def _add_pipeline_commands(sub) -> None:
                    help="cache calibration statistics here (reused by runs with the same model "
                         "and calibration settings)")
     p.add_argument("--fp-eval", dest="fp_eval", action="store_true", help="also evaluate the FP model")
+    p.add_argument("--backend", default=None, choices=("auto", "numpy", "torch"),
+                   help="model runtime: numpy, or torch (transformers' decoder layers, pip install "
+                   "hiquant[torch]); auto (default): torch on a CUDA GPU when present, else numpy")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N for backend torch; auto (default): cuda when present")
     p.add_argument("--out", default=None, help="output folder (written atomically)")
     p.add_argument("--export", default="both", choices=EXPORTS)
     p.add_argument("--overwrite", action="store_true")

@@ -46,7 +46,7 @@ from .checkpoint import (
 from .errors import CheckpointError, HiquantError, InvalidArgumentError, InvalidTypeError, NumericalError
 
 __all__ = ["TorchModel", "TorchBlockCache", "load_torch_model", "SUPPORTED_MODEL_TYPES",
-           "torch_available"]
+           "torch_available", "cuda_device_count"]
 
 #: transformers ``model_type`` values whose decoder layers this runtime drives.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
@@ -56,6 +56,19 @@ def torch_available() -> bool:
     """Whether torch and transformers can be imported (without importing them)."""
     import importlib.util
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
+
+
+def cuda_device_count() -> int:
+    """CUDA GPUs torch sees; 0 without torch or (on Linux) without a loaded NVIDIA driver, in
+    which cases torch is not imported."""
+    import os
+    import sys
+    if not torch_available():
+        return 0
+    if sys.platform.startswith("linux") and not os.path.exists("/proc/driver/nvidia/version"):
+        return 0
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _import_torch():
