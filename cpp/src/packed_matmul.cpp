@@ -207,9 +207,29 @@ HQ_AVX2 void part_row_avx2(const PartRun& q, int64_t r, int64_t t0, __m256* racc
   const int64_t base = r * n;
   const float* xs[T];
   for (int t = 0; t < T; ++t) xs[t] = q.x + (t0 + t) * q.ldx;
+  // The row's scales, eight groups at a time, and the zero-point term
+  // sum_g s_g z_g sum_{j in g} x_j of each token, before the code sums.
+  static thread_local std::vector<float> scratch;
+  if (int64_t(scratch.size()) < q.ng + 8) scratch.resize(size_t(q.ng + 8));
+  float* sc = scratch.data();
+  int64_t g8 = 0;
+  if (p.scale_bits == 16) {
+    for (; g8 + 8 <= q.ng; g8 += 8)
+      _mm256_storeu_ps(sc + g8, _mm256_cvtph_ps(_mm_loadu_si128(
+                                    reinterpret_cast<const __m128i*>(p.scales_f16 + r * q.ng + g8))));
+  }
+  for (; g8 < q.ng; ++g8) sc[g8] = group_scale(q, r, g8, sup);
+  {
+    float zt[T] = {};
+    for (int64_t gi = 0; gi < q.ng; ++gi) {
+      const float sz = sc[gi] * group_zero(q, r, gi);
+      for (int t = 0; t < T; ++t) zt[t] += sz * q.gs[(t0 + t) * q.ng + gi];
+    }
+    for (int t = 0; t < T; ++t) rs[t] -= zt[t];
+  }
   for (int64_t gi = 0; gi < q.ng; ++gi) {
     const int64_t c0 = gi * q.g, c1 = std::min(n, c0 + q.g);
-    const float s = group_scale(q, r, gi, sup), z = group_zero(q, r, gi);
+    const float s = sc[gi];
     // U independent accumulator sets hide the FMA latency when there are few tokens.
     constexpr int U = T <= 2 ? 4 : (T <= 4 ? 2 : 1);
     __m256 acc[U][T];
@@ -259,7 +279,7 @@ HQ_AVX2 void part_row_avx2(const PartRun& q, int64_t r, int64_t t0, __m256* racc
     const __m256 sv = _mm256_set1_ps(s);
     for (int t = 0; t < T; ++t) {
       racc[t] = _mm256_fmadd_ps(sv, acc[0][t], racc[t]);
-      rs[t] += s * (tail[t] - z * q.gs[(t0 + t) * q.ng + gi]);
+      rs[t] += s * tail[t];
     }
   }
 }
