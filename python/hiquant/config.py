@@ -52,7 +52,7 @@ OBJECTIVES = ("layer", "block", "refine")  # learned quantizers' objective (bloc
 REFINE_ORDERS = ("lwc-first", "adaround-first")
 LOW_ROUNDINGS = ("nearest", "gptq")  # codes of an LWC low part on its learned grid
 LWC_SCHEDULES = ("constant", "cosine")  # block-wise LWC learning-rate schedules
-QUANTIZERS = ("rtn", "gptq", "lwc", "adaround", "hybrid")  # layer quantizers (methods/)
+QUANTIZERS = ("rtn", "gptq", "lwc", "adaround", "hybrid", "awq")  # layer quantizers (methods/)
 EXPORTS = ("fake", "packed", "both")
 # estimator="auto": the diagonal estimator while the full Fisher diagonal (4 bytes per linear
 # weight) fits in this many bytes, else fisher (whose memory does not grow with the model)

@@ -91,8 +91,16 @@ _ST_OF_NUMPY = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dty
 
 def _source_tensors(model):
     """(name, stored dtype, shape, raw-bytes producer) of every tensor of the source checkpoint,
-    sorted by name (``model.source_tensors()``, the runtime's tensor source)."""
-    return [tuple(t) for t in model.source_tensors()]
+    sorted by name (``model.source_tensors()``, the runtime's tensor source); norm weights that an
+    equivalent transform changed (``model.modified_tensors()``: AWQ, SmoothQuant) are written in
+    their stored dtype instead of the source's copy."""
+    mods = model.modified_tensors()
+    out = []
+    for name, dtype, shape, raw in model.source_tensors():
+        if name in mods:
+            raw = (lambda v=mods[name], dtype=dtype: _to_stored_dtype(v, dtype))
+        out.append((name, dtype, shape, raw))
+    return out
 
 
 def _to_stored_dtype(W: np.ndarray, dtype: str) -> np.ndarray:

@@ -215,6 +215,8 @@ class Model:
         # linear name → array or quantized layer standing in for the stored NAME.weight
         self._source = dict(linear_source) if linear_source is not None else {}
         self._overrides: dict[str, np.ndarray] = {}
+        # non-linear tensor name → float32 values set by set_norm_weight (stored-dtype values)
+        self._tensor_overrides: dict[str, np.ndarray] = {}
         self._cache: OrderedDict = OrderedDict()
         self._cache_nbytes = 0
         self._rope_cache: dict = {}
@@ -313,6 +315,8 @@ class Model:
     # ---- weights
 
     def _tensor(self, name: str, dtype=None) -> np.ndarray:
+        if name in self._tensor_overrides:
+            return self._tensor_overrides[name].astype(dtype or self.compute_dtype)
         f = self._where[name]
         return expand_tensor(f.array(name), f.tensors[name].dtype, dtype or self.compute_dtype)
 
@@ -369,9 +373,80 @@ class Model:
             self._evict(i)
 
     def reset_weights(self) -> None:
-        """Go back to the checkpoint's weights for every linear layer."""
+        """Go back to the checkpoint's weights for every linear layer and every norm weight
+        replaced by :meth:`set_norm_weight`."""
         for name in list(self._overrides):
             self.reset_weight(name)
+        for name in list(self._tensor_overrides):
+            del self._tensor_overrides[name]
+            self._evict(self._tensor_block(name))
+
+    # ---- equivalent transforms (AWQ, SmoothQuant): norm weights and the ops scaling an input
+
+    def input_scalers(self, i: int) -> list:
+        """For each of :meth:`input_groups`'s groups of block ``i``, the op whose output
+        channels *are* the group's input channels up to a per-channel factor, so that scaling
+        that op's output channel j by ``1/s_j`` and the group's input columns j by ``s_j`` leaves
+        the model's function unchanged: ``[input_layernorm weight, v_proj, post_attention_layernorm
+        weight, up_proj]``. A norm is named by its tensor (``...input_layernorm.weight``, see
+        :meth:`set_norm_weight`), a linear by its layer name (scale its rows). ``v_proj`` is None
+        when o_proj's input channels are not v_proj's output channels one to one (grouped-query
+        attention) or v_proj has a bias (the bias would have to be scaled too)."""
+        q, k, v, o, gate, up, down = self.block_linear_names(i)
+        pre = f"model.layers.{int(i)}."
+        v_ok = self._nq == self._nkv and not self.config.attention_bias
+        return [pre + "input_layernorm.weight", v if v_ok else None,
+                pre + "post_attention_layernorm.weight", up]
+
+    def _check_norm(self, name) -> None:
+        if not isinstance(name, str) or name not in self._where or not name.endswith("norm.weight") \
+                or len(self._where[name].tensors[name].shape) != 1:
+            raise KeyError(f"{name!r} is not a norm weight of this model (e.g. "
+                           "'model.layers.0.input_layernorm.weight', 'model.norm.weight')")
+
+    def _tensor_block(self, name: str):
+        parts = name.split(".")
+        return int(parts[2]) if len(parts) > 3 and parts[1] == "layers" else "head"
+
+    def get_norm_weight(self, name: str) -> np.ndarray:
+        """A fresh float32 copy of an RMSNorm weight (a 1-D tensor named ``...norm.weight``): the
+        one set by :meth:`set_norm_weight`, else the checkpoint's. KeyError for another name."""
+        self._check_norm(name)
+        return self._tensor(name, np.float32)
+
+    def set_norm_weight(self, name: str, w: np.ndarray) -> None:
+        """Use ``w`` (float32 ``(hidden,)``) as the RMSNorm weight ``name`` in later passes,
+        rounded to the tensor's stored dtype (what an exported checkpoint holds, so a reloaded
+        export computes the same function). Equivalent transforms (AWQ, SmoothQuant) fold their
+        per-channel scales into the norm this way; :meth:`modified_tensors` lists what was set
+        and the exporters write it; :meth:`reset_weights` goes back to the checkpoint's."""
+        self._check_norm(name)
+        shape = tuple(self._where[name].tensors[name].shape)
+        if not isinstance(w, np.ndarray) or w.dtype != np.float32:
+            raise InvalidTypeError(f"w must be a float32 numpy.ndarray, got "
+                                   f"{getattr(w, 'dtype', type(w).__name__)}")
+        if w.shape != shape:
+            raise InvalidArgumentError(f"w has shape {w.shape} but {name} has {shape}")
+        if not np.isfinite(w).all():
+            raise NumericalError(f"w for {name} contains NaN or Inf")
+        st = self._where[name].tensors[name].dtype
+        if st == "F16":
+            v = w.astype(np.float16).astype(np.float32)
+            if not np.isfinite(v).all():
+                raise NumericalError(f"w for {name} overflows float16, its stored dtype")
+        elif st == "BF16":
+            from ._safetensors_io import f32_to_bf16
+            v = expand_tensor(f32_to_bf16(w), "BF16", np.float32)
+        else:
+            v = np.array(w, np.float32, order="C", copy=True)
+        self._tensor_overrides[name] = v
+        self._evict(self._tensor_block(name))
+
+    def modified_tensors(self) -> dict:
+        """``{tensor name: float32 values}`` of the norm weights set by :meth:`set_norm_weight`
+        (values already in the stored dtype's precision), sorted by name: what an exporter writes
+        instead of the checkpoint's copy."""
+        return {n: self._tensor_overrides[n].copy() for n in sorted(self._tensor_overrides)}
 
     def modified_weights(self) -> list[str]:
         """Names of the linear layers whose weight was replaced by :meth:`set_weight`."""

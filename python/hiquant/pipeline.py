@@ -178,8 +178,14 @@ def _quantize_block(model, b, h, h_fp, plans, kind, s):
         if s.objective == "refine":
             return blockwise.refine_block(model, b, h, targets, plans, kind, s, grams, aug), targets
         method = quantizer(kind)
+        notes = {}
+        prepare = getattr(method, "prepare_block", None)
+        if prepare is not None:  # an equivalent transform of the block (awq), then its statistics
+            notes = prepare(model, b, grams, {n: plans[n] for n in names}, s) or {}
+            grams = block_grams(model, b, h, batch_size=bs, n_threads=s.n_threads)
         for n in names:
             out[n] = method.quantize(n, model.get_weight(n), grams.get(n), plans[n], s)
+            out[n].info.update(notes.get(n, {}))
     for n, ql in out.items():
         model.set_weight(n, ql)  # kept quantized: ~1 byte per weight
     return out, targets
@@ -270,6 +276,8 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
                                              state.meta["entries"]).items():
                 model.set_weight(name, ql)
                 qlayers[name] = ql
+        for name, w in state.load_tensors().items():  # norms an equivalent transform changed
+            model.set_norm_weight(name, w)
         h = state.load_hidden()
     else:
         h = np.concatenate([model.embed(windows[sl])
@@ -290,7 +298,7 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
             entries = dict(state.meta["entries"]) if state.meta else {}
             entries.update({n: layer_entry(ql) for n, ql in done.items()})
             state.save_block(b, done, h, plans_to_json(plans), entries, allocation,
-                             hidden_fp=h_fp)
+                             hidden_fp=h_fp, tensors=model.modified_tensors())
             if os.environ.get("HIQUANT_TEST_SLOW_BLOCKS"):  # test hook: widen the kill window
                 time.sleep(float(os.environ["HIQUANT_TEST_SLOW_BLOCKS"]))
     timings["quantize"] = time.perf_counter() - t_q
@@ -316,11 +324,14 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
             report.ppl = perplexity(model, test_ids, s.eval_seqlen, s.eval_windows,
                                     progress=progress)["ppl"]
             if fp_eval:
+                mods = model.modified_tensors()  # norms of an equivalent transform (awq)
                 model.reset_weights()
                 report.fp_ppl = perplexity(model, test_ids, s.eval_seqlen, s.eval_windows,
                                            progress=progress)["ppl"]
                 for n, ql in qlayers.items():
                     model.set_weight(n, ql)
+                for n, w in mods.items():
+                    model.set_norm_weight(n, w)
         report.settings["eval"] = {"file": str(Path(eval_text).resolve()),
                                    "seqlen": s.eval_seqlen, "windows": s.eval_windows}
 

@@ -77,14 +77,27 @@ class ProgressState:
         tensors = load_file(str(self.dir / f"block-{b}.safetensors"))
         return {n: layer_from_tensors(n, entries[n], tensors, where=str(self.dir)) for n in layer_names}
 
+    def load_tensors(self) -> dict:
+        """The model's modified norm weights (``model.modified_tensors()``) after the last
+        completed block, as saved with it; ``{}`` before the first."""
+        if not self.done_blocks:
+            return {}
+        from safetensors.numpy import load_file
+        tensors = load_file(str(self.dir / f"block-{self.done_blocks - 1}.safetensors"))
+        return {k[len("modified/"):]: v for k, v in tensors.items() if k.startswith("modified/")}
+
     def save_block(self, b: int, qlayers: dict, hidden: np.ndarray, plans: dict, entries: dict,
-                   allocation: dict | None = None, hidden_fp: np.ndarray | None = None) -> None:
+                   allocation: dict | None = None, hidden_fp: np.ndarray | None = None,
+                   tensors: dict | None = None) -> None:
+        """``tensors``: the model's modified norm weights so far (saved in the block's file)."""
         from safetensors.numpy import save
 
         from .export import layer_tensors
+        extra = {f"modified/{n}": np.ascontiguousarray(v) for n, v in (tensors or {}).items()}
         tensors = {}
         for ql in qlayers.values():
             tensors.update(layer_tensors(ql))
+        tensors.update(extra)
         atomic_write_bytes(self.dir / f"block-{b}.safetensors", save(tensors))
         import io
         # hidden states are named by the block count they follow, so a kill between writing them

@@ -82,10 +82,30 @@ class ModelRuntime(Protocol):
         """Go back to the loaded weight of one layer."""
 
     def reset_weights(self) -> None:
-        """Go back to the loaded weights of every layer."""
+        """Go back to the loaded weights of every layer (and norm weights)."""
 
     def modified_weights(self) -> list[str]:
         """Names of the layers whose weight :meth:`set_weight` replaced, in model order."""
+
+    # ---- equivalent transforms (AWQ, SmoothQuant fold per-channel scales into the model)
+
+    def input_scalers(self, i: int) -> list:
+        """Per :meth:`input_groups` group of block ``i``, the op whose output channel j is the
+        group's input channel j up to a factor: an RMSNorm weight's tensor name (for q/k/v and
+        gate/up), a linear layer's name (v_proj for o_proj, up_proj for down_proj: scale its
+        rows), or None where no such op exists (e.g. v_proj under grouped-query attention)."""
+
+    def get_norm_weight(self, name: str) -> np.ndarray:
+        """A float32 copy of an RMSNorm weight tensor (``model.layers.0.input_layernorm.weight``)
+        as currently used."""
+
+    def set_norm_weight(self, name: str, w: np.ndarray) -> None:
+        """Use ``w`` (float32) as that norm weight, rounded to its stored dtype; undone by
+        :meth:`reset_weights`."""
+
+    def modified_tensors(self) -> dict:
+        """``{tensor name: float32 values}`` of the norm weights :meth:`set_norm_weight` set (the
+        exporters write them instead of the source's)."""
 
     # ---- passes
 

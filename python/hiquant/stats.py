@@ -393,17 +393,30 @@ def load_or_collect(cache_dir, model, windows: np.ndarray, *, gram: bool = True,
 @dataclass(frozen=True)
 class LayerStats:
     """What a layer quantizer receives about its calibration inputs: ``gram`` ``G = Σ x xᵀ``
-    (float64 ``(d_in, d_in)``, shared by the layers of one input group) and ``n_tokens``, the
-    number of input rows summed into it."""
+    (float64 ``(d_in, d_in)``, shared by the layers of one input group), ``n_tokens``, the
+    number of input rows summed into it, and per input channel ``abs_sum`` ``Σ |x_j|`` and
+    ``abs_max`` ``max |x_j|`` (float64 ``(d_in,)``; AWQ's and SmoothQuant's activation
+    statistics, which G does not hold; None when not collected)."""
 
     gram: np.ndarray
     n_tokens: int
+    abs_sum: np.ndarray | None = None
+    abs_max: np.ndarray | None = None
+
+    @property
+    def abs_mean(self) -> np.ndarray:
+        """Mean absolute input per channel, ``abs_sum / n_tokens`` (AWQ's activation scale)."""
+        if self.abs_sum is None:
+            raise InvalidArgumentError("these statistics hold no per-channel activation sums; "
+                                       "collect them with hiquant.stats.block_grams")
+        return self.abs_sum / self.n_tokens
 
 
 def block_grams(model, b: int, h: np.ndarray, *, batch_size: int,
                 n_threads: int | None = None) -> dict:
     """Gram matrices of block ``b``'s linear inputs over the hidden states ``h`` entering it
-    (``(n, seqlen, hidden)``), with the block's current weights: ``{linear name: LayerStats}``.
+    (``(n, seqlen, hidden)``), with the block's current weights: ``{linear name: LayerStats}``,
+    with each channel's ``Σ|x|`` and ``max|x|`` from the same pass.
 
     Batches of ``batch_size`` windows run on the worker pool, each into its own partial sums; the
     partials are added in batch order, so the result does not depend on the thread count. Layers
@@ -419,7 +432,9 @@ def block_grams(model, b: int, h: np.ndarray, *, batch_size: int,
             if name in firsts:
                 G = np.zeros((X.shape[1], X.shape[1]), np.float64)
                 gram_accumulate(G, np.ascontiguousarray(X, np.float32))
-                part[name] = (G, X.shape[0])
+                A = np.abs(X)
+                part[name] = (G, X.shape[0], np.add.reduce(A, axis=0, dtype=np.float64),
+                              A.max(axis=0).astype(np.float64))
 
         model.block_forward(b, h[sl], capture=capture)
         return part
@@ -427,11 +442,18 @@ def block_grams(model, b: int, h: np.ndarray, *, batch_size: int,
     slices = [slice(a, min(len(h), a + batch_size)) for a in range(0, len(h), batch_size)]
     total: dict = {}
     for part in map_ordered(run, slices, n_threads):
-        for name, (G, n) in part.items():
+        for name, (G, n, asum, amax) in part.items():
             if name in total:
-                total[name][0][...] += G
-                total[name][1] += n
+                t = total[name]
+                t[0][...] += G
+                t[1] += n
+                t[2] += asum
+                np.maximum(t[3], amax, out=t[3])
             else:
-                total[name] = [G, n]
-    return {name: LayerStats(total[g[0]][0], int(total[g[0]][1]))
-            for g in groups for name in g}
+                total[name] = [G, n, asum, amax]
+    out = {}
+    for g in groups:
+        G, n, asum, amax = total[g[0]]
+        st = LayerStats(G, int(n), asum, amax)
+        out.update({name: st for name in g})
+    return out

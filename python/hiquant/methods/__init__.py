@@ -20,13 +20,17 @@ method             high-impact columns (allocation)                    layer qua
 ``gptq``           none                                                ``gptq``
 ``lwc``            none                                                ``lwc``: learnable clipping
 ``adaround``       none                                                ``adaround`` on all columns
+``awq``            none                                                ``awq``: scales + clip + RTN
 ``fixed-ratio``    one ratio in every layer, at b_H (``fixed``)        ``hybrid`` (LWC + AdaRound)
 ``fp16-retention`` the ratio that meets the budget, in FP16 (``fixed``)  ``hybrid``, b_H = 16
 ``hiq``            per-layer ratios from the IQP (``iqp``)             ``hybrid`` (LWC + AdaRound)
 =================  ==================================================  =====================
 
 Adding a method: a module here with ``quantize`` (and, for a new quantizer, its name in
-:data:`hiquant.config.QUANTIZERS`), and one entry in :data:`METHODS`.
+:data:`hiquant.config.QUANTIZERS`), and one entry in :data:`METHODS`. A module may also define
+``prepare_block(model, b, stats, plans, settings) -> {name: notes}``: an equivalent transform of
+block ``b``'s full-precision weights (``awq`` folds its scales into the norms and linears that
+feed each layer) run before the block's statistics are collected again and its layers quantized.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ METHODS = {
     "gptq": MethodSpec("none", "gptq"),
     "lwc": MethodSpec("none", "lwc"),
     "adaround": MethodSpec("none", "adaround"),
+    "awq": MethodSpec("none", "awq"),
     "fixed-ratio": MethodSpec("fixed", "hybrid", default_ratio=0.05),
     "fp16-retention": MethodSpec("fixed", "hybrid", default_ratio=0.01, fp16_high=True),
     "hiq": MethodSpec("iqp", "hybrid"),
