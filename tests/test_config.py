@@ -57,7 +57,7 @@ def test_resolve_without_the_model_size_leaves_only_the_estimator_auto():
     (dict(method="rtn", hbits=4), "no high-impact columns"),
     (dict(method="fp16-retention", hbits=4), "FP16"),
     (dict(group_size=-5), "group_size"),
-    (dict(quantizer="awq"), "quantizer must be"),
+    (dict(quantizer="omniquant"), "quantizer must be"),
     (dict(method="hiq", quantizer="gptq"), "cannot store the high-impact columns"),
     (dict(method="gptq", scale_bits=6), "scale_bits=16"),
     (dict(scale_bits=4), "scale_bits must be one of"),

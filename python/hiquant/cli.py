@@ -265,6 +265,11 @@ def _add_pipeline_commands(sub) -> None:
                    help="stored group-scale precision: 16 (float16), 8 or 6 (codes of that width, "
                         "double-quantized with a float16 super-scale per 256 scales); default auto: "
                         "6 for hiq, fixed-ratio and fp16-retention, 16 for the others")
+    p.add_argument("--abits", type=int, default=None, choices=(8, 6, 4),
+                   help="evaluate with the input of every decoder linear quantized per token "
+                        "(dynamic, symmetric) at this width (default: float activations)")
+    p.add_argument("--smooth-alpha", dest="smooth_alpha", type=float, default=None,
+                   help="smoothquant's migration strength α in [0, 1] (default 0.5)")
     p.add_argument("--ratio", type=float, default=None, help="fixed-ratio: the ratio of every layer")
     p.add_argument("--candidates", default=None,
                    help="comma-separated candidate ratios "

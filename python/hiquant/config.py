@@ -35,11 +35,14 @@ __all__ = [
     "check_bits",
     "check_group_size",
     "check_scale_bits",
+    "ACT_BITS",
+    "check_abits",
     "default_high_bits",
 ]
 
 # ---- width rules (the one definition; the packed format stores exactly these widths)
 WEIGHT_BITS = (2, 3, 4, 6, 8)  # code widths of a quantized part
+ACT_BITS = (8, 6, 4)  # per-token dynamic symmetric activation quantization (Model.set_activation_bits)
 FP16_BITS = 16  # a "width" of the high-impact part: kept in float16, not quantized
 HIGH_BITS = WEIGHT_BITS + (FP16_BITS,)
 SCALE_BITS = (16, 8, 6)  # stored scales: float16, or double-quantized codes of 8 or 6 bits
@@ -52,7 +55,7 @@ OBJECTIVES = ("layer", "block", "refine")  # learned quantizers' objective (bloc
 REFINE_ORDERS = ("lwc-first", "adaround-first")
 LOW_ROUNDINGS = ("nearest", "gptq")  # codes of an LWC low part on its learned grid
 LWC_SCHEDULES = ("constant", "cosine")  # block-wise LWC learning-rate schedules
-QUANTIZERS = ("rtn", "gptq", "lwc", "adaround", "hybrid", "awq")  # layer quantizers (methods/)
+QUANTIZERS = ("rtn", "gptq", "lwc", "adaround", "hybrid", "awq", "smoothquant")  # layer quantizers (methods/)
 EXPORTS = ("fake", "packed", "both")
 # estimator="auto": the diagonal estimator while the full Fisher diagonal (4 bytes per linear
 # weight) fits in this many bytes, else fisher (whose memory does not grow with the model)
@@ -89,6 +92,19 @@ def check_group_size(group_size, name: str = "group_size") -> int:
         raise InvalidArgumentError(f"{name} must be a positive int, or 0 (one group per output "
                                    f"row); got {g}")
     return max(g, 0)
+
+
+def check_abits(abits) -> int | None:
+    """``abits`` as an int if it is one of :data:`ACT_BITS`, None for no activation
+    quantization; else InvalidArgumentError / InvalidTypeError."""
+    if abits is None:
+        return None
+    if not _is_int(abits):
+        raise InvalidTypeError(f"abits must be an int or None, got {type(abits).__name__}")
+    if int(abits) not in ACT_BITS:
+        raise InvalidArgumentError(f"abits must be one of {', '.join(map(str, ACT_BITS))} "
+                                   f"(per-token activation quantization) or None, got {abits}")
+    return int(abits)
 
 
 def check_scale_bits(scale_bits) -> int:
@@ -156,6 +172,10 @@ class QuantizeSettings:
     eval_seqlen: int = 512
     eval_windows: int = 200
     n_threads: int | None = None  # None: hiquant's default (hiquant.set_num_threads)
+    # the input of every decoder linear quantized per token (dynamic, symmetric) at this width when
+    # the quantized model is evaluated (one of ACT_BITS); None: activations stay float
+    abits: int | None = None
+    smooth_alpha: float = 0.5  # smoothquant's migration strength α (in [0, 1])
 
     def replace(self, **changes) -> "QuantizeSettings":
         """A copy with ``changes`` applied (unknown names raise InvalidArgumentError)."""
@@ -295,6 +315,11 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None) -> Quan
         _positive_float(getattr(s, name), name)
     _positive_float(s.block_lr, "block_lr", allow_none=True)
     _positive_float(s.avg_bits, "avg_bits", allow_none=True)
+    ch["abits"] = check_abits(s.abits)
+    if isinstance(s.smooth_alpha, bool) or not isinstance(s.smooth_alpha, (int, float, np.floating)):
+        raise InvalidTypeError(f"smooth_alpha must be a number, got {type(s.smooth_alpha).__name__}")
+    if not 0.0 <= s.smooth_alpha <= 1.0:
+        raise InvalidArgumentError(f"smooth_alpha must be in [0, 1], got {s.smooth_alpha}")
     if s.ratio is not None:
         if isinstance(s.ratio, bool) or not isinstance(s.ratio, (int, float, np.floating)):
             raise InvalidTypeError(f"ratio must be a number, got {type(s.ratio).__name__}")

@@ -217,6 +217,7 @@ class Model:
         self._overrides: dict[str, np.ndarray] = {}
         # non-linear tensor name → float32 values set by set_norm_weight (stored-dtype values)
         self._tensor_overrides: dict[str, np.ndarray] = {}
+        self._abits: int | None = None  # per-token activation quantization (set_activation_bits)
         self._cache: OrderedDict = OrderedDict()
         self._cache_nbytes = 0
         self._rope_cache: dict = {}
@@ -442,6 +443,34 @@ class Model:
         self._tensor_overrides[name] = v
         self._evict(self._tensor_block(name))
 
+    # ---- activation quantization
+
+    @property
+    def activation_bits(self) -> int | None:
+        """Width of the per-token activation quantization (:meth:`set_activation_bits`), or None."""
+        return self._abits
+
+    def set_activation_bits(self, bits) -> None:
+        """Quantize the input of every linear layer of the decoder blocks (q/k/v, o, gate/up,
+        down; not lm_head) in later forward passes: per token (row) dynamic symmetric,
+        ``x̂ = rint(x / Δ)·Δ`` with ``Δ = max|x| / (2^(bits-1) − 1)`` (an all-zero row stays zero),
+        as the Qwen3 study and SmoothQuant's per-token setting do. ``bits`` one of
+        :data:`hiquant.config.ACT_BITS` (8, 6, 4) or None (off). ``capture`` receives the
+        quantized inputs and the backward pass treats the rounding as the identity."""
+        from .config import check_abits
+        self._abits = check_abits(bits)
+
+    def _act_quant(self, X: np.ndarray) -> np.ndarray:
+        if self._abits is None:
+            return X
+        qmax = X.dtype.type(2 ** (self._abits - 1) - 1)
+        d = np.abs(X).max(axis=1, keepdims=True) / qmax
+        d[d == 0] = 1
+        out = X / d
+        np.rint(out, out=out)
+        out *= d
+        return out
+
     def modified_tensors(self) -> dict:
         """``{tensor name: float32 values}`` of the norm weights set by :meth:`set_norm_weight`
         (values already in the stored dtype's precision), sorted by name: what an exporter writes
@@ -637,6 +666,7 @@ class Model:
         x = np.ascontiguousarray(h).reshape(B * T, D)
 
         a, r1 = _rmsnorm(x, P.ln1, eps)
+        a = self._act_quant(a)
         if capture is not None:
             for n in names[:3]:
                 capture(n, a)
@@ -673,7 +703,7 @@ class Model:
             S /= S.sum(axis=-1, keepdims=True)
             O[:, :, t0:t1] = np.matmul(S, vt[:, :, :t1]).reshape(B, KV, t1 - t0, G, hd)
             Ps.append(S)
-        o = O.transpose(0, 2, 1, 3, 4).reshape(B * T, nq)
+        o = self._act_quant(O.transpose(0, 2, 1, 3, 4).reshape(B * T, nq))
         if capture is not None:
             capture(names[3], o)
         h1 = o @ P.Wo.T
@@ -682,6 +712,7 @@ class Model:
         h1 += x
 
         m, r2 = _rmsnorm(h1, P.ln2, eps)
+        m = self._act_quant(m)
         if capture is not None:
             capture(names[4], m)
             capture(names[5], m)
@@ -693,6 +724,7 @@ class Model:
         e1 += 1
         s = g / e1  # silu(g) = g / (1 + exp(-g)), as torch computes it
         s *= u
+        s = self._act_quant(s)
         if capture is not None:
             capture(names[6], s)
         out = s @ P.Wd.T

@@ -214,7 +214,9 @@ def load_packed(folder, *, compute_dtype="float32", weight_cache_bytes: int = 1 
     """Load a packed checkpoint as a hiquant :class:`~hiquant.model.Model`. Its linear weights
     are the exact dequantized weights that were evaluated when it was exported (decoded lazily,
     one layer at a time); everything else is read as :func:`hiquant.model.load_model` reads any
-    checkpoint, with the same checks and CheckpointErrors."""
+    checkpoint, with the same checks and CheckpointErrors. A model quantized with activation
+    quantization (settings ``abits``) comes back with it on
+    (:meth:`~hiquant.model.Model.set_activation_bits`)."""
     from .model import load_model
     folder = Path(folder)
     qcfg = read_quant_config(folder)
@@ -227,8 +229,12 @@ def load_packed(folder, *, compute_dtype="float32", weight_cache_bytes: int = 1 
         tensors = {n: f for n, f in where.items() if n.startswith(stem + ".")}
         source[stem] = _PackedLayer(stem, entry, tensors, str(folder / "model.safetensors"),
                                     qcfg["version"])
-    return load_model(folder, compute_dtype=compute_dtype, weight_cache_bytes=weight_cache_bytes,
-                      load_tokenizer=load_tokenizer, linear_source=source)
+    model = load_model(folder, compute_dtype=compute_dtype, weight_cache_bytes=weight_cache_bytes,
+                       load_tokenizer=load_tokenizer, linear_source=source)
+    abits = (qcfg.get("settings") or {}).get("abits")
+    if abits is not None:
+        model.set_activation_bits(abits)
+    return model
 
 
 def open_checkpoint(path, **kw):

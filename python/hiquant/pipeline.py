@@ -321,8 +321,12 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
     if eval_text is not None:
         with _Timer(timings, "evaluate"):
             test_ids = calib_mod.tokenize_text(model.tokenizer, calib_mod.load_text(eval_text))
-            report.ppl = perplexity(model, test_ids, s.eval_seqlen, s.eval_windows,
-                                    progress=progress)["ppl"]
+            model.set_activation_bits(s.abits)  # the inputs of every linear, per token
+            try:
+                report.ppl = perplexity(model, test_ids, s.eval_seqlen, s.eval_windows,
+                                        progress=progress)["ppl"]
+            finally:
+                model.set_activation_bits(None)
             if fp_eval:
                 mods = model.modified_tensors()  # norms of an equivalent transform (awq)
                 model.reset_weights()

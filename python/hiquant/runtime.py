@@ -107,6 +107,17 @@ class ModelRuntime(Protocol):
         """``{tensor name: float32 values}`` of the norm weights :meth:`set_norm_weight` set (the
         exporters write them instead of the source's)."""
 
+    # ---- activation quantization
+
+    @property
+    def activation_bits(self) -> int | None:
+        """Width of the per-token activation quantization of the decoder linears' inputs, or
+        None."""
+
+    def set_activation_bits(self, bits) -> None:
+        """Quantize the input of every decoder linear per token (dynamic, symmetric) at ``bits``
+        (8, 6, 4; None: off) in later forward passes."""
+
     # ---- passes
 
     def embed(self, ids: np.ndarray) -> np.ndarray:

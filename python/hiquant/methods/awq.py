@@ -46,7 +46,7 @@ from ..errors import InvalidArgumentError
 from ..storage import QuantizedLayer
 
 __all__ = ["N_GRID", "MAX_SHRINK", "awq_scales", "scale_search", "clip_search", "prepare_block",
-           "quantize"]
+           "fold_scales", "quantize"]
 
 N_GRID = 20  # scale search: α = i / N_GRID, i = 0..N_GRID-1; clip search: r = 1 - i / N_GRID
 MAX_SHRINK = 0.5  # clip search: i < MAX_SHRINK * N_GRID
@@ -121,22 +121,32 @@ def prepare_block(model, b: int, stats: dict, plans: dict, settings) -> dict:
                                          st.abs_mean, p.b_low, p.group_size)
         found.append((group, scaler, float(alphas[idx]), s))
     notes = {}
-    linears = set(model.linear_names())
     for group, scaler, alpha, s in found:
-        if scaler in linears:
-            Wp = model.get_weight(scaler)
-            model.set_weight(scaler, np.ascontiguousarray(Wp / s[:, None], dtype=np.float32))
-        else:
-            w = model.get_norm_weight(scaler)
-            model.set_norm_weight(scaler, (w / s).astype(np.float32))
-            w_new = model.get_norm_weight(scaler).astype(np.float64)
-            ok = (w_new != 0) & (w != 0)  # the scale the stored (rounded) norm realizes
-            s = np.where(ok, w.astype(np.float64) / np.where(ok, w_new, 1.0), s)
-        for n in group:
-            W = model.get_weight(n)
-            model.set_weight(n, np.ascontiguousarray(W * s[None, :], dtype=np.float32))
-            notes[n] = {"awq_alpha": alpha}
+        fold_scales(model, group, scaler, s)
+        notes.update({n: {"awq_alpha": alpha} for n in group})
     return notes
+
+
+def fold_scales(model, group, scaler: str, s: np.ndarray) -> np.ndarray:
+    """The equivalent transform: the input channels of the layers ``group`` multiplied by ``s``
+    (their weights' columns), the output channels of ``scaler`` (a norm weight's tensor name or a
+    linear's name, :meth:`~hiquant.runtime.ModelRuntime.input_scalers`) divided by ``s``. A norm
+    weight is stored rounded to its dtype, so the columns get the scales the rounded norm
+    realizes (``w_old / w_new``; ``s`` where a weight is 0); those scales are returned."""
+    s = np.asarray(s, np.float64)
+    if scaler in set(model.linear_names()):
+        Wp = model.get_weight(scaler)
+        model.set_weight(scaler, np.ascontiguousarray(Wp / s[:, None], dtype=np.float32))
+    else:
+        w = model.get_norm_weight(scaler)
+        model.set_norm_weight(scaler, (w / s).astype(np.float32))
+        w_new = model.get_norm_weight(scaler).astype(np.float64)
+        ok = (w_new != 0) & (w != 0)
+        s = np.where(ok, w.astype(np.float64) / np.where(ok, w_new, 1.0), s)
+    for n in group:
+        W = model.get_weight(n)
+        model.set_weight(n, np.ascontiguousarray(W * s[None, :], dtype=np.float32))
+    return s
 
 
 def quantize(name, W, stats, plan, settings) -> QuantizedLayer:
