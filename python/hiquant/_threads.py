@@ -168,8 +168,31 @@ def map_ordered(fn, items, n_threads: int | None = None, *,
     the items not yet started are cancelled; ``on_error()``, if given, is called first, in the
     calling thread (also on Ctrl-C there), so that workers waiting on each other can be told to
     stop (the statistics' turnstiles)."""
+    global _map_depth
     items = list(items)
     nw = min(resolve_workers(n_threads), len(items))
+    if nw <= 1:
+        return _map_ordered(fn, items, nw, on_error)
+    with _blas_lock:
+        _map_depth += 1
+    try:
+        return _map_ordered(fn, items, nw, on_error)
+    finally:
+        with _blas_lock:
+            _map_depth -= 1
+
+
+_map_depth = 0  # map_ordered calls running on two or more workers now (in any thread)
+
+
+def kernel_threads() -> int:
+    """Threads for a native kernel called from NumPy work that may run on map_ordered's workers:
+    1 while a map_ordered call runs on two or more workers (they already use the cores, as its
+    single-threaded BLAS does), else 0 (hiquant's default)."""
+    return 1 if _map_depth > 0 else 0
+
+
+def _map_ordered(fn, items, nw, on_error):
     with single_threaded_blas():
         if nw <= 1:
             return [fn(x) for x in items]

@@ -203,7 +203,7 @@ class Model:
 
     def __init__(self, path: Path, config: ModelConfig, files: dict, tensor_file: dict,
                  tokenizer, compute_dtype, weight_cache_bytes: int,
-                 linear_source: Mapping | None = None):
+                 linear_source: Mapping | None = None, packed_kernels: bool = False):
         self.path = Path(path)
         self.config = config
         self.tokenizer = tokenizer
@@ -214,6 +214,8 @@ class Model:
         self._where = tensor_file  # tensor name → SafetensorsFile
         # linear name → array or quantized layer standing in for the stored NAME.weight
         self._source = dict(linear_source) if linear_source is not None else {}
+        # forward products on the sources' operators (see load_model's packed_kernels)
+        self.packed_kernels = bool(packed_kernels) and self.compute_dtype == np.float32
         self._overrides: dict[str, np.ndarray] = {}
         # non-linear tensor name → float32 values set by set_norm_weight (stored-dtype values)
         self._tensor_overrides: dict[str, np.ndarray] = {}
@@ -483,9 +485,10 @@ class Model:
 
     def _evict(self, key) -> None:
         with self._lock:
-            item = self._cache.pop(key, None)
-            if item is not None:
-                self._cache_nbytes -= item.nbytes
+            for k in (key, ("dense", key)):
+                item = self._cache.pop(k, None)
+                if item is not None:
+                    self._cache_nbytes -= item.nbytes
 
     def clear_weight_cache(self) -> None:
         """Drop every expanded (compute-dtype) weight kept for reuse."""
@@ -519,29 +522,59 @@ class Model:
         return self._tensor(name + ".weight")
 
     def _block_params(self, i: int) -> _BlockParams:
-        return self._cached(i, lambda: self._build_block(i))
+        """Block ``i``'s weights for the forward pass: with packed kernels, operators for the
+        linears whose source provides one (see :func:`load_model`), dense arrays otherwise."""
+        return self._cached(i, lambda: self._build_block(i, self.packed_kernels))
 
-    def _build_block(self, i: int) -> _BlockParams:
-        c, cd = self.config, self.compute_dtype
+    def _dense_block_params(self, i: int) -> _BlockParams:
+        """Block ``i``'s weights as dense arrays (the backward pass needs them)."""
+        if not self.packed_kernels:
+            return self._block_params(i)
+        return self._cached(("dense", i), lambda: self._build_block(i, False))
+
+    def _linear_op(self, name: str):
+        """The operator standing for a linear source's weight (``x @ W.T`` as ``matmul(x)``), or
+        None: a set_weight override or an ordinary weight is used dense."""
+        if name in self._overrides or name not in self._source:
+            return None
+        op = getattr(self._source[name], "operator", None)
+        return op() if callable(op) else None
+
+    def _stacked(self, names: list[str], rows: list[int], ops: bool):
+        """The weights of layers sharing their input, stacked by rows: one RowStack operator
+        when every layer has one (``ops``), else one dense matrix (one matrix product)."""
+        if ops:
+            found = [self._linear_op(n) for n in names]
+            if all(o is not None for o in found):
+                if len(found) == 1:
+                    return found[0]
+                from .packed_matmul import RowStack
+                return RowStack(found)
+        if len(names) == 1:
+            return self._linear(names[0])
+        W = np.empty((sum(rows), self.config.hidden_size), dtype=self.compute_dtype)
+        r0 = 0
+        for n, r in zip(names, rows):
+            W[r0:r0 + r] = self._linear(n)
+            r0 += r
+        return W
+
+    def _build_block(self, i: int, ops: bool = False) -> _BlockParams:
+        c = self.config
         p = _BlockParams()
         names = self._names[i]
         pre = f"model.layers.{i}."
-        D, nq, nkv = c.hidden_size, self._nq, self._nkv
+        nq, nkv = self._nq, self._nkv
         # q, k and v (and gate and up) share their input: one stacked matrix, one matrix product.
-        p.Wqkv = np.empty((nq + 2 * nkv, D), dtype=cd)
-        p.Wqkv[:nq] = self._linear(names[0])
-        p.Wqkv[nq:nq + nkv] = self._linear(names[1])
-        p.Wqkv[nq + nkv:] = self._linear(names[2])
+        p.Wqkv = self._stacked(names[:3], [nq, nkv, nkv], ops)
         p.bqkv = None
         if c.attention_bias:
             p.bqkv = np.concatenate([self._tensor(n + ".bias") for n in names[:3]])
-        p.Wo = self._linear(names[3])
+        p.Wo = self._stacked(names[3:4], [c.hidden_size], ops)
         p.bo = self._tensor(names[3] + ".bias") if c.o_bias else None
         I = c.intermediate_size
-        p.Wgu = np.empty((2 * I, D), dtype=cd)
-        p.Wgu[:I] = self._linear(names[4])
-        p.Wgu[I:] = self._linear(names[5])
-        p.Wd = self._linear(names[6])
+        p.Wgu = self._stacked(names[4:6], [I, I], ops)
+        p.Wd = self._stacked(names[6:7], [c.hidden_size], ops)
         p.ln1 = self._tensor(pre + "input_layernorm.weight")
         p.ln2 = self._tensor(pre + "post_attention_layernorm.weight")
         p.qn = p.kn = None
@@ -644,6 +677,15 @@ class Model:
                 self._mask_cache[key] = m.astype(self.compute_dtype)
             return self._mask_cache[key]
 
+    @staticmethod
+    def _mm(X: np.ndarray, W) -> np.ndarray:
+        """``X @ W.T`` for a dense weight, ``W.matmul(X)`` for an operator (packed kernels; one
+        kernel thread per worker while sequence chunks run on several workers)."""
+        if isinstance(W, np.ndarray):
+            return X @ W.T
+        from ._threads import kernel_threads
+        return W.matmul(np.ascontiguousarray(X), n_threads=kernel_threads())
+
     def block_forward(self, i: int, h: np.ndarray, *, cache: bool = False,
                       capture: Callable[[str, np.ndarray], None] | None = None):
         """Run decoder block ``i`` on hidden states ``h`` (B, T, hidden).
@@ -670,7 +712,7 @@ class Model:
         if capture is not None:
             for n in names[:3]:
                 capture(n, a)
-        qkv = a @ P.Wqkv.T
+        qkv = self._mm(a, P.Wqkv)
         if P.bqkv is not None:
             qkv += P.bqkv
         q = qkv[:, :nq].reshape(B, T, KV, G, hd)
@@ -706,7 +748,7 @@ class Model:
         o = self._act_quant(O.transpose(0, 2, 1, 3, 4).reshape(B * T, nq))
         if capture is not None:
             capture(names[3], o)
-        h1 = o @ P.Wo.T
+        h1 = self._mm(o, P.Wo)
         if P.bo is not None:
             h1 += P.bo
         h1 += x
@@ -716,7 +758,7 @@ class Model:
         if capture is not None:
             capture(names[4], m)
             capture(names[5], m)
-        gu = m @ P.Wgu.T
+        gu = self._mm(m, P.Wgu)
         g, u = gu[:, :I], gu[:, I:]
         e1 = np.negative(g)
         with np.errstate(over="ignore"):  # exp(-g) = inf for g << 0 gives silu = -0, as in torch
@@ -727,7 +769,7 @@ class Model:
         s = self._act_quant(s)
         if capture is not None:
             capture(names[6], s)
-        out = s @ P.Wd.T
+        out = self._mm(s, P.Wd)
         out += h1
         out = out.reshape(B, T, D)
         if not cache:
@@ -757,7 +799,7 @@ class Model:
             raise InvalidArgumentError(f"dh_out has shape {dh_out.shape} but the cached forward "
                                        f"ran on ({B}, {T}, {self.config.hidden_size})")
         c, cd = self.config, self.compute_dtype
-        P = self._block_params(i)
+        P = self._dense_block_params(i)
         names = self._names[i]
         D, I = c.hidden_size, c.intermediate_size
         KV, G, hd = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
@@ -1010,7 +1052,8 @@ def _override_array(o, dtype) -> np.ndarray:
 
 
 def load_model(path, *, compute_dtype="float32", weight_cache_bytes: int = 1 << 30,
-               load_tokenizer: bool = True, linear_source: Mapping | None = None) -> Model:
+               load_tokenizer: bool = True, linear_source: Mapping | None = None,
+               packed_kernels: bool = False) -> Model:
     """Load a Hugging Face checkpoint folder (see the module docstring for what is supported).
 
     ``compute_dtype`` "float32" (default) or "float64" (for gradient checks). Weights stay
@@ -1026,6 +1069,14 @@ def load_model(path, *, compute_dtype="float32", weight_cache_bytes: int = 1 << 
     (``get_weight(original=True)``, ``reset_weight`` go back to them) and are dequantized each
     time a block's weights are expanded (the weight cache keeps them). The packed reader
     (:func:`hiquant.packed.load_packed`) loads through this.
+
+    ``packed_kernels``: the forward pass multiplies by the ``linear_source`` layers that offer
+    an ``operator()`` (an object with ``d_out``, ``d_in``, ``nbytes`` and ``matmul(X)`` =
+    ``X @ W.T``, e.g. :class:`hiquant.packed_matmul.PackedLinear`) through it instead of through
+    a dequantized float copy: the weight cache then holds the operators (for the packed reader,
+    the packed bytes), q/k/v and gate/up as :class:`hiquant.packed_matmul.RowStack`. Layers
+    replaced by :meth:`Model.set_weight`, backward passes and :meth:`Model.get_weight` use the
+    dense weights as before; a float64 model ignores the option.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -1034,6 +1085,8 @@ def load_model(path, *, compute_dtype="float32", weight_cache_bytes: int = 1 << 
     cd = np.dtype(compute_dtype)
     if cd not in (np.float32, np.float64):
         raise InvalidArgumentError(f"compute_dtype must be float32 or float64, got {cd}")
+    if not isinstance(packed_kernels, bool):
+        raise InvalidTypeError(f"packed_kernels must be True or False, got {packed_kernels!r}")
     if isinstance(weight_cache_bytes, bool) or not isinstance(weight_cache_bytes, int) \
             or weight_cache_bytes < 0:
         raise InvalidArgumentError(f"weight_cache_bytes must be a non-negative int, got "
@@ -1072,4 +1125,5 @@ def load_model(path, *, compute_dtype="float32", weight_cache_bytes: int = 1 << 
             tok = Tokenizer.from_file(str(tp))
         except Exception as e:  # tokenizers raises its own Exception type
             raise CheckpointError(f"{tp}: cannot load the tokenizer ({e}); fix or re-download it") from e
-    return Model(folder, cfg, files, where, tok, cd, weight_cache_bytes, linear_source=source)
+    return Model(folder, cfg, files, where, tok, cd, weight_cache_bytes, linear_source=source,
+                 packed_kernels=packed_kernels)

@@ -208,15 +208,29 @@ class _PackedLayer:
     def dequantize(self) -> np.ndarray:
         return self.layer().dequantize()
 
+    def operator(self):
+        """The layer as a :class:`hiquant.packed_matmul.PackedLinear` on the packed tensors
+        themselves (memory-mapped, validated, never unpacked into a kept copy)."""
+        from .packed_matmul import PackedLinear
+        tensors = {n: f.array(n) for n, f in self.tensors.items()}
+        return PackedLinear.from_tensors(self.name, self.entry, tensors, version=self.version,
+                                         where=self.where)
+
 
 def load_packed(folder, *, compute_dtype="float32", weight_cache_bytes: int = 1 << 30,
-                load_tokenizer: bool = True):
+                load_tokenizer: bool = True, packed_kernels: bool = True):
     """Load a packed checkpoint as a hiquant :class:`~hiquant.model.Model`. Its linear weights
-    are the exact dequantized weights that were evaluated when it was exported (decoded lazily,
-    one layer at a time); everything else is read as :func:`hiquant.model.load_model` reads any
-    checkpoint, with the same checks and CheckpointErrors. A model quantized with activation
-    quantization (settings ``abits``) comes back with it on
-    (:meth:`~hiquant.model.Model.set_activation_bits`)."""
+    are the exact dequantized weights that were evaluated when it was exported; everything else
+    is read as :func:`hiquant.model.load_model` reads any checkpoint, with the same checks and
+    CheckpointErrors. A model quantized with activation quantization (settings ``abits``) comes
+    back with it on (:meth:`~hiquant.model.Model.set_activation_bits`).
+
+    ``packed_kernels=True`` (the default): the forward pass multiplies straight from the packed
+    bytes (:class:`hiquant.packed_matmul.PackedLinear`, the native kernels), so the model holds
+    no float copy of a linear weight; the products equal dequantize-then-multiply within
+    float32 rounding. Backward passes, :meth:`~hiquant.model.Model.get_weight` and layers
+    replaced by ``set_weight`` use dequantized float weights (decoded one block at a time into
+    the weight cache), as every layer does with ``packed_kernels=False``."""
     from .model import load_model
     folder = Path(folder)
     qcfg = read_quant_config(folder)
@@ -230,7 +244,8 @@ def load_packed(folder, *, compute_dtype="float32", weight_cache_bytes: int = 1 
         source[stem] = _PackedLayer(stem, entry, tensors, str(folder / "model.safetensors"),
                                     qcfg["version"])
     model = load_model(folder, compute_dtype=compute_dtype, weight_cache_bytes=weight_cache_bytes,
-                       load_tokenizer=load_tokenizer, linear_source=source)
+                       load_tokenizer=load_tokenizer, linear_source=source,
+                       packed_kernels=packed_kernels)
     abits = (qcfg.get("settings") or {}).get("abits")
     if abits is not None:
         model.set_activation_bits(abits)

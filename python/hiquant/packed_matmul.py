@@ -20,7 +20,7 @@ from . import _core
 from ._threads import resolve_n_threads
 from .errors import CheckpointError, InvalidArgumentError
 
-__all__ = ["PackedLinear", "kernel_name", "KERNELS"]
+__all__ = ["PackedLinear", "RowStack", "kernel_name", "KERNELS"]
 
 KERNELS = ("auto", "portable", "avx2")
 
@@ -118,3 +118,45 @@ class PackedLinear:
     def __repr__(self) -> str:
         return f"PackedLinear({self.name!r}, {self.d_out}x{self.d_in}, {self.nbytes} bytes)"
 
+
+
+class RowStack:
+    """Operators whose weights share their input, stacked by rows: ``matmul(x)`` is
+    ``x @ [W_1; W_2; ...].T``, the outputs of each operator's ``matmul`` side by side
+    (float32 ``(n, sum d_out)``). The NumPy runtime runs q/k/v and gate/up this way on
+    :class:`PackedLinear` operators, as it runs one product on their stacked dense weights."""
+
+    def __init__(self, ops):
+        ops = list(ops)
+        if not ops or len({op.d_in for op in ops}) != 1:
+            raise InvalidArgumentError("RowStack needs one or more operators with the same d_in, "
+                                       f"got {[getattr(op, 'shape', None) for op in ops]}")
+        self.ops = ops
+        self.d_in = ops[0].d_in
+        self.d_out = sum(op.d_out for op in ops)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.d_out, self.d_in)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(op.nbytes for op in self.ops)
+
+    def matmul(self, x: np.ndarray, *, n_threads=None, kernel: str = "auto") -> np.ndarray:
+        """``x @ W.T`` for ``x`` float32 ``(n, d_in)`` → ``(n, d_out)``."""
+        if not isinstance(x, np.ndarray) or x.ndim != 2:
+            raise InvalidArgumentError(f"x must be a 2-D float32 array (n, {self.d_in}), got "
+                                       f"{getattr(x, 'shape', type(x).__name__)}")
+        y = np.empty((x.shape[0], self.d_out), dtype=np.float32)
+        r0 = 0
+        for op in self.ops:
+            y[:, r0:r0 + op.d_out] = op.matmul(x, n_threads=n_threads, kernel=kernel)
+            r0 += op.d_out
+        return y
+
+    def dequantize(self) -> np.ndarray:
+        return np.concatenate([op.dequantize() for op in self.ops], axis=0)
+
+    def __repr__(self) -> str:
+        return f"RowStack({self.ops!r})"
