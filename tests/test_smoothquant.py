@@ -141,4 +141,10 @@ def test_smoothquant_w8a8_stays_near_full_precision_and_its_packed_export_keeps_
     assert pm.activation_bits == 8
     from hiquant.evaluate import perplexity_of_text
     ppl = perplexity_of_text(pm, embedded_test_path(), 128, 8, progress=False)["ppl"]
+    # the packed kernels' float32 rounding differs from the dense product's, and per-token
+    # rounding of the activations turns that into a few flipped steps (measured 2.8e-4 relative
+    # at A8, 1.6e-8 without activation quantization); the dense reload is exact
+    assert ppl == pytest.approx(rep.ppl, rel=1e-3)
+    dense = load_packed(tmp_path / "sq" / "packed", packed_kernels=False)
+    ppl = perplexity_of_text(dense, embedded_test_path(), 128, 8, progress=False)["ppl"]
     assert ppl == pytest.approx(rep.ppl, rel=1e-5)

@@ -73,6 +73,7 @@ from .errors import CheckpointError, InvalidArgumentError, InvalidTypeError, Num
 __all__ = [
     "Model",
     "BlockCache",
+    "KVCache",
     "load_model",
     "rope_inv_freq",
 ]
@@ -165,6 +166,20 @@ def _query_blocks(T: int) -> list[tuple[int, int]]:
 
 class _BlockParams:
     __slots__ = ("Wqkv", "bqkv", "Wo", "bo", "Wgu", "Wd", "ln1", "ln2", "qn", "kn", "nbytes")
+
+
+class KVCache:
+    """Keys (after RoPE) and values of every decoder block for the positions run so far, for
+    incremental decoding (:meth:`Model.forward_cached`): ``k[i]``, ``v[i]`` of shape
+    ``(batch, num_kv_heads, max_len, head_dim)`` in the compute dtype, ``length`` positions
+    filled. Build it with :meth:`Model.new_kv_cache`; it holds
+    ``2·layers·batch·max_len·num_kv_heads·head_dim`` values."""
+
+    __slots__ = ("k", "v", "length", "max_len", "batch", "cos", "sin")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
 
 
 class BlockCache:
@@ -875,6 +890,103 @@ class Model:
         if weight_grads:
             grads = {n: np.ascontiguousarray(grads[n]) for n in names}
         return dx.reshape(B, T, D), grads
+
+    # ---- incremental decoding (generation)
+
+    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` sequences of at most ``max_len`` positions."""
+        for nm, v in (("batch", batch), ("max_len", max_len)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise InvalidArgumentError(f"{nm} must be a positive int, got {v!r}")
+        self.check_seqlen(int(max_len))
+        c, cd = self.config, self.compute_dtype
+        kv = KVCache()
+        kv.batch, kv.max_len, kv.length = int(batch), int(max_len), 0
+        shape = (kv.batch, c.num_kv_heads, kv.max_len, c.head_dim)
+        kv.k = [np.zeros(shape, cd) for _ in range(self.num_blocks)]
+        kv.v = [np.zeros(shape, cd) for _ in range(self.num_blocks)]
+        # RoPE tables of every position (each row depends on its position only)
+        pos = np.arange(kv.max_len, dtype=np.float32)
+        freqs = pos[:, None] * self._inv_freq[None, :]
+        kv.cos, kv.sin = np.cos(freqs).astype(cd), np.sin(freqs).astype(cd)
+        return kv
+
+    def forward_cached(self, ids: np.ndarray, kv: KVCache) -> np.ndarray:
+        """Next-token logits ``(B, t, vocab)`` of the ``t`` new tokens ``ids`` (B, t) at positions
+        ``kv.length .. kv.length + t - 1``, attending to the cached keys and values of the
+        earlier positions; appends theirs to ``kv``. The first call (the prompt, ``kv.length ==
+        0``) gives the logits :meth:`logits` gives; each later call with one token costs one
+        product per linear layer (the packed kernels' GEMV with :func:`hiquant.load_packed`)
+        and attention over the cached positions, not a pass over the whole sequence."""
+        if not isinstance(kv, KVCache):
+            raise InvalidTypeError(f"kv must be a KVCache from model.new_kv_cache, got "
+                                   f"{type(kv).__name__}")
+        ids = self.check_ids(ids)
+        B, t = ids.shape
+        if B != kv.batch or kv.length + t > kv.max_len:
+            raise InvalidArgumentError(f"ids has shape {ids.shape} but the cache holds {kv.batch} "
+                                       f"sequences with {kv.max_len - kv.length} free positions "
+                                       f"of {kv.max_len}; make a larger cache")
+        h = self.embed(ids)
+        for i in range(self.num_blocks):
+            h = self._block_step(i, h, kv)
+        kv.length += t
+        hd, _, y, _ = self._final(h)
+        return (y @ hd.W.T).reshape(B, t, -1)
+
+    def _block_step(self, i: int, h: np.ndarray, kv: KVCache) -> np.ndarray:
+        """block_forward's arithmetic for positions p0..p0+t-1 with keys/values from ``kv``."""
+        c, cd = self.config, self.compute_dtype
+        B, t, D = h.shape
+        p0, p1 = kv.length, kv.length + t
+        P = self._block_params(i)
+        KV, G, hd = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
+        nq, nkv, I = self._nq, self._nkv, c.intermediate_size
+        eps = c.rms_norm_eps
+        x = np.ascontiguousarray(h).reshape(B * t, D)
+        a, _ = _rmsnorm(x, P.ln1, eps)
+        a = self._act_quant(a)
+        qkv = self._mm(a, P.Wqkv)
+        if P.bqkv is not None:
+            qkv += P.bqkv
+        q = qkv[:, :nq].reshape(B, t, KV, G, hd)
+        k = qkv[:, nq:nq + nkv].reshape(B, t, KV, hd)
+        v = qkv[:, nq + nkv:].reshape(B, t, KV, hd)
+        if c.qk_norm:
+            q, _ = _rmsnorm(q, P.qn, eps)
+            k, _ = _rmsnorm(k, P.kn, eps)
+        cos, sin = kv.cos[p0:p1], kv.sin[p0:p1]
+        qr = _rope_apply(q.transpose(0, 2, 1, 3, 4), cos[:, None], sin[:, None])  # (B,KV,t,G,hd)
+        kv.k[i][:, :, p0:p1] = _rope_apply(k.transpose(0, 2, 1, 3), cos, sin)
+        kv.v[i][:, :, p0:p1] = v.transpose(0, 2, 1, 3)
+        S = np.matmul(qr.reshape(B, KV, t * G, hd), kv.k[i][:, :, :p1].swapaxes(-1, -2))
+        S *= cd.type(hd ** -0.5)
+        if t > 1:  # query (j, g) at position p0 + j sees keys 0 .. p0 + j
+            rows = np.repeat(np.arange(p0, p1), G)
+            S += np.where(np.arange(p1)[None, :] <= rows[:, None], 0.0, -np.inf).astype(cd)
+        S -= S.max(axis=-1, keepdims=True)
+        np.exp(S, out=S)
+        S /= S.sum(axis=-1, keepdims=True)
+        O = np.matmul(S, kv.v[i][:, :, :p1]).reshape(B, KV, t, G, hd)
+        o = self._act_quant(O.transpose(0, 2, 1, 3, 4).reshape(B * t, nq))
+        h1 = self._mm(o, P.Wo)
+        if P.bo is not None:
+            h1 += P.bo
+        h1 += x
+        m, _ = _rmsnorm(h1, P.ln2, eps)
+        m = self._act_quant(m)
+        gu = self._mm(m, P.Wgu)
+        g, u = gu[:, :I], gu[:, I:]
+        e1 = np.negative(g)
+        with np.errstate(over="ignore"):
+            np.exp(e1, out=e1)
+        e1 += 1
+        s = g / e1
+        s *= u
+        s = self._act_quant(s)
+        out = self._mm(s, P.Wd)
+        out += h1
+        return out.reshape(B, t, D)
 
     # ---- head
 
