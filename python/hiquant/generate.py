@@ -88,6 +88,8 @@ def cmd_generate(args) -> int:
 
     if args.threads is not None:
         _threads.set_num_threads(args.threads)
+    # NumPy's BLAS (the dense products) on as many threads as the packed kernels get
+    _threads.set_blas_threads(_threads.get_num_threads())
     t0 = time.perf_counter()
     model = open_checkpoint(args.model)
     load_s = time.perf_counter() - t0
