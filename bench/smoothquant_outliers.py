@@ -102,7 +102,7 @@ def main() -> int:
                                            abits=ab, eval_text=text, progress=False, **kw)
                     rows.append(dict(model=name, method=method, w=wb, a=ab, ppl=rep.ppl,
                                      avg_bits=rep.avg_bits, seconds=time.perf_counter() - t0))
-    print(f"| model | method | W | A | ppl | s |\n|---|---|---|---|---|---|")
+    print("| model | method | W | A | ppl | s |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['method']} | {r['w']} | {r['a']} | {r['ppl']:.3f} | "
               f"{r['seconds']:.0f} |")
