@@ -57,7 +57,7 @@ def test_leading_windows_are_the_first_non_overlapping_windows():
     w = leading_windows(ids, 100, 10)
     np.testing.assert_array_equal(w, np.arange(1000).reshape(10, 100))
     assert leading_windows(ids, 100).shape == (10, 100)
-    with pytest.raises(InvalidArgumentError, match="windows <= 10"):
+    with pytest.raises(InvalidArgumentError, match="pass at most 10 windows"):
         leading_windows(ids, 100, 11)
 
 

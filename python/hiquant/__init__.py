@@ -17,10 +17,12 @@ from .config import QuantizeSettings
 from .errors import (
     CheckpointError,
     HiquantError,
+    HiquantWarning,
     InfeasibleBudgetError,
     InvalidArgumentError,
     InvalidTypeError,
     NumericalError,
+    OutputError,
 )
 from .evaluate import perplexity
 from .model import load_model
@@ -48,4 +50,6 @@ __all__ = [
     "NumericalError",
     "InfeasibleBudgetError",
     "CheckpointError",
+    "OutputError",
+    "HiquantWarning",
 ]

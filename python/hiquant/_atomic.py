@@ -29,6 +29,9 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result gets the usual mode
         for f in tmp.rglob("*"):  # make the contents durable before the rename publishes them
             if f.is_file():
                 with open(f, "rb") as fh:

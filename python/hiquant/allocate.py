@@ -64,6 +64,8 @@ __all__ = [
     "LayerPlan",
     "uniform_ratio_for_budget",
     "plan_layers",
+    "budget_range",
+    "check_budget",
 ]
 
 _METHODS = ("auto", "exact", "general")
@@ -893,3 +895,48 @@ def plan_layers(settings, shapes: dict, *, fisher_col: Mapping | None = None,
         idx = high_columns(fisher_col[n], k) if k else np.zeros(0, np.int64)
         plans[n] = LayerPlan(k, idx, s.wbits, s.hbits, s.group_size, ratios[n])
     return plans, allocation
+
+
+def budget_range(settings, shapes: dict) -> tuple[float, float]:
+    """The smallest and the largest average bits per weight the (resolved) settings' method can
+    store on layers ``shapes``: every layer at its cheapest option and at its dearest (no
+    high-impact columns and all of them for a fixed ratio; the smallest and the largest candidate
+    for the IQP). Exact storage, as :func:`layer_cost_bits` counts it."""
+    from .methods import METHODS
+    s = settings
+    n_weights = sum(a * b for a, b in shapes.values())
+    if METHODS[s.method].allocation == "iqp":
+        costs = option_costs(shapes, s.candidates, s.wbits, s.hbits, s.group_size, s.scale_bits)
+        return costs.min(axis=1).sum() / n_weights, costs.max(axis=1).sum() / n_weights
+    if METHODS[s.method].allocation == "none" or s.hbits == s.wbits:
+        b = _uniform_bits(shapes, 0.0, s) / n_weights
+        return b, b
+    return _uniform_bits(shapes, 0.0, s) / n_weights, _uniform_bits(shapes, 1.0, s) / n_weights
+
+
+def check_budget(settings, shapes: dict) -> None:
+    """Before any statistics: an ``avg_bits`` below what the method can store raises
+    :class:`~hiquant.InfeasibleBudgetError` (with ``min_feasible``); one above what it can use
+    warns (:class:`~hiquant.HiquantWarning`: the result will have fewer bits than asked)."""
+    import warnings
+
+    from .errors import HiquantWarning
+    from .methods import METHODS
+    s = settings
+    if s.avg_bits is None or METHODS[s.method].allocation == "none" or s.ratio is not None:
+        return
+    lo, hi = budget_range(s, shapes)
+    if s.avg_bits < lo:
+        n_weights = sum(a * b for a, b in shapes.values())
+        mf = _min_avg(math.ceil(lo * n_weights - 1e-9), n_weights)
+        raise InfeasibleBudgetError(
+            f"avg_bits={s.avg_bits} is infeasible for {s.method} W{s.wbits} (b_H {s.hbits}) "
+            f"g{s.group_size} with {s.scale_bits}-bit scales: its cheapest plan stores "
+            f"{lo:.4f} bits per weight; pass avg_bits >= {mf!r}"
+            + (" or store cheaper scales (scale_bits=8 or 6)" if s.scale_bits == 16 else ""), mf)
+    if s.avg_bits > hi:
+        warnings.warn(
+            f"avg_bits={s.avg_bits} is more than {s.method} can use here: every layer at its "
+            f"largest option stores {hi:.4f} bits per weight, so the result will have that; "
+            + ("widen the candidate ratios (candidates=...)" if METHODS[s.method].allocation ==
+               "iqp" else "raise hbits or wbits"), HiquantWarning, stacklevel=3)

@@ -130,8 +130,39 @@ def load_text(path, *, format: str = "auto") -> str:
     raise InvalidArgumentError(f"format must be 'auto', 'text', 'wikitext2' or 'jsonl', got {format!r}")
 
 
-def tokenize_text(tokenizer, text: str) -> np.ndarray:
-    """Token ids of the whole text as int64 (no special tokens added)."""
+def _piece_end(text: str, start: int, size: int) -> int:
+    """End of the piece of ``text`` from ``start``: the first newline at or after
+    ``start + size`` with a non-whitespace character on both sides (for byte-level BPE a
+    pre-tokenization boundary: the newline is a token group of its own either way)."""
+    i = start + size
+    while i < len(text):
+        j = text.find("\n", i)
+        if j < 0 or j + 1 >= len(text):
+            return len(text)
+        if j > 0 and not text[j - 1].isspace() and not text[j + 1].isspace():
+            return j
+        i = j + 1
+    return len(text)
+
+
+def _cut_is_exact(tokenizer, text: str, cut: int, margin: int = 2048) -> bool:
+    """Whether encoding around ``cut`` in two pieces gives the tokens of one piece."""
+    a, b = text[max(0, cut - margin):cut], text[cut:cut + margin]
+    one = tokenizer.encode(a + b, add_special_tokens=False).ids
+    two = (tokenizer.encode(a, add_special_tokens=False).ids
+           + tokenizer.encode(b, add_special_tokens=False).ids)
+    return one == two
+
+
+def tokenize_text(tokenizer, text: str, *, max_tokens: int | None = None,
+                  piece_chars: int = 1 << 16) -> np.ndarray:
+    """Token ids of the text as int64 (no special tokens added), equal to encoding it whole.
+
+    The text is encoded in pieces of about ``piece_chars`` characters, cut at newlines between
+    two non-whitespace characters, so memory stays bounded by a piece; with ``max_tokens``,
+    encoding stops once that many tokens exist (the result is then their first ``max_tokens``).
+    Each cut is verified (the tokens around it encoded as one piece and as two); a tokenizer
+    for which a cut is not a token boundary gets the whole text encoded at once instead."""
     if tokenizer is None:
         raise InvalidArgumentError("the model has no tokenizer.json; pass token ids directly or "
                                    "add the tokenizer to the checkpoint folder")
@@ -139,8 +170,18 @@ def tokenize_text(tokenizer, text: str) -> np.ndarray:
         raise InvalidTypeError(f"text must be a str, got {type(text).__name__}")
     if not text:
         raise InvalidArgumentError("text is empty; pass the contents of a calibration file")
-    enc = tokenizer.encode(text, add_special_tokens=False)
-    return np.asarray(enc.ids, dtype=np.int64)
+    parts, n, start = [], 0, 0
+    while start < len(text) and (max_tokens is None or n < max_tokens):
+        end = _piece_end(text, start, piece_chars)
+        if end < len(text) and not _cut_is_exact(tokenizer, text, end):
+            parts, end = [], len(text)  # not a token boundary for this tokenizer: whole text
+            start = 0
+        ids = tokenizer.encode(text[start:end], add_special_tokens=False).ids
+        parts.append(np.asarray(ids, dtype=np.int64))
+        n += len(ids)
+        start = end
+    out = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return out[:max_tokens] if max_tokens is not None else out
 
 
 def _check_int(v, name, minimum):
@@ -178,8 +219,10 @@ def leading_windows(ids: np.ndarray, seqlen: int, windows: int | None = None) ->
         windows = avail
     windows = _check_int(windows, "windows", 1)
     if windows > avail:
+        fix = (f"pass at most {avail} windows (--windows / --eval-windows {avail})" if avail
+               else "use a longer text or shorter windows (--seqlen / --eval-seqlen)")
         raise InvalidArgumentError(f"the text has {len(ids)} tokens: {avail} windows of {seqlen}, "
-                                   f"fewer than the {windows} requested; pass windows <= {avail}")
+                                   f"fewer than the {windows} requested; {fix}")
     return np.ascontiguousarray(ids[:windows * seqlen].reshape(windows, seqlen).astype(np.int64))
 
 

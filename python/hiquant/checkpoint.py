@@ -27,6 +27,7 @@ from ._safetensors_io import SafetensorsFile, bf16_to_f32
 from .errors import CheckpointError
 
 __all__ = [
+    "first_nonfinite",
     "SUPPORTED_ARCHITECTURES",
     "LINEAR_SUFFIXES",
     "STORED_DTYPES",
@@ -58,6 +59,12 @@ LINEAR_SUFFIXES = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
+
+# the model_type transformers builds each architecture from (AutoConfig reads model_type)
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+               "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+# the model_type of a hiquant packed folder: transformers refuses it with an error naming it
+PACKED_MODEL_TYPE = "hiquant_packed"
 
 # transformers' defaults for keys a config.json may omit (configuration_<arch>.py, 5.x). The
 # structural sizes (hidden_size, layers, heads, intermediate_size, vocab_size) have defaults there
@@ -228,6 +235,15 @@ def parse_config(raw: dict, path="config.json", source_dtype: str = "float32") -
         raise _cfg_error(path, f"architecture '{arch}' is not supported; hiquant runs "
                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     d = _ARCH_DEFAULTS[arch]
+    model_type = raw.get("model_type")
+    if model_type == PACKED_MODEL_TYPE:  # a hiquant packed folder keeps its source's type here
+        model_type = raw.get("hiquant_source_model_type")
+    if model_type is not None and model_type != MODEL_TYPES[arch]:
+        raise _cfg_error(path, f"'architectures' says {arch} but 'model_type' says "
+                         f"{model_type!r}: transformers builds a {model_type!r} model from this "
+                         f"folder (its own attention, e.g. a sliding window), so hiquant's "
+                         f"{arch} would compute other logits; make both name the same "
+                         f"architecture ({MODEL_TYPES[arch]!r} for {arch})")
     act = raw.get("hidden_act", "silu")
     if act != "silu":
         raise _cfg_error(path, f"hidden_act '{act}' is not supported (only 'silu')")
@@ -314,6 +330,22 @@ class SourceTensor(NamedTuple):
     dtype: str
     shape: tuple
     read: Callable[[], np.ndarray]
+
+
+def first_nonfinite(tensors) -> str | None:
+    """The name of the first float tensor among ``tensors`` (:class:`SourceTensor`, e.g.
+    ``model.source_tensors()``) that holds NaN or Inf, or None. Reads each tensor once."""
+    np_dtype = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+    for t in tensors:
+        if t.dtype not in np_dtype:
+            continue
+        raw = t.read()
+        a = raw if isinstance(raw, np.ndarray) else np.frombuffer(raw, np_dtype[t.dtype])
+        if t.dtype == "BF16":
+            a = bf16_to_f32(a.view(np.uint16))
+        if not np.all(np.isfinite(a)):
+            return t.name
+    return None
 
 
 def load_json(path, what: str):

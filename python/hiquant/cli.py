@@ -124,9 +124,19 @@ def _settings_from_args(args):
     from .config import QuantizeSettings
     names = {f.name for f in fields(QuantizeSettings)}
     kw = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    if getattr(args, "candidates", None):
-        kw["candidates"] = tuple(float(x) for x in args.candidates.split(","))
     return QuantizeSettings(**kw)
+
+
+def _ratios(text: str) -> tuple:
+    """--candidates: comma-separated ratios in [0, 1]."""
+    try:
+        vals = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1] such as "
+                                         f"0.02,0.05,0.1, got {text!r}") from None
+    if not vals or any(not 0.0 <= v <= 1.0 for v in vals):
+        raise argparse.ArgumentTypeError(f"every candidate ratio must be in [0, 1], got {text!r}")
+    return vals
 
 
 def cmd_quantize(args) -> int:
@@ -143,7 +153,8 @@ def cmd_quantize(args) -> int:
                    eval_text=args.eval_text, fp_eval=args.fp_eval, overwrite=args.overwrite,
                    progress=not args.quiet, progress_dir=ckpt, resume=args.resume,
                    cache_dir=args.cache_dir)
-    print(rep.markdown(), file=sys.stderr)
+    if not args.quiet:
+        print(rep.markdown(), file=sys.stderr)
     import resource
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
     mem = sampler.stop()  # peaks of anonymous and file-backed (memory-mapped checkpoint) RSS
@@ -253,7 +264,8 @@ def _add_pipeline_commands(sub) -> None:
 
     p = sub.add_parser("quantize", help="quantize a checkpoint", description=cmd_quantize.__doc__)
     p.add_argument("model", metavar="MODEL_DIR")
-    p.add_argument("--calib", required=True, help="calibration text file")
+    p.add_argument("--calib", default=None,
+                   help="calibration text file (every method but rtn needs one)")
     p.add_argument("--method", default="hiq", choices=tuple(METHODS))
     p.add_argument("--wbits", type=int, default=2, help="low bit width b_L")
     p.add_argument("--hbits", type=int, default=None,
@@ -271,7 +283,7 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--smooth-alpha", dest="smooth_alpha", type=float, default=None,
                    help="smoothquant's migration strength α in [0, 1] (default 0.5)")
     p.add_argument("--ratio", type=float, default=None, help="fixed-ratio: the ratio of every layer")
-    p.add_argument("--candidates", default=None,
+    p.add_argument("--candidates", type=_ratios, default=None,
                    help="comma-separated candidate ratios "
                         f"(default {','.join(map(str, DEFAULT_CANDIDATES))})")
     p.add_argument("--estimator", default=None, choices=("auto",) + ESTIMATORS,
@@ -378,18 +390,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     _add_pipeline_commands(sub)
+    from .generate import add_generate_command
+    add_generate_command(sub)
     return ap
 
 
 def main(argv=None) -> int:
     from .errors import HiquantError
 
+    import warnings
+
+    from .errors import HiquantWarning
+
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except HiquantError as e:
-        print(f"hiquant {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"hiquant {args.command}: interrupted", file=sys.stderr)
-        return 130
+
+    def show(message, category, *rest, **kw):  # one line per warning, no source line
+        print(f"hiquant {args.command}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", HiquantWarning)
+        warnings.showwarning = show
+        try:
+            return int(args.func(args) or 0)
+        except HiquantError as e:
+            print(f"hiquant {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # the environment (a file that vanished, a device error)
+            print(f"hiquant {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            hint = ""
+            if args.command == "quantize" and getattr(args, "out", None):
+                hint = (f"; progress after each completed block is kept in "
+                        f"{args.out.rstrip('/')}.progress — rerun the same command with "
+                        "--resume to continue")
+            print(f"hiquant {args.command}: interrupted{hint}", file=sys.stderr)
+            return 130

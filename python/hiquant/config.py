@@ -32,6 +32,7 @@ __all__ = [
     "LWC_SCHEDULES",
     "QUANTIZERS",
     "EXPORTS",
+    "BACKENDS",
     "check_bits",
     "check_group_size",
     "check_scale_bits",
@@ -57,6 +58,7 @@ LOW_ROUNDINGS = ("nearest", "gptq")  # codes of an LWC low part on its learned g
 LWC_SCHEDULES = ("constant", "cosine")  # block-wise LWC learning-rate schedules
 QUANTIZERS = ("rtn", "gptq", "lwc", "adaround", "hybrid", "awq", "smoothquant")  # layer quantizers (methods/)
 EXPORTS = ("fake", "packed", "both")
+BACKENDS = ("numpy", "torch")  # model runtimes: hiquant.model (NumPy), hiquant.torch_runtime
 # estimator="auto": the diagonal estimator while the full Fisher diagonal (4 bytes per linear
 # weight) fits in this many bytes, else fisher (whose memory does not grow with the model)
 DIAGONAL_AUTO_BYTES = 2 << 30
@@ -176,6 +178,10 @@ class QuantizeSettings:
     # the quantized model is evaluated (one of ACT_BITS); None: activations stay float
     abits: int | None = None
     smooth_alpha: float = 0.5  # smoothquant's migration strength α (in [0, 1])
+    # the model runtime, one of BACKENDS; "auto": torch when a CUDA GPU and torch/transformers are
+    # present, else numpy (the report records the resolved one)
+    backend: str = "auto"
+    device: str = "auto"  # cpu | cuda | cuda:N (cuda needs backend torch); "auto": cuda if present
 
     def replace(self, **changes) -> "QuantizeSettings":
         """A copy with ``changes`` applied (unknown names raise InvalidArgumentError)."""
@@ -221,13 +227,16 @@ def _choice(v, name, options, *, auto=False):
                                    f"{', '.join(options)}, got {v!r}")
 
 
-def resolve(settings: QuantizeSettings, *, n_weights: int | None = None) -> QuantizeSettings:
+def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
+            warn: bool = True) -> QuantizeSettings:
     """The settings with every ``"auto"`` settled and every value checked, or an
     :class:`InvalidArgumentError` / :class:`InvalidTypeError` naming the setting and what to do.
 
     ``n_weights`` (the number of weights in the model's quantized linears) settles
     ``estimator="auto"``; without it the estimator stays ``"auto"``. Resolving resolved settings
-    returns them unchanged.
+    returns them unchanged. With ``warn``, a setting that has no effect for the method (a budget
+    for a method without high-impact columns, a ratio where the IQP chooses them) is reported as
+    a :class:`~hiquant.HiquantWarning`.
     """
     from .methods import method_spec  # the registry: method names and what each needs
 
@@ -337,9 +346,65 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None) -> Quan
         raise InvalidArgumentError(f"method {s.method!r} needs a budget: pass avg_bits "
                                    "(e.g. 2.3)")
 
+    if warn:
+        _warn_no_effect(s, spec)
     estimator = s.estimator
     _choice(estimator, "estimator", ESTIMATORS, auto=True)
     if estimator == "auto" and n_weights is not None:
         estimator = "diagonal" if 4 * n_weights <= DIAGONAL_AUTO_BYTES else "fisher"
     ch["estimator"] = estimator
+    ch["backend"], ch["device"] = _resolve_backend(s.backend, s.device)
+    if ch["backend"] == "torch" and s.abits is not None:
+        raise InvalidArgumentError("abits (activation quantization) runs on the NumPy backend "
+                                   "only for now; pass backend='numpy'")
     return dataclasses.replace(s, **ch)
+
+
+def _resolve_backend(backend, device) -> tuple[str, str]:
+    """(backend, device) with "auto" settled: torch on a CUDA GPU when one is present and torch
+    and transformers are installed, else numpy on the CPU. Checks without importing torch when
+    torch is absent or no NVIDIA driver is loaded."""
+    from .torch_runtime import cuda_device_count, torch_available
+    _choice(backend, "backend", BACKENDS, auto=True)
+    if not isinstance(device, str) or not (
+            device in ("auto", "cpu", "cuda") or (device.startswith("cuda:")
+                                                  and device[5:].isdigit())):
+        raise InvalidArgumentError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if backend == "numpy" and device not in ("auto", "cpu"):
+        raise InvalidArgumentError(f"backend 'numpy' runs on the CPU; device {device!r} needs "
+                                   "backend='torch'")
+    if backend == "auto":
+        if device == "cpu" or (device == "auto" and not (torch_available() and cuda_device_count())):
+            return "numpy", "cpu"
+        backend = "torch"
+    if not torch_available():
+        raise InvalidArgumentError("backend 'torch' needs torch and transformers; install them with "
+                                   "`pip install hiquant[torch]` or use backend='numpy'")
+    if device == "auto":
+        return backend, "cuda" if cuda_device_count() else "cpu"
+    if device.startswith("cuda"):
+        n = cuda_device_count()
+        idx = int(device[5:]) if ":" in device else 0
+        if idx >= n:
+            raise InvalidArgumentError(f"device {device!r} asked for, but torch sees {n} CUDA "
+                                       "GPU(s); use device='cpu' or another index")
+    return backend, device
+
+
+def _warn_no_effect(s: QuantizeSettings, spec) -> None:
+    import warnings
+
+    from .errors import HiquantWarning
+    notes = []
+    if spec.allocation == "none" and s.avg_bits is not None:
+        notes.append(f"avg_bits has no effect for {s.method}: it stores every column at wbits "
+                     f"({s.wbits}); the report gives the bits it stores")
+    if s.ratio is not None and spec.allocation != "fixed":
+        notes.append(f"ratio has no effect for {s.method}"
+                     + ("; its ratios come from the IQP" if spec.allocation == "iqp" else ""))
+    if s.ratio is not None and spec.allocation == "fixed" and s.avg_bits is not None:
+        notes.append("avg_bits has no effect when ratio is given: every layer keeps that ratio")
+    if spec.allocation != "iqp" and tuple(s.candidates) != DEFAULT_CANDIDATES:
+        notes.append(f"candidates have no effect for {s.method} (only hiq chooses among them)")
+    for note in notes:
+        warnings.warn(note, HiquantWarning, stacklevel=3)

@@ -10,6 +10,8 @@ __all__ = [
     "NumericalError",
     "InfeasibleBudgetError",
     "CheckpointError",
+    "OutputError",
+    "HiquantWarning",
 ]
 
 
@@ -40,3 +42,12 @@ class InfeasibleBudgetError(HiquantError, ValueError):
 
 class CheckpointError(HiquantError, ValueError):
     """A model folder, config or safetensors file is missing, malformed or inconsistent."""
+
+
+class OutputError(HiquantError, OSError):
+    """An output cannot be written: permission denied, a read-only file system, a full disk.
+    Nothing partial is left under the output's name."""
+
+
+class HiquantWarning(UserWarning):
+    """A setting that has no effect, or a result that is not what the settings suggest."""

@@ -15,7 +15,7 @@ import numpy as np
 
 from ._threads import resolve_workers
 from .calib import leading_windows, load_text, tokenize_text
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, NumericalError
 
 __all__ = ["perplexity", "perplexity_of_text"]
 
@@ -52,17 +52,33 @@ def perplexity(model, ids: np.ndarray, seqlen: int = 512, windows: int | None = 
         if bar is not None:
             bar.close()
     dt = time.perf_counter() - t0
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+        raise NumericalError(f"the loss of window {int(bad[0])} is {losses[bad[0]]} "
+                             f"({bad.size} of {n} windows are not finite): "
+                             f"{_nonfinite_weight(model)}")
     mean = float(losses.mean())
     return {"ppl": math.exp(mean), "mean_loss": mean, "seqlen": int(seqlen), "windows": int(n),
             "n_tokens": int(n * seqlen), "batch_size": int(bs), "n_threads": nt, "seconds": dt,
             "tokens_per_s": n * seqlen / dt, "window_losses": losses}
 
 
+def _nonfinite_weight(model) -> str:
+    """Names the first stored tensor of ``model`` holding NaN/Inf, or says that none does."""
+    from .checkpoint import first_nonfinite
+    name = first_nonfinite(model.source_tensors())
+    if name is not None:
+        return f"tensor {name!r} holds NaN or Inf; the checkpoint is corrupt — re-export it"
+    return ("every stored weight is finite, so the activations overflow; evaluate in float32 "
+            "(compute_dtype) or check the quantized layers")
+
+
 def perplexity_of_text(model, path, seqlen: int = 512, windows: int | None = 200, *,
                        format: str = "auto", batch_size: int | None = None,
                        n_threads: int | None = None, progress: bool = True) -> dict:
     """Read and tokenize ``path`` with the model's tokenizer, then :func:`perplexity`."""
-    ids = tokenize_text(model.tokenizer, load_text(path, format=format))
+    ids = tokenize_text(model.tokenizer, load_text(path, format=format),
+                        max_tokens=None if windows is None else windows * seqlen)
     out = perplexity(model, ids, seqlen, windows, batch_size=batch_size, n_threads=n_threads,
                      progress=progress)
     out["text_tokens"] = int(len(ids))

@@ -168,7 +168,18 @@ def write_packed(folder: Path, model, qlayers: dict, report_settings: dict) -> d
                        "file_bytes": int(size)},
     }
     (folder / "quantization_config.json").write_text(json.dumps(cfg, indent=1, default=str))
-    shutil.copy2(Path(model.path) / "config.json", folder / "config.json")
+    # config.json names the format, so that no Hugging Face loader can mistake the folder for a
+    # float checkpoint: transformers refuses an unknown quant_method with an error naming it
+    # (transformers 5 loads an unknown quant_method with random weights and a warning, so the
+    # model_type itself is hiquant's; the source's is kept for hiquant's loader)
+    from .checkpoint import PACKED_MODEL_TYPE
+    hf = json.loads((Path(model.path) / "config.json").read_text("utf-8"))
+    hf["hiquant_source_model_type"] = hf.get("model_type")
+    hf["model_type"] = PACKED_MODEL_TYPE
+    hf["quantization_config"] = {"quant_method": "hiquant", "format": PACKED_FORMAT,
+                                 "version": PACKED_VERSION,
+                                 "load_with": "hiquant.load_packed(folder)"}
+    (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     copy_side_files(Path(model.path), folder)
     return {"path": str(folder), "bytes": size, "quantized_payload_bytes": int(quant_bytes),
             "payload_bits_per_weight": 8 * quant_bytes / n_weights}

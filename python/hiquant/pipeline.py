@@ -16,89 +16,18 @@ folder the run saves its state after every block and resumes from the last compl
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from .config import EXPORTS, QuantizeSettings, resolve
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, NumericalError
+from .report import Report, versions
 
-__all__ = ["Report", "quantize"]
-
-
-@dataclass
-class Report:
-    """What a run did: resolved settings (with calibration and evaluation), per-layer plans and
-    bits, the exact average bits, perplexities, stage timings, the allocation, library versions
-    and the outputs written."""
-
-    settings: dict
-    model: str
-    layers: list = field(default_factory=list)  # per-layer dicts
-    avg_bits: float = float("nan")
-    total_bits: int = 0
-    n_weights: int = 0
-    ppl: float | None = None
-    fp_ppl: float | None = None
-    timings: dict = field(default_factory=dict)
-    allocation: dict | None = None
-    versions: dict = field(default_factory=dict)
-    output: dict = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, default=_json_default)
-
-    def markdown(self) -> str:
-        s = self.settings
-        fmt = lambda v: "–" if v is None else v  # noqa: E731
-        lines = [
-            f"# hiquant report: {s['method']} W{s['wbits']} (b_H {s['hbits']}) g{s['group_size']}",
-            "",
-            f"model `{self.model}` · avg bits **{self.avg_bits:.4f}** · ppl **{fmt(self.ppl)}** "
-            f"(FP {fmt(self.fp_ppl)})",
-            "",
-            "| layer | shape | ratio | k | b_L | b_H | bits/weight |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for L in self.layers:
-            lines.append(f"| {L['name']} | {L['d_out']}×{L['d_in']} | {L['ratio']:.3f} | {L['k']} | "
-                         f"{L['b_low']} | {L['b_high'] if L['k'] else '–'} | "
-                         f"{L['bits_per_weight']:.4f} |")
-        lines += ["", "| stage | seconds |", "|---|---|"]
-        lines += [f"| {k} | {v:.1f} |" for k, v in self.timings.items()]
-        return "\n".join(lines) + "\n"
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o).__name__)
-
-
-def versions() -> dict:
-    """Versions of Python, hiquant and its dependencies, and the native build flags."""
-    from importlib import metadata
-
-    from . import _core
-    out = {"python": platform.python_version()}
-    for n in ("hiquant", "numpy", "safetensors", "tokenizers"):
-        try:
-            out[n] = metadata.version(n)
-        except metadata.PackageNotFoundError:
-            out[n] = None
-    out["build_flags"] = _core.build_flags
-    return out
+__all__ = ["Report", "quantize"]  # Report is defined in hiquant.report
 
 
 class _Timer:
@@ -130,25 +59,47 @@ def _fisher_scores(model, windows, s, spec, calib_settings, cache_dir, progress)
     return collect_stats(model, windows, **kw)
 
 
-def _plans(model, windows, s, spec, shapes, st, timings):
-    """One LayerPlan per layer (allocate.plan_layers), with M built first for the IQP."""
+def _plans(model, windows, s, spec, shapes, st, timings, progress):
+    """One LayerPlan per layer (allocate.plan_layers), with M built first for the IQP. Timings:
+    "sensitivity matrix" (M) and "allocation" (the plans), each counted once."""
     from . import allocate
     sm = None
     if spec.allocation == "iqp":
-        t_m = time.perf_counter()
-        sm = allocate.sensitivity_matrix(
-            model, windows, estimator=s.estimator, fisher_col=st.fisher_col,
-            fisher=st.fisher if s.estimator == "diagonal" else None, candidates=s.candidates,
-            b_low=s.wbits, b_high=s.hbits, group_size=s.group_size, names=list(shapes),
-            n_windows=min(s.m_windows, len(windows)), pairs=s.m_pairs)
-        timings["sensitivity matrix"] = time.perf_counter() - t_m
-    plans, alloc = allocate.plan_layers(s, shapes, fisher_col=st.fisher_col if st else None,
-                                        sensitivity=sm)
+        bar = _bar(progress, f"sensitivity matrix ({s.estimator})")
+        with _Timer(timings, "sensitivity matrix"):
+            try:
+                sm = allocate.sensitivity_matrix(
+                    model, windows, estimator=s.estimator, fisher_col=st.fisher_col,
+                    fisher=st.fisher if s.estimator == "diagonal" else None,
+                    candidates=s.candidates, b_low=s.wbits, b_high=s.hbits,
+                    group_size=s.group_size, names=list(shapes),
+                    n_windows=min(s.m_windows, len(windows)), pairs=s.m_pairs,
+                    progress=bar.update_to if bar is not None else None)
+            finally:
+                if bar is not None:
+                    bar.close()
+    with _Timer(timings, "allocation"):
+        plans, alloc = allocate.plan_layers(s, shapes, fisher_col=st.fisher_col if st else None,
+                                            sensitivity=sm)
     record = None
     if alloc is not None:
         record = {k: v for k, v in alloc.to_dict().items() if k != "layers"}
         record["m_seconds"] = sm.seconds
     return plans, record
+
+
+def _bar(enabled: bool, desc: str):
+    """A tqdm bar with ``update_to(done, total)`` for the (done, total) progress callbacks."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    class _Bar(tqdm):
+        def update_to(self, done, total):
+            self.total = total
+            self.update(done - self.n)
+
+    return _Bar(desc=desc, unit="step", leave=False)
 
 
 def _quantize_block(model, b, h, h_fp, plans, kind, s):
@@ -191,29 +142,32 @@ def _quantize_block(model, b, h, h_fp, plans, kind, s):
     return out, targets
 
 
-def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=None,
+def quantize(model_dir, calib=None, *, settings: QuantizeSettings | None = None, out=None,
              export: str = "both", eval_text=None, fp_eval: bool = False, overwrite: bool = False,
              progress: bool = True, model=None, cache_dir=None, progress_dir=None,
              resume: bool = False, **overrides) -> Report:
     """Quantize a Hugging Face model folder and return the run's :class:`Report`.
 
     ``model_dir``: the model folder; ``calib``: a calibration text file (plain text, WikiText raw
-    or C4-style json/jsonl(.gz)); ``settings`` and/or keyword overrides of
-    :class:`~hiquant.QuantizeSettings` (e.g. ``method="hiq", wbits=2, group_size=64,
-    avg_bits=2.3``), resolved and validated before any model work. ``out``: an output folder
-    (written atomically; never overwritten unless ``overwrite``) that receives ``fake/`` (a
-    Hugging Face folder with dequantized weights in the source dtype) and/or ``packed/``
-    (hiquant's packed format) as ``export`` says ("fake", "packed", "both"), plus
-    ``report.json`` and ``report.md``. ``eval_text``: a text file to measure perplexity on (of
-    the quantized model held in memory; ``fp_eval`` also measures the unquantized one).
+    or C4-style json/jsonl(.gz)); not needed by rtn, which uses no calibration data. ``settings``
+    and/or keyword overrides of :class:`~hiquant.QuantizeSettings` (e.g. ``method="hiq",
+    wbits=2, group_size=64, avg_bits=2.3``). Everything that can be checked without the model —
+    settings, paths, the output folder — is checked first, then lengths and the budget against
+    the model's config, all before any statistics. ``out``: an output folder (written
+    atomically; an existing one is replaced only with ``overwrite`` and only if it is a previous
+    hiquant output) that receives ``fake/`` (a Hugging Face folder with dequantized weights in the
+    source dtype) and/or ``packed/`` (hiquant's packed format) as ``export`` says ("fake",
+    "packed", "both"), plus ``report.json`` and ``report.md``. ``eval_text``: a text file to
+    measure perplexity on — of the quantized weights in float32, exactly what ``packed/`` holds
+    (``fake/`` rounds them to the source dtype); ``fp_eval`` also measures the unquantized model.
     ``model``: an already loaded runtime of ``model_dir`` to reuse (its weights are reset).
     ``cache_dir``: where calibration statistics are cached, keyed to the model files and the
     calibration settings. ``progress_dir``: where the run's state is saved after every block
     (atomically); with ``resume=True`` a killed run continues from its last completed block and
-    ends with the same result as an uninterrupted run. The folder is removed on completion.
+    ends with the same result as an uninterrupted run. The folder is removed on completion, and
+    on a failure before the first block completes.
     """
-    from . import calib as calib_mod
-    from .evaluate import perplexity
+    from . import preflight
     from .methods import METHODS
     from .model import load_model
 
@@ -221,88 +175,130 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
     if not isinstance(base, QuantizeSettings):
         raise InvalidArgumentError(f"settings must be a hiquant.QuantizeSettings, got "
                                    f"{type(base).__name__}")
-    s = resolve(base.replace(**overrides))  # validates everything before any model work
+    s = resolve(base.replace(**overrides))  # validates every setting before any model work
     if export not in EXPORTS:
         raise InvalidArgumentError(f"export must be one of {', '.join(EXPORTS)}, got {export!r}")
-    if out is not None and Path(out).exists() and not overwrite:
-        raise InvalidArgumentError(f"{out} already exists; choose another folder or pass "
-                                   "overwrite=True")
     spec = METHODS[s.method]
-    kind = s.layer_quantizer
+    needs_calib = spec.fisher or s.layer_quantizer != "rtn" or s.objective != "layer"
+    if needs_calib:
+        preflight.check_readable(calib, f"the calibration text of {s.method} (calib, --calib)")
+    if eval_text is not None:
+        preflight.check_readable(eval_text, "the evaluation text (eval_text, --eval-text)")
+    if out is not None:
+        preflight.check_output(out, overwrite)
     timings: dict = {}
     with _Timer(timings, "load"):
-        if model is None:
+        if model is None and s.backend == "torch":
+            from .torch_runtime import load_torch_model
+            model = load_torch_model(model_dir, device=s.device)
+        elif model is None:
             model = load_model(model_dir)
         else:
             model.reset_weights()
-    names = model.linear_names()
-    shapes = {n: model.linear_shape(n) for n in names}
+    shapes = {n: model.linear_shape(n) for n in model.linear_names()}
     n_weights = sum(a * b for a, b in shapes.values())
-    s = resolve(s, n_weights=n_weights)  # settles estimator="auto", which needs the model size
-    with _Timer(timings, "calibration data"):
-        windows, calib_settings = calib_mod.calibration_windows(model.tokenizer, calib, s.n_calib,
-                                                               s.seqlen, s.seed)
+    s = resolve(s, n_weights=n_weights, warn=False)  # settles estimator="auto" (model size)
+    if needs_calib:
+        preflight.check_lengths(model, s.seqlen, "seqlen")
+    if eval_text is not None:
+        preflight.check_lengths(model, s.eval_seqlen, "eval_seqlen")
+    from .allocate import check_budget
+    check_budget(s, shapes)
+    try:
+        return _run(model, calib if needs_calib else None, s, spec, shapes, timings, out=out,
+                    export=export, eval_text=eval_text, fp_eval=fp_eval, overwrite=overwrite,
+                    progress=progress, cache_dir=cache_dir, progress_dir=progress_dir,
+                    resume=resume)
+    except NumericalError as e:  # name the tensor when the checkpoint itself is not finite
+        from .checkpoint import first_nonfinite
+        bad = first_nonfinite(model.source_tensors())
+        if bad is None:
+            raise
+        raise NumericalError(f"{e} — tensor {bad!r} of {model.path} holds NaN or Inf; the "
+                             "checkpoint is corrupt: re-export or re-download it") from e
 
+
+def _run(model, calib, s, spec, shapes, timings, *, out, export, eval_text, fp_eval, overwrite,
+         progress, cache_dir, progress_dir, resume) -> Report:
+    """The stages after the checks (see :func:`quantize`)."""
+    from . import calib as calib_mod
+    from .blockwise import batches, block_outputs
+    from .evaluate import perplexity
+    from .preflight import output_error
+    names = list(shapes)
+    n_weights = sum(a * b for a, b in shapes.values())
+    kind = s.layer_quantizer
+    windows, calib_settings = None, None
+    if calib is not None:
+        with _Timer(timings, "calibration data"):
+            windows, calib_settings = calib_mod.calibration_windows(
+                model.tokenizer, calib, s.n_calib, s.seqlen, s.seed)
     state = None
     if progress_dir is not None:
         from .progress import ProgressState, run_key
-        state = ProgressState(progress_dir, run_key(asdict(s), model.fingerprint(), calib_settings),
-                              resume=resume)
+        # evaluation settings do not change the quantized result: not part of the key, so a run
+        # resumes with other evaluation settings
+        key_settings = {k: v for k, v in asdict(s).items() if not k.startswith("eval_")}
+        try:
+            state = ProgressState(progress_dir, run_key(key_settings, model.fingerprint(),
+                                                        calib_settings or {}), resume=resume)
+        except OSError as e:
+            raise output_error(progress_dir, e, "the progress folder") from e
         if cache_dir is None:  # statistics survive a crash too
             cache_dir = Path(progress_dir) / "stats"
+    try:
+        # ---- statistics and plans
+        restored = state.plans() if state is not None else None
+        if restored is not None:
+            from .progress import plans_from_json
+            plans, allocation = plans_from_json(restored), state.meta.get("allocation")
+        else:
+            st = None
+            if spec.fisher:
+                with _Timer(timings, "fisher"):
+                    st = _fisher_scores(model, windows, s, spec, calib_settings, cache_dir,
+                                        progress)
+            plans, allocation = _plans(model, windows, s, spec, shapes, st, timings, progress)
+            del st
 
-    # ---- statistics and plans
-    restored = state.plans() if state is not None else None
-    if restored is not None:
-        from .progress import plans_from_json
-        plans, allocation = plans_from_json(restored), state.meta.get("allocation")
-    else:
-        st = None
-        if spec.fisher:
-            with _Timer(timings, "fisher"):
-                st = _fisher_scores(model, windows, s, spec, calib_settings, cache_dir, progress)
-        with _Timer(timings, "allocation"):
-            plans, allocation = _plans(model, windows, s, spec, shapes, st, timings)
-        del st
-
-    # ---- block-by-block quantization
-    from .blockwise import batches, block_outputs
-    qlayers: dict = {}
-    t_q = time.perf_counter()
-    start = state.done_blocks if state is not None else 0
-    if start:
-        for b in range(start):
-            for name, ql in state.load_block(b, model.block_linear_names(b),
-                                             state.meta["entries"]).items():
-                model.set_weight(name, ql)
-                qlayers[name] = ql
-        for name, w in state.load_tensors().items():  # norms an equivalent transform changed
-            model.set_norm_weight(name, w)
-        h = state.load_hidden()
-    else:
-        h = np.concatenate([model.embed(windows[sl])
-                            for sl in batches(len(windows), s.calib_batch)])
-    block_obj = s.objective in ("block", "refine")
-    h_fp = (state.load_hidden("hidden_fp") if start else h.copy()) if block_obj else None
-    for b in _progress_bar(range(start, model.num_blocks), progress,
-                           desc=f"quantize ({s.method})", unit="block", initial=start,
-                           total=model.num_blocks):
-        done, targets = _quantize_block(model, b, h, h_fp, plans, kind, s)
-        qlayers.update(done)
-        h = block_outputs(model, b, h, s.calib_batch, s.n_threads)
+        # ---- block-by-block quantization
+        qlayers: dict = {}
+        t_q = time.perf_counter()
+        start = state.done_blocks if state is not None else 0
+        h = h_fp = None
+        if start:
+            for b in range(start):
+                for name, ql in state.load_block(b, model.block_linear_names(b),
+                                                 state.meta["entries"]).items():
+                    model.set_weight(name, ql)
+                    qlayers[name] = ql
+            for name, w in state.load_tensors().items():  # norms an equivalent transform changed
+                model.set_norm_weight(name, w)
+            h = state.load_hidden() if windows is not None else None
+        elif windows is not None:
+            h = np.concatenate([model.embed(windows[sl])
+                                for sl in batches(len(windows), s.calib_batch)])
+        block_obj = s.objective in ("block", "refine")
         if block_obj:
-            h_fp = targets
-        if state is not None:
-            from .export import layer_entry
-            from .progress import plans_to_json
-            entries = dict(state.meta["entries"]) if state.meta else {}
-            entries.update({n: layer_entry(ql) for n, ql in done.items()})
-            state.save_block(b, done, h, plans_to_json(plans), entries, allocation,
-                             hidden_fp=h_fp, tensors=model.modified_tensors())
-            if os.environ.get("HIQUANT_TEST_SLOW_BLOCKS"):  # test hook: widen the kill window
-                time.sleep(float(os.environ["HIQUANT_TEST_SLOW_BLOCKS"]))
-    timings["quantize"] = time.perf_counter() - t_q
-    del h, h_fp
+            h_fp = state.load_hidden("hidden_fp") if start else h.copy()
+        for b in _progress_bar(range(start, model.num_blocks), progress,
+                               desc=f"quantize ({s.method})", unit="block", initial=start,
+                               total=model.num_blocks):
+            done, targets = _quantize_block(model, b, h, h_fp, plans, kind, s)
+            qlayers.update(done)
+            if h is not None:  # the next block's calibration inputs (none for rtn)
+                h = block_outputs(model, b, h, s.calib_batch, s.n_threads)
+            if block_obj:
+                h_fp = targets
+            if state is not None:
+                _save_progress(state, b, done, h, h_fp, plans, allocation,
+                               model.modified_tensors())
+        timings["quantize"] = time.perf_counter() - t_q
+        del h, h_fp
+    except BaseException as e:
+        if state is not None and not state.done_blocks and not isinstance(e, KeyboardInterrupt):
+            state.remove()  # nothing worth resuming: leave nothing behind
+        raise
 
     total_bits = sum(ql.storage_bits() for ql in qlayers.values())
     layers = [dict(name=n, d_out=shapes[n][0], d_in=shapes[n][1], ratio=float(plans[n].ratio),
@@ -320,7 +316,8 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
     # ---- evaluation
     if eval_text is not None:
         with _Timer(timings, "evaluate"):
-            test_ids = calib_mod.tokenize_text(model.tokenizer, calib_mod.load_text(eval_text))
+            test_ids = calib_mod.tokenize_text(model.tokenizer, calib_mod.load_text(eval_text),
+                                               max_tokens=s.eval_windows * s.eval_seqlen)
             model.set_activation_bits(s.abits)  # the inputs of every linear, per token
             try:
                 report.ppl = perplexity(model, test_ids, s.eval_seqlen, s.eval_windows,
@@ -337,14 +334,39 @@ def quantize(model_dir, calib, *, settings: QuantizeSettings | None = None, out=
                 for n, w in mods.items():
                     model.set_norm_weight(n, w)
         report.settings["eval"] = {"file": str(Path(eval_text).resolve()),
-                                   "seqlen": s.eval_seqlen, "windows": s.eval_windows}
+                                   "seqlen": s.eval_seqlen, "windows": s.eval_windows,
+                                   "weights": "the quantized weights in float32, as packed/ "
+                                              "stores them (fake/ rounds them to "
+                                              f"{model.config.source_dtype})"}
 
     # ---- export
     if out is not None:
         with _Timer(timings, "export"):
             from .export import write_outputs
-            report.output = write_outputs(out, model, qlayers, report, export=export,
-                                          overwrite=overwrite)
+            try:
+                report.output = write_outputs(out, model, qlayers, report, export=export,
+                                              overwrite=overwrite)
+            except OSError as e:
+                err = output_error(out, e)
+                if state is not None:  # the quantized layers are not lost
+                    err = type(err)(f"{err}; the quantized blocks are kept in {state.dir}: "
+                                    "rerun the same command with --resume to write them")
+                raise err from e
     if state is not None:
         state.remove()
     return report
+
+
+def _save_progress(state, b, done, h, h_fp, plans, allocation, tensors=None) -> None:
+    from .export import layer_entry
+    from .preflight import output_error
+    from .progress import plans_to_json
+    entries = dict(state.meta["entries"]) if state.meta else {}
+    entries.update({n: layer_entry(ql) for n, ql in done.items()})
+    try:
+        state.save_block(b, done, h, plans_to_json(plans), entries, allocation, hidden_fp=h_fp,
+                         tensors=tensors)
+    except OSError as e:
+        raise output_error(state.dir, e, "the progress folder") from e
+    if os.environ.get("HIQUANT_TEST_SLOW_BLOCKS"):  # test hook: widen the kill window
+        time.sleep(float(os.environ["HIQUANT_TEST_SLOW_BLOCKS"]))

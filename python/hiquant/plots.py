@@ -51,6 +51,8 @@ def plot_fisher_and_ratios(names, fisher_col, ratios=None, path=None, fixed_rati
         ax.set_yticklabels([])
         ax.invert_yaxis()
         ax.set_xlabel("high-impact ratio")
+        ax.set_ylabel("linear layer (the order of the left panel)")
+        ax.set_title("chosen high-impact ratio per layer")
         ax.legend(fontsize=8)
     axes[0, 0].invert_yaxis() if not ratios else None
     fig.tight_layout()

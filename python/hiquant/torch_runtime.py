@@ -380,6 +380,20 @@ class TorchModel:
                 self._head_cache = (norm.eval(), self._tensor(self._array(src)))
             return self._head_cache
 
+    # ---- activation quantization
+
+    @property
+    def activation_bits(self) -> int | None:
+        """Always None: activation quantization runs on the NumPy backend only (for now)."""
+        return None
+
+    def set_activation_bits(self, bits) -> None:
+        """``None`` (off) only: per-token activation quantization (``abits``) is implemented in
+        the NumPy runtime; the settings refuse ``abits`` with ``backend="torch"`` up front."""
+        if bits is not None:
+            raise InvalidArgumentError("activation quantization (abits) runs on the NumPy "
+                                       "backend only for now; pass backend='numpy'")
+
     # ---- validation and sizing
 
     def check_ids(self, ids, name: str = "ids", min_len: int = 1) -> np.ndarray:
