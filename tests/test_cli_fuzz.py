@@ -57,7 +57,7 @@ def test_cli_arguments_never_end_in_a_traceback(tmp_path_factory, method, pairs,
     assert rc in (0, 2), (argv, err.getvalue())
     assert "Traceback" not in err.getvalue(), (argv, err.getvalue())
     if n == 0:
-        print(f"cli fuzz: drawing inputs (max_examples=120)", file=sys.stderr)
+        print("cli fuzz: drawing inputs (max_examples=120)", file=sys.stderr)
 
 
 def test_cli_fuzz_tried_inputs():

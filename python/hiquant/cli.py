@@ -396,11 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .errors import HiquantError
-
     import warnings
 
-    from .errors import HiquantWarning
+    from .errors import HiquantError, HiquantWarning
 
     args = build_parser().parse_args(argv)
 

@@ -98,7 +98,7 @@ def _source_tensors(model):
     out = []
     for name, dtype, shape, raw in model.source_tensors():
         if name in mods:
-            raw = (lambda v=mods[name], dtype=dtype: _to_stored_dtype(v, dtype))
+            raw = (lambda v=mods[name], dtype=dtype: _to_stored_dtype(v, dtype))  # noqa: E731
         out.append((name, dtype, shape, raw))
     return out
 
