@@ -305,6 +305,34 @@ class TorchModel:
     def modified_weights(self) -> list[str]:
         return [n for n in self.linear_names() if n in self._overrides]
 
+    # ---- equivalent transforms and activation quantization (issue 20): the NumPy runtime's
+
+    def _numpy_only(self, what: str):
+        from .errors import InvalidArgumentError
+        raise InvalidArgumentError(f"{what} runs on the NumPy runtime; pass backend='numpy' "
+                                   "(--backend numpy)")
+
+    def input_scalers(self, i: int) -> list:
+        self._numpy_only("awq's and smoothquant's equivalent transform")
+
+    def get_norm_weight(self, name: str) -> np.ndarray:
+        self._numpy_only("awq's and smoothquant's equivalent transform")
+
+    def set_norm_weight(self, name: str, w: np.ndarray) -> None:
+        self._numpy_only("awq's and smoothquant's equivalent transform")
+
+    def modified_tensors(self) -> dict:
+        return {}  # set_norm_weight is the NumPy runtime's only
+
+    @property
+    def activation_bits(self) -> int | None:
+        return None
+
+    def set_activation_bits(self, bits) -> None:
+        from .config import check_abits
+        if check_abits(bits) is not None:
+            self._numpy_only("activation quantization (abits)")
+
     def _evict(self, key) -> None:
         with self._lock:
             item = self._cache.pop(key, None)
