@@ -246,17 +246,6 @@ class TorchModel:
 
     # ---- equivalent transforms (AWQ, SmoothQuant): as the NumPy runtime
 
-    def input_scalers(self, i: int) -> list:
-        """As :meth:`hiquant.model.Model.input_scalers`; Gemma's norms scale by ``1 + w``, so
-        they are not plain per-channel scalers there (None)."""
-        q, k, v, o, gate, up, down = self.block_linear_names(i)
-        pre = f"model.layers.{int(i)}."
-        c = self.config
-        v_ok = c.num_heads == c.num_kv_heads and not c.attention_bias
-        plain_norm = self.hf_config.model_type != "gemma"
-        return [pre + "input_layernorm.weight" if plain_norm else None, v if v_ok else None,
-                pre + "post_attention_layernorm.weight" if plain_norm else None, up]
-
     def _check_norm(self, name) -> None:
         if not isinstance(name, str) or name not in self._where or not name.endswith("norm.weight") \
                 or len(self._where[name].tensors[name].shape) != 1:
@@ -270,37 +259,6 @@ class TorchModel:
         else:
             with self._lock:
                 self._head_cache = None
-
-    def get_norm_weight(self, name: str) -> np.ndarray:
-        self._check_norm(name)
-        return self._array(name, np.float32)
-
-    def set_norm_weight(self, name: str, w: np.ndarray) -> None:
-        """As :meth:`hiquant.model.Model.set_norm_weight`: rounded to the stored dtype."""
-        self._check_norm(name)
-        shape = tuple(self._where[name].tensors[name].shape)
-        if not isinstance(w, np.ndarray) or w.dtype != np.float32:
-            raise InvalidTypeError(f"w must be a float32 numpy.ndarray, got "
-                                   f"{getattr(w, 'dtype', type(w).__name__)}")
-        if w.shape != shape:
-            raise InvalidArgumentError(f"w has shape {w.shape} but {name} has {shape}")
-        if not np.isfinite(w).all():
-            raise NumericalError(f"w for {name} contains NaN or Inf")
-        st = self._where[name].tensors[name].dtype
-        if st == "F16":
-            v = w.astype(np.float16).astype(np.float32)
-            if not np.isfinite(v).all():
-                raise NumericalError(f"w for {name} overflows float16, its stored dtype")
-        elif st == "BF16":
-            from ._safetensors_io import f32_to_bf16
-            v = expand_tensor(f32_to_bf16(w), "BF16", np.float32)
-        else:
-            v = np.array(w, np.float32, order="C", copy=True)
-        self._tensor_overrides[name] = v
-        self._evict_tensor(name)
-
-    def modified_tensors(self) -> dict:
-        return {n: self._tensor_overrides[n].copy() for n in sorted(self._tensor_overrides)}
 
     def modified_weights(self) -> list[str]:
         return [n for n in self.linear_names() if n in self._overrides]
@@ -407,20 +365,6 @@ class TorchModel:
                        else "lm_head.weight")
                 self._head_cache = (norm.eval(), self._tensor(self._array(src)))
             return self._head_cache
-
-    # ---- activation quantization
-
-    @property
-    def activation_bits(self) -> int | None:
-        """Always None: activation quantization runs on the NumPy backend only (for now)."""
-        return None
-
-    def set_activation_bits(self, bits) -> None:
-        """``None`` (off) only: per-token activation quantization (``abits``) is implemented in
-        the NumPy runtime; the settings refuse ``abits`` with ``backend="torch"`` up front."""
-        if bits is not None:
-            raise InvalidArgumentError("activation quantization (abits) runs on the NumPy "
-                                       "backend only for now; pass backend='numpy'")
 
     # ---- validation and sizing
 
