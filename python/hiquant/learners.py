@@ -82,7 +82,25 @@ def _float(x, name: str) -> float:
     return x
 
 
-class LWC:
+class _NativePart:
+    """What LWC and AdaRound share: a native part ``_part`` (its shape, width and groups) and its
+    optimizer state ``_adam`` (the learning rate)."""
+
+    shape = property(lambda self: (self._part.rows, self._part.cols))
+    bits = property(lambda self: self._part.bits)
+    group_size = property(lambda self: self._part.group_size)
+    n_groups = property(lambda self: self._part.n_groups)
+
+    @property
+    def lr(self) -> float:
+        return self._adam.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._adam.lr = _float(value, "lr")
+
+
+class LWC(_NativePart):
     """OmniQuant-style learnable weight clipping on the columns ``W`` (float32 ``(d_out, n)``).
 
     Per (row, group of ``group_size`` columns): learnable ``gamma``, ``beta``; clipped range
@@ -107,19 +125,7 @@ class LWC:
         self._adam = _core.Adam(self._part.n_params, _float(lr, "lr"), 0.9, 0.999, 1e-8,
                                 _float(weight_decay, "weight_decay"), True)
 
-    shape = property(lambda self: (self._part.rows, self._part.cols))
-    bits = property(lambda self: self._part.bits)
-    group_size = property(lambda self: self._part.group_size)
-    n_groups = property(lambda self: self._part.n_groups)
     steps = property(lambda self: self._adam.steps, doc="Adam steps taken so far.")
-
-    @property
-    def lr(self) -> float:
-        return self._adam.lr
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        self._adam.lr = _float(value, "lr")
 
     @property
     def params(self) -> np.ndarray:
@@ -183,7 +189,7 @@ def adaround_schedule(t: int, iters: int, warmup: float = 0.2, b_start: float = 
     return True, float(b_end + (b_start - b_end) * max(0.0, 1.0 - rel))
 
 
-class AdaRound:
+class AdaRound(_NativePart):
     """AdaRound on the columns ``W`` (float32 ``(d_out, n)``) at ``bits`` bits.
 
     Fixed min-max scales per (row, group of ``group_size`` columns), range including 0, rounded
@@ -235,19 +241,6 @@ class AdaRound:
                                         scale)
         self._adam = _core.Adam(self._part.n_params, _float(lr, "lr"))
         self.t = 0  # schedule position (steps taken)
-
-    shape = property(lambda self: (self._part.rows, self._part.cols))
-    bits = property(lambda self: self._part.bits)
-    group_size = property(lambda self: self._part.group_size)
-    n_groups = property(lambda self: self._part.n_groups)
-
-    @property
-    def lr(self) -> float:
-        return self._adam.lr
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        self._adam.lr = _float(value, "lr")
 
     @property
     def params(self) -> np.ndarray:
