@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs the test oracles, PyTorch and transformers: the tests that compare hiquant's NumPy model
-# runtime with transformers' own decoder layers (and the learned quantizers with torch autograd)
-# need them. Usage: tools/install_oracles.sh [PYTHON]   (make oracles; make test runs it)
+# Installs the test oracles, PyTorch, transformers and compressed-tensors: the tests that compare
+# hiquant's NumPy model runtime with transformers' own decoder layers (and the learned quantizers
+# with torch autograd, and the compressed-tensors export with transformers' loader) need them.
+# Usage: tools/install_oracles.sh [PYTHON]   (make oracles; make test runs it)
 #
 # torch is pinned to exactly 2.13.0: on these machines pip resolves that pin (with the index, which
 # torch's own dependencies such as setuptools>=77 need) to the local CPU wheel; any other torch
@@ -15,8 +16,14 @@ set -u
 PY="${1:-python3}"
 TORCH_PIN="torch==2.13.0"
 TRANSFORMERS_REQ="transformers>=4.45"
+# compressed-tensors: transformers loads hiquant's compressed-tensors export with it. It requires
+# torch, so every install runs with a constraint file pinning torch: pip then keeps the pinned
+# torch instead of replacing it.
+CT_REQ="compressed-tensors>=0.15"
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+cons=$(mktemp)
+trap 'rm -f "$log" "$cons"' EXIT
+echo "$TORCH_PIN" >"$cons"
 
 version() { "$PY" -c "import $1; print($1.__version__)" 2>/dev/null; }
 
@@ -27,7 +34,7 @@ install() {  # install NAME REQUIREMENT
     return 0
   fi
   echo "oracles: installing $req ..."
-  if "$PY" -m pip install -q "$req" >"$log" 2>&1 && v=$(version "$name"); then
+  if "$PY" -m pip install -q -c "$cons" "$req" >"$log" 2>&1 && v=$(version "$name"); then
     echo "oracles: installed $name $v"
   else
     echo "oracles: FAILED to install $req; the tests that need $name will skip (and fail under CI=true)."
@@ -41,4 +48,5 @@ v=$(version torch) && case "$v" in 2.13.0*) ;; *)
   echo "oracles: note: torch $v is installed, not 2.13.0; tests run against it as it is" ;;
 esac
 install transformers "$TRANSFORMERS_REQ"
+install compressed_tensors "$CT_REQ"
 exit 0

@@ -22,7 +22,7 @@ from .errors import InvalidArgumentError, OutputError
 __all__ = ["check_readable", "check_output", "check_lengths", "OUTPUT_ENTRIES", "output_error"]
 
 # what a hiquant output folder holds (export.write_outputs): the only entries --overwrite replaces
-OUTPUT_ENTRIES = {"fake", "packed", "report.json", "report.md"}
+OUTPUT_ENTRIES = {"fake", "packed", "compressed", "report.json", "report.md"}
 
 
 def check_readable(path, what: str) -> Path:
