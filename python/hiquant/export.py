@@ -43,6 +43,9 @@ def _pack_part(prefix: str, part: QuantPart) -> dict:
 
 def layer_tensors(ql: QuantizedLayer) -> dict:
     """The packed tensors of one layer, keyed by their safetensors names."""
+    if getattr(ql, "binary", None) is not None:  # billm (hiquant.packed_binary)
+        from .packed_binary import binary_tensors
+        return binary_tensors(ql)
     out = {}
     if ql.low is not None:
         out.update(_pack_part(f"{ql.name}.low", ql.low))
@@ -68,6 +71,9 @@ def layer_entry(ql: QuantizedLayer) -> dict:
             if p is not None and p.scale_super is not None}
     if rows:
         entry["scale_super_rows"] = rows
+    if getattr(ql, "binary", None) is not None:
+        from .packed_binary import binary_entry
+        entry.update(binary_entry(ql))
     return entry
 
 

@@ -24,6 +24,8 @@ Loading a packed folder gives back exactly the dequantized weights that hiquant 
 model is loaded by :func:`hiquant.model.load_model` with the packed layers as its
 ``linear_source`` (each decoded from its packed tensors when its block is expanded); the other
 tensors are read from the file as in any checkpoint. The writers are in :mod:`hiquant.export`.
+Binarized layers (method ``billm``, ``"binary": true`` in their entry) were added within version 2;
+their tensors are described in :mod:`hiquant.packed_binary`.
 Version 1 (a super-scale per row, R = 1 with no ``scale_super_rows``; 8-bit codes only) is still
 read. 6-bit scale codes were added within version 2: a reader that knows only 16 and 8 refuses
 them by their ``scale_bits`` rather than misreading them.
@@ -110,6 +112,9 @@ def layer_from_tensors(name: str, entry: dict, tensors: dict, where: str = "pack
                        version: int = PACKED_VERSION) -> QuantizedLayer:
     """Rebuild a QuantizedLayer from its config entry and packed tensors (validating both).
     ``version``: the packed format's version (1: a super-scale per row)."""
+    from .packed_binary import binary_from_tensors, is_binary_entry
+    if is_binary_entry(entry) and version >= 2:  # billm (hiquant.packed_binary)
+        return binary_from_tensors(name, entry, tensors, where)
     try:
         d_out, d_in, k = int(entry["d_out"]), int(entry["d_in"]), int(entry["k"])
         b_low, group = int(entry["b_low"]), int(entry["group_size"])
@@ -210,7 +215,12 @@ class _PackedLayer:
 
     def operator(self):
         """The layer as a :class:`hiquant.packed_matmul.PackedLinear` on the packed tensors
-        themselves (memory-mapped, validated, never unpacked into a kept copy)."""
+        themselves (memory-mapped, validated, never unpacked into a kept copy). None for a
+        binary (billm) layer: the packed kernels do not multiply binary layers, which are used
+        dense (decoded into the weight cache)."""
+        from .packed_binary import is_binary_entry
+        if is_binary_entry(self.entry):
+            return None
         from .packed_matmul import PackedLinear
         tensors = {n: f.array(n) for n, f in self.tensors.items()}
         return PackedLinear.from_tensors(self.name, self.entry, tensors, version=self.version,

@@ -34,6 +34,10 @@ Scales are stored in one of three precisions (``scale_bits``):
   at ``d_in = 384`` with both parts — while blocks of 256 codes cost 0.001, and the freed bits
   buy high-impact columns (the comparison on llama-bench is in bench/RESULTS.md).
 
+A binarized layer (``billm``) is a :class:`BinaryPart` instead of the low/high parts: sign bits,
+a salient-column mask, a membership bitmap and float16 per-row α's per block, counted exactly by
+:func:`binary_storage_bits` (see :class:`BinaryPart`).
+
 Either way the stored values are what hiquant evaluated: every method rounds its final scales to
 the stored precision *before* computing the final codes (AdaRound learns on the rounded scales).
 """
@@ -49,7 +53,8 @@ from . import quantizer as qz
 from .config import SCALE_BITS, SCALE_CODE_BITS, check_scale_bits
 from .errors import InvalidArgumentError
 
-__all__ = ["QuantPart", "QuantizedLayer", "storage_bits", "fp16_scales", "scale_codes", "scale8",
+__all__ = ["QuantPart", "BinaryPart", "QuantizedLayer", "storage_bits", "binary_storage_bits",
+           "fp16_scales", "scale_codes", "scale8",
            "stored_scales", "super_rows", "check_scale_bits", "SCALE_BITS", "SCALE_CODE_BITS",
            "SCALE_SUPER_BLOCK"]
 
@@ -245,6 +250,110 @@ class QuantPart:
         return self.dequantize()
 
 
+def binary_storage_bits(d_out: int, d_in: int, n_salient: int, n_blocks: int,
+                        n_salient_blocks: int) -> int:
+    """Exact storage of a :class:`BinaryPart` in bits: a sign bit per weight, a second (residual)
+    sign bit per weight of the ``n_salient`` salient columns, a concentrated/sparse membership bit
+    per weight of the other columns, the ``d_in``-bit salient-column mask, and float16 α's per row:
+    two (concentrated, sparse) in each of the ``n_blocks`` blocks, two more (α₁, α₂ of the residual
+    approximation) in each of the ``n_salient_blocks`` blocks that hold salient columns."""
+    signs = d_out * d_in + d_out * n_salient + d_out * (d_in - n_salient)
+    return int(signs + d_in + 16 * d_out * (2 * n_blocks + 2 * n_salient_blocks))
+
+
+@dataclass
+class BinaryPart:
+    """A binarized layer (BiLLM, :mod:`hiquant.methods.billm`): every weight is ``±α`` with a
+    per-row α of its block of ``block_size`` consecutive columns.
+
+    * salient columns (``salient``, a ``d_in`` mask): ``α₁·s₁ + α₂·s₂`` (the residual
+      approximation; ``s₁`` in ``sign``, ``s₂`` in ``sign2``, ``(d_out, n_salient)``);
+    * the other columns: ``α_c·s₁`` for the concentrated weights and ``α_s·s₁`` for the sparse ones
+      (``sparse``, ``(d_out, d_in - n_salient)``, True = sparse);
+    * ``alpha`` float16 ``(d_out, n_blocks, 4)``: ``α₁, α₂, α_c, α_s`` per row and block (α₁ and α₂
+      are stored only for blocks with salient columns; they are 0 elsewhere).
+
+    Sign bits are True for +1. Storage is counted by :func:`binary_storage_bits`."""
+
+    block_size: int
+    salient: np.ndarray  # bool (d_in,)
+    sign: np.ndarray  # bool (d_out, d_in)
+    sign2: np.ndarray  # bool (d_out, n_salient), salient columns in ascending order
+    sparse: np.ndarray  # bool (d_out, d_in - n_salient), the other columns in ascending order
+    alpha: np.ndarray  # float16 (d_out, n_blocks, 4)
+
+    def __post_init__(self):
+        self.salient = np.ascontiguousarray(self.salient, dtype=bool)
+        self.sign = np.ascontiguousarray(self.sign, dtype=bool)
+        self.sign2 = np.ascontiguousarray(self.sign2, dtype=bool)
+        self.sparse = np.ascontiguousarray(self.sparse, dtype=bool)
+        self.alpha = np.ascontiguousarray(self.alpha, dtype=np.float16)
+        if isinstance(self.block_size, bool) or int(self.block_size) < 1:
+            raise InvalidArgumentError(f"block_size must be a positive integer, got "
+                                       f"{self.block_size!r}")
+        self.block_size = int(self.block_size)
+        if self.sign.ndim != 2 or self.salient.shape != (self.sign.shape[1],):
+            raise InvalidArgumentError(f"sign has shape {self.sign.shape} and salient "
+                                       f"{self.salient.shape}; expected (d_out, d_in) and (d_in,)")
+        d_out, d_in = self.sign.shape
+        ns = int(self.salient.sum())
+        nb = -(-d_in // self.block_size)
+        for nm, arr, shape in (("sign2", self.sign2, (d_out, ns)),
+                               ("sparse", self.sparse, (d_out, d_in - ns)),
+                               ("alpha", self.alpha, (d_out, nb, 4))):
+            if arr.shape != shape:
+                raise InvalidArgumentError(f"{nm} has shape {arr.shape}, expected {shape} for a "
+                                           f"({d_out}, {d_in}) layer with {ns} salient columns in "
+                                           f"blocks of {self.block_size}")
+        if not np.all(np.isfinite(self.alpha)) or np.any(self.alpha < 0):
+            raise InvalidArgumentError("binary α's must be finite and non-negative float16 values")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.sign.shape
+
+    @property
+    def n_salient(self) -> int:
+        return int(self.salient.sum())
+
+    @property
+    def n_blocks(self) -> int:
+        return self.alpha.shape[1]
+
+    def salient_blocks(self) -> np.ndarray:
+        """Indices of the blocks holding at least one salient column (ascending)."""
+        d_in = self.sign.shape[1]
+        blk = np.arange(d_in) // self.block_size
+        return np.unique(blk[self.salient])
+
+    def storage_bits(self) -> int:
+        d_out, d_in = self.shape
+        return binary_storage_bits(d_out, d_in, self.n_salient, self.n_blocks,
+                                   int(self.salient_blocks().size))
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 weights (a new array), computed from float16 α's as the sweep used them."""
+        d_out, d_in = self.shape
+        a = self.alpha.astype(np.float32)
+        blk = np.arange(d_in) // self.block_size
+        s1 = np.where(self.sign, np.float32(1), np.float32(-1))
+        W = np.empty((d_out, d_in), np.float32)
+        sal = np.flatnonzero(self.salient)
+        oth = np.flatnonzero(~self.salient)
+        if sal.size:
+            s2 = np.where(self.sign2, np.float32(1), np.float32(-1))
+            W[:, sal] = a[:, blk[sal], 0] * s1[:, sal] + a[:, blk[sal], 1] * s2
+        if oth.size:
+            mag = np.where(self.sparse, a[:, blk[oth], 3], a[:, blk[oth], 2])
+            W[:, oth] = mag * s1[:, oth]
+        return W
+
+    @cached_property
+    def wq(self) -> np.ndarray:
+        """:meth:`dequantize`, computed once (do not modify it in place)."""
+        return self.dequantize()
+
+
 @dataclass
 class QuantizedLayer:
     """A linear layer's weight in hiquant's hybrid format. ``dequantize()`` is exact."""
@@ -257,10 +366,17 @@ class QuantizedLayer:
     high: QuantPart | None = None  # quantized high part (b_high < 16)
     high_fp16: np.ndarray | None = None  # float16 (d_out, k) when b_high == 16
     info: dict = field(default_factory=dict)  # method-specific notes (losses, iterations, ...)
+    binary: BinaryPart | None = None  # a binarized layer (billm): no low / high parts, k = 0
 
     def __post_init__(self):
         self.high_idx = np.asarray(self.high_idx, dtype=np.int64)
         k = self.k
+        if self.binary is not None:
+            if self.low is not None or self.high is not None or self.high_fp16 is not None or k:
+                raise InvalidArgumentError(f"{self.name}: a binary layer has no low or high parts")
+            if self.binary.shape != (self.d_out, self.d_in):
+                raise InvalidArgumentError(f"{self.name}: binary part has shape "
+                                           f"{self.binary.shape}, expected {(self.d_out, self.d_in)}")
         if k and (np.any(np.diff(self.high_idx) <= 0) or self.high_idx[0] < 0
                   or self.high_idx[-1] >= self.d_in):
             raise InvalidArgumentError(f"{self.name}: high_idx must be ascending, unique, in "
@@ -280,6 +396,8 @@ class QuantizedLayer:
 
     @property
     def b_low(self) -> int:
+        if self.binary is not None:
+            return 1
         return self.low.bits if self.low is not None else 0
 
     @property
@@ -290,6 +408,8 @@ class QuantizedLayer:
 
     @property
     def group_size(self) -> int:
+        if self.binary is not None:
+            return self.binary.block_size
         return self.low.group_size if self.low is not None else self.high.group_size
 
     def low_idx(self) -> np.ndarray:
@@ -298,6 +418,8 @@ class QuantizedLayer:
         return np.flatnonzero(mask)
 
     def dequantize(self) -> np.ndarray:
+        if self.binary is not None:
+            return self.binary.dequantize()
         W = np.empty((self.d_out, self.d_in), np.float32)
         if self.low is not None and self.d_in - self.k > 0:
             W[:, self.low_idx()] = self.low.dequantize()
@@ -315,6 +437,9 @@ class QuantizedLayer:
         return bits.pop() if bits else 16
 
     def storage_bits(self) -> int:
+        if self.binary is not None:
+            return self.binary.storage_bits()
+
         def rows(p):
             return p.super_rows if p is not None and p.scale_super is not None else None
         return storage_bits(self.d_out, self.d_in, self.k, self.b_low,

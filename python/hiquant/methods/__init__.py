@@ -22,6 +22,7 @@ method             high-impact columns (allocation)                    layer qua
 ``adaround``       none                                                ``adaround`` on all columns
 ``awq``            none                                                ``awq``: scales + clip + RTN
 ``smoothquant``    none                                                ``smoothquant``: smoothing + RTN
+``billm``          none (wbits 1; group_size = its block of columns)   ``billm``: BiLLM binarization
 ``fixed-ratio``    one ratio in every layer, at b_H (``fixed``)        ``hybrid`` (LWC + AdaRound)
 ``fp16-retention`` the ratio that meets the budget, in FP16 (``fixed``)  ``hybrid``, b_H = 16
 ``hiq``            per-layer ratios from the IQP (``iqp``)             ``hybrid`` (LWC + AdaRound)
@@ -66,6 +67,7 @@ METHODS = {
     "adaround": MethodSpec("none", "adaround"),
     "awq": MethodSpec("none", "awq"),
     "smoothquant": MethodSpec("none", "smoothquant"),
+    "billm": MethodSpec("none", "billm"),
     "fixed-ratio": MethodSpec("fixed", "hybrid", default_ratio=0.05),
     "fp16-retention": MethodSpec("fixed", "hybrid", default_ratio=0.01, fp16_high=True),
     "hiq": MethodSpec("iqp", "hybrid"),
