@@ -58,7 +58,8 @@ LOW_ROUNDINGS = ("nearest", "gptq")  # codes of an LWC low part on its learned g
 LWC_SCHEDULES = ("constant", "cosine")  # block-wise LWC learning-rate schedules
 QUANTIZERS = ("rtn", "gptq", "lwc", "adaround", "hybrid", "awq", "smoothquant",
               "billm")  # layer quantizers (methods/)
-EXPORTS = ("fake", "packed", "both")
+# "compressed": compressed-tensors pack-quantized (transformers, vLLM; export_compressed.py); "all": all three
+EXPORTS = ("fake", "packed", "both", "compressed", "all")
 BACKENDS = ("numpy", "torch")  # model runtimes: hiquant.model (NumPy), hiquant.torch_runtime
 # estimator="auto": the diagonal estimator while the full Fisher diagonal (4 bytes per linear
 # weight) fits in this many bytes, else fisher (whose memory does not grow with the model)

@@ -196,11 +196,15 @@ def write_outputs(out, model, qlayers: dict, report, *, export: str = "both",
     """Everything a run writes, atomically: fake/ and/or packed/, report.json, report.md."""
     result = {"path": str(Path(out).absolute())}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        if export in ("fake", "both"):
+        if export in ("fake", "both", "all"):
             result["fake"] = write_fake_quant(tmp / "fake", model, qlayers)
-        if export in ("packed", "both"):
+        if export in ("packed", "both", "all"):
             result["packed"] = write_packed(tmp / "packed", model, qlayers, report.settings)
-        for k in ("fake", "packed"):
+        if export in ("compressed", "all"):
+            from .export_compressed import write_compressed
+            result["compressed"] = write_compressed(tmp / "compressed", model, qlayers,
+                                                    report.settings)
+        for k in ("fake", "packed", "compressed"):
             if k in result:
                 result[k]["path"] = str(Path(out).absolute() / k)
         report.output = result
