@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from hiquant.calib import (
+    calibration_split,
     calibration_windows,
     leading_windows,
     load_jsonl_text,
@@ -128,6 +129,43 @@ def test_calibration_windows_records_settings(tiny_llama, tmp_path):
     np.testing.assert_array_equal(win, sample_windows(ids, 4, 32, 1))
     assert settings["n"] == 4 and settings["seqlen"] == 32 and settings["seed"] == 1
     assert len(settings["file_sha256"]) == 64 and settings["n_text_tokens"] == len(ids)
+
+
+def test_validation_split_holds_out_the_tail_and_calibration_never_sees_it(tiny_llama, tmp_path):
+    m = load_model(tiny_llama[0])
+    p = tmp_path / "calib.txt"
+    p.write_text("".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(300)))
+    ids = tokenize_text(m.tokenizer, p.read_text())
+    win, val, settings = calibration_split(m.tokenizer, p, n=16, seqlen=32, seed=3, val_windows=5,
+                                           val_seqlen=40)
+    cut = len(ids) - 5 * 40
+    np.testing.assert_array_equal(val, ids[cut:].reshape(5, 40))
+    # the calibration windows are the reference draw over the text before the held-out tail
+    np.testing.assert_array_equal(win, sample_windows(ids[:cut], 16, 32, 3))
+    starts = [int(np.flatnonzero((np.lib.stride_tricks.sliding_window_view(ids, 32) == w).all(1))[0])
+              for w in win]
+    assert max(starts) + 32 <= cut
+    assert settings["validation"] == {"windows": 5, "seqlen": 40, "first_token": cut, "tokens": 200}
+
+
+def test_no_validation_split_leaves_calibration_windows_and_settings_unchanged(tiny_llama, tmp_path):
+    m = load_model(tiny_llama[0])
+    p = tmp_path / "calib.txt"
+    p.write_text("def f(x):\n    return x * 2\n" * 80)
+    win, val, settings = calibration_split(m.tokenizer, p, n=4, seqlen=32, seed=1)
+    win2, settings2 = calibration_windows(m.tokenizer, p, n=4, seqlen=32, seed=1)
+    assert val is None and "validation" not in settings and settings == settings2
+    np.testing.assert_array_equal(win, win2)
+
+
+def test_validation_split_that_leaves_no_calibration_window_is_refused(tiny_llama, tmp_path):
+    m = load_model(tiny_llama[0])
+    p = tmp_path / "calib.txt"
+    p.write_text("def f(x):\n    return x * 2\n" * 20)
+    with pytest.raises(InvalidArgumentError, match="fewer val_windows"):
+        calibration_split(m.tokenizer, p, n=4, seqlen=32, val_windows=100, val_seqlen=32)
+    with pytest.raises(InvalidArgumentError, match="val_windows"):
+        calibration_split(m.tokenizer, p, n=4, seqlen=32, val_windows=-1)
 
 
 @pytest.mark.bench_assets

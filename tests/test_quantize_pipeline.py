@@ -72,6 +72,30 @@ def test_rtn_run_reports_exact_bits_and_its_export_reloads_identically(model, tm
     assert ppl == pytest.approx(rep.ppl, rel=2e-3)  # fp16 storage of the dequantized weights
 
 
+def test_validation_ppl_is_the_quantized_models_perplexity_on_the_held_out_calibration_tail(
+        model, tmp_path):
+    from hiquant.calib import calibration_split
+    from hiquant.evaluate import perplexity
+    from hiquant.packed import load_packed
+    rep = quantize(embedded_model_path(), embedded_calib_path(), method="gptq", wbits=3,
+                   group_size=32, val_windows=3, out=tmp_path / "run", export="packed",
+                   model=model, progress=False, **FAST)
+    win, val, settings = calibration_split(model.tokenizer, embedded_calib_path(), 8, 128, 0,
+                                           val_windows=3, val_seqlen=128)
+    assert rep.settings["calibration"] == settings and rep.settings["val_windows"] == 3
+    ppl = perplexity(load_packed(tmp_path / "run" / "packed"), val.reshape(-1), 128, 3,
+                     progress=False)["ppl"]
+    assert rep.val_ppl == pytest.approx(ppl, rel=1e-6)
+    # without a split: no validation perplexity, no validation entry in the recorded settings
+    rep0 = quantize(embedded_model_path(), embedded_calib_path(), method="gptq", wbits=3,
+                    group_size=32, model=model, progress=False, **FAST)
+    assert rep0.val_ppl is None and "validation" not in rep0.settings["calibration"]
+    # rtn needs no calibration data, but a validation split needs the calibration text
+    with pytest.raises(hiquant.errors.InvalidArgumentError, match="calib"):
+        quantize(embedded_model_path(), None, method="rtn", wbits=3, val_windows=2, model=model,
+                 progress=False, **FAST)
+
+
 def test_hiq_with_8bit_scales_fits_its_budget_and_reloads_identically_in_both_packed_versions(
         model, tmp_path):
     """scale_bits=8: allocation, the layers and the packed export count the same bits; the

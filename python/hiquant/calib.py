@@ -34,6 +34,7 @@ __all__ = [
     "leading_windows",
     "file_sha256",
     "calibration_windows",
+    "calibration_split",
 ]
 
 
@@ -234,13 +235,47 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
+def calibration_split(tokenizer, path, n: int = 128, seqlen: int = 512, seed: int = 0, *,
+                      val_windows: int = 0, val_seqlen: int = 512,
+                      format: str = "auto") -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Calibration windows and a validation split carved from the same text:
+    ``(windows, validation, settings)``.
+
+    The last ``val_windows * val_seqlen`` tokens of the tokenized text are held out; the ``n``
+    calibration windows are sampled (:func:`sample_windows`) from the tokens before them only, so
+    no validation token is ever seen by the quantizer; ``validation`` is the held-out tail as
+    ``(val_windows, val_seqlen)`` non-overlapping windows (the evaluation protocol's shape), or
+    None when ``val_windows`` is 0 — then the windows and settings equal
+    :func:`calibration_windows`'. ``settings`` records the file, its sha256, n, seqlen, seed, the
+    token count and, with a split, ``validation = {windows, seqlen, first_token, tokens}``.
+    Choose defaults and iteration counts on the validation windows, never on the test text.
+    """
+    val_windows = _check_int(val_windows, "val_windows", 0)
+    val_seqlen = _check_int(val_seqlen, "val_seqlen", 2)
+    text = load_text(path, format=format)
+    ids = tokenize_text(tokenizer, text)
+    held = val_windows * val_seqlen
+    if held and len(ids) - held < seqlen + 1:
+        raise InvalidArgumentError(
+            f"the calibration text has {len(ids)} tokens: holding out {val_windows} validation "
+            f"windows of {val_seqlen} leaves {max(len(ids) - held, 0)}, fewer than one "
+            f"{seqlen}-token calibration window needs; pass fewer val_windows (--val-windows)")
+    cut = len(ids) - held
+    win = sample_windows(ids[:cut], n, seqlen, seed)
+    val = (np.ascontiguousarray(ids[cut:].reshape(val_windows, val_seqlen).astype(np.int64))
+           if held else None)
+    settings = {"file": os.path.abspath(path), "file_sha256": file_sha256(path), "format": format,
+                "n": int(n), "seqlen": int(seqlen), "seed": int(seed), "n_text_tokens": int(len(ids))}
+    if held:
+        settings["validation"] = {"windows": int(val_windows), "seqlen": int(val_seqlen),
+                                  "first_token": int(cut), "tokens": int(held)}
+    return win, val, settings
+
+
 def calibration_windows(tokenizer, path, n: int = 128, seqlen: int = 512, seed: int = 0,
                         *, format: str = "auto") -> tuple[np.ndarray, dict]:
     """Read, tokenize and sample: ``(windows, settings)`` where settings records the file, its
-    sha256, n, seqlen, seed and the token count (the calibration part of a stats cache key)."""
-    text = load_text(path, format=format)
-    ids = tokenize_text(tokenizer, text)
-    win = sample_windows(ids, n, seqlen, seed)
-    settings = {"file": os.path.abspath(path), "file_sha256": file_sha256(path), "format": format,
-                "n": int(n), "seqlen": int(seqlen), "seed": int(seed), "n_text_tokens": int(len(ids))}
+    sha256, n, seqlen, seed and the token count (the calibration part of a stats cache key).
+    :func:`calibration_split` also holds out a validation split."""
+    win, _, settings = calibration_split(tokenizer, path, n, seqlen, seed, format=format)
     return win, settings

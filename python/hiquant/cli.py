@@ -159,7 +159,7 @@ def cmd_quantize(args) -> int:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
     mem = sampler.stop()  # peaks of anonymous and file-backed (memory-mapped checkpoint) RSS
     _emit({"command": "quantize", "method": rep.settings["method"], "avg_bits": rep.avg_bits,
-           "ppl": rep.ppl, "fp_ppl": rep.fp_ppl, "total_bits": rep.total_bits,
+           "ppl": rep.ppl, "fp_ppl": rep.fp_ppl, "val_ppl": rep.val_ppl, "total_bits": rep.total_bits,
            "timings": rep.timings, "seconds": time.perf_counter() - t0, "output": rep.output,
            "peak_rss_mib": round(peak_mib, 1), "peak_rss_split_mib": mem,
            "settings": rep.settings})
@@ -292,6 +292,10 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--n-calib", dest="n_calib", type=int, default=None)
     p.add_argument("--seqlen", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--val-windows", dest="val_windows", type=int, default=None,
+                   help="hold out this many eval-seqlen windows at the end of the calibration text "
+                        "(calibration samples the rest) and report their perplexity (val_ppl): "
+                        "choose settings on it, not on the test text (default 0: no split)")
     p.add_argument("--lwc-iters", dest="lwc_iters", type=int, default=None)
     p.add_argument("--adaround-iters", dest="adaround_iters", type=int, default=None)
     p.add_argument("--objective", default=None, choices=("auto",) + OBJECTIVES,

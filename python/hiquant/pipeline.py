@@ -178,12 +178,9 @@ def quantize(model_dir, calib=None, *, settings: QuantizeSettings | None = None,
     s = resolve(base.replace(**overrides))  # validates every setting before any model work
     if export not in EXPORTS:
         raise InvalidArgumentError(f"export must be one of {', '.join(EXPORTS)}, got {export!r}")
-    if export in ("compressed", "all") and s.abits:
-        raise InvalidArgumentError(
-            f"the compressed-tensors export holds the weights only, not the activation "
-            f"quantization (abits={s.abits}); use export='packed' (which keeps it) or drop abits")
     spec = METHODS[s.method]
-    needs_calib = spec.fisher or s.layer_quantizer != "rtn" or s.objective != "layer"
+    needs_calib = (spec.fisher or s.layer_quantizer != "rtn" or s.objective != "layer"
+                   or s.val_windows > 0)  # the validation split is carved from the calibration text
     if needs_calib:
         preflight.check_readable(calib, f"the calibration text of {s.method} (calib, --calib)")
     if eval_text is not None:
@@ -232,11 +229,12 @@ def _run(model, calib, s, spec, shapes, timings, *, out, export, eval_text, fp_e
     names = list(shapes)
     n_weights = sum(a * b for a, b in shapes.values())
     kind = s.layer_quantizer
-    windows, calib_settings = None, None
+    windows, val_windows, calib_settings = None, None, None
     if calib is not None:
         with _Timer(timings, "calibration data"):
-            windows, calib_settings = calib_mod.calibration_windows(
-                model.tokenizer, calib, s.n_calib, s.seqlen, s.seed)
+            windows, val_windows, calib_settings = calib_mod.calibration_split(
+                model.tokenizer, calib, s.n_calib, s.seqlen, s.seed, val_windows=s.val_windows,
+                val_seqlen=s.eval_seqlen)
     state = None
     if progress_dir is not None:
         from .progress import ProgressState, run_key
@@ -342,6 +340,15 @@ def _run(model, calib, s, spec, shapes, timings, *, out, export, eval_text, fp_e
                                    "weights": "the quantized weights in float32, as packed/ "
                                               "stores them (fake/ rounds them to "
                                               f"{model.config.source_dtype})"}
+
+    if val_windows is not None:  # the held-out tail of the calibration text
+        with _Timer(timings, "validation"):
+            model.set_activation_bits(s.abits)
+            try:
+                report.val_ppl = perplexity(model, val_windows.reshape(-1), s.eval_seqlen,
+                                            len(val_windows), progress=progress)["ppl"]
+            finally:
+                model.set_activation_bits(None)
 
     # ---- export
     if out is not None:

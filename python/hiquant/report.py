@@ -28,6 +28,7 @@ class Report:
     n_weights: int = 0
     ppl: float | None = None
     fp_ppl: float | None = None
+    val_ppl: float | None = None  # on the validation windows held out of the calibration text
     timings: dict = field(default_factory=dict)
     allocation: dict | None = None
     versions: dict = field(default_factory=dict)
@@ -43,7 +44,8 @@ class Report:
             f"# hiquant report: {s['method']} W{s['wbits']} (b_H {s['hbits']}) g{s['group_size']}",
             "",
             f"model `{self.model}` · avg bits **{self.avg_bits:.4f}** · ppl **{fmt(self.ppl)}** "
-            f"(FP {fmt(self.fp_ppl)})",
+            f"(FP {fmt(self.fp_ppl)})"
+            + (f" · validation ppl **{self.val_ppl}**" if self.val_ppl is not None else ""),
             "",
             "| layer | shape | ratio | k | b_L | b_H | bits/weight |",
             "|---|---|---|---|---|---|---|",
