@@ -56,8 +56,10 @@ OBJECTIVES = ("layer", "block", "refine")  # learned quantizers' objective (bloc
 REFINE_ORDERS = ("lwc-first", "adaround-first")
 LOW_ROUNDINGS = ("nearest", "gptq")  # codes of an LWC low part on its learned grid
 LWC_SCHEDULES = ("constant", "cosine")  # block-wise LWC learning-rate schedules
-QUANTIZERS = ("rtn", "gptq", "lwc", "adaround", "hybrid", "awq", "smoothquant")  # layer quantizers (methods/)
-EXPORTS = ("fake", "packed", "both")
+QUANTIZERS = ("rtn", "gptq", "lwc", "adaround", "hybrid", "awq", "smoothquant",
+              "billm")  # layer quantizers (methods/)
+# "compressed": compressed-tensors pack-quantized (transformers, vLLM; export_compressed.py); "all": all three
+EXPORTS = ("fake", "packed", "both", "compressed", "all")
 BACKENDS = ("numpy", "torch")  # model runtimes: hiquant.model (NumPy), hiquant.torch_runtime
 # estimator="auto": the diagonal estimator while the full Fisher diagonal (4 bytes per linear
 # weight) fits in this many bytes, else fisher (whose memory does not grow with the model)
@@ -250,7 +252,10 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
     s = settings
     spec = method_spec(s.method)
     ch: dict = {}
-    wbits = check_bits(s.wbits, "wbits")
+    if "billm" in (spec.quantizer, s.quantizer):
+        wbits = _check_billm(s)  # binarization: wbits 1, blocks of group_size columns
+    else:
+        wbits = check_bits(s.wbits, "wbits")
     if spec.allocation == "none":
         hbits = wbits  # no high-impact part
         if s.hbits is not None and s.hbits != wbits:
@@ -362,6 +367,28 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
         raise InvalidArgumentError("abits (activation quantization) runs on the NumPy backend "
                                    "only for now; pass backend='numpy'")
     return dataclasses.replace(s, **ch)
+
+
+def _check_billm(s: QuantizeSettings) -> int:
+    """billm's own rules: method billm with its own quantizer, wbits 1 (every weight binarized),
+    a positive group_size (its block of columns: the paper's 128), float16 α's."""
+    if s.method != "billm" or s.quantizer not in ("auto", "billm"):
+        raise InvalidArgumentError(f"the billm quantizer binarizes whole layers and runs only as "
+                                   f"method 'billm' (got method {s.method!r} with quantizer "
+                                   f"{s.quantizer!r}); pass method='billm', quantizer='auto'")
+    if not _is_int(s.wbits):
+        raise InvalidTypeError(f"wbits must be an int, got {type(s.wbits).__name__}")
+    if int(s.wbits) != 1:
+        raise InvalidArgumentError(f"billm binarizes every weight: pass wbits=1 (--wbits 1), got "
+                                   f"wbits={s.wbits}")
+    g = check_group_size(s.group_size)
+    if g < 1:
+        raise InvalidArgumentError("billm binarizes in blocks of columns: pass a positive "
+                                   "group_size, e.g. 128 (--group 128, the paper's block)")
+    if s.scale_bits not in ("auto", 16):
+        raise InvalidArgumentError(f"billm stores its per-row α's as float16; use scale_bits=16 "
+                                   f"(or auto), got {s.scale_bits!r}")
+    return 1
 
 
 def _resolve_backend(backend, device) -> tuple[str, str]:

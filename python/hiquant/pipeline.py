@@ -178,6 +178,10 @@ def quantize(model_dir, calib=None, *, settings: QuantizeSettings | None = None,
     s = resolve(base.replace(**overrides))  # validates every setting before any model work
     if export not in EXPORTS:
         raise InvalidArgumentError(f"export must be one of {', '.join(EXPORTS)}, got {export!r}")
+    if export in ("compressed", "all") and s.abits:
+        raise InvalidArgumentError(
+            f"the compressed-tensors export holds the weights only, not the activation "
+            f"quantization (abits={s.abits}); use export='packed' (which keeps it) or drop abits")
     spec = METHODS[s.method]
     needs_calib = (spec.fisher or s.layer_quantizer != "rtn" or s.objective != "layer"
                    or s.val_windows > 0)  # the validation split is carved from the calibration text
