@@ -106,10 +106,16 @@ def _quantize_block(model, b, h, h_fp, plans, kind, s):
     """Quantize block ``b`` (inputs ``h`` from the quantized blocks before it; ``h_fp`` the
     full-precision path's, for the block-wise objectives). Returns ``({name: QuantizedLayer},
     targets)`` with the block's weights in ``model`` left quantized."""
-    from . import blockwise
+    from . import blockwise, torch_pipeline
     from .methods import quantizer
     from .stats import block_grams
     names = model.block_linear_names(b)
+    dev = torch_pipeline.enabled(model, s)  # h is a device tensor: statistics on the device
+
+    def grams_of_block():
+        if dev:
+            return torch_pipeline.block_grams(model, b, h, batch_size=bs)
+        return block_grams(model, b, h, batch_size=bs, n_threads=s.n_threads)
     bs, targets, aug = s.calib_batch, None, None
     if s.objective in ("block", "refine"):
         # the full-precision model's output from the full-precision inputs (so a block also
@@ -124,8 +130,7 @@ def _quantize_block(model, b, h, h_fp, plans, kind, s):
         info = {"objective": "block", "steps": blockwise.block_steps(len(h), s)}
         out = {n: res[n].to_layer(n, info=info) for n in names}
     else:
-        grams = (block_grams(model, b, h, batch_size=bs, n_threads=s.n_threads)
-                 if kind != "rtn" else {})
+        grams = grams_of_block() if kind != "rtn" else {}
         if s.objective == "refine":
             return blockwise.refine_block(model, b, h, targets, plans, kind, s, grams, aug), targets
         method = quantizer(kind)
@@ -133,7 +138,7 @@ def _quantize_block(model, b, h, h_fp, plans, kind, s):
         prepare = getattr(method, "prepare_block", None)
         if prepare is not None:  # an equivalent transform of the block (awq), then its statistics
             notes = prepare(model, b, grams, {n: plans[n] for n in names}, s) or {}
-            grams = block_grams(model, b, h, batch_size=bs, n_threads=s.n_threads)
+            grams = grams_of_block()
         for n in names:
             out[n] = method.quantize(n, model.get_weight(n), grams.get(n), plans[n], s)
             out[n].info.update(notes.get(n, {}))
@@ -227,12 +232,14 @@ def _run(model, calib, s, spec, shapes, timings, *, out, export, eval_text, fp_e
          progress, cache_dir, progress_dir, resume) -> Report:
     """The stages after the checks (see :func:`quantize`)."""
     from . import calib as calib_mod
+    from . import torch_pipeline
     from .blockwise import batches, block_outputs
     from .evaluate import perplexity
     from .preflight import output_error
     names = list(shapes)
     n_weights = sum(a * b for a, b in shapes.values())
     kind = s.layer_quantizer
+    dev = torch_pipeline.enabled(model, s)  # calibration hidden states stay on the device
     windows, val_windows, calib_settings = None, None, None
     if calib is not None:
         with _Timer(timings, "calibration data"):
@@ -281,6 +288,10 @@ def _run(model, calib, s, spec, shapes, timings, *, out, export, eval_text, fp_e
             for name, w in state.load_tensors().items():  # norms an equivalent transform changed
                 model.set_norm_weight(name, w)
             h = state.load_hidden() if windows is not None else None
+            if dev:
+                h = torch_pipeline.to_device(model, h)
+        elif windows is not None and dev:
+            h = torch_pipeline.embed_windows(model, windows, s.calib_batch)
         elif windows is not None:
             h = np.concatenate([model.embed(windows[sl])
                                 for sl in batches(len(windows), s.calib_batch)])
@@ -292,13 +303,15 @@ def _run(model, calib, s, spec, shapes, timings, *, out, export, eval_text, fp_e
                                total=model.num_blocks):
             done, targets = _quantize_block(model, b, h, h_fp, plans, kind, s)
             qlayers.update(done)
-            if h is not None:  # the next block's calibration inputs (none for rtn)
+            if h is not None and dev:  # the next block's calibration inputs (none for rtn)
+                h = torch_pipeline.block_outputs(model, b, h, s.calib_batch)
+            elif h is not None:
                 h = block_outputs(model, b, h, s.calib_batch, s.n_threads)
             if block_obj:
                 h_fp = targets
             if state is not None:
-                _save_progress(state, b, done, h, h_fp, plans, allocation,
-                               model.modified_tensors())
+                _save_progress(state, b, done, torch_pipeline.to_host(model, h) if dev else h,
+                               h_fp, plans, allocation, model.modified_tensors())
         timings["quantize"] = time.perf_counter() - t_q
         del h, h_fp
     except BaseException as e:

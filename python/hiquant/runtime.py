@@ -31,7 +31,7 @@ import numpy as np
 
 from .checkpoint import ModelConfig, SourceTensor
 
-__all__ = ["ModelRuntime", "ModelLoader"]
+__all__ = ["ModelRuntime", "DeviceRuntime", "ModelLoader"]
 
 
 @runtime_checkable
@@ -189,6 +189,34 @@ class ModelRuntime(Protocol):
         """Every tensor of the source checkpoint, sorted by name, as the exporters copy it
         (:class:`hiquant.checkpoint.SourceTensor`: name, stored safetensors dtype, shape,
         ``read()`` → stored bytes)."""
+
+
+@runtime_checkable
+class DeviceRuntime(ModelRuntime, Protocol):
+    """A runtime whose hidden states can stay on its compute device between blocks (the torch
+    runtime): the pipeline then keeps the calibration activations there and collects the Gram
+    matrices and runs GPTQ/RTN there (:mod:`hiquant.torch_pipeline`). The NumPy runtime is not
+    one. Device hidden states are ``torch.Tensor`` ``(B, T, D)`` of the compute dtype on
+    :attr:`device`; everything else is as :class:`ModelRuntime` says."""
+
+    #: The ``torch.device`` the runtime computes on.
+    device: Any
+
+    def to_device(self, h: np.ndarray):
+        """Hidden states ``(B, T, D)`` (a NumPy array of the compute dtype) as a tensor on the
+        device."""
+
+    def to_host(self, h) -> np.ndarray:
+        """A device tensor of hidden states as a NumPy array of the compute dtype."""
+
+    def embed_device(self, ids: np.ndarray):
+        """:meth:`ModelRuntime.embed` as a tensor on the device."""
+
+    def block_forward_device(self, i: int, h, *,
+                             capture: Callable[[str, Any], None] | None = None):
+        """:meth:`ModelRuntime.block_forward` (no cache) on a device tensor ``h``, returning a
+        device tensor; ``capture(name, X)`` receives each linear's input as a device tensor
+        ``(B*T, d_in)`` of the compute dtype, read-only, valid only during the call."""
 
 
 class ModelLoader(Protocol):

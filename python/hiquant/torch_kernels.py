@@ -102,8 +102,10 @@ def _check_fp32_matmul(t) -> None:
 def _first_nonfinite(t):
     """(row, column) of the first non-finite entry of a 2-D tensor, or None."""
     torch = _torch()
+    if bool(torch.isfinite(t.sum(dtype=torch.float64))):  # one reduction; NaN/Inf propagate
+        return None
     bad = ~torch.isfinite(t)
-    if not bool(bad.any()):
+    if not bool(bad.any()):  # pragma: no cover - finite values cannot overflow a float64 sum
         return None
     idx = int(torch.nonzero(bad.reshape(-1))[0])
     return idx // t.shape[1], idx % t.shape[1]
@@ -444,6 +446,7 @@ def gptq(W, H, *, bits: int, group_size=None, percdamp: float = 0.01, blocksize:
     out_zero = torch.empty((rows, ng), dtype=torch.uint8, device=dev)
 
     def form(g, vals):
+        """The group's (scale, zero) as float32 and as float64 (the division's precision)."""
         if grid:
             s, z = scale[:, g], zero[:, g].to(torch.float64)
         else:
@@ -452,36 +455,46 @@ def gptq(W, H, *, bits: int, group_size=None, percdamp: float = 0.01, blocksize:
             s, z = _range_params(lo, hi, maxq, fp16_scales)
         out_scale[:, g] = s
         out_zero[:, g] = z.to(torch.uint8)
-        return s, z.to(torch.float32)
+        return s, z.to(torch.float32), s.to(torch.float64), z
 
-    cur_s = cur_z = None
+    cur = None
     if not gs:  # parameters from the original row, as gptq.py's find_params(W)
-        cur_s, cur_z = form(0, W[:, :nq])
+        cur = form(0, W[:, :nq])
     codes_l = torch.empty((rows, nq), dtype=torch.uint8, device=dev)  # loop order
     wq_l = torch.empty((rows, nq), dtype=torch.float32, device=dev)
     loss = torch.zeros((), dtype=torch.float64, device=dev)
     bs = min(blocksize, nq)
+    # Per column, the C++ loop's operations in its order and precision; the float64 ±512 clamp
+    # before rounding is left out (it cannot change a code: beyond it the code clamps to 0 or
+    # maxq either way). Codes, errors and residuals are kept per block and stored once.
     for i1 in range(0, nq, bs):
         i2 = min(i1 + bs, nq)
+        nb = i2 - i1
         W1 = Wc[:, i1:i2].clone()
-        Err = torch.empty((rows, i2 - i1), dtype=torch.float32, device=dev)
-        for i in range(i2 - i1):
+        Err = torch.empty((rows, nb), dtype=torch.float32, device=dev)
+        Res = torch.empty((rows, nb), dtype=torch.float32, device=dev)
+        Cod = torch.empty((rows, nb), dtype=torch.float32, device=dev)
+        Ub = U[i1:i2, i1:i2]
+        for i in range(nb):
             col = i1 + i
             if col in forms:
                 g, cols = forms[col]
-                cur_s, cur_z = form(g, Wc[:, cols])
+                cur = form(g, Wc[:, cols])
+            s32, z32, s64, z64 = cur
             w = W1[:, i]
-            q = torch.round((w.to(torch.float64) / cur_s.to(torch.float64)).clamp(-512.0, 512.0))
-            v = (q + cur_z.to(torch.float64)).clamp(0, maxq).to(torch.float32)
-            dq = cur_s * (v - cur_z)
-            r = w - dq
-            loss += (r.to(torch.float64) ** 2).sum() / Ud2[col]
-            codes_l[:, col] = v.to(torch.uint8)
-            wq_l[:, col] = dq
-            e = r / Ud[col]
-            Err[:, i] = e
-            if i + 1 < i2 - i1:
-                W1[:, i + 1:] -= torch.outer(e, U[col, col + 1:i2])
+            v = torch.round(w.to(torch.float64).div_(s64)).add_(z64).clamp_(0, maxq)
+            c = Cod[:, i]
+            c.copy_(v)  # integers: exact in float32
+            dq = wq_l[:, col]
+            torch.mul(s32, c - z32, out=dq)
+            r = Res[:, i]
+            torch.sub(w, dq, out=r)
+            e = Err[:, i]
+            torch.div(r, Ud[col], out=e)
+            if i + 1 < nb:
+                W1[:, i + 1:].sub_(torch.outer(e, Ub[i, i + 1:]))
+        codes_l[:, i1:i2] = Cod.to(torch.uint8)
+        loss += (Res.to(torch.float64) ** 2 / Ud2[i1:i2]).sum()
         if i2 < nq:
             Wc[:, i2:nq] -= Err @ U[i1:i2, i2:nq]
     codes = torch.empty_like(codes_l)

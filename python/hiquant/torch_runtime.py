@@ -478,6 +478,60 @@ class TorchModel:
             return t.cpu().numpy()
         return t.clone().numpy() if t.requires_grad else t.numpy()
 
+    # ---- device passes (hiquant.runtime.DeviceRuntime): hidden states stay on the device
+
+    def _check_ht(self, h, name="h"):
+        torch = self._torch
+        if not isinstance(h, torch.Tensor):
+            raise InvalidTypeError(f"{name} must be a torch.Tensor on {self.device}, got "
+                                   f"{type(h).__name__}; convert it with model.to_device(h)")
+        if h.dtype != self._tdtype or h.device != self.device:
+            raise InvalidTypeError(f"{name} must be a {self.compute_dtype} tensor on {self.device}, "
+                                   f"got {str(h.dtype)[6:]} on {h.device}")
+        if h.dim() != 3 or h.shape[2] != self.config.hidden_size or h.shape[0] < 1 \
+                or h.shape[1] < 1:
+            raise InvalidArgumentError(f"{name} must have shape (batch, seqlen, "
+                                       f"{self.config.hidden_size}), got {tuple(h.shape)}")
+        return h
+
+    def to_device(self, h: np.ndarray):
+        return self._torch.from_numpy(np.ascontiguousarray(self._check_h(h))).to(self.device)
+
+    def to_host(self, h) -> np.ndarray:
+        return self._numpy(self._check_ht(h))
+
+    def embed_device(self, ids: np.ndarray):
+        return self._torch.from_numpy(self.embed(ids)).to(self.device)
+
+    def block_forward_device(self, i: int, h, *, capture=None):
+        i = self._check_block(i)
+        h = self._check_ht(h)
+        self.check_seqlen(h.shape[1])
+        torch = self._torch
+        with self._lock:
+            built = self._layer(i)
+            handles = []
+            if capture is not None:
+                seen: dict = {}  # holds each captured input until the pass ends
+
+                def hook_for(name):
+                    def hook(module, args):
+                        x = args[0]
+                        key = (x.data_ptr(), tuple(x.shape))
+                        if key not in seen:
+                            seen[key] = x.detach().reshape(-1, x.shape[-1])
+                        capture(name, seen[key])
+                    return hook
+
+                for name, lin in zip(self._names[i], built.linears):
+                    handles.append(lin.register_forward_pre_hook(hook_for(name)))
+            try:
+                with torch.no_grad():
+                    return self._run_layer(built, h)
+            finally:
+                for hd in handles:
+                    hd.remove()
+
     def block_backward(self, i: int, cache, dh_out: np.ndarray, *, weight_grads: bool = True):
         i = self._check_block(i)
         if not isinstance(cache, TorchBlockCache) or cache.block != i:

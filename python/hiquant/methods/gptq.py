@@ -12,6 +12,9 @@ def quantize(name, W, stats, plan, settings) -> QuantizedLayer:
     """GPTQ codes at ``plan.b_low`` bits, float16 group scales formed during the sweep
     (``gptq_percdamp``, ``gptq_blocksize``, ``gptq_act_order``); the plan has no high columns."""
     s = settings
+    if getattr(stats, "gram_device", None) is not None:  # the torch backend's block loop
+        from ..torch_pipeline import gptq_layer
+        return gptq_layer(name, W, stats, plan, s)
     res = learners.gptq(W, stats.gram, bits=plan.b_low, group_size=plan.group_size,
                         percdamp=s.gptq_percdamp, blocksize=s.gptq_blocksize,
                         act_order=s.gptq_act_order, n_threads=s.n_threads)

@@ -1,0 +1,166 @@
+"""The pipeline's block loop on a device runtime (:class:`hiquant.runtime.DeviceRuntime`, the torch
+runtime): the calibration hidden states stay torch tensors on the runtime's device from the
+embedding to the last block, each block's Gram matrices are accumulated there
+(:func:`hiquant.torch_kernels.gram_accumulate`), and GPTQ and RTN run there
+(:func:`hiquant.torch_kernels.gptq`, :func:`~hiquant.torch_kernels.quantize`). Only the quantized
+layers (codes, scales, zeros) come back to the host. The other layer quantizers (LWC, AdaRound,
+the hybrid) receive the same statistics, whose ``gram`` is copied to the host on first use.
+
+Used by :mod:`hiquant.pipeline` for the layer-wise objective when the runtime is a device runtime
+(the block-wise objectives keep NumPy hidden states). torch is imported only here and in
+:mod:`hiquant.torch_kernels`, never by the NumPy backend.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+__all__ = ["DeviceLayerStats", "enabled", "embed_windows", "block_grams", "block_outputs",
+           "to_host", "to_device", "rtn_layer", "gptq_layer"]
+
+
+def enabled(model, settings) -> bool:
+    """Whether the block loop runs on the device: a device runtime and the layer-wise
+    objective."""
+    from .runtime import DeviceRuntime
+    return isinstance(model, DeviceRuntime) and settings.objective == "layer"
+
+
+def _batches(n: int, size: int):
+    return [slice(a, min(n, a + size)) for a in range(0, n, size)]
+
+
+def embed_windows(model, windows: np.ndarray, batch_size: int):
+    """The embeddings of every calibration window, one tensor ``(n, T, D)`` on the device."""
+    import torch
+    return torch.cat([model.embed_device(windows[sl]) for sl in _batches(len(windows), batch_size)])
+
+
+def block_outputs(model, b: int, h, batch_size: int):
+    """Block ``b``'s outputs for the device hidden states ``h`` (batches in order)."""
+    import torch
+    return torch.cat([model.block_forward_device(b, h[sl]) for sl in _batches(len(h), batch_size)])
+
+
+def to_host(model, h):
+    """Device hidden states as NumPy (for the progress folder); None stays None."""
+    return None if h is None else model.to_host(h)
+
+
+def to_device(model, h):
+    """NumPy hidden states (from the progress folder) on the device; None stays None."""
+    return None if h is None else model.to_device(np.ascontiguousarray(h))
+
+
+class DeviceLayerStats:
+    """:class:`hiquant.stats.LayerStats` whose statistics live on the device: ``gram_device``
+    (float64 ``(d_in, d_in)`` tensor), ``n_tokens``, and as NumPy on first use ``gram``,
+    ``abs_sum``, ``abs_max`` (float64), ``abs_mean`` — what the host-side quantizers read."""
+
+    def __init__(self, gram_device, n_tokens: int, abs_sum_device, abs_max_device):
+        self.gram_device = gram_device
+        self.n_tokens = int(n_tokens)
+        self.abs_sum_device = abs_sum_device
+        self.abs_max_device = abs_max_device
+
+    @cached_property
+    def gram(self) -> np.ndarray:
+        return self.gram_device.cpu().numpy()
+
+    @cached_property
+    def abs_sum(self) -> np.ndarray:
+        return self.abs_sum_device.cpu().numpy()
+
+    @cached_property
+    def abs_max(self) -> np.ndarray:
+        return self.abs_max_device.cpu().numpy()
+
+    @property
+    def abs_mean(self) -> np.ndarray:
+        return self.abs_sum / self.n_tokens
+
+
+def block_grams(model, b: int, h, *, batch_size: int) -> dict:
+    """:func:`hiquant.stats.block_grams` on the device: ``{linear name: DeviceLayerStats}`` for
+    block ``b`` from the device hidden states ``h`` ``(n, T, D)``, batches of ``batch_size``
+    windows in order; layers sharing an input share one object."""
+    import torch
+
+    from . import torch_kernels as tk
+    groups = model.input_groups(b)
+    firsts = {g[0] for g in groups}
+    acc: dict = {}
+
+    def capture(name, X):
+        if name not in firsts:
+            return
+        if X.dtype != torch.float32:
+            raise InvalidArgumentError("the device Gram collection needs a float32 runtime (the "
+                                       "default compute dtype)")
+        if name not in acc:
+            d = X.shape[1]
+            z = dict(dtype=torch.float64, device=X.device)
+            acc[name] = [torch.zeros((d, d), **z), 0, torch.zeros(d, **z), torch.zeros(d, **z)]
+        a = acc[name]
+        tk.gram_accumulate(a[0], X)
+        tk.abs_stats_accumulate(a[2], a[3], X)
+        a[1] += X.shape[0]
+
+    for sl in _batches(len(h), batch_size):
+        model.block_forward_device(b, h[sl], capture=capture)
+    out = {}
+    for g in groups:
+        G, n, asum, amax = acc[g[0]]
+        st = DeviceLayerStats(G, n, asum, amax)
+        out.update({name: st for name in g})
+    return out
+
+
+def _device(settings):
+    import torch
+    return torch.device(settings.device)
+
+
+def rtn_layer(name, W: np.ndarray, plan, settings):
+    """:meth:`hiquant.storage.QuantizedLayer.rtn` of a plan without high-impact columns, the codes
+    computed on the device: min-max parameters, the scales rounded to the stored precision
+    (``scale_bits``) as :meth:`~hiquant.storage.QuantPart.from_weights` does, then the codes."""
+    import torch
+
+    from . import torch_kernels as tk
+    from .storage import SCALE_CODE_BITS, QuantizedLayer, QuantPart, scale_codes, stored_scales
+    Wt = torch.from_numpy(np.ascontiguousarray(W, np.float32)).to(_device(settings))
+    b, g, sb = plan.b_low, plan.group_size, settings.scale_bits
+    scale, zero = tk.minmax_params(Wt, b, g)
+    scale_h, zero_h = scale.cpu().numpy(), zero.cpu().numpy()
+    if sb in SCALE_CODE_BITS:
+        s32, sc, sup = scale_codes(scale_h, sb)
+    else:
+        s32 = stored_scales(scale_h, sb)
+    codes = tk.quantize(Wt, torch.from_numpy(np.ascontiguousarray(s32)).to(Wt.device), zero,
+                        b, g).cpu().numpy()
+    if sb in SCALE_CODE_BITS:
+        low = QuantPart(b, g, codes, sc, zero_h, sup, scale_code_bits=sb)
+    else:
+        low = QuantPart(b, g, codes, s32.astype(np.float16), zero_h)
+    return QuantizedLayer(name, W.shape[0], W.shape[1], np.zeros(0, np.int64), low)
+
+
+def gptq_layer(name, W: np.ndarray, stats: DeviceLayerStats, plan, settings):
+    """The gptq method (:mod:`hiquant.methods.gptq`) on the device, from ``stats.gram_device``."""
+    import torch
+
+    from . import torch_kernels as tk
+    from .storage import QuantizedLayer, QuantPart
+    s = settings
+    H = stats.gram_device
+    Wt = torch.from_numpy(np.ascontiguousarray(W, np.float32)).to(H.device)
+    res = tk.gptq(Wt, H, bits=plan.b_low, group_size=plan.group_size, percdamp=s.gptq_percdamp,
+                  blocksize=s.gptq_blocksize, act_order=s.gptq_act_order)
+    low = QuantPart(plan.b_low, plan.group_size, res.codes.cpu().numpy(),
+                    res.scale.cpu().numpy().astype(np.float16), res.zero.cpu().numpy())
+    return QuantizedLayer(name, W.shape[0], W.shape[1], np.zeros(0, np.int64), low)
