@@ -49,7 +49,7 @@ float half_to_float(uint16_t h) {
 namespace {
 
 constexpr int64_t kTile = 8;       // tokens per tile (accumulators per row)
-constexpr int64_t kRowBlock = 8;   // rows per parallel task
+constexpr int64_t kRowBlock = 32;  // rows per parallel task
 
 // 64 bits of the stream starting at bit `bitpos`, shifted down so that bit 0 is bitpos. Holds
 // 8 codes of up to 7 bits at any bit offset, 8 of 8 bits (always byte-aligned). Never reads past
@@ -199,142 +199,419 @@ HQ_AVX2 inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
 }
 
-template <int BITS, int T>
-HQ_AVX2 void part_row_avx2(const PartRun& q, int64_t r, int64_t t0, __m256* racc, float* rs) {
+// ---- Row-block kernel: R output rows x T tokens per pass.
+//
+// Each row's codes are turned into dequantized float32 weights s * (code - zero) in registers and
+// multiplied into R * T accumulators, so the x loads of a chunk of eight columns are shared by the
+// R rows and each decoded chunk by the T tokens; there is no zero-point term and no per-group
+// reduction. 2/3-bit codes index a per-(row, group) table of the eight values s * (k - zero)
+// (one register permute per eight weights); 4/6/8-bit codes are converted and scaled by one FMA,
+// s * code - s * zero. Inside a row the eight codes of a chunk are read with one 4-byte broadcast
+// load at the chunk's byte and per-lane shifts (shift + k * BITS), which holds them whenever
+// shift + 8 * BITS <= 32 (2 and 3 bits at any bit offset, 4 bits at a byte boundary); otherwise
+// an 8-byte load. Per row and group the scale and zero are decoded eight groups at a time before
+// the pass.
+// Scales and zero points of row r, all groups, as floats.
+template <int BITS>
+HQ_AVX2 void row_params(const PartRun& q, int64_t r, float* sc, float* zc) {
   const PackedPart& p = *q.p;
-  const int64_t n = p.n_cols;
   const float sup = row_super(q, r);
-  const int64_t base = r * n;
+  const int64_t ng = q.ng, i0 = r * ng;
+  int64_t g = 0;
+  const __m256 supv = _mm256_set1_ps(sup);
+  for (; g + 8 <= ng; g += 8) {
+    __m256 s;
+    if (p.scale_bits == 16)
+      s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.scales_f16 + i0 + g)));
+    else if (p.scale_bits == 8)
+      s = _mm256_mul_ps(supv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                  _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.scale_codes + i0 + g)))));
+    else
+      s = _mm256_mul_ps(supv, decode8<6>(load_bits(p.scale_codes, q.nb_s, (i0 + g) * 6)));
+    _mm256_storeu_ps(sc + g, s);
+    _mm256_storeu_ps(zc + g, decode8<BITS>(load_bits(p.qzeros, q.nb_z, (i0 + g) * BITS)));
+  }
+  for (; g < ng; ++g) {
+    sc[g] = group_scale(q, r, g, sup);
+    zc[g] = group_zero(q, r, g);
+  }
+}
+
+// Per group of row r: BITS <= 3, the table s * (k - zero) of the eight lane values k (2 bits:
+// 0..3 twice, so that a third bit, the next code's, is ignored); BITS >= 4, s * zero in lane 0.
+template <int BITS>
+HQ_AVX2 void row_tables(int64_t ng, const float* sc, const float* zc, float* tab) {
+  const __m256 base = BITS == 2 ? _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3)
+                                : _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t g = 0; g < ng; ++g) {
+    if constexpr (BITS <= 3)
+      _mm256_storeu_ps(tab + 8 * g, _mm256_mul_ps(_mm256_sub_ps(base, _mm256_set1_ps(zc[g])),
+                                                  _mm256_set1_ps(sc[g])));
+    else
+      tab[8 * g] = sc[g] * zc[g];
+  }
+}
+
+// Lane codes of a chunk, unmasked above BITS for BITS <= 3 (the table permute reads 3 bits).
+template <int BITS>
+HQ_AVX2 inline __m256i lanes_dword(const uint8_t* b, __m256i cnt) {
+  int32_t d;
+  std::memcpy(&d, b, 4);
+  return _mm256_srlv_epi32(_mm256_set1_epi32(d), cnt);
+}
+
+template <int BITS>
+HQ_AVX2 inline __m256 weights_from_lanes(__m256i lanes, __m256 tab, __m256 s, __m256 sz) {
+  if constexpr (BITS <= 3) {
+    (void)s;
+    (void)sz;
+    return _mm256_permutevar8x32_ps(tab, lanes);
+  } else {
+    (void)tab;
+    const __m256 c = _mm256_cvtepi32_ps(_mm256_and_si256(lanes, _mm256_set1_epi32((1 << BITS) - 1)));
+    return _mm256_fmsub_ps(c, s, sz);
+  }
+}
+
+// Weights of a chunk from 64 bits whose low 8 * BITS bits are its codes.
+template <int BITS>
+HQ_AVX2 inline __m256 weights_from_bits(uint64_t v, __m256 tab, __m256 s, __m256 sz) {
+  if constexpr (BITS <= 3) {
+    const __m256i sh = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS,
+                                         6 * BITS, 7 * BITS);
+    return _mm256_permutevar8x32_ps(tab, _mm256_srlv_epi32(_mm256_set1_epi32(int(uint32_t(v))), sh));
+  } else {
+    (void)tab;
+    return _mm256_fmsub_ps(decode8<BITS>(v), s, sz);
+  }
+}
+
+// The common case, groups of a multiple of eight columns and no load near the end of the stream:
+// every chunk of a row starts at the row's bit shift, so the loop over a group is loads, the
+// decode and FMAs only; the per-group values come from `tab` (row_tables).
+template <int BITS, int R, int T, bool DWORD>
+HQ_AVX2 inline __m256 uniform_weights(const uint8_t* b, __m256i cnt, __m256i kstep, int sh,
+                                      __m256 tv, __m256 sv, __m256 szv) {
+  if constexpr (DWORD) {
+    int32_t d;
+    std::memcpy(&d, b, 4);
+    const __m256i lanes = _mm256_srlv_epi32(_mm256_set1_epi32(d), cnt);
+    if constexpr (BITS <= 3) {
+      return _mm256_permutevar8x32_ps(tv, lanes);
+    } else {
+      const __m256 c =
+          _mm256_cvtepi32_ps(_mm256_and_si256(lanes, _mm256_set1_epi32((1 << BITS) - 1)));
+      return _mm256_fmsub_ps(c, sv, szv);
+    }
+  } else {
+    uint64_t v;
+    std::memcpy(&v, b, 8);
+    v >>= sh;
+    if constexpr (BITS <= 3)
+      return _mm256_permutevar8x32_ps(
+          tv, _mm256_srlv_epi32(_mm256_set1_epi32(int(uint32_t(v))), kstep));
+    else if constexpr (BITS == 8)
+      return _mm256_fmsub_ps(
+          _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)v))), sv, szv);
+    else
+      return _mm256_fmsub_ps(decode8<BITS>(v), sv, szv);
+  }
+}
+
+template <int BITS, int R, int T, bool DWORD>
+HQ_AVX2 void block_part_uniform(const PartRun& q, int64_t r0, int64_t t0, const float* sc,
+                                const float* tab, float* out) {
+  const PackedPart& p = *q.p;
+  const int64_t n = p.n_cols, ng = q.ng;
   const float* xs[T];
   for (int t = 0; t < T; ++t) xs[t] = q.x + (t0 + t) * q.ldx;
-  // The row's scales, eight groups at a time, and the zero-point term
-  // sum_g s_g z_g sum_{j in g} x_j of each token, before the code sums.
-  static thread_local std::vector<float> scratch;
-  if (int64_t(scratch.size()) < q.ng + 8) scratch.resize(size_t(q.ng + 8));
-  float* sc = scratch.data();
-  int64_t g8 = 0;
-  if (p.scale_bits == 16) {
-    for (; g8 + 8 <= q.ng; g8 += 8)
-      _mm256_storeu_ps(sc + g8, _mm256_cvtph_ps(_mm_loadu_si128(
-                                    reinterpret_cast<const __m128i*>(p.scales_f16 + r * q.ng + g8))));
+  // U accumulator sets: at least eight independent FMA chains hide the FMA latency
+  constexpr int U = R * T >= 8 ? 1 : 2;
+  __m256 acc[U][R][T];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < R; ++i)
+      for (int t = 0; t < T; ++t) acc[u][i][t] = _mm256_setzero_ps();
+  const __m256i kstep = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS,
+                                          6 * BITS, 7 * BITS);
+  const uint8_t* rp[R];
+  int sh[R];
+  __m256i cnt[R];
+  for (int i = 0; i < R; ++i) {
+    const int64_t bit = (r0 + i) * n * BITS;
+    rp[i] = p.qweight + (bit >> 3);
+    sh[i] = int(bit & 7);
+    cnt[i] = _mm256_add_epi32(kstep, _mm256_set1_epi32(sh[i]));
   }
-  for (; g8 < q.ng; ++g8) sc[g8] = group_scale(q, r, g8, sup);
-  {
-    float zt[T] = {};
-    for (int64_t gi = 0; gi < q.ng; ++gi) {
-      const float sz = sc[gi] * group_zero(q, r, gi);
-      for (int t = 0; t < T; ++t) zt[t] += sz * q.gs[(t0 + t) * q.ng + gi];
+  const int64_t gbytes = q.g / 8 * BITS;  // bytes of a full group
+  const int64_t pf = R * n * BITS / 8;     // bytes of R rows
+  for (int64_t g = 0; g < ng; ++g) {
+    const int64_t c0 = g * q.g;
+    const int64_t nfull = (std::min(n, c0 + q.g) - c0) / 8;
+    __m256 tv[R], sv[R], szv[R];
+    for (int i = 0; i < R; ++i) {
+      if constexpr (BITS <= 3) {
+        tv[i] = _mm256_loadu_ps(tab + (i * ng + g) * 8);
+        sv[i] = szv[i] = tv[i];
+      } else {
+        tv[i] = sv[i] = _mm256_set1_ps(sc[i * ng + g]);
+        szv[i] = _mm256_set1_ps(tab[(i * ng + g) * 8]);
+      }
     }
-    for (int t = 0; t < T; ++t) rs[t] -= zt[t];
-  }
-  for (int64_t gi = 0; gi < q.ng; ++gi) {
-    const int64_t c0 = gi * q.g, c1 = std::min(n, c0 + q.g);
-    const float s = sc[gi];
-    // U independent accumulator sets hide the FMA latency when there are few tokens.
-    constexpr int U = T <= 2 ? 4 : (T <= 4 ? 2 : 1);
-    __m256 acc[U][T];
-    for (int u = 0; u < U; ++u)
-      for (int t = 0; t < T; ++t) acc[u][t] = _mm256_setzero_ps();
-    const int64_t nfull = (c1 - c0) / 8;
-    const int64_t bit0 = (base + c0) * BITS;
-    if (((bit0 + nfull * 8 * BITS) >> 3) + 8 <= q.nb_w) {
-      // Eight codes are BITS bytes further on at the same bit shift: plain 8-byte loads.
-      const uint8_t* wp = p.qweight + (bit0 >> 3);
-      const int sh = int(bit0 & 7);
-      int64_t m = 0;
-      for (; m + U <= nfull; m += U) {
-        for (int u = 0; u < U; ++u) {
-          uint64_t v;
-          std::memcpy(&v, wp + (m + u) * BITS, 8);
-          const __m256 w = decode8<BITS>(v >> sh);
-          const int64_t c = c0 + 8 * (m + u);
-          for (int t = 0; t < T; ++t)
-            acc[u][t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xs[t] + c), acc[u][t]);
+    const float* xg[T];
+    for (int t = 0; t < T; ++t) xg[t] = xs[t] + c0;
+    const uint8_t* gp[R];
+    for (int i = 0; i < R; ++i) gp[i] = rp[i] + g * gbytes;
+#ifndef HQ_NOPF
+    // the same group of the next R rows, one block ahead (rows are short streams)
+    for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(gp[i] + pf), _MM_HINT_T0);
+#endif
+    int64_t m = 0;
+    for (; m + U <= nfull; m += U) {
+      for (int u = 0; u < U; ++u) {
+        __m256 xv[T];
+        for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(xg[t] + 8 * (m + u));
+        for (int i = 0; i < R; ++i) {
+          const __m256 w = uniform_weights<BITS, R, T, DWORD>(gp[i] + (m + u) * BITS, cnt[i],
+                                                              kstep, sh[i], tv[i], sv[i], szv[i]);
+          for (int t = 0; t < T; ++t) acc[u][i][t] = _mm256_fmadd_ps(w, xv[t], acc[u][i][t]);
         }
       }
-      for (; m < nfull; ++m) {
-        uint64_t v;
-        std::memcpy(&v, wp + m * BITS, 8);
-        const __m256 w = decode8<BITS>(v >> sh);
+    }
+    for (; m < nfull; ++m) {
+      __m256 xv[T];
+      for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(xg[t] + 8 * m);
+      for (int i = 0; i < R; ++i) {
+        const __m256 w = uniform_weights<BITS, R, T, DWORD>(gp[i] + m * BITS, cnt[i], kstep,
+                                                            sh[i], tv[i], sv[i], szv[i]);
+        for (int t = 0; t < T; ++t) acc[0][i][t] = _mm256_fmadd_ps(w, xv[t], acc[0][i][t]);
+      }
+    }
+  }
+  for (int u = 1; u < U; ++u)
+    for (int i = 0; i < R; ++i)
+      for (int t = 0; t < T; ++t) acc[0][i][t] = _mm256_add_ps(acc[0][i][t], acc[u][i][t]);
+  // the columns after the last full chunk (a last group of a length not a multiple of 8): one
+  // chunk of codes read with a bounded load, the activations past the part's end masked to zero
+  const int64_t cl = (ng - 1) * q.g + (n - (ng - 1) * q.g) / 8 * 8;
+  if (cl < n) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n - cl)), lane);
+    __m256 xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = _mm256_maskload_ps(xs[t] + cl, live);
+    for (int i = 0; i < R; ++i) {
+      const int64_t k = i * ng + ng - 1;
+      __m256 tv, sv, szv;
+      if constexpr (BITS <= 3) {
+        tv = sv = szv = _mm256_loadu_ps(tab + k * 8);
+      } else {
+        tv = sv = _mm256_set1_ps(sc[k]);
+        szv = _mm256_set1_ps(tab[k * 8]);
+      }
+      const uint64_t v = load_bits(p.qweight, q.nb_w, ((r0 + i) * n + cl) * BITS);
+      const __m256 w = weights_from_bits<BITS>(v, tv, sv, szv);
+      for (int t = 0; t < T; ++t) acc[0][i][t] = _mm256_fmadd_ps(w, xv[t], acc[0][i][t]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) out[i * T + t] += hsum8(acc[0][i][t]);
+}
+
+// out[i * T + t] += row (r0 + i) of this part times token t0 + t, for i < R, t < T.
+template <int BITS, int R, int T>
+HQ_AVX2 void block_part_avx2(const PartRun& q, int64_t r0, int64_t t0, const float* sc,
+                             const float* zc, float* out) {
+  const PackedPart& p = *q.p;
+  const int64_t n = p.n_cols, ng = q.ng;
+  const float* xs[T];
+  for (int t = 0; t < T; ++t) xs[t] = q.x + (t0 + t) * q.ldx;
+  __m256 acc[R][T];
+  float tail[R][T];
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) {
+      acc[i][t] = _mm256_setzero_ps();
+      tail[i][t] = 0.0f;
+    }
+  const __m256 base = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i kstep = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS,
+                                          6 * BITS, 7 * BITS);
+  // 2 bits: the table's lanes 4..7 repeat 0..3 so that a third bit (the next code's) is ignored
+  const __m256 base2 = _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3);
+  for (int64_t g = 0; g < ng; ++g) {
+    const int64_t c0 = g * q.g, c1 = std::min(n, c0 + q.g);
+    const int64_t nfull = (c1 - c0) / 8;
+    const uint8_t* rp[R];
+    __m256i cnt[R];
+    __m256 tab[R], sv[R], szv[R];
+    bool fast = true, dword = true;
+    for (int i = 0; i < R; ++i) {
+      const int64_t bit = ((r0 + i) * n + c0) * BITS;
+      rp[i] = p.qweight + (bit >> 3);
+      const int sh = int(bit & 7);
+      cnt[i] = _mm256_add_epi32(kstep, _mm256_set1_epi32(sh));
+      if (sh + 8 * BITS > 32) dword = false;
+      if (nfull > 0 && (bit >> 3) + (nfull - 1) * BITS + 8 > q.nb_w) fast = false;
+      const float s = sc[i * ng + g], z = zc[i * ng + g];
+      sv[i] = _mm256_set1_ps(s);
+      szv[i] = _mm256_set1_ps(s * z);
+      if constexpr (BITS <= 3)
+        tab[i] = _mm256_mul_ps(_mm256_sub_ps(BITS == 2 ? base2 : base, _mm256_set1_ps(z)), sv[i]);
+      else
+        tab[i] = base;
+    }
+    if (fast && dword) {
+      for (int64_t m = 0; m < nfull; ++m) {
         const int64_t c = c0 + 8 * m;
-        for (int t = 0; t < T; ++t)
-          acc[0][t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xs[t] + c), acc[0][t]);
+        __m256 xv[T];
+        for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(xs[t] + c);
+        for (int i = 0; i < R; ++i) {
+          const __m256 w = weights_from_lanes<BITS>(lanes_dword<BITS>(rp[i] + m * BITS, cnt[i]),
+                                                    tab[i], sv[i], szv[i]);
+          for (int t = 0; t < T; ++t) acc[i][t] = _mm256_fmadd_ps(w, xv[t], acc[i][t]);
+        }
+      }
+    } else if (fast) {
+      for (int64_t m = 0; m < nfull; ++m) {
+        const int64_t c = c0 + 8 * m;
+        __m256 xv[T];
+        for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(xs[t] + c);
+        for (int i = 0; i < R; ++i) {
+          const int64_t bit = ((r0 + i) * n + c0) * BITS;
+          uint64_t v;
+          std::memcpy(&v, rp[i] + m * BITS, 8);
+          const __m256 w = weights_from_bits<BITS>(v >> (bit & 7), tab[i], sv[i], szv[i]);
+          for (int t = 0; t < T; ++t) acc[i][t] = _mm256_fmadd_ps(w, xv[t], acc[i][t]);
+        }
       }
     } else {  // near the end of the stream: bounded loads
       for (int64_t m = 0; m < nfull; ++m) {
         const int64_t c = c0 + 8 * m;
-        const __m256 w = decode8<BITS>(load_bits(p.qweight, q.nb_w, (base + c) * BITS));
-        for (int t = 0; t < T; ++t)
-          acc[0][t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xs[t] + c), acc[0][t]);
+        __m256 xv[T];
+        for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(xs[t] + c);
+        for (int i = 0; i < R; ++i) {
+          const uint64_t v = load_bits(p.qweight, q.nb_w, ((r0 + i) * n + c) * BITS);
+          const __m256 w = weights_from_bits<BITS>(v, tab[i], sv[i], szv[i]);
+          for (int t = 0; t < T; ++t) acc[i][t] = _mm256_fmadd_ps(w, xv[t], acc[i][t]);
+        }
       }
     }
-    for (int u = 1; u < U; ++u)
-      for (int t = 0; t < T; ++t) acc[0][t] = _mm256_add_ps(acc[0][t], acc[u][t]);
-    int64_t c = c0 + 8 * nfull;
-    float tail[T] = {};
-    for (; c < c1; ++c) {
-      const float w = float(code_at(p.qweight, q.nb_w, base + c, BITS));
-      for (int t = 0; t < T; ++t) tail[t] += w * xs[t][c];
-    }
-    const __m256 sv = _mm256_set1_ps(s);
-    for (int t = 0; t < T; ++t) {
-      racc[t] = _mm256_fmadd_ps(sv, acc[0][t], racc[t]);
-      rs[t] += s * tail[t];
+    for (int64_t c = c0 + 8 * nfull; c < c1; ++c) {
+      for (int i = 0; i < R; ++i) {
+        const float s = sc[i * ng + g], z = zc[i * ng + g];
+        const float code = float(code_at(p.qweight, q.nb_w, (r0 + i) * n + c, BITS));
+        const float w = BITS <= 3 ? (code - z) * s : code * s - s * z;
+        for (int t = 0; t < T; ++t) tail[i][t] += w * xs[t][c];
+      }
     }
   }
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) out[i * T + t] += hsum8(acc[i][t]) + tail[i][t];
 }
 
-template <int T>
-HQ_AVX2 void fp16_row_avx2(const PartRun& q, int64_t r, int64_t t0, __m256* racc, float* rs) {
+template <int R, int T>
+HQ_AVX2 void block_fp16_avx2(const PartRun& q, int64_t r0, int64_t t0, float* out) {
   const int64_t n = q.p->n_cols;
-  const uint16_t* h = q.p->fp16 + r * n;
   const float* xs[T];
   for (int t = 0; t < T; ++t) xs[t] = q.x + (t0 + t) * q.ldx;
+  __m256 acc[R][T];
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) acc[i][t] = _mm256_setzero_ps();
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
-    const __m256 w = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + c)));
-    for (int t = 0; t < T; ++t) racc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xs[t] + c), racc[t]);
-  }
-  for (; c < n; ++c) {
-    const float w = half_to_float(h[c]);
-    for (int t = 0; t < T; ++t) rs[t] += w * xs[t][c];
-  }
-}
-
-template <int T>
-HQ_AVX2 void rows_avx2_t(const std::vector<PartRun>& runs, int64_t r, int64_t t0, float* y,
-                         int64_t d_out) {
-  __m256 racc[T];
-  float rs[T];
-  for (int t = 0; t < T; ++t) {
-    racc[t] = _mm256_setzero_ps();
-    rs[t] = 0.0f;
-  }
-  for (const PartRun& q : runs) {
-    if (q.p->n_cols == 0) continue;
-    switch (q.p->bits) {
-      case 2: part_row_avx2<2, T>(q, r, t0, racc, rs); break;
-      case 3: part_row_avx2<3, T>(q, r, t0, racc, rs); break;
-      case 4: part_row_avx2<4, T>(q, r, t0, racc, rs); break;
-      case 6: part_row_avx2<6, T>(q, r, t0, racc, rs); break;
-      case 8: part_row_avx2<8, T>(q, r, t0, racc, rs); break;
-      default: fp16_row_avx2<T>(q, r, t0, racc, rs); break;
+    __m256 xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(xs[t] + c);
+    for (int i = 0; i < R; ++i) {
+      const __m256 w = _mm256_cvtph_ps(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(q.p->fp16 + (r0 + i) * n + c)));
+      for (int t = 0; t < T; ++t) acc[i][t] = _mm256_fmadd_ps(w, xv[t], acc[i][t]);
     }
   }
-  for (int t = 0; t < T; ++t) y[(t0 + t) * d_out + r] = hsum8(racc[t]) + rs[t];
+  for (int i = 0; i < R; ++i) {
+    float tail[T] = {};
+    for (int64_t cc = c; cc < n; ++cc) {
+      const float w = half_to_float(q.p->fp16[(r0 + i) * n + cc]);
+      for (int t = 0; t < T; ++t) tail[t] += w * xs[t][cc];
+    }
+    for (int t = 0; t < T; ++t) out[i * T + t] += hsum8(acc[i][t]) + tail[t];
+  }
 }
 
-void rows_avx2(const std::vector<PartRun>& runs, int64_t r, int64_t t0, int64_t T, float* y,
-               int64_t d_out) {
+// One quantized part for rows r0 .. r0 + R - 1: the rows' scales and zero points, then the uniform
+// kernel where it applies, else the general one.
+template <int BITS, int R, int T>
+HQ_AVX2 void part_block_avx2(const PartRun& q, int64_t r0, int64_t t0, float* out,
+                             std::vector<float>& scratch) {
+  const int64_t ng = q.ng, n = q.p->n_cols;
+  if (int64_t(scratch.size()) < 10 * R * ng) scratch.resize(size_t(10 * R * ng));
+  float* sc = scratch.data();
+  float* zc = sc + R * ng;
+  float* tab = zc + R * ng;
+  for (int i = 0; i < R; ++i) row_params<BITS>(q, r0 + i, sc + i * ng, zc + i * ng);
+  // uniform: groups of whole chunks (so every chunk of a row has the row's bit shift) and the
+  // last row's last 8-byte chunk load inside the stream
+  const int64_t last_bit = ((r0 + R - 1) * n + std::max<int64_t>(0, n / 8 * 8 - 8)) * BITS;
+  if (q.g % 8 == 0 && (last_bit >> 3) + 8 <= q.nb_w) {
+    for (int i = 0; i < R; ++i) row_tables<BITS>(ng, sc + i * ng, zc + i * ng, tab + i * ng * 8);
+    bool dword = true;
+    for (int i = 0; i < R; ++i)
+      if (int(((r0 + i) * n * BITS) & 7) + 8 * BITS > 32) dword = false;
+    if (dword)
+      block_part_uniform<BITS, R, T, true>(q, r0, t0, sc, tab, out);
+    else
+      block_part_uniform<BITS, R, T, false>(q, r0, t0, sc, tab, out);
+    return;
+  }
+  block_part_avx2<BITS, R, T>(q, r0, t0, sc, zc, out);
+}
+
+// Rows r0 .. r0 + R - 1, tokens t0 .. t0 + T - 1, all parts.
+template <int R, int T>
+HQ_AVX2 void block_avx2(const std::vector<PartRun>& runs, int64_t r0, int64_t t0, float* y,
+                        int64_t d_out, std::vector<float>& scratch) {
+  float out[R * T] = {};
+  for (const PartRun& q : runs) {
+    if (q.p->n_cols == 0) continue;
+    const int bits = q.p->bits;
+    if (bits == 16) {
+      block_fp16_avx2<R, T>(q, r0, t0, out);
+      continue;
+    }
+    switch (bits) {
+      case 2: part_block_avx2<2, R, T>(q, r0, t0, out, scratch); break;
+      case 3: part_block_avx2<3, R, T>(q, r0, t0, out, scratch); break;
+      case 4: part_block_avx2<4, R, T>(q, r0, t0, out, scratch); break;
+      case 6: part_block_avx2<6, R, T>(q, r0, t0, out, scratch); break;
+      default: part_block_avx2<8, R, T>(q, r0, t0, out, scratch); break;
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) y[(t0 + t) * d_out + r0 + i] = out[i * T + t];
+}
+
+// Rows of this token tile: R rows per pass where R * T accumulators fit the registers, the
+// remaining rows one at a time.
+template <int T>
+void rows_tile_avx2(const std::vector<PartRun>& runs, int64_t r0, int64_t r1, int64_t t0,
+                    float* y, int64_t d_out, std::vector<float>& scratch) {
+#ifndef HQ_R1
+#define HQ_R1 4
+#endif
+  constexpr int R = T == 1 ? HQ_R1 : (T == 2 ? 4 : (T <= 4 ? 2 : 1));
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) block_avx2<R, T>(runs, r, t0, y, d_out, scratch);
+  for (; r < r1; ++r) block_avx2<1, T>(runs, r, t0, y, d_out, scratch);
+}
+
+void rows_avx2(const std::vector<PartRun>& runs, int64_t r0, int64_t r1, int64_t t0, int64_t T,
+               float* y, int64_t d_out, std::vector<float>& scratch) {
   switch (T) {
-    case 1: rows_avx2_t<1>(runs, r, t0, y, d_out); break;
-    case 2: rows_avx2_t<2>(runs, r, t0, y, d_out); break;
-    case 3: rows_avx2_t<3>(runs, r, t0, y, d_out); break;
-    case 4: rows_avx2_t<4>(runs, r, t0, y, d_out); break;
-    case 5: rows_avx2_t<5>(runs, r, t0, y, d_out); break;
-    case 6: rows_avx2_t<6>(runs, r, t0, y, d_out); break;
-    case 7: rows_avx2_t<7>(runs, r, t0, y, d_out); break;
-    default: rows_avx2_t<8>(runs, r, t0, y, d_out); break;
+    case 1: rows_tile_avx2<1>(runs, r0, r1, t0, y, d_out, scratch); break;
+    case 2: rows_tile_avx2<2>(runs, r0, r1, t0, y, d_out, scratch); break;
+    case 3: rows_tile_avx2<3>(runs, r0, r1, t0, y, d_out, scratch); break;
+    case 4: rows_tile_avx2<4>(runs, r0, r1, t0, y, d_out, scratch); break;
+    case 5: rows_tile_avx2<5>(runs, r0, r1, t0, y, d_out, scratch); break;
+    case 6: rows_tile_avx2<6>(runs, r0, r1, t0, y, d_out, scratch); break;
+    case 7: rows_tile_avx2<7>(runs, r0, r1, t0, y, d_out, scratch); break;
+    default: rows_tile_avx2<8>(runs, r0, r1, t0, y, d_out, scratch); break;
   }
 }
 #endif
@@ -451,6 +728,7 @@ void packed_matmul(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& p
     q.nb_w = packed_size(d_out * p.n_cols, p.bits);
     q.nb_z = packed_size(d_out * q.ng, p.bits);
     q.nb_s = p.scale_bits == 6 ? packed_size(d_out * q.ng, 6) : 0;
+    if (use_avx2) continue;  // the AVX2 kernel forms dequantized weights: no zero-point sums
     auto& gs = sums[i];
     gs.assign(size_t(n_tok * q.ng), 0.0f);
     for (int64_t t = 0; t < n_tok; ++t)
@@ -465,18 +743,18 @@ void packed_matmul(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& p
 
   const int64_t n_blocks = (d_out + kRowBlock - 1) / kRowBlock;
   parallel_for(n_blocks, n_threads, [&](int64_t b) {
-    const int64_t r1 = std::min(d_out, (b + 1) * kRowBlock);
+    const int64_t r0 = b * kRowBlock, r1 = std::min(d_out, (b + 1) * kRowBlock);
+#if defined(HQ_PACKED_X86)
+    if (use_avx2) {
+      std::vector<float> scratch;
+      for (int64_t t0 = 0; t0 < n_tok; t0 += kTile)
+        rows_avx2(runs, r0, r1, t0, std::min(kTile, n_tok - t0), y, d_out, scratch);
+      return;
+    }
+#endif
     for (int64_t t0 = 0; t0 < n_tok; t0 += kTile) {
       const int64_t T = std::min(kTile, n_tok - t0);
-      for (int64_t r = b * kRowBlock; r < r1; ++r) {
-#if defined(HQ_PACKED_X86)
-        if (use_avx2) {
-          rows_avx2(runs, r, t0, T, y, d_out);
-          continue;
-        }
-#endif
-        rows_portable(runs, r, t0, T, y, d_out);
-      }
+      for (int64_t r = r0; r < r1; ++r) rows_portable(runs, r, t0, T, y, d_out);
     }
   });
 }
