@@ -16,6 +16,9 @@
 #define HQ_PACKED_X86 1
 #include <immintrin.h>
 #define HQ_AVX2 __attribute__((target("avx2,fma,f16c")))
+// full unrolling of the loops over rows, tokens and accumulator sets keeps the accumulators in
+// registers (GCC otherwise keeps such arrays in memory, a store per FMA)
+#define HQ_UNROLL _Pragma("GCC unroll 16")
 #endif
 
 namespace hiquant {
@@ -74,6 +77,7 @@ struct PartRun {
   const PackedPart* p = nullptr;
   int64_t ng = 0, g = 0;  // groups per row, columns per group (the last may be shorter)
   int64_t nb_w = 0, nb_z = 0, nb_s = 0;  // bytes of codes, zero points, 6-bit scale codes
+  int64_t n_par = 0;                     // scales (and zero points): d_out * ng
   const float* x = nullptr;  // (n_tok, ldx)
   int64_t ldx = 0;
   const float* gs = nullptr;  // (n_tok, ng)
@@ -217,40 +221,42 @@ HQ_AVX2 void row_params(const PartRun& q, int64_t r, float* sc, float* zc) {
   const PackedPart& p = *q.p;
   const float sup = row_super(q, r);
   const int64_t ng = q.ng, i0 = r * ng;
-  int64_t g = 0;
+  const int64_t n_par = q.n_par;
   const __m256 supv = _mm256_set1_ps(sup);
-  for (; g + 8 <= ng; g += 8) {
+  for (int64_t g = 0; g < ng; g += 8) {
+    // 8 groups (those past the row's last belong to the next rows; only `m` are kept)
+    const int64_t m = std::min<int64_t>(8, ng - g);
     __m256 s;
-    if (p.scale_bits == 16)
-      s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.scales_f16 + i0 + g)));
-    else if (p.scale_bits == 8)
-      s = _mm256_mul_ps(supv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-                                  _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.scale_codes + i0 + g)))));
-    else
+    if (p.scale_bits == 6) {
       s = _mm256_mul_ps(supv, decode8<6>(load_bits(p.scale_codes, q.nb_s, (i0 + g) * 6)));
-    _mm256_storeu_ps(sc + g, s);
-    _mm256_storeu_ps(zc + g, decode8<BITS>(load_bits(p.qzeros, q.nb_z, (i0 + g) * BITS)));
-  }
-  for (; g < ng; ++g) {
-    sc[g] = group_scale(q, r, g, sup);
-    zc[g] = group_zero(q, r, g);
+    } else if (i0 + g + 8 > n_par) {  // the last groups of the layer: one at a time
+      for (int64_t k = 0; k < m; ++k) {
+        sc[g + k] = group_scale(q, r, g + k, sup);
+        zc[g + k] = group_zero(q, r, g + k);
+      }
+      continue;
+    } else if (p.scale_bits == 16) {
+      s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.scales_f16 + i0 + g)));
+    } else {
+      s = _mm256_mul_ps(supv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                  reinterpret_cast<const __m128i*>(p.scale_codes + i0 + g)))));
+    }
+    const __m256 z = decode8<BITS>(load_bits(p.qzeros, q.nb_z, (i0 + g) * BITS));
+    if (m == 8) {
+      _mm256_storeu_ps(sc + g, s);
+      _mm256_storeu_ps(zc + g, z);
+    } else {
+      alignas(32) float sb[8], zb[8];
+      _mm256_store_ps(sb, s);
+      _mm256_store_ps(zb, z);
+      for (int64_t k = 0; k < m; ++k) {
+        sc[g + k] = sb[k];
+        zc[g + k] = zb[k];
+      }
+    }
   }
 }
 
-// Per group of row r: BITS <= 3, the table s * (k - zero) of the eight lane values k (2 bits:
-// 0..3 twice, so that a third bit, the next code's, is ignored); BITS >= 4, s * zero in lane 0.
-template <int BITS>
-HQ_AVX2 void row_tables(int64_t ng, const float* sc, const float* zc, float* tab) {
-  const __m256 base = BITS == 2 ? _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3)
-                                : _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int64_t g = 0; g < ng; ++g) {
-    if constexpr (BITS <= 3)
-      _mm256_storeu_ps(tab + 8 * g, _mm256_mul_ps(_mm256_sub_ps(base, _mm256_set1_ps(zc[g])),
-                                                  _mm256_set1_ps(sc[g])));
-    else
-      tab[8 * g] = sc[g] * zc[g];
-  }
-}
 
 // Lane codes of a chunk, unmasked above BITS for BITS <= 3 (the table permute reads 3 bits).
 template <int BITS>
@@ -288,7 +294,7 @@ HQ_AVX2 inline __m256 weights_from_bits(uint64_t v, __m256 tab, __m256 s, __m256
 
 // The common case, groups of a multiple of eight columns and no load near the end of the stream:
 // every chunk of a row starts at the row's bit shift, so the loop over a group is loads, the
-// decode and FMAs only; the per-group values come from `tab` (row_tables).
+// decode and FMAs only (the per-group table or scale, from sc and zc, once per group and row).
 template <int BITS, int R, int T, bool DWORD>
 HQ_AVX2 inline __m256 uniform_weights(const uint8_t* b, __m256i cnt, __m256i kstep, int sh,
                                       __m256 tv, __m256 sv, __m256 szv) {
@@ -320,22 +326,31 @@ HQ_AVX2 inline __m256 uniform_weights(const uint8_t* b, __m256i cnt, __m256i kst
 
 template <int BITS, int R, int T, bool DWORD>
 HQ_AVX2 void block_part_uniform(const PartRun& q, int64_t r0, int64_t t0, const float* sc,
-                                const float* tab, float* out) {
+                                const float* zc, float* out) {
+  // the eight lane values k of the table s * (k - zero) (2 bits: 0..3 twice, so that a third
+  // bit, the next code's, is ignored)
+  const __m256 tbase = BITS == 2 ? _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3)
+                                 : _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
   const PackedPart& p = *q.p;
   const int64_t n = p.n_cols, ng = q.ng;
   const float* xs[T];
+  HQ_UNROLL
   for (int t = 0; t < T; ++t) xs[t] = q.x + (t0 + t) * q.ldx;
   // U accumulator sets: at least eight independent FMA chains hide the FMA latency
   constexpr int U = R * T >= 8 ? 1 : 2;
   __m256 acc[U][R][T];
+  HQ_UNROLL
   for (int u = 0; u < U; ++u)
+    HQ_UNROLL
     for (int i = 0; i < R; ++i)
+      HQ_UNROLL
       for (int t = 0; t < T; ++t) acc[u][i][t] = _mm256_setzero_ps();
   const __m256i kstep = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS,
                                           6 * BITS, 7 * BITS);
   const uint8_t* rp[R];
   int sh[R];
   __m256i cnt[R];
+  HQ_UNROLL
   for (int i = 0; i < R; ++i) {
     const int64_t bit = (r0 + i) * n * BITS;
     rp[i] = p.qweight + (bit >> 3);
@@ -348,47 +363,62 @@ HQ_AVX2 void block_part_uniform(const PartRun& q, int64_t r0, int64_t t0, const 
     const int64_t c0 = g * q.g;
     const int64_t nfull = (std::min(n, c0 + q.g) - c0) / 8;
     __m256 tv[R], sv[R], szv[R];
+    HQ_UNROLL
     for (int i = 0; i < R; ++i) {
+      const float s = sc[i * ng + g], z = zc[i * ng + g];
       if constexpr (BITS <= 3) {
-        tv[i] = _mm256_loadu_ps(tab + (i * ng + g) * 8);
+        tv[i] = _mm256_mul_ps(_mm256_sub_ps(tbase, _mm256_set1_ps(z)), _mm256_set1_ps(s));
         sv[i] = szv[i] = tv[i];
       } else {
-        tv[i] = sv[i] = _mm256_set1_ps(sc[i * ng + g]);
-        szv[i] = _mm256_set1_ps(tab[(i * ng + g) * 8]);
+        tv[i] = sv[i] = _mm256_set1_ps(s);
+        szv[i] = _mm256_set1_ps(s * z);
       }
     }
     const float* xg[T];
+    HQ_UNROLL
     for (int t = 0; t < T; ++t) xg[t] = xs[t] + c0;
     const uint8_t* gp[R];
+    HQ_UNROLL
     for (int i = 0; i < R; ++i) gp[i] = rp[i] + g * gbytes;
 #ifndef HQ_NOPF
     // the same group of the next R rows, one block ahead (rows are short streams)
+    HQ_UNROLL
     for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(gp[i] + pf), _MM_HINT_T0);
 #endif
     int64_t m = 0;
     for (; m + U <= nfull; m += U) {
+      HQ_UNROLL
       for (int u = 0; u < U; ++u) {
         __m256 xv[T];
+        HQ_UNROLL
         for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(xg[t] + 8 * (m + u));
+        HQ_UNROLL
         for (int i = 0; i < R; ++i) {
           const __m256 w = uniform_weights<BITS, R, T, DWORD>(gp[i] + (m + u) * BITS, cnt[i],
                                                               kstep, sh[i], tv[i], sv[i], szv[i]);
+          HQ_UNROLL
           for (int t = 0; t < T; ++t) acc[u][i][t] = _mm256_fmadd_ps(w, xv[t], acc[u][i][t]);
         }
       }
     }
     for (; m < nfull; ++m) {
       __m256 xv[T];
+      HQ_UNROLL
       for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(xg[t] + 8 * m);
+      HQ_UNROLL
       for (int i = 0; i < R; ++i) {
         const __m256 w = uniform_weights<BITS, R, T, DWORD>(gp[i] + m * BITS, cnt[i], kstep,
                                                             sh[i], tv[i], sv[i], szv[i]);
+        HQ_UNROLL
         for (int t = 0; t < T; ++t) acc[0][i][t] = _mm256_fmadd_ps(w, xv[t], acc[0][i][t]);
       }
     }
   }
+  HQ_UNROLL
   for (int u = 1; u < U; ++u)
+    HQ_UNROLL
     for (int i = 0; i < R; ++i)
+      HQ_UNROLL
       for (int t = 0; t < T; ++t) acc[0][i][t] = _mm256_add_ps(acc[0][i][t], acc[u][i][t]);
   // the columns after the last full chunk (a last group of a length not a multiple of 8): one
   // chunk of codes read with a bounded load, the activations past the part's end masked to zero
@@ -397,22 +427,27 @@ HQ_AVX2 void block_part_uniform(const PartRun& q, int64_t r0, int64_t t0, const 
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n - cl)), lane);
     __m256 xv[T];
+    HQ_UNROLL
     for (int t = 0; t < T; ++t) xv[t] = _mm256_maskload_ps(xs[t] + cl, live);
+    HQ_UNROLL
     for (int i = 0; i < R; ++i) {
-      const int64_t k = i * ng + ng - 1;
+      const float s = sc[i * ng + ng - 1], z = zc[i * ng + ng - 1];
       __m256 tv, sv, szv;
       if constexpr (BITS <= 3) {
-        tv = sv = szv = _mm256_loadu_ps(tab + k * 8);
+        tv = sv = szv = _mm256_mul_ps(_mm256_sub_ps(tbase, _mm256_set1_ps(z)), _mm256_set1_ps(s));
       } else {
-        tv = sv = _mm256_set1_ps(sc[k]);
-        szv = _mm256_set1_ps(tab[k * 8]);
+        tv = sv = _mm256_set1_ps(s);
+        szv = _mm256_set1_ps(s * z);
       }
       const uint64_t v = load_bits(p.qweight, q.nb_w, ((r0 + i) * n + cl) * BITS);
       const __m256 w = weights_from_bits<BITS>(v, tv, sv, szv);
+      HQ_UNROLL
       for (int t = 0; t < T; ++t) acc[0][i][t] = _mm256_fmadd_ps(w, xv[t], acc[0][i][t]);
     }
   }
+  HQ_UNROLL
   for (int i = 0; i < R; ++i)
+    HQ_UNROLL
     for (int t = 0; t < T; ++t) out[i * T + t] += hsum8(acc[0][i][t]);
 }
 
@@ -423,10 +458,13 @@ HQ_AVX2 void block_part_avx2(const PartRun& q, int64_t r0, int64_t t0, const flo
   const PackedPart& p = *q.p;
   const int64_t n = p.n_cols, ng = q.ng;
   const float* xs[T];
+  HQ_UNROLL
   for (int t = 0; t < T; ++t) xs[t] = q.x + (t0 + t) * q.ldx;
   __m256 acc[R][T];
   float tail[R][T];
+  HQ_UNROLL
   for (int i = 0; i < R; ++i)
+    HQ_UNROLL
     for (int t = 0; t < T; ++t) {
       acc[i][t] = _mm256_setzero_ps();
       tail[i][t] = 0.0f;
@@ -443,6 +481,7 @@ HQ_AVX2 void block_part_avx2(const PartRun& q, int64_t r0, int64_t t0, const flo
     __m256i cnt[R];
     __m256 tab[R], sv[R], szv[R];
     bool fast = true, dword = true;
+    HQ_UNROLL
     for (int i = 0; i < R; ++i) {
       const int64_t bit = ((r0 + i) * n + c0) * BITS;
       rp[i] = p.qweight + (bit >> 3);
@@ -462,10 +501,13 @@ HQ_AVX2 void block_part_avx2(const PartRun& q, int64_t r0, int64_t t0, const flo
       for (int64_t m = 0; m < nfull; ++m) {
         const int64_t c = c0 + 8 * m;
         __m256 xv[T];
+        HQ_UNROLL
         for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(xs[t] + c);
+        HQ_UNROLL
         for (int i = 0; i < R; ++i) {
           const __m256 w = weights_from_lanes<BITS>(lanes_dword<BITS>(rp[i] + m * BITS, cnt[i]),
                                                     tab[i], sv[i], szv[i]);
+          HQ_UNROLL
           for (int t = 0; t < T; ++t) acc[i][t] = _mm256_fmadd_ps(w, xv[t], acc[i][t]);
         }
       }
@@ -473,12 +515,15 @@ HQ_AVX2 void block_part_avx2(const PartRun& q, int64_t r0, int64_t t0, const flo
       for (int64_t m = 0; m < nfull; ++m) {
         const int64_t c = c0 + 8 * m;
         __m256 xv[T];
+        HQ_UNROLL
         for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(xs[t] + c);
+        HQ_UNROLL
         for (int i = 0; i < R; ++i) {
           const int64_t bit = ((r0 + i) * n + c0) * BITS;
           uint64_t v;
           std::memcpy(&v, rp[i] + m * BITS, 8);
           const __m256 w = weights_from_bits<BITS>(v >> (bit & 7), tab[i], sv[i], szv[i]);
+          HQ_UNROLL
           for (int t = 0; t < T; ++t) acc[i][t] = _mm256_fmadd_ps(w, xv[t], acc[i][t]);
         }
       }
@@ -486,24 +531,31 @@ HQ_AVX2 void block_part_avx2(const PartRun& q, int64_t r0, int64_t t0, const flo
       for (int64_t m = 0; m < nfull; ++m) {
         const int64_t c = c0 + 8 * m;
         __m256 xv[T];
+        HQ_UNROLL
         for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(xs[t] + c);
+        HQ_UNROLL
         for (int i = 0; i < R; ++i) {
           const uint64_t v = load_bits(p.qweight, q.nb_w, ((r0 + i) * n + c) * BITS);
           const __m256 w = weights_from_bits<BITS>(v, tab[i], sv[i], szv[i]);
+          HQ_UNROLL
           for (int t = 0; t < T; ++t) acc[i][t] = _mm256_fmadd_ps(w, xv[t], acc[i][t]);
         }
       }
     }
     for (int64_t c = c0 + 8 * nfull; c < c1; ++c) {
+      HQ_UNROLL
       for (int i = 0; i < R; ++i) {
         const float s = sc[i * ng + g], z = zc[i * ng + g];
         const float code = float(code_at(p.qweight, q.nb_w, (r0 + i) * n + c, BITS));
         const float w = BITS <= 3 ? (code - z) * s : code * s - s * z;
+        HQ_UNROLL
         for (int t = 0; t < T; ++t) tail[i][t] += w * xs[t][c];
       }
     }
   }
+  HQ_UNROLL
   for (int i = 0; i < R; ++i)
+    HQ_UNROLL
     for (int t = 0; t < T; ++t) out[i * T + t] += hsum8(acc[i][t]) + tail[i][t];
 }
 
@@ -511,26 +563,35 @@ template <int R, int T>
 HQ_AVX2 void block_fp16_avx2(const PartRun& q, int64_t r0, int64_t t0, float* out) {
   const int64_t n = q.p->n_cols;
   const float* xs[T];
+  HQ_UNROLL
   for (int t = 0; t < T; ++t) xs[t] = q.x + (t0 + t) * q.ldx;
   __m256 acc[R][T];
+  HQ_UNROLL
   for (int i = 0; i < R; ++i)
+    HQ_UNROLL
     for (int t = 0; t < T; ++t) acc[i][t] = _mm256_setzero_ps();
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
     __m256 xv[T];
+    HQ_UNROLL
     for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(xs[t] + c);
+    HQ_UNROLL
     for (int i = 0; i < R; ++i) {
       const __m256 w = _mm256_cvtph_ps(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(q.p->fp16 + (r0 + i) * n + c)));
+      HQ_UNROLL
       for (int t = 0; t < T; ++t) acc[i][t] = _mm256_fmadd_ps(w, xv[t], acc[i][t]);
     }
   }
+  HQ_UNROLL
   for (int i = 0; i < R; ++i) {
     float tail[T] = {};
     for (int64_t cc = c; cc < n; ++cc) {
       const float w = half_to_float(q.p->fp16[(r0 + i) * n + cc]);
+      HQ_UNROLL
       for (int t = 0; t < T; ++t) tail[t] += w * xs[t][cc];
     }
+    HQ_UNROLL
     for (int t = 0; t < T; ++t) out[i * T + t] += hsum8(acc[i][t]) + tail[t];
   }
 }
@@ -541,23 +602,23 @@ template <int BITS, int R, int T>
 HQ_AVX2 void part_block_avx2(const PartRun& q, int64_t r0, int64_t t0, float* out,
                              std::vector<float>& scratch) {
   const int64_t ng = q.ng, n = q.p->n_cols;
-  if (int64_t(scratch.size()) < 10 * R * ng) scratch.resize(size_t(10 * R * ng));
+  if (int64_t(scratch.size()) < 2 * R * ng) scratch.resize(size_t(2 * R * ng));
   float* sc = scratch.data();
   float* zc = sc + R * ng;
-  float* tab = zc + R * ng;
+  HQ_UNROLL
   for (int i = 0; i < R; ++i) row_params<BITS>(q, r0 + i, sc + i * ng, zc + i * ng);
   // uniform: groups of whole chunks (so every chunk of a row has the row's bit shift) and the
   // last row's last 8-byte chunk load inside the stream
   const int64_t last_bit = ((r0 + R - 1) * n + std::max<int64_t>(0, n / 8 * 8 - 8)) * BITS;
   if (q.g % 8 == 0 && (last_bit >> 3) + 8 <= q.nb_w) {
-    for (int i = 0; i < R; ++i) row_tables<BITS>(ng, sc + i * ng, zc + i * ng, tab + i * ng * 8);
     bool dword = true;
+    HQ_UNROLL
     for (int i = 0; i < R; ++i)
       if (int(((r0 + i) * n * BITS) & 7) + 8 * BITS > 32) dword = false;
     if (dword)
-      block_part_uniform<BITS, R, T, true>(q, r0, t0, sc, tab, out);
+      block_part_uniform<BITS, R, T, true>(q, r0, t0, sc, zc, out);
     else
-      block_part_uniform<BITS, R, T, false>(q, r0, t0, sc, tab, out);
+      block_part_uniform<BITS, R, T, false>(q, r0, t0, sc, zc, out);
     return;
   }
   block_part_avx2<BITS, R, T>(q, r0, t0, sc, zc, out);
@@ -595,7 +656,7 @@ void rows_tile_avx2(const std::vector<PartRun>& runs, int64_t r0, int64_t r1, in
 #ifndef HQ_R1
 #define HQ_R1 4
 #endif
-  constexpr int R = T == 1 ? HQ_R1 : (T == 2 ? 4 : (T <= 4 ? 2 : 1));
+  constexpr int R = T == 1 ? HQ_R1 : (T == 2 ? 4 : 2);
   int64_t r = r0;
   for (; r + R <= r1; r += R) block_avx2<R, T>(runs, r, t0, y, d_out, scratch);
   for (; r < r1; ++r) block_avx2<1, T>(runs, r, t0, y, d_out, scratch);
@@ -608,10 +669,10 @@ void rows_avx2(const std::vector<PartRun>& runs, int64_t r0, int64_t r1, int64_t
     case 2: rows_tile_avx2<2>(runs, r0, r1, t0, y, d_out, scratch); break;
     case 3: rows_tile_avx2<3>(runs, r0, r1, t0, y, d_out, scratch); break;
     case 4: rows_tile_avx2<4>(runs, r0, r1, t0, y, d_out, scratch); break;
-    case 5: rows_tile_avx2<5>(runs, r0, r1, t0, y, d_out, scratch); break;
-    case 6: rows_tile_avx2<6>(runs, r0, r1, t0, y, d_out, scratch); break;
-    case 7: rows_tile_avx2<7>(runs, r0, r1, t0, y, d_out, scratch); break;
-    default: rows_tile_avx2<8>(runs, r0, r1, t0, y, d_out, scratch); break;
+    default:  // five to eight tokens: four, then the rest (8 accumulators per pass at most)
+      rows_tile_avx2<4>(runs, r0, r1, t0, y, d_out, scratch);
+      rows_avx2(runs, r0, r1, t0 + 4, T - 4, y, d_out, scratch);
+      break;
   }
 }
 #endif
@@ -728,6 +789,7 @@ void packed_matmul(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& p
     q.nb_w = packed_size(d_out * p.n_cols, p.bits);
     q.nb_z = packed_size(d_out * q.ng, p.bits);
     q.nb_s = p.scale_bits == 6 ? packed_size(d_out * q.ng, 6) : 0;
+    q.n_par = d_out * q.ng;
     if (use_avx2) continue;  // the AVX2 kernel forms dequantized weights: no zero-point sums
     auto& gs = sums[i];
     gs.assign(size_t(n_tok * q.ng), 0.0f);
