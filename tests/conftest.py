@@ -32,13 +32,14 @@ def tiny_llama(tiny_checkpoint):
     return tiny_checkpoint("LlamaForCausalLM")
 
 
-# Test oracles: torch, transformers and compressed-tensors (which transformers loads the
-# compressed-tensors export with), installed by `make oracles` (tools/install_oracles.sh).
+# Test oracles: torch, transformers, compressed-tensors (which transformers loads the
+# compressed-tensors export with) and lm-eval (tests/test_harness.py), installed by `make oracles`
+# (tools/install_oracles.sh).
 # Tests that compare with them skip where they are missing; under CI=true (or
 # HIQUANT_REQUIRE_ORACLES=1) such a skip fails the run instead, naming the missing oracle, so that
 # CI never passes with its comparisons silently skipped. Other skips (../shared/bench absent) stay
 # skips. HIQUANT_REQUIRE_ORACLES=0 turns the check off.
-ORACLES = ("torch", "transformers", "compressed_tensors")
+ORACLES = ("torch", "transformers", "compressed_tensors", "lm_eval")
 _ORACLE_SKIP = re.compile(r"could not import '(%s)'" % "|".join(ORACLES))
 
 
@@ -65,8 +66,8 @@ def _fail_oracle_skip(report, where):
         report.longrepr = (
             f"{where} skipped because the test oracle '{oracle}' is missing ({reason}). Under CI=true "
             f"every oracle must be installed: run `make oracles` (tools/install_oracles.sh installs "
-            f"torch==2.13.0, transformers and compressed-tensors) and read its output; HIQUANT_REQUIRE_ORACLES=0 allows "
-            f"the skip.")
+            f"torch==2.13.0, transformers, compressed-tensors and lm-eval) and read its output; "
+            f"HIQUANT_REQUIRE_ORACLES=0 allows the skip.")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the test oracles, PyTorch, transformers and compressed-tensors: the tests that compare
+# Installs the test oracles, PyTorch, transformers, compressed-tensors and lm-eval: the tests that compare
 # hiquant's NumPy model runtime with transformers' own decoder layers (and the learned quantizers
 # with torch autograd, and the compressed-tensors export with transformers' loader) need them.
 # Usage: tools/install_oracles.sh [PYTHON]   (make oracles; make test runs it)
@@ -20,6 +20,9 @@ TRANSFORMERS_REQ="transformers>=4.45"
 # torch, so every install runs with a constraint file pinning torch: pip then keeps the pinned
 # torch instead of replacing it.
 CT_REQ="compressed-tensors>=0.15"
+# lm-eval: tests/test_harness.py runs lm-eval-harness through hiquant's registered model and
+# compares with lm-eval's own hf model (the [eval] extra); installed under the same constraint.
+LM_EVAL_REQ="lm-eval>=0.4.13"
 log=$(mktemp)
 cons=$(mktemp)
 trap 'rm -f "$log" "$cons"' EXIT
@@ -49,4 +52,5 @@ v=$(version torch) && case "$v" in 2.13.0*) ;; *)
 esac
 install transformers "$TRANSFORMERS_REQ"
 install compressed_tensors "$CT_REQ"
+install lm_eval "$LM_EVAL_REQ"
 exit 0
