@@ -135,3 +135,43 @@ def test_reference_unpacker_inverts_pack_codes():
     for bits in qz.PACK_BITS:
         c = rng.integers(0, 2**bits, 77).astype(np.uint8)
         np.testing.assert_array_equal(ref.unpack_bits(qz.pack_codes(c, bits), bits, 77), c)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("b_low,b_high", [(2, 3), (3, 4), (4, 8), (6, 2), (8, 4)])
+def test_row_block_and_token_tile_tails_match_reference(kernel, b_low, b_high):
+    """The AVX2 kernel runs 4 rows x 1-2 tokens or 2 rows x 3-4 tokens per pass (5-8 tokens as
+    4 + the rest) over blocks of 32 rows: every row count left over by a pass or a block, every
+    token count of a tile, rows starting at every bit offset (odd column counts), groups of whole
+    8-column chunks with a shorter last group (the masked tail chunk), and the last rows of the
+    stream (bounded loads) give dequantize-then-multiply within float32 rounding."""
+    rng = np.random.default_rng(100 * b_low + b_high)
+    for d_out, d_in, group, k, sb in ((1, 77, 8, 5, 16), (3, 64, 64, 0, 6), (5, 131, 16, 13, 8),
+                                      (33, 203, 32, 0, 16), (35, 203, 64, 21, 6),
+                                      (67, 96, 8, 9, 16)):
+        pl = PackedLinear.from_layer(_layer(rng, d_out, d_in, b_low, group, k, b_high, sb))
+        for n in (1, 2, 3, 4, 6, 7, 9):
+            _check(pl, rng.standard_normal((n, d_in)).astype(np.float32), kernel)
+
+
+def test_single_token_results_identical_across_thread_counts():
+    rng = np.random.default_rng(11)
+    pl = PackedLinear.from_layer(_layer(rng, 301, 256, 3, 64, 26, 4, 6))
+    x = rng.standard_normal(256).astype(np.float32)
+    for kernel in KERNELS:
+        a = pl.matmul(x, n_threads=1, kernel=kernel)
+        for nt in (2, 3, 5):
+            np.testing.assert_array_equal(a, pl.matmul(x, n_threads=nt, kernel=kernel))
+
+
+def test_extreme_scales_and_codes_stay_within_the_bound():
+    """Codes at 0 and 2^b - 1 everywhere, zero points at both ends and large/small float16 scales:
+    the per-group tables s * (k - zero) and the FMA form s * code - s * zero round like the
+    float64 dequantization up to float32 rounding."""
+    rng = np.random.default_rng(12)
+    for bits in (2, 3, 4, 8):
+        W = np.where(rng.random((21, 80)) < 0.5, -1.0, 1.0).astype(np.float32)
+        W *= np.float32(rng.choice([1e-3, 30.0], size=(21, 1)))
+        pl = PackedLinear.from_layer(QuantizedLayer.rtn("l", W, bits, 16, (), 0, 16))
+        for kernel in KERNELS:
+            _check(pl, rng.standard_normal((2, 80)).astype(np.float32), kernel)
