@@ -1,6 +1,6 @@
 """The pipeline's block loop on the torch runtime's device (hiquant.torch_pipeline): the device
 passes equal the host passes, the device Gram matrices equal the NumPy runtime's, the device
-kernels give the host kernels' codes (the same exported bytes), the torch backend gives the NumPy
+kernels (rtn, gptq, lwc, adaround) give the host kernels' codes, the torch backend gives the NumPy
 backend's plans and perplexities, and a killed run resumes."""
 
 from __future__ import annotations
@@ -166,3 +166,53 @@ def test_a_killed_torch_run_resumes_to_the_uninterrupted_result(tmp_path, monkey
     got = hiquant.quantize(embedded_model_path(), embedded_calib_path(),
                            progress_dir=tmp_path / "p", resume=True, **kw)
     assert got.ppl == pytest.approx(want.ppl, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["lwc", "adaround", "gptq", "rtn"])
+def test_layer_quantizers_on_device_statistics_store_the_host_kernels_codes(kind):
+    """One layer through the method registry: device statistics (torch parts and kernels) vs the
+    same statistics on the host (C++ parts): lwc and adaround follow the same 20-step trajectory
+    (identical codes and scales on three seeds measured; float32 rounding could flip a code at a
+    half step, hence the 0.5% allowance), the same losses."""
+    from hiquant.allocate import LayerPlan
+    from hiquant.config import QuantizeSettings, resolve
+    from hiquant.methods import quantizer
+    from hiquant.stats import LayerStats
+    from test_gptq import _layer
+    W, H = _layer(48, 96, 400, seed=11)
+    s = resolve(QuantizeSettings(method=kind, objective="layer", wbits=3, group_size=32,
+                                 lwc_iters=20, adaround_iters=20, lwc_lr=1e-2, adaround_lr=1e-2,
+                                 backend="torch", device="cpu"))
+    plan = LayerPlan(0, np.zeros(0, np.int64), 3, 3, 32)
+    zeros = np.zeros(96)
+    dz = torch.zeros(96, dtype=torch.float64)
+    method = quantizer(s.layer_quantizer)
+    got = method.quantize("l", W, torch_pipeline.DeviceLayerStats(torch.from_numpy(H), 400, dz, dz),
+                          plan, s)
+    want = method.quantize("l", W, LayerStats(H, 400, zeros, zeros), plan,
+                           s.replace(backend="numpy"))
+    assert got.low.codes.shape == want.low.codes.shape
+    flips = int((got.low.codes != want.low.codes).sum())
+    assert flips <= (0 if kind in ("gptq", "rtn") else 0.005 * W.size), flips
+    if flips == 0:
+        np.testing.assert_array_equal(got.low.scale, want.low.scale)
+    assert set(got.info) == set(want.info)
+    for key in ("loss_rtn", "loss_final"):
+        if key in want.info:
+            assert got.info[key] == pytest.approx(want.info[key], rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lwc", "adaround"])
+def test_lwc_and_adaround_on_the_torch_backend_give_the_numpy_backends_result(tiny_llama, method,
+                                                                              tmp_path):
+    folder, _, _ = tiny_llama
+    text = tmp_path / "calib.txt"
+    text.write_text("Pack my box with five dozen liquor jugs. " * 200)
+    kw = dict(method=method, objective="layer", wbits=3, group_size=16, n_calib=8, seqlen=32,
+              lwc_iters=10, adaround_iters=10, eval_text=text, eval_seqlen=32, eval_windows=6,
+              progress=False)
+    rn = hiquant.quantize(folder, text, backend="numpy", **kw)
+    rt = hiquant.quantize(folder, text, backend="torch", device="cpu", **kw)
+    assert [sorted(x) for x in rt.layers] == [sorted(x) for x in rn.layers]
+    assert rt.avg_bits == rn.avg_bits
+    assert rt.ppl == pytest.approx(rn.ppl, rel=1e-4)

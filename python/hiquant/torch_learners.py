@@ -10,8 +10,10 @@ Same API as the NumPy parts, with tensors: ``forward()``, ``backward(dwq)``, ``s
 zeros). Parameters and Adam moments are float32 tensors, as the C++ parts store them; range,
 scale and zero arithmetic is in float64 where the C++ parts use double.
 
-Not yet wired into the pipeline: the lwc, adaround and hybrid methods still run their C++ parts
-on the host (on the device statistics' host copy, :class:`hiquant.torch_pipeline.DeviceLayerStats`).
+The pipeline's lwc and adaround methods use them on the torch backend
+(:func:`hiquant.torch_pipeline.learned_layer`, float16 scales); the hybrid quantizer (hiq,
+fixed-ratio, fp16-retention: two parts with frozen columns, GPTQ on the learned grid) still runs
+its C++ parts on the host copy of the device statistics.
 """
 
 from __future__ import annotations
@@ -292,7 +294,7 @@ def gram_loss(W, Wq, H, n_tokens: float):
     the loss summed in float64."""
     torch = _torch()
     E = Wq - W
-    G = E @ H.to(torch.float32)
+    G = E @ (H if H.dtype == torch.float32 else H.to(torch.float32))
     loss = float((E.to(torch.float64) * G.to(torch.float64)).sum()) / n_tokens
     return loss, G.mul_(2.0 / n_tokens)
 
@@ -305,9 +307,10 @@ def fit(W, H, n_tokens: float, iters: int, *, lwc: TorchLWC | None = None,
     if (lwc is None) == (adaround is None):
         raise InvalidArgumentError("pass exactly one of lwc, adaround")
     part = lwc if lwc is not None else adaround
+    H32 = H.to(_torch().float32)
     losses = []
     for _ in range(iters):
-        loss, dwq = gram_loss(W, part.forward(), H, n_tokens)
+        loss, dwq = gram_loss(W, part.forward(), H32, n_tokens)
         losses.append(loss)
         part.step(dwq)
     return losses

@@ -2,9 +2,11 @@
 runtime): the calibration hidden states stay torch tensors on the runtime's device from the
 embedding to the last block, each block's Gram matrices are accumulated there
 (:func:`hiquant.torch_kernels.gram_accumulate`), and GPTQ and RTN run there
-(:func:`hiquant.torch_kernels.gptq`, :func:`~hiquant.torch_kernels.quantize`). Only the quantized
-layers (codes, scales, zeros) come back to the host. The other layer quantizers (LWC, AdaRound,
-the hybrid) receive the same statistics, whose ``gram`` is copied to the host on first use.
+(:func:`hiquant.torch_kernels.gptq`, :func:`~hiquant.torch_kernels.quantize`), as do the lwc and
+adaround methods with float16 scales (:mod:`hiquant.torch_learners`). Only the quantized layers
+(codes, scales, zeros) come back to the host. The other layer quantizers (the hybrid one of hiq,
+fixed-ratio and fp16-retention; lwc with scale codes or GPTQ rounding) receive the same
+statistics, whose ``gram`` is copied to the host on first use, and run their C++ parts.
 
 Used by :mod:`hiquant.pipeline` for the layer-wise objective when the runtime is a device runtime
 (the block-wise objectives keep NumPy hidden states). torch is imported only here and in
@@ -20,7 +22,8 @@ import numpy as np
 from .errors import InvalidArgumentError
 
 __all__ = ["DeviceLayerStats", "enabled", "embed_windows", "block_grams", "block_outputs",
-           "to_host", "to_device", "rtn_layer", "gptq_layer"]
+           "to_host", "to_device", "rtn_layer", "gptq_layer", "learned_on_device",
+           "learned_layer"]
 
 
 def enabled(model, settings) -> bool:
@@ -164,3 +167,49 @@ def gptq_layer(name, W: np.ndarray, stats: DeviceLayerStats, plan, settings):
     low = QuantPart(plan.b_low, plan.group_size, res.codes.cpu().numpy(),
                     res.scale.cpu().numpy().astype(np.float16), res.zero.cpu().numpy())
     return QuantizedLayer(name, W.shape[0], W.shape[1], np.zeros(0, np.int64), low)
+
+
+def learned_on_device(stats, settings, kind: str) -> bool:
+    """Whether the ``lwc`` / ``adaround`` method runs on the device (:func:`learned_layer`): device
+    statistics, float16 scales, and for lwc round-to-nearest codes on the learned grid (scale codes
+    and GPTQ rounding run the C++ parts on the host)."""
+    if getattr(stats, "gram_device", None) is None or settings.scale_bits != 16:
+        return False
+    return kind == "adaround" or settings.low_rounding == "nearest"
+
+
+def learned_layer(name, W: np.ndarray, stats: DeviceLayerStats, plan, settings, kind: str):
+    """The ``lwc`` or ``adaround`` method (every column one learned part) on the device with
+    :mod:`hiquant.torch_learners`: the same part, objective, schedule and stored layer as
+    :func:`hiquant.methods.hybrid.quantize_layer` with no high columns (lwc) or all of them
+    (adaround); info ``loss_rtn``, ``loss_final``, ``order``, ``seconds`` as there."""
+    import time
+
+    import torch
+
+    from . import torch_learners as TL
+    from .storage import QuantizedLayer
+    t0 = time.perf_counter()
+    s = settings
+    H = stats.gram_device
+    N = float(stats.n_tokens)
+    Wt = torch.from_numpy(np.ascontiguousarray(W, np.float32)).to(H.device)
+    H32 = H.to(torch.float32)
+    rtn = rtn_layer(name, W, plan, s).low.dequantize()
+    loss_rtn, _ = TL.gram_loss(Wt, torch.from_numpy(rtn).to(H.device), H32, N)
+    if kind == "lwc":
+        part = TL.TorchLWC(Wt, plan.b_low, plan.group_size, lr=s.lwc_lr)
+        TL.fit(Wt, H32, N, s.lwc_iters, lwc=part)
+        order = "sequential"
+    elif kind == "adaround":
+        part = TL.TorchAdaRound(Wt, plan.b_low, plan.group_size, lr=s.adaround_lr,
+                                iters=s.adaround_iters)
+        TL.fit(Wt, H32, N, s.adaround_iters, adaround=part)
+        order = "adaround"
+    else:
+        raise InvalidArgumentError(f"learned_layer runs lwc or adaround, got {kind!r}")
+    low = part.export()
+    loss_final, _ = TL.gram_loss(Wt, torch.from_numpy(low.dequantize()).to(H.device), H32, N)
+    return QuantizedLayer(name, W.shape[0], W.shape[1], np.zeros(0, np.int64), low, None, None,
+                          {"order": order, "loss_final": loss_final, "loss_rtn": loss_rtn,
+                           "seconds": time.perf_counter() - t0})

@@ -10,7 +10,11 @@ from .hybrid import layer_options, quantize_layer
 
 def quantize(name, W, stats, plan, settings) -> QuantizedLayer:
     """AdaRound at ``plan.b_low`` bits on all columns (``adaround_iters``, ``adaround_lr``),
-    stored as the layer's only part (no high-column mask)."""
+    stored as the layer's only part (no high-column mask); on the torch backend's device
+    statistics with torch parts (hiquant.torch_pipeline)."""
+    from ..torch_pipeline import learned_layer, learned_on_device
+    if learned_on_device(stats, settings, "adaround"):
+        return learned_layer(name, W, stats, plan, settings, "adaround")
     d_in = W.shape[1]
     res = quantize_layer(W, stats.gram, stats.n_tokens, np.arange(d_in), plan.b_low, plan.b_low,
                          plan.group_size, **layer_options(settings))
