@@ -213,8 +213,12 @@ HQ_AVX2 inline float hsum8(__m256 v) {
 // s * code - s * zero. Inside a row the eight codes of a chunk are read with one 4-byte broadcast
 // load at the chunk's byte and per-lane shifts (shift + k * BITS), which holds them whenever
 // shift + 8 * BITS <= 32 (2 and 3 bits at any bit offset, 4 bits at a byte boundary); otherwise
-// an 8-byte load. Per row and group the scale and zero are decoded eight groups at a time before
-// the pass.
+// an 8-byte load. Before the pass, each row's scales and zero points are decoded eight groups at
+// a time (row_params). Groups of whole 8-column chunks take block_part_uniform (a short last group
+// ends with one masked chunk; the next row block's bytes are prefetched); other group sizes, and
+// the rows whose last chunk would read past the stream, block_part_avx2 (bounded loads). Rows
+// are processed in blocks of kRowBlock = 32 per parallel task.
+
 // Scales and zero points of row r, all groups, as floats.
 template <int BITS>
 HQ_AVX2 void row_params(const PartRun& q, int64_t r, float* sc, float* zc) {
@@ -653,10 +657,7 @@ HQ_AVX2 void block_avx2(const std::vector<PartRun>& runs, int64_t r0, int64_t t0
 template <int T>
 void rows_tile_avx2(const std::vector<PartRun>& runs, int64_t r0, int64_t r1, int64_t t0,
                     float* y, int64_t d_out, std::vector<float>& scratch) {
-#ifndef HQ_R1
-#define HQ_R1 4
-#endif
-  constexpr int R = T == 1 ? HQ_R1 : (T == 2 ? 4 : 2);
+  constexpr int R = T <= 2 ? 4 : 2;
   int64_t r = r0;
   for (; r + R <= r1; r += R) block_avx2<R, T>(runs, r, t0, y, d_out, scratch);
   for (; r < r1; ++r) block_avx2<1, T>(runs, r, t0, y, d_out, scratch);

@@ -7,8 +7,9 @@ column mask) and computes ``y = x @ W.T`` from those bytes, one token (GEMV) or 
 GEMM) at a time, with AVX2+FMA where the CPU has it (``kernel="auto"``) and a portable kernel
 otherwise. ``W`` itself is never formed; :meth:`PackedLinear.dequantize` forms it on request.
 
-The result equals dequantize-then-multiply within float32 rounding (per row and token, each
-group's ``s * (sum code*x - zero * sum x)`` in float32; the float64 twin is
+The result equals dequantize-then-multiply within float32 rounding (the AVX2 kernel forms each
+weight ``s * (code - zero)`` in registers, the portable one each group's
+``s * (sum code*x - zero * sum x)``, both in float32; the float64 twin is
 :mod:`hiquant._reference.packed_matmul`), and is identical for any thread count.
 """
 

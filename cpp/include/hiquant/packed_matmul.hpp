@@ -16,12 +16,15 @@
 //    the weight is scale * (code - zero);
 //  * or float16 (bits 16): values (raw bits) in fp16[r * n_cols + j].
 //
-// Arithmetic, per row and token: for each group, s * (sum_j code_j x_j - zero * sum_j x_j), the
-// code sums formed in float32 (eight lanes, then the group's scale), the x sums once per call;
-// everything in float32. The result equals dequantize-then-multiply within float32 rounding
+// Arithmetic, everything in float32. The AVX2+FMA kernel forms each weight s * (code - zero) in
+// registers (2/3-bit codes index a per-(row, group) table of the 2^b values s * (k - zero), one
+// rounding each; 4/6/8-bit codes as s * code - s * zero by one FMA) and accumulates w * x over
+// eight lanes per (row, token), 4 rows x 1-2 tokens or 2 rows x 3-4 tokens per pass sharing the
+// activation loads; the portable kernel forms, per group, s * (sum_j code_j x_j - zero * sum_j x_j)
+// with the x sums once per call. Both equal dequantize-then-multiply within float32 rounding
 // (checked against the float64 twin python/hiquant/_reference/packed_matmul.py). Each output row
-// is computed by one thread in a fixed order, so results are identical for any thread count; the
-// AVX2+FMA and portable kernels differ only in the last bits (fused vs separate multiply-add).
+// is computed by one thread in a fixed order (blocks of 32 rows), so results are identical for any
+// thread count; the two kernels differ in the last bits.
 #pragma once
 #include <cstdint>
 #include <vector>
