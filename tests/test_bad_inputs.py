@@ -259,3 +259,16 @@ def test_quiet_prints_no_report_and_a_short_text_names_the_flag(tmp_path):
     rc, _, err = run_cli("eval", MODEL, "--text", short, "--seqlen", "64", "--windows", "5",
                          "--quiet")
     assert_clean_failure(rc, err, "fewer than the 5 requested", "windows")
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(method="awq"), "folds its scales into the normalization weights"),
+    (dict(method="smoothquant"), "folds its scales into the normalization weights"),
+    (dict(method="rtn", abits=8), "abits"),
+])
+def test_numpy_only_methods_on_the_torch_backend_are_refused_before_any_work(kw, match):
+    pytest.importorskip("torch")
+    from hiquant.config import QuantizeSettings, resolve
+    with pytest.raises(hiquant.errors.InvalidArgumentError, match=match) as e:
+        resolve(QuantizeSettings(backend="torch", device="cpu", **kw))
+    assert "backend='numpy'" in str(e.value)

@@ -366,6 +366,11 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
     if ch["backend"] == "torch" and s.abits is not None:
         raise InvalidArgumentError("abits (activation quantization) runs on the NumPy backend "
                                    "only for now; pass backend='numpy'")
+    if ch["backend"] == "torch" and spec.quantizer in ("awq", "smoothquant"):
+        # their equivalent transforms rewrite the RMSNorm weights: the NumPy runtime's surface
+        raise InvalidArgumentError(f"{s.method} folds its scales into the normalization weights, "
+                                   "which runs on the NumPy backend only for now; pass "
+                                   "backend='numpy' (--backend numpy)")
     return dataclasses.replace(s, **ch)
 
 
