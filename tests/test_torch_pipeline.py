@@ -216,3 +216,72 @@ def test_lwc_and_adaround_on_the_torch_backend_give_the_numpy_backends_result(ti
     assert [sorted(x) for x in rt.layers] == [sorted(x) for x in rn.layers]
     assert rt.avg_bits == rn.avg_bits
     assert rt.ppl == pytest.approx(rn.ppl, rel=1e-4)
+
+
+def test_device_backward_and_head_loss_equal_the_host_passes(tiny_llama):
+    folder, cfg, _ = tiny_llama
+    m = load_torch_model(folder)
+    ids = _ids(cfg, B=2)
+    h = m.embed(ids)
+    out, c = m.block_forward(0, h, cache=True)
+    outd, cd = m.block_forward_device(0, m.to_device(h), cache=True)
+    np.testing.assert_array_equal(m.to_host(outd), out)
+    losses, dh = m.head_loss(out, ids, grad=True)
+    lossesd, dhd = m.head_loss_device(outd, ids, grad=True)
+    np.testing.assert_array_equal(lossesd, losses)
+    np.testing.assert_array_equal(m.to_host(dhd), dh)
+    dx, grads = m.block_backward(0, c, dh)
+    dxd, gradsd = m.block_backward_device(0, cd, dhd)
+    np.testing.assert_array_equal(m.to_host(dxd), dx)
+    assert list(gradsd) == list(grads)
+    for n in grads:
+        np.testing.assert_array_equal(gradsd[n].numpy(), grads[n])
+    with pytest.raises(hiquant.InvalidArgumentError, match="already used"):
+        m.block_backward_device(0, cd, dhd)
+
+
+@pytest.mark.parametrize("fisher_full", [True, False])
+def test_device_fisher_equals_the_numpy_runtimes(tiny_llama, fisher_full):
+    from hiquant.stats import collect_stats
+    folder, cfg, _ = tiny_llama
+    windows = _ids(cfg, B=4, T=20, seed=5)
+    want = collect_stats(load_model(folder), windows, gram=False, fisher=True, progress=False,
+                         n_threads=1, fisher_full=fisher_full)
+    t = load_torch_model(folder)
+    got = torch_pipeline.collect_fisher(t, windows, progress=False, fisher_full=fisher_full)
+    again = torch_pipeline.collect_fisher(t, windows, progress=False, fisher_full=fisher_full,
+                                          recompute=True)
+    assert got.n_sequences == want.n_sequences == 4
+    assert list(got.fisher_col) == list(want.fisher_col)
+    for n, c in want.fisher_col.items():
+        np.testing.assert_allclose(got.fisher_col[n], c, rtol=REDUCE_RTOL,
+                                   atol=REDUCE_RTOL * np.abs(c).max())
+        np.testing.assert_array_equal(again.fisher_col[n], got.fisher_col[n])
+        if fisher_full:
+            F = want.fisher[n]
+            np.testing.assert_allclose(got.fisher[n], F, rtol=REDUCE_RTOL,
+                                       atol=REDUCE_RTOL * np.abs(F).max())
+    assert bool(got.fisher) == fisher_full
+    with pytest.raises(hiquant.InvalidArgumentError, match="Fisher only"):
+        torch_pipeline.collect_fisher(t, windows, gram=True)
+    with pytest.raises(hiquant.InvalidTypeError, match="integer"):
+        torch_pipeline.collect_fisher(t, windows.astype(np.float32))
+
+
+def test_device_fisher_is_cached_and_reloaded_by_load_or_collect(tiny_llama, tmp_path):
+    from hiquant.stats import load_or_collect
+    folder, cfg, _ = tiny_llama
+    t = load_torch_model(folder)
+    windows = _ids(cfg, B=2, T=16, seed=6)
+    kw = dict(gram=False, fisher=True, progress=False, fisher_full=False,
+              collect=torch_pipeline.collect_fisher)
+    first = load_or_collect(tmp_path, t, windows, **kw)
+    assert first.meta["device"] == str(t.device)
+    assert len(list(tmp_path.glob("calib-stats-*.safetensors"))) == 1
+
+    def must_not_run(*a, **k):
+        raise AssertionError("collected again instead of loading the cache")
+
+    again = load_or_collect(tmp_path, t, windows, **dict(kw, collect=must_not_run))
+    for n, c in first.fisher_col.items():
+        np.testing.assert_array_equal(again.fisher_col[n], c)

@@ -51,12 +51,16 @@ def _progress_bar(iterable, enabled: bool, **kw):
 def _fisher_scores(model, windows, s, spec, calib_settings, cache_dir, progress):
     """Fisher statistics for the methods that keep high-impact columns: the column scores, plus
     the full diagonal when the diagonal M estimator needs it (bounded memory otherwise)."""
+    from . import torch_pipeline
     from .stats import collect_stats, load_or_collect
     kw = dict(gram=False, fisher=True, progress=progress, n_threads=s.n_threads,
               fisher_full=spec.allocation == "iqp" and s.estimator == "diagonal")
+    # a device runtime computes the per-sequence gradients and their squares on its device
+    collect = torch_pipeline.collect_fisher if torch_pipeline.is_device(model) else collect_stats
     if cache_dir is not None:
-        return load_or_collect(cache_dir, model, windows, calib=calib_settings, **kw)
-    return collect_stats(model, windows, **kw)
+        return load_or_collect(cache_dir, model, windows, calib=calib_settings, collect=collect,
+                               **kw)
+    return collect(model, windows, **kw)
 
 
 def _plans(model, windows, s, spec, shapes, st, timings, progress):

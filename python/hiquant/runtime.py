@@ -213,10 +213,19 @@ class DeviceRuntime(ModelRuntime, Protocol):
         """:meth:`ModelRuntime.embed` as a tensor on the device."""
 
     def block_forward_device(self, i: int, h, *,
-                             capture: Callable[[str, Any], None] | None = None):
-        """:meth:`ModelRuntime.block_forward` (no cache) on a device tensor ``h``, returning a
-        device tensor; ``capture(name, X)`` receives each linear's input as a device tensor
-        ``(B*T, d_in)`` of the compute dtype, read-only, valid only during the call."""
+                             capture: Callable[[str, Any], None] | None = None,
+                             cache: bool = False):
+        """:meth:`ModelRuntime.block_forward` on a device tensor ``h``, returning a device
+        tensor (with ``cache=True``, ``(output, cache)`` for :meth:`block_backward_device`);
+        ``capture(name, X)`` receives each linear's input as a device tensor ``(B*T, d_in)`` of
+        the compute dtype, read-only, valid only during the call."""
+
+    def block_backward_device(self, i: int, cache, dh_out):
+        """:meth:`ModelRuntime.block_backward` on device tensors: ``(dh_in, {name: dW})``."""
+
+    def head_loss_device(self, h, ids: np.ndarray, *, grad: bool = False):
+        """:meth:`ModelRuntime.head_loss` of a device tensor ``h``: NumPy float64 losses ``(B,)``,
+        and with ``grad=True`` the gradient ``dh`` as a device tensor."""
 
 
 class ModelLoader(Protocol):

@@ -366,10 +366,13 @@ def stats_key(model, windows: np.ndarray, *, gram: bool = True, fisher: bool = T
 
 def load_or_collect(cache_dir, model, windows: np.ndarray, *, gram: bool = True,
                     fisher: bool = True, calib: dict | None = None, progress: bool = True,
-                    n_threads: int | None = None, fisher_full: bool = True) -> CalibStats:
+                    n_threads: int | None = None, fisher_full: bool = True,
+                    collect=None) -> CalibStats:
     """Statistics from ``cache_dir`` when a file with the same key exists (same model files and
     config, same windows, same settings), else :func:`collect_stats` and save them there.
-    ``calib``: calibration settings to record and key on (file hash, n, seqlen, seed, ...)."""
+    ``calib``: calibration settings to record and key on (file hash, n, seqlen, seed, ...).
+    ``collect``: the collector, with :func:`collect_stats`'s signature (default that; the torch
+    backend passes :func:`hiquant.torch_pipeline.collect_fisher`)."""
     windows = _check_windows(model, windows)
     key = stats_key(model, windows, gram=gram, fisher=fisher, calib=calib, fisher_full=fisher_full)
     path = Path(cache_dir) / f"calib-stats-{key[:32]}.safetensors"
@@ -380,9 +383,10 @@ def load_or_collect(cache_dir, model, windows: np.ndarray, *, gram: bool = True,
                 return st
         except HiquantError:
             pass  # unreadable or stale: collect again and overwrite it
-    st = collect_stats(model, windows, gram=gram, fisher=fisher, progress=progress,
-                       n_threads=n_threads, meta={"cache_key": key, "calib": calib or {}},
-                       fisher_full=fisher_full)
+    st = (collect or collect_stats)(model, windows, gram=gram, fisher=fisher, progress=progress,
+                                    n_threads=n_threads,
+                                    meta={"cache_key": key, "calib": calib or {}},
+                                    fisher_full=fisher_full)
     st.save(path)
     return st
 

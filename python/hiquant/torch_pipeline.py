@@ -8,6 +8,10 @@ adaround methods with float16 scales (:mod:`hiquant.torch_learners`). Only the q
 fixed-ratio and fp16-retention; lwc with scale codes or GPTQ rounding) receive the same
 statistics, whose ``gram`` is copied to the host on first use, and run their C++ parts.
 
+The empirical Fisher (per-sequence gradients of every linear, their squares summed) is also
+collected on the device (:func:`collect_fisher`), for every objective; the M estimators and the
+IQP run as on the NumPy backend (the IQP in the C++ core).
+
 Used by :mod:`hiquant.pipeline` for the layer-wise objective when the runtime is a device runtime
 (the block-wise objectives keep NumPy hidden states). torch is imported only here and in
 :mod:`hiquant.torch_kernels`, never by the NumPy backend.
@@ -21,16 +25,21 @@ import numpy as np
 
 from .errors import InvalidArgumentError
 
-__all__ = ["DeviceLayerStats", "enabled", "embed_windows", "block_grams", "block_outputs",
+__all__ = ["DeviceLayerStats", "is_device", "enabled", "embed_windows", "block_grams", "block_outputs",
            "to_host", "to_device", "rtn_layer", "gptq_layer", "learned_on_device",
-           "learned_layer"]
+           "learned_layer", "collect_fisher"]
+
+
+def is_device(model) -> bool:
+    """Whether ``model`` is a device runtime (:class:`hiquant.runtime.DeviceRuntime`)."""
+    from .runtime import DeviceRuntime
+    return isinstance(model, DeviceRuntime)
 
 
 def enabled(model, settings) -> bool:
     """Whether the block loop runs on the device: a device runtime and the layer-wise
     objective."""
-    from .runtime import DeviceRuntime
-    return isinstance(model, DeviceRuntime) and settings.objective == "layer"
+    return is_device(model) and settings.objective == "layer"
 
 
 def _batches(n: int, size: int):
@@ -213,3 +222,98 @@ def learned_layer(name, W: np.ndarray, stats: DeviceLayerStats, plan, settings, 
     return QuantizedLayer(name, W.shape[0], W.shape[1], np.zeros(0, np.int64), low, None, None,
                           {"order": order, "loss_final": loss_final, "loss_rtn": loss_rtn,
                            "seconds": time.perf_counter() - t0})
+
+
+def collect_fisher(model, windows: np.ndarray, *, gram: bool = False, fisher: bool = True,
+                   progress: bool = True, n_threads=None, meta: dict | None = None,
+                   fisher_full: bool = True, recompute: bool | None = None):
+    """:func:`hiquant.stats.collect_stats` with ``gram=False`` on the device: the empirical Fisher
+    of every linear from per-sequence gradients (one window per forward and backward pass, as
+    there), accumulated on the device — ``F += g²`` in float32 (``fisher_full``) and/or the
+    column scores ``Σ_rows g²`` in float64 — and returned as a :class:`hiquant.stats.CalibStats`
+    of NumPy arrays. ``recompute`` keeps only block inputs (None: by ``activation_bytes``, as
+    there). ``n_threads`` is accepted for the same signature (one device stream)."""
+    import datetime
+    import hashlib
+
+    import torch
+
+    from .errors import InvalidTypeError, NumericalError
+    from .stats import CalibStats
+    if gram or not fisher:
+        raise InvalidArgumentError("the device collector computes the Fisher only (gram=False, "
+                                   "fisher=True); the Gram matrices are collected per block")
+    if not isinstance(windows, np.ndarray) or not np.issubdtype(windows.dtype, np.integer):
+        raise InvalidTypeError("windows must be an integer numpy.ndarray of token ids (n, seqlen), "
+                               f"got {type(windows).__name__}")
+    if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
+        raise InvalidArgumentError(f"windows must have shape (n, seqlen) with n >= 1 and "
+                                   f"seqlen >= 2, got {windows.shape}")
+    windows = np.ascontiguousarray(windows)
+    n, T = windows.shape
+    model.check_ids(windows, "windows", min_len=2)
+    model.check_seqlen(T)
+    nb = model.num_blocks
+    if recompute is None:
+        recompute = model.activation_bytes(T) * nb > (1 << 30)
+    dev = model.device
+    acc = {}
+    for name in model.linear_names():
+        d_out, d_in = model.linear_shape(name)
+        acc[name] = (torch.zeros((d_out, d_in), dtype=torch.float32, device=dev) if fisher_full
+                     else torch.zeros(d_in, dtype=torch.float64, device=dev))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n, desc="calibration stats (fisher, device)", unit="window", leave=False)
+    try:
+        for u in range(n):
+            ids = windows[u:u + 1]
+            h = model.embed_device(ids)
+            saved = []
+            for b in range(nb):
+                if recompute:
+                    saved.append(h)
+                    h = model.block_forward_device(b, h)
+                else:
+                    h, c = model.block_forward_device(b, h, cache=True)
+                    saved.append(c)
+            _, dh = model.head_loss_device(h, ids, grad=True)
+            for b in reversed(range(nb)):
+                c = saved[b]
+                if recompute:
+                    _, c = model.block_forward_device(b, c, cache=True)
+                saved[b] = None
+                dh, grads = model.block_backward_device(b, c, dh)
+                for name, g in grads.items():
+                    gg = g * g
+                    if not bool(torch.isfinite(gg.sum())):
+                        raise NumericalError(f"the gradient of {name} is not finite")
+                    if fisher_full:
+                        acc[name] += gg
+                    else:
+                        acc[name] += gg.sum(dim=0, dtype=torch.float64)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    out = CalibStats(n_sequences=n)
+    for name, a in acc.items():
+        if fisher_full:
+            out.fisher[name] = a.cpu().numpy()
+            out.fisher_col[name] = a.sum(dim=0, dtype=torch.float64).cpu().numpy()
+        else:
+            out.fisher_col[name] = a.cpu().numpy()
+    out.meta = {
+        "model": model.fingerprint(),
+        "model_path": str(model.path),
+        "modified_weights": model.modified_weights(),
+        "n_windows": int(n), "seqlen": int(T),
+        "windows_sha256": hashlib.sha256(windows.astype("<i8").tobytes()).hexdigest(),
+        "gram": False, "fisher": True, "fisher_full": bool(fisher_full),
+        "device": str(dev),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **(meta or {}),
+    }
+    return out

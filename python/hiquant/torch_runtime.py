@@ -503,7 +503,7 @@ class TorchModel:
     def embed_device(self, ids: np.ndarray):
         return self._torch.from_numpy(self.embed(ids)).to(self.device)
 
-    def block_forward_device(self, i: int, h, *, capture=None):
+    def block_forward_device(self, i: int, h, *, capture=None, cache: bool = False):
         i = self._check_block(i)
         h = self._check_ht(h)
         self.check_seqlen(h.shape[1])
@@ -526,20 +526,61 @@ class TorchModel:
                 for name, lin in zip(self._names[i], built.linears):
                     handles.append(lin.register_forward_pre_hook(hook_for(name)))
             try:
-                with torch.no_grad():
-                    return self._run_layer(built, h)
+                if not cache:
+                    with torch.no_grad():
+                        return self._run_layer(built, h)
+                with torch.enable_grad():
+                    x = h.detach().requires_grad_(True)
+                    out = self._run_layer(built, x)
             finally:
                 for hd in handles:
                     hd.remove()
+        cch = TorchBlockCache()
+        cch.block, cch.shape, cch.h, cch.out, cch.layer, cch.used = (i, tuple(h.shape[:2]), x, out,
+                                                                     built, False)
+        return out.detach(), cch
 
-    def block_backward(self, i: int, cache, dh_out: np.ndarray, *, weight_grads: bool = True):
-        i = self._check_block(i)
+    def _check_cache(self, i: int, cache) -> None:
         if not isinstance(cache, TorchBlockCache) or cache.block != i:
             raise InvalidArgumentError(f"cache must be the TorchBlockCache returned by "
                                        f"block_forward({i}, ..., cache=True)")
         if cache.used:
             raise InvalidArgumentError("this block cache was already used by block_backward; run "
                                        "block_forward(..., cache=True) again")
+
+    def _grads(self, i: int, cache, dy, weight_grads: bool):
+        """(dh_in, [dW or None per linear]) as device tensors; uses up the cache."""
+        torch = self._torch
+        lins = cache.layer.linears
+        inputs = [cache.h] + ([lin.weight for lin in lins] if weight_grads else [])
+        with self._lock:
+            gs = torch.autograd.grad(cache.out, inputs, grad_outputs=dy, allow_unused=True)
+        cache.used, cache.out, cache.h = True, None, None
+        return gs[0], list(gs[1:])
+
+    def block_backward_device(self, i: int, cache, dh_out):
+        i = self._check_block(i)
+        self._check_cache(i, cache)
+        dh_out = self._check_ht(dh_out, "dh_out")
+        if tuple(dh_out.shape[:2]) != tuple(cache.shape):
+            raise InvalidArgumentError(f"dh_out has shape {tuple(dh_out.shape)} but the cached "
+                                       f"forward ran on {tuple(cache.shape)}")
+        dh, gs = self._grads(i, cache, dh_out, True)
+        grads = {}
+        for name, lin, g in zip(self._names[i], cache.layer.linears, gs):
+            grads[name] = self._torch.zeros_like(lin.weight) if g is None else g
+        return dh, grads
+
+    def head_loss_device(self, h, ids: np.ndarray, *, grad: bool = False):
+        h = self._check_ht(h)
+        ids = self.check_ids(ids, min_len=2)
+        if tuple(h.shape[:2]) != ids.shape:
+            raise InvalidArgumentError(f"h has shape {tuple(h.shape)} but ids has {ids.shape}")
+        return self._head_loss(h, ids, grad)
+
+    def block_backward(self, i: int, cache, dh_out: np.ndarray, *, weight_grads: bool = True):
+        i = self._check_block(i)
+        self._check_cache(i, cache)
         dh_out = self._check_h(dh_out, "dh_out")
         B, T = cache.shape
         if dh_out.shape[:2] != (B, T):
@@ -547,15 +588,12 @@ class TorchModel:
                                        f"ran on ({B}, {T}, {self.config.hidden_size})")
         torch = self._torch
         lins = cache.layer.linears
-        inputs = [cache.h] + ([lin.weight for lin in lins] if weight_grads else [])
         dy = torch.from_numpy(np.ascontiguousarray(dh_out)).to(self.device)
-        with self._lock:
-            gs = torch.autograd.grad(cache.out, inputs, grad_outputs=dy, allow_unused=True)
-        cache.used, cache.out, cache.h = True, None, None
-        dh = self._numpy(gs[0])
+        dh, gs = self._grads(i, cache, dy, weight_grads)
+        dh = self._numpy(dh)
         grads = {}
         if weight_grads:
-            for name, lin, g in zip(self._names[i], lins, gs[1:]):
+            for name, lin, g in zip(self._names[i], lins, gs):
                 grads[name] = (np.zeros(tuple(lin.weight.shape), self.compute_dtype) if g is None
                                else np.ascontiguousarray(self._numpy(g)))
         return dh, grads
@@ -563,9 +601,16 @@ class TorchModel:
     def head_loss(self, h: np.ndarray, ids: np.ndarray, *, grad: bool = False):
         h = self._check_h(h)
         ids = self.check_ids(ids, min_len=2)
-        B, T = ids.shape
-        if h.shape[:2] != (B, T):
+        if h.shape[:2] != ids.shape:
             raise InvalidArgumentError(f"h has shape {h.shape} but ids has {ids.shape}")
+        out = self._head_loss(self._torch.from_numpy(np.ascontiguousarray(h)).to(self.device),
+                              ids, grad)
+        return (out[0], self._numpy(out[1])) if grad else out
+
+    def _head_loss(self, x, ids: np.ndarray, grad: bool):
+        """head_loss on a device tensor ``x``: losses (NumPy float64) and, with ``grad``, the
+        device gradient."""
+        B, T = ids.shape
         torch = self._torch
         F = torch.nn.functional
         norm, W = self._head()
@@ -573,8 +618,7 @@ class TorchModel:
         tt = ids_t[:, 1:].reshape(-1)
         chunk = max(1, (32768 * 1024) // W.shape[0])
         with self._lock, torch.enable_grad():
-            x = torch.from_numpy(np.ascontiguousarray(h)).to(self.device)
-            x.requires_grad_(grad)
+            x = x.detach().requires_grad_(grad)
             y = norm(x)
             yy = y.detach()[:, :-1].reshape(-1, y.shape[-1])
             yy.requires_grad_(grad)
@@ -594,7 +638,7 @@ class TorchModel:
             dy = torch.zeros_like(y)
             dy[:, :-1] = dyy.reshape(B, T - 1, -1)
             dx, = torch.autograd.grad(y, x, grad_outputs=dy)
-        return losses, self._numpy(dx)
+        return losses, dx
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
         """Hidden states after the last block (before the final norm), (B, T, hidden)."""
