@@ -175,3 +175,30 @@ def test_extreme_scales_and_codes_stay_within_the_bound():
         pl = PackedLinear.from_layer(QuantizedLayer.rtn("l", W, bits, 16, (), 0, 16))
         for kernel in KERNELS:
             _check(pl, rng.standard_normal((2, 80)).astype(np.float32), kernel)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_many_tokens_dequantize_and_gemm_path_matches_reference(kernel):
+    """From 24 tokens on the AVX2 kernel dequantizes blocks of 48 rows (columns in the parts'
+    order, x gathered to match) and runs the float32 GEMM micro-kernel: every width, float16 or
+    no high part, ragged groups, row counts not a multiple of 48 or 6, and token counts not a
+    multiple of 16 give dequantize-then-multiply within float32 rounding."""
+    rng = np.random.default_rng(13)
+    for d_out, d_in, b_low, group, k, b_high, sb in ((50, 203, 2, 64, 21, 3, 6),
+                                                     (97, 130, 3, 5, 13, 16, 8),
+                                                     (7, 64, 4, 16, 0, 0, 16),
+                                                     (49, 96, 6, 32, 96, 8, 16),
+                                                     (13, 77, 8, 0, 9, 4, 6)):
+        pl = PackedLinear.from_layer(_layer(rng, d_out, d_in, b_low, group, k, b_high, sb))
+        for n in (23, 24, 37, 70):
+            _check(pl, rng.standard_normal((n, d_in)).astype(np.float32), kernel)
+
+
+def test_many_tokens_results_identical_across_thread_counts():
+    rng = np.random.default_rng(14)
+    pl = PackedLinear.from_layer(_layer(rng, 203, 300, 2, 64, 30, 3, 6))
+    x = rng.standard_normal((40, 300)).astype(np.float32)
+    for kernel in KERNELS:
+        a = pl.matmul(x, n_threads=1, kernel=kernel)
+        for nt in (2, 3):
+            np.testing.assert_array_equal(a, pl.matmul(x, n_threads=nt, kernel=kernel))

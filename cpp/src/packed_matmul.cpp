@@ -5,6 +5,7 @@
 #include <string>
 
 #include "hiquant/errors.hpp"
+#include "hiquant/gemm.hpp"
 #include "hiquant/parallel.hpp"
 #include "hiquant/quantizer.hpp"
 
@@ -53,6 +54,10 @@ namespace {
 
 constexpr int64_t kTile = 8;       // tokens per tile (accumulators per row)
 constexpr int64_t kRowBlock = 32;  // rows per parallel task
+// From kGemmTokens tokens on, the AVX2 path dequantizes blocks of kGemmRows rows and runs the
+// float32 GEMM micro-kernel (the decode once per call, not once per token tile).
+constexpr int64_t kGemmTokens = 24;
+constexpr int64_t kGemmRows = 48;
 
 // 64 bits of the stream starting at bit `bitpos`, shifted down so that bit 0 is bitpos. Holds
 // 8 codes of up to 7 bits at any bit offset, 8 of 8 bits (always byte-aligned). Never reads past
@@ -652,6 +657,67 @@ HQ_AVX2 void block_avx2(const std::vector<PartRun>& runs, int64_t r0, int64_t t0
     for (int t = 0; t < T; ++t) y[(t0 + t) * d_out + r0 + i] = out[i * T + t];
 }
 
+// ---- Many tokens (prefill): the dequantized weights of a block of rows, then the float32 GEMM
+// (gemm.hpp, the shared 6 x 16 micro-kernel), so the decode is done once per call instead of once
+// per token tile.
+
+// Row r of part q, dequantized into tmp[0, n_cols) (tmp holds n_cols + 8 floats).
+template <int BITS>
+HQ_AVX2 void dequant_part_row_avx2(const PartRun& q, int64_t r, float* sc, float* zc, float* tmp) {
+  const PackedPart& p = *q.p;
+  const int64_t n = p.n_cols;
+  row_params<BITS>(q, r, sc, zc);
+  const __m256 tbase = BITS == 2 ? _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3)
+                                 : _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t g = 0; g < q.ng; ++g) {
+    const int64_t c0 = g * q.g, c1 = std::min(n, c0 + q.g);
+    const __m256 sv = _mm256_set1_ps(sc[g]), szv = _mm256_set1_ps(sc[g] * zc[g]);
+    const __m256 tv = _mm256_mul_ps(_mm256_sub_ps(tbase, _mm256_set1_ps(zc[g])), sv);
+    // 8 weights at a time; a last partial chunk writes past c1 into the next group's (rewritten
+    // next) or into tmp's 8 spare floats
+    for (int64_t c = c0; c < c1; c += 8)
+      _mm256_storeu_ps(tmp + c, weights_from_bits<BITS>(
+                                    load_bits(p.qweight, q.nb_w, (r * n + c) * BITS), tv, sv, szv));
+  }
+}
+
+// Rows [r0, r1) of W with its columns in the parts' order (part after part, each in its own
+// column order; `offs` the first column of each), dense float32 (r1 - r0, kk).
+HQ_AVX2 void dequant_rows_avx2(const std::vector<PartRun>& runs, const std::vector<int64_t>& offs,
+                               int64_t r0, int64_t r1, int64_t kk, float* w,
+                               std::vector<float>& scratch) {
+  int64_t need = 0;
+  for (const PartRun& q : runs) need = std::max(need, 2 * q.ng + q.p->n_cols + 8);
+  if (int64_t(scratch.size()) < need) scratch.resize(size_t(need));
+  for (size_t pi = 0; pi < runs.size(); ++pi) {
+    const PartRun& q = runs[pi];
+    const PackedPart& p = *q.p;
+    const int64_t n = p.n_cols;
+    if (n == 0) continue;
+    float* sc = scratch.data();
+    float* zc = sc + q.ng;
+    float* tmp = zc + q.ng;
+    for (int64_t r = r0; r < r1; ++r) {
+      switch (p.bits) {
+        case 2: dequant_part_row_avx2<2>(q, r, sc, zc, tmp); break;
+        case 3: dequant_part_row_avx2<3>(q, r, sc, zc, tmp); break;
+        case 4: dequant_part_row_avx2<4>(q, r, sc, zc, tmp); break;
+        case 6: dequant_part_row_avx2<6>(q, r, sc, zc, tmp); break;
+        case 8: dequant_part_row_avx2<8>(q, r, sc, zc, tmp); break;
+        default: {
+          const uint16_t* h = p.fp16 + r * n;
+          int64_t j = 0;
+          for (; j + 8 <= n; j += 8)
+            _mm256_storeu_ps(tmp + j, _mm256_cvtph_ps(
+                                          _mm_loadu_si128(reinterpret_cast<const __m128i*>(h + j))));
+          for (; j < n; ++j) tmp[j] = half_to_float(h[j]);
+        }
+      }
+      std::memcpy(w + (r - r0) * kk + offs[pi], tmp, size_t(n) * sizeof(float));
+    }
+  }
+}
+
 // Rows of this token tile: R rows per pass where R * T accumulators fit the registers, the
 // remaining rows one at a time.
 template <int T>
@@ -804,6 +870,39 @@ void packed_matmul(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& p
     q.gs = gs.data();
   }
 
+#if defined(HQ_PACKED_X86)
+  if (use_avx2 && n_tok >= kGemmTokens) {
+    // x^T with its rows in the parts' column order (so a dequantized row is its parts side by
+    // side, no scatter), packed once for the GEMM; per block of kGemmRows rows: dequantize,
+    // multiply, write the block's outputs
+    std::vector<int64_t> offs(parts.size());
+    int64_t kk = 0;
+    for (size_t i = 0; i < parts.size(); ++i) {
+      offs[i] = kk;
+      kk += parts[i].n_cols;
+    }
+    std::vector<float> xt(size_t(std::max<int64_t>(kk, 1) * n_tok));
+    for (size_t i = 0; i < parts.size(); ++i) {
+      const PackedPart& p = parts[i];
+      for (int64_t j = 0; j < p.n_cols; ++j) {
+        const int64_t col = p.cols == nullptr ? j : p.cols[j];
+        float* dst = xt.data() + (offs[i] + j) * n_tok;
+        for (int64_t t = 0; t < n_tok; ++t) dst[t] = x[t * d_in + col];
+      }
+    }
+    const PackedB xb(xt.data(), n_tok, kk, n_tok, n_threads);
+    const int64_t n_gb = (d_out + kGemmRows - 1) / kGemmRows;
+    parallel_for(n_gb, n_threads, [&](int64_t b) {
+      const int64_t r0 = b * kGemmRows, r1 = std::min(d_out, r0 + kGemmRows);
+      std::vector<float> w(size_t((r1 - r0) * kk)), c(size_t((r1 - r0) * n_tok)), scratch;
+      dequant_rows_avx2(runs, offs, r0, r1, kk, w.data(), scratch);
+      gemm_packed(w.data(), kk, r1 - r0, xb, c.data(), n_tok, false, 1, GemmKernel::Avx2);
+      for (int64_t t = 0; t < n_tok; ++t)
+        for (int64_t r = r0; r < r1; ++r) y[t * d_out + r] = c[(r - r0) * n_tok + t];
+    });
+    return;
+  }
+#endif
   const int64_t n_blocks = (d_out + kRowBlock - 1) / kRowBlock;
   parallel_for(n_blocks, n_threads, [&](int64_t b) {
     const int64_t r0 = b * kRowBlock, r1 = std::min(d_out, (b + 1) * kRowBlock);
