@@ -21,9 +21,11 @@
 // rounding each; 4/6/8-bit codes as s * code - s * zero by one FMA) and accumulates w * x over
 // eight lanes per (row, token), 4 rows x 1-2 tokens or 2 rows x 3-4 tokens per pass sharing the
 // activation loads; the portable kernel forms, per group, s * (sum_j code_j x_j - zero * sum_j x_j)
-// with the x sums once per call. Both equal dequantize-then-multiply within float32 rounding
+// with the x sums once per call. From 24 tokens on (prefill), the AVX2 kernel instead dequantizes
+// blocks of 48 rows (the same weights, float32) and multiplies them by the float32 GEMM
+// micro-kernel (gemm.hpp). All paths equal dequantize-then-multiply within float32 rounding
 // (checked against the float64 twin python/hiquant/_reference/packed_matmul.py). Each output row
-// is computed by one thread in a fixed order (blocks of 32 rows), so results are identical for any
+// is computed by one thread in a fixed order (blocks of 32 or 48 rows), so results are identical for any
 // thread count; the two kernels differ in the last bits.
 #pragma once
 #include <cstdint>
