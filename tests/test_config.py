@@ -34,7 +34,8 @@ def test_settings_are_frozen_and_replace_refuses_unknown_names():
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_resolve_settles_every_auto_and_is_idempotent(method):
-    s = resolve(QuantizeSettings(method=method, avg_bits=2.5), n_weights=10_000)
+    extra = dict(wbits=1) if method == "billm" else {}  # billm binarizes: wbits must be 1
+    s = resolve(QuantizeSettings(method=method, avg_bits=2.5, **extra), n_weights=10_000)
     # quantizer="auto" stays: it names the method's own quantizer (s.layer_quantizer)
     auto = [f.name for f in dataclasses.fields(s) if getattr(s, f.name) == "auto"]
     assert auto == ["quantizer"] and s.layer_quantizer == METHODS[method].quantizer
