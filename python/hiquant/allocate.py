@@ -31,6 +31,7 @@ floating point).
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
@@ -58,6 +59,7 @@ __all__ = [
     "option_deltas",
     "SensitivityMatrix",
     "sensitivity_matrix",
+    "measured_evaluations",
     "LayerAllocation",
     "Allocation",
     "allocate",
@@ -429,7 +431,11 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
                        names: Sequence[str] | None = None, n_windows: int | None = None,
                        seqlen: int | None = None, pairs: bool = True,
                        delta_cache_bytes: int = 2 << 30,
-                       progress: Callable[[int, int], None] | None = None) -> SensitivityMatrix:
+                       progress: Callable[[int, int], None] | None = None,
+                       n_threads: int | None = None, eval_batch: int | None = None,
+                       partial: Mapping[int, np.ndarray] | None = None,
+                       on_block: Callable[[int, np.ndarray], None] | None = None,
+                       ) -> SensitivityMatrix:
     """Build M with one of :data:`ESTIMATORS` from a model and calibration windows ``ids``.
 
     ``fisher_col[name]``: the Fisher column scores that choose each option's high columns
@@ -441,9 +447,21 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
       L(θ+Δ_i) − L(θ+Δ_j) + L(θ)`` (the FULL value in both entries), so that
       ``δᵀMδ = 2 (Σ_i ΔL_i + Σ_{i<j} ΔL_ij)``: twice the second-order inclusion-exclusion estimate
       of the loss increase, the same scale as ``ΔᵀHΔ``. Pairs in different blocks are 0. L is the
-      mean per-sequence calibration loss over the windows. Block inputs are cached, so a
-      perturbation in block b recomputes blocks b..end only. ``pairs=False`` skips the cross terms
-      (K·L evaluations instead of about K²·21·n_blocks).
+      mean per-sequence calibration loss over the windows. ``pairs=False`` skips the cross terms.
+
+      Cost: ``E = L·K`` evaluations, plus ``K²·Σ_b C(l_b, 2)`` with pairs (``l_b`` layers of
+      block b; :func:`measured_evaluations`), each a forward of blocks ``b..B−1`` and the head on
+      ``n_windows × seqlen`` tokens from the cached inputs of block b (plus one unperturbed
+      forward for those inputs). LLaMA-shaped blocks (7 linears, K = 5): ``35·B`` singles and
+      ``525·B`` pairs; on average an evaluation runs ``(B+1)/2`` blocks and the head.
+      Evaluations never change the model (``block_forward(..., weights=...)``): up to
+      ``eval_batch`` of them are stacked along the batch axis (default: about 512 rows per
+      matrix product) and run on ``n_threads`` workers (:func:`hiquant._threads.map_ordered`,
+      single-threaded BLAS). M does not depend on ``n_threads``; on ``eval_batch`` only through
+      the float32 rounding of the stacked products (bench/RESULTS.md, tests/test_measured_m.py).
+      Resume: ``on_block(b, sub)`` receives each finished block's square sub-matrix of M (its
+      layers × options, in ``names`` order); passing the saved ones back as ``partial={b: sub}``
+      skips those blocks.
     * ``"fisher"``: ``a[s, v] = ⟨G_s, Δ_v⟩`` from per-sequence gradients ``G_s`` (one backward pass
       per window; float32 products summed in float64 across chunks of 4,096 terms),
       ``M = AᵀA / S``: every pair of layers, across blocks too (``δᵀMδ`` is the
@@ -528,7 +546,9 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
         settings["A_rank"] = int(np.linalg.matrix_rank(A)) if A.size else 0
     else:  # measured
         settings.update(n_windows=int(ids.shape[0]), seqlen=int(ids.shape[1]), pairs=bool(pairs))
-        M = _measured(model, ids, names, blocks, cand, deltas, pairs, progress)
+        M = _measured(model, ids, names, blocks, cand, deltas, pairs, progress,
+                      n_threads=n_threads, eval_batch=eval_batch, partial=partial,
+                      on_block=on_block)
     M = 0.5 * (M + M.T)
     if not np.all(np.isfinite(M)):
         raise NumericalError(f"the {estimator} estimator produced a non-finite M; check the "
@@ -554,73 +574,167 @@ def _dot_rows(D: np.ndarray, g: np.ndarray, chunk: int = 4096) -> np.ndarray:
     return out
 
 
-def _measured(model, ids, names, blocks, cand, deltas, pairs, progress) -> np.ndarray:
+def _overridable(model) -> bool:
+    """Whether the runtime's block_forward takes per-call weight overrides (``weights=``)."""
+    import inspect
+    try:
+        return "weights" in inspect.signature(model.block_forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def measured_evaluations(n_layers_per_block: Sequence[int], n_candidates: int,
+                         pairs: bool = True) -> int:
+    """Loss evaluations of the measured estimator: ``L·K`` singles, plus
+    ``K²·Σ_b C(l_b, 2)`` same-block pairs when ``pairs`` (``l_b`` layers in block b)."""
+    K = int(n_candidates)
+    ls = [int(x) for x in n_layers_per_block]
+    return sum(ls) * K + (K * K * sum(x * (x - 1) // 2 for x in ls) if pairs else 0)
+
+
+def _measured(model, ids, names, blocks, cand, deltas, pairs, progress, *, n_threads=None,
+              eval_batch=None, partial=None, on_block=None) -> np.ndarray:
+    """The measured M (see :func:`sensitivity_matrix`), block by block.
+
+    An evaluation is a set of weight overrides (one layer, or two of the same block) of block b.
+    Its loss: block b on the cached input of block b with the overrides (``block_forward(...,
+    weights=...)``, the model is never changed), then blocks b+1.. and the head. Tasks are
+    (up to ``eval_batch`` evaluations) × (a chunk of ``model.auto_batch(T)`` windows): the
+    evaluations' block-b outputs are stacked along the batch axis and go through the rest of
+    the model as one batch; tasks run on :func:`hiquant._threads.map_ordered`'s workers. The
+    tasks and their shapes depend on ``eval_batch`` and the windows only, never on the thread
+    count; an evaluation's loss is the mean of its per-sequence losses (float64), as before.
+    Runtimes without ``weights=`` get the overrides by ``set_weight``, one task at a time."""
+    from ._threads import map_ordered, resolve_workers
     K, L = len(cand), len(names)
     nb = model.num_blocks
-    # Inputs of every block under the current (unperturbed) weights, computed once.
-    h = model.embed(ids)
-    h_in = []
-    for i in range(nb):
-        h_in.append(h)
-        h = model.block_forward(i, h)
-    base = float(np.mean(model.head_loss(h, ids)))
-
-    def loss_from(b: int) -> float:
-        x = h_in[b]
-        for i in range(b, nb):
-            x = model.block_forward(i, x)
-        return float(np.mean(model.head_loss(x, ids)))
-
-    M = np.zeros((L * K, L * K), np.float64)
-    # Layers the caller had already replaced keep their replacement afterwards.
-    was_set = set(model.modified_weights())
-
-    def restore(li):
-        if names[li] in was_set:
-            model.set_weight(names[li], W[li])
-        else:
-            model.reset_weight(names[li])
+    S, T = ids.shape
+    fast = _overridable(model)
+    wc = max(1, min(S, int(model.auto_batch(T))))  # windows per task (memory-bounded)
+    chunks = [(s0, min(S, s0 + wc)) for s0 in range(0, S, wc)]
+    if eval_batch is None:  # about 512 rows per product, as model.auto_batch aims for
+        eval_batch = max(1, -(-512 // (wc * T)))
+    eval_batch = _pos_int(eval_batch, "eval_batch")
+    workers = resolve_workers(n_threads) if fast else 1
 
     by_block: dict[int, list[int]] = {}
     for li in range(L):
         by_block.setdefault(int(blocks[li]), []).append(li)
-    total = L * K + (sum(len(v) * (len(v) - 1) // 2 for v in by_block.values()) * K * K
-                     if pairs else 0)
-    done = 0
+    partial = dict(partial or {})
+    for b, sub in partial.items():
+        n = len(by_block.get(int(b), ())) * K
+        if not isinstance(sub, np.ndarray) or sub.shape != (n, n) or not n:
+            raise InvalidArgumentError(f"partial[{b}] must be the ({n}, {n}) block of M of block "
+                                       f"{b}'s layers, got "
+                                       f"{getattr(sub, 'shape', type(sub).__name__)}")
+    total = measured_evaluations([len(v) for v in by_block.values()], K, pairs)
+    todo = {b: lis for b, lis in by_block.items() if b not in partial}
+    M = np.zeros((L * K, L * K), np.float64)
+    for b, sub in partial.items():  # rows of finished blocks, from an interrupted run
+        v = np.array([li * K + m for li in by_block[int(b)] for m in range(K)])
+        M[np.ix_(v, v)] = sub
+    done = total - measured_evaluations([len(v) for v in todo.values()], K, pairs)
+    if progress is not None and done:
+        progress(done, total)
+    if not todo:
+        return M
+
+    # Inputs of every block under the current (unperturbed) weights, and the base loss, computed
+    # once, by window chunks on the workers.
+    was_set = set(model.modified_weights())
     W: dict = {}
-    for b, lis in sorted(by_block.items()):
-        W.update({li: model.get_weight(names[li]) for li in lis})
-        D = {li: deltas(names[li]) for li in lis}
-        single = {}
-        try:
-            for li in lis:
-                for m in range(K):
-                    model.set_weight(names[li], W[li] + D[li][m])
-                    single[li, m] = loss_from(b)
-                    done += 1
-                restore(li)
-                if progress is not None:
-                    progress(done, total)
-            for li in lis:
-                for m in range(K):
-                    M[li * K + m, li * K + m] = 2.0 * (single[li, m] - base)
-            if pairs:
-                for x, li in enumerate(lis):
-                    for lj in lis[x + 1:]:
-                        for m in range(K):
-                            model.set_weight(names[li], W[li] + D[li][m])
-                            for m2 in range(K):
-                                model.set_weight(names[lj], W[lj] + D[lj][m2])
-                                v = loss_from(b) - single[li, m] - single[lj, m2] + base
-                                M[li * K + m, lj * K + m2] = M[lj * K + m2, li * K + m] = v
-                                done += 1
-                            if progress is not None:
-                                progress(done, total)
-                        restore(li)
-                        restore(lj)
-        finally:
-            for li in lis:
-                restore(li)
+    first = min(todo)
+
+    def base_chunk(c):
+        x = model.embed(ids[c[0]:c[1]])
+        hs = []
+        for i in range(nb):
+            hs.append(x if i >= first else None)
+            x = model.block_forward(i, x)
+        return hs, model.head_loss(x, ids[c[0]:c[1]])
+
+    res = map_ordered(base_chunk, chunks, workers)
+    h_in = [[r[0][i] for r in res] for i in range(nb)]  # [block][chunk]
+    base = float(np.mean(np.concatenate([r[1] for r in res])))
+    del res
+
+    lock = threading.Lock()
+    state = {"done": done}
+
+    def restore(n):
+        if n in was_set:
+            model.set_weight(n, W[n])
+        else:
+            model.reset_weight(n)
+
+    cur: dict = {}  # the block being evaluated: its weights "W" and option deltas "D"
+
+    def overrides(e):  # built per task: all of a block's perturbed weights would not fit
+        Wb, D = cur["W"], cur["D"]
+        ov = {names[e[0]]: Wb[names[e[0]]] + D[e[0]][e[1]]}
+        if len(e) == 4:
+            ov[names[e[2]]] = Wb[names[e[2]]] + D[e[2]][e[3]]
+        return ov
+
+    def run(task):
+        b, evals, ci = task
+        s0, s1 = chunks[ci]
+        x0 = h_in[b][ci]
+        outs = []
+        for ev in map(overrides, evals):
+            if fast:
+                outs.append(model.block_forward(b, x0, weights=ev))
+            else:
+                for n, Wn in ev.items():
+                    model.set_weight(n, Wn)
+                try:
+                    outs.append(model.block_forward(b, x0))
+                finally:
+                    for n in ev:
+                        restore(n)
+        x = outs[0] if len(outs) == 1 else np.concatenate(outs)
+        del outs
+        for i in range(b + 1, nb):
+            x = model.block_forward(i, x)
+        tid = ids[s0:s1] if len(evals) == 1 else np.tile(ids[s0:s1], (len(evals), 1))
+        losses = model.head_loss(x, tid).reshape(len(evals), s1 - s0)
+        if progress is not None and ci == len(chunks) - 1:
+            with lock:  # calls in increasing order of done, one at a time
+                state["done"] += len(evals)
+                progress(state["done"], total)
+        return losses
+
+    for b in sorted(todo):
+        lis = todo[b]
+        Wb = {names[li]: model.get_weight(names[li]) for li in lis}
+        W.update(Wb)
+        cur["W"], cur["D"] = Wb, {li: deltas(names[li]) for li in lis}
+        evals = [(li, m) for li in lis for m in range(K)]
+        if pairs:
+            evals += [(li, m, lj, m2) for x, li in enumerate(lis) for lj in lis[x + 1:]
+                      for m in range(K) for m2 in range(K)]
+
+        tasks = [(b, evals[e0:e0 + eval_batch], ci) for e0 in range(0, len(evals), eval_batch)
+                 for ci in range(len(chunks))]
+        out = map_ordered(run, tasks, workers)
+        # per evaluation: its per-sequence losses in window order, then their mean (float64)
+        per = np.empty((len(evals), S), np.float64)
+        for t, ((_, group, ci), losses) in enumerate(zip(tasks, out)):
+            e0 = (t // len(chunks)) * eval_batch
+            per[e0:e0 + len(group), chunks[ci][0]:chunks[ci][1]] = losses
+        del out, tasks
+        loss = {e: float(np.mean(per[j])) for j, e in enumerate(evals)}
+        for li in lis:
+            for m in range(K):
+                M[li * K + m, li * K + m] = 2.0 * (loss[li, m] - base)
+        if pairs:
+            for e in evals[len(lis) * K:]:
+                li, m, lj, m2 = e
+                v = loss[e] - loss[li, m] - loss[lj, m2] + base
+                M[li * K + m, lj * K + m2] = M[lj * K + m2, li * K + m] = v
+        if on_block is not None:
+            v = np.array([li * K + m for li in lis for m in range(K)])
+            on_block(b, M[np.ix_(v, v)].copy())
     return M
 
 

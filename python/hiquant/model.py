@@ -547,6 +547,50 @@ class Model:
             return self._block_params(i)
         return self._cached(("dense", i), lambda: self._build_block(i, False))
 
+    def _block_params_with(self, i: int, weights: Mapping, cache: bool) -> _BlockParams:
+        """Block ``i``'s dense weights with the linears in ``weights`` replaced, for one
+        :meth:`block_forward` call: a private copy (the stacked matrices touched are copied,
+        the others shared read-only with the weight cache), never stored in the cache."""
+        if cache:
+            raise InvalidArgumentError("block_forward(weights=...) cannot keep a cache: the "
+                                       "backward pass uses the model's weights; set_weight the "
+                                       "layers instead")
+        names = self._names[i]
+        for n, W in weights.items():
+            if n not in names:
+                raise InvalidArgumentError(f"weights names {n!r}, which is not a linear layer of "
+                                           f"block {i} ({', '.join(names)})")
+            if not isinstance(W, np.ndarray):
+                raise InvalidTypeError(f"weights[{n!r}] must be a numpy.ndarray, got "
+                                       f"{type(W).__name__}")
+            if W.dtype != np.float32 and W.dtype != self.compute_dtype:
+                raise InvalidTypeError(f"weights[{n!r}] must have dtype float32, got {W.dtype}")
+            if W.shape != self.linear_shape(n):
+                raise InvalidArgumentError(f"weights[{n!r}] has shape {W.shape} but the layer has "
+                                           f"{self.linear_shape(n)}")
+        base = self._dense_block_params(i)
+        p = _BlockParams()
+        for s in _BlockParams.__slots__:
+            setattr(p, s, getattr(base, s))
+        c = self.config
+        for attr, group, rows in (("Wqkv", names[:3], [self._nq, self._nkv, self._nkv]),
+                                  ("Wo", names[3:4], [c.hidden_size]),
+                                  ("Wgu", names[4:6], [c.intermediate_size] * 2),
+                                  ("Wd", names[6:7], [c.hidden_size])):
+            if not any(n in weights for n in group):
+                continue
+            if len(group) == 1:
+                setattr(p, attr, np.asarray(weights[group[0]], dtype=self.compute_dtype))
+                continue
+            W = getattr(base, attr).copy()
+            r0 = 0
+            for n, r in zip(group, rows):
+                if n in weights:
+                    W[r0:r0 + r] = weights[n]
+                r0 += r
+            setattr(p, attr, W)
+        return p
+
     def _linear_op(self, name: str):
         """The operator standing for a linear source's weight (``x @ W.T`` as ``matmul(x)``), or
         None: a set_weight override or an ordinary weight is used dense."""
@@ -702,12 +746,17 @@ class Model:
         return W.matmul(np.ascontiguousarray(X), n_threads=kernel_threads())
 
     def block_forward(self, i: int, h: np.ndarray, *, cache: bool = False,
-                      capture: Callable[[str, np.ndarray], None] | None = None):
+                      capture: Callable[[str, np.ndarray], None] | None = None,
+                      weights: Mapping[str, np.ndarray] | None = None):
         """Run decoder block ``i`` on hidden states ``h`` (B, T, hidden).
 
         ``capture(name, X)`` is called for each linear layer with its input ``X`` of shape
         ``(B*T, d_in)`` in the compute dtype (q, k and v receive the same array, as do gate and
         up). ``X`` is read-only for the callee and only valid during the call; copy it to keep it.
+        ``weights``: ``{name: W}`` for some of block ``i``'s linear layers (float32 or the compute
+        dtype, the layer's shape), used in this call only, as if :meth:`set_weight` had been
+        called: the model is not changed, so calls with different ``weights`` may run at the same
+        time on worker threads (the measured sensitivity matrix does). Not with ``cache=True``.
         Returns the output, or ``(output, BlockCache)`` with ``cache=True``.
         """
         i = self._check_block(i)
@@ -715,7 +764,7 @@ class Model:
         c, cd = self.config, self.compute_dtype
         B, T, D = h.shape
         self.check_seqlen(T)
-        P = self._block_params(i)
+        P = self._block_params(i) if not weights else self._block_params_with(i, weights, cache)
         names = self._names[i]
         KV, G, hd = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
         nq, nkv, I = self._nq, self._nkv, c.intermediate_size

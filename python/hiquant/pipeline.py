@@ -63,9 +63,11 @@ def _fisher_scores(model, windows, s, spec, calib_settings, cache_dir, progress)
     return collect(model, windows, **kw)
 
 
-def _plans(model, windows, s, spec, shapes, st, timings, progress):
+def _plans(model, windows, s, spec, shapes, st, timings, progress, state=None, resume=False):
     """One LayerPlan per layer (allocate.plan_layers), with M built first for the IQP. Timings:
-    "sensitivity matrix" (M) and "allocation" (the plans), each counted once."""
+    "sensitivity matrix" (M) and "allocation" (the plans), each counted once. With a progress
+    ``state``, the measured M's finished blocks are saved as they finish and, with ``resume``,
+    the saved ones are not recomputed."""
     from . import allocate
     sm = None
     if spec.allocation == "iqp":
@@ -78,7 +80,9 @@ def _plans(model, windows, s, spec, shapes, st, timings, progress):
                     candidates=s.candidates, b_low=s.wbits, b_high=s.hbits,
                     group_size=s.group_size, names=list(shapes),
                     n_windows=min(s.m_windows, len(windows)), pairs=s.m_pairs,
-                    progress=bar.update_to if bar is not None else None)
+                    progress=bar.update_to if bar is not None else None, n_threads=s.n_threads,
+                    partial=state.m_blocks() if state is not None and resume else None,
+                    on_block=state.save_m_block if state is not None else None)
             finally:
                 if bar is not None:
                     bar.close()
@@ -275,7 +279,8 @@ def _run(model, calib, s, spec, shapes, timings, *, out, export, eval_text, fp_e
                 with _Timer(timings, "fisher"):
                     st = _fisher_scores(model, windows, s, spec, calib_settings, cache_dir,
                                         progress)
-            plans, allocation = _plans(model, windows, s, spec, shapes, st, timings, progress)
+            plans, allocation = _plans(model, windows, s, spec, shapes, st, timings, progress,
+                                       state, resume)
             del st
 
         # ---- block-by-block quantization

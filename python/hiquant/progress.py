@@ -27,9 +27,10 @@ def run_key(settings: dict, model_fingerprint: dict, calib: dict) -> str:
 
 class ProgressState:
     """A folder holding ``meta.json`` (run key, last completed block, plans), ``block-<b>.safetensors``
-    (packed layers of block b) and ``hidden.npy`` (the calibration hidden states after the last
-    completed block). Each file is replaced atomically; meta.json is written last, so it never
-    points at a block whose files are incomplete."""
+    (packed layers of block b), ``hidden.npy`` (the calibration hidden states after the last
+    completed block) and ``m-block-<b>.npz`` (block b's rows of the measured sensitivity matrix,
+    kept while M is built). Each file is replaced atomically; meta.json is written last, so it
+    never points at a block whose files are incomplete."""
 
     def __init__(self, folder, key: str, *, resume: bool):
         self.dir = Path(folder)
@@ -113,6 +114,28 @@ class ProgressState:
         atomic_write_text(self.dir / "meta.json", json.dumps(self.meta, default=_jsonable))
         for which in ("hidden", "hidden_fp"):  # the states meta.json no longer points at
             (self.dir / f"{which}-{b}.npy").unlink(missing_ok=True)
+
+    def save_m_block(self, b: int, sub: np.ndarray) -> None:
+        """Keep block ``b``'s finished square sub-matrix of the measured M (its layers ×
+        options), tagged with the run key, so that a run killed while building M resumes after
+        the blocks already done (:func:`hiquant.allocate.sensitivity_matrix`'s ``partial``)."""
+        import io
+        buf = io.BytesIO()
+        np.savez(buf, sub=np.asarray(sub, np.float64), key=np.array(self.key))
+        atomic_write_bytes(self.dir / f"m-block-{int(b)}.npz", buf.getvalue())
+
+    def m_blocks(self) -> dict:
+        """``{block: sub-matrix}`` saved by :meth:`save_m_block` for this run key (files of
+        another run are ignored)."""
+        out = {}
+        for path in sorted(self.dir.glob("m-block-*.npz")):
+            try:
+                with np.load(path) as z:
+                    if str(z["key"]) == self.key:
+                        out[int(path.stem[len("m-block-"):])] = z["sub"]
+            except (OSError, ValueError, KeyError):
+                continue  # unreadable: that block is recomputed
+        return out
 
     def remove(self) -> None:
         import shutil

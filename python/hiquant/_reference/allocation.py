@@ -8,6 +8,11 @@
 * :func:`block_diagonal_dp` — exact optimum of larger block-diagonal instances with small
   integer costs, by a dynamic program over cost values (a method independent of the native
   Pareto-front knapsack).
+* :func:`measured_sequential` — the measured sensitivity matrix by the plain loop (set one or two
+  perturbed weights on the model, recompute the loss, restore), one evaluation at a time: what
+  :func:`hiquant.allocate.sensitivity_matrix` computed before its evaluations were batched and run
+  on worker threads, kept as the reference they are tested and benchmarked against. It computes
+  in the model's dtype (float32), like the library.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import math
 import numpy as np
 
 __all__ = ["n_groups", "layer_cost_bits", "iqp_objective", "brute_force", "BruteForce",
-           "block_diagonal_dp"]
+           "block_diagonal_dp", "measured_sequential"]
 
 
 def n_groups(n: int, group_size: int) -> int:
@@ -145,3 +150,66 @@ def block_diagonal_dp(M: np.ndarray, costs: np.ndarray, budget: int, blocks) -> 
         choice[layers] = combos[pick[c]]
         c = int(prev[c])
     return obj, choice
+
+
+def measured_sequential(model, ids: np.ndarray, names, deltas, pairs: bool = True) -> np.ndarray:
+    """The measured M, ``(L·K, L·K)`` float64 over ``names`` × options, one evaluation at a time.
+
+    ``deltas[name]``: the K option perturbations Δ of the layer (float32, its shape). An
+    evaluation sets the perturbed weight(s) with ``model.set_weight``, runs the blocks from the
+    perturbed one to the end on the cached block inputs and takes the mean per-sequence loss:
+    ``M[i,i] = 2 (L_i − L_0)``, and for options of two layers of one block
+    ``M[i,j] = M[j,i] = L_ij − L_i − L_j + L_0``; 0 across blocks. The model's weights are left
+    as they were."""
+    K = len(deltas[names[0]])
+    L = len(names)
+    block_of = {n: b for b in range(model.num_blocks) for n in model.block_linear_names(b)}
+    h = model.embed(ids)
+    h_in = []
+    for b in range(model.num_blocks):
+        h_in.append(h)
+        h = model.block_forward(b, h)
+    base = float(np.mean(model.head_loss(h, ids)))
+
+    def loss_from(b):
+        x = h_in[b]
+        for i in range(b, model.num_blocks):
+            x = model.block_forward(i, x)
+        return float(np.mean(model.head_loss(x, ids)))
+
+    was_set = set(model.modified_weights())
+    W = {n: model.get_weight(n) for n in names}
+
+    def restore(n):
+        if n in was_set:
+            model.set_weight(n, W[n])
+        else:
+            model.reset_weight(n)
+
+    M = np.zeros((L * K, L * K), np.float64)
+    single = {}
+    try:
+        for li, n in enumerate(names):
+            for m in range(K):
+                model.set_weight(n, W[n] + deltas[n][m])
+                single[li, m] = loss_from(block_of[n])
+                M[li * K + m, li * K + m] = 2.0 * (single[li, m] - base)
+            restore(n)
+        if pairs:
+            for li, n in enumerate(names):
+                for lj in range(li + 1, L):
+                    n2 = names[lj]
+                    if block_of[n2] != block_of[n]:
+                        continue
+                    for m in range(K):
+                        model.set_weight(n, W[n] + deltas[n][m])
+                        for m2 in range(K):
+                            model.set_weight(n2, W[n2] + deltas[n2][m2])
+                            v = loss_from(block_of[n]) - single[li, m] - single[lj, m2] + base
+                            M[li * K + m, lj * K + m2] = M[lj * K + m2, li * K + m] = v
+                    restore(n)
+                    restore(n2)
+    finally:
+        for n in names:
+            restore(n)
+    return M
