@@ -67,6 +67,32 @@ def test_measured_m_equals_the_sequential_loop_for_any_threads_and_batch(setup, 
         assert np.count_nonzero(got[1, 4] - np.diag(np.diag(got[1, 4]))) == 0
 
 
+class _NoOverrides:
+    """A runtime whose block_forward takes no ``weights=`` (as the torch runtime's): the
+    estimator falls back to set_weight, one task at a time."""
+
+    def __init__(self, model):
+        self._m = model
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+    def block_forward(self, i, h, *, cache=False, capture=None):
+        return self._m.block_forward(i, h, cache=cache, capture=capture)
+
+
+def test_measured_m_on_a_runtime_without_weight_overrides_equals_the_sequential_loop(setup):
+    model, ids, fc = setup
+    names = model.block_linear_names(0)
+    want = ref.measured_sequential(model, ids, names, _deltas(model, fc, names), True)
+    rt = _NoOverrides(model)
+    assert not A._overridable(rt) and A._overridable(model)
+    np.testing.assert_array_equal(_m(rt, ids, fc, names=names, n_threads=2, eval_batch=1).M, want)
+    got = _m(rt, ids, fc, names=names, n_threads=2, eval_batch=4).M
+    np.testing.assert_allclose(got, want, rtol=0, atol=MEASURED_M_RTOL * _base_loss(model, ids))
+    assert model.modified_weights() == []
+
+
 def test_measured_m_keeps_a_callers_replaced_weight_as_the_point_of_expansion(setup):
     model, ids, fc = setup
     names = model.block_linear_names(1)
