@@ -1,4 +1,5 @@
 #include "hiquant/quantizer.hpp"
+#include "hiquant/simd.hpp"
 
 #include "binding_util.hpp"
 
@@ -32,6 +33,20 @@ Params require_params(const py::handle& scale, const py::handle& zero, py::ssize
 }  // namespace
 
 void init_quantizer(py::module_& m) {
+  // The elementwise kernels' 8-lane variants (hiquant/simd.hpp): same bits, chosen at run time.
+  m.def("elementwise_kernel_name", [] { return std::string(hiquant::elementwise_kernel_name()); });
+  m.def("elementwise_avx2_available", &hiquant::elementwise_avx2_available);
+  m.def("set_elementwise_kernel", [](const std::string& k) {
+    if (k == "auto")
+      hiquant::set_elementwise_kernel(hiquant::ElementwiseKernel::Auto);
+    else if (k == "portable")
+      hiquant::set_elementwise_kernel(hiquant::ElementwiseKernel::Portable);
+    else
+      throw InvalidArgument("kernel must be 'auto' or 'portable', got '" + k + "'");
+  }, py::arg("kernel"),
+     "Process-wide choice of the elementwise kernels (tests and benchmarks): 'auto' uses AVX2 "
+     "where the CPU has it, 'portable' the four-lane code. Results are identical.");
+
   m.def("n_groups", [](int64_t cols, int64_t group_size) {
     if (cols <= 0) throw InvalidArgument("cols must be positive");
     return hiquant::n_groups(cols, group_size);

@@ -6,6 +6,13 @@
 #include "hiquant/errors.hpp"
 #include "hiquant/quant_math.hpp"
 #include "hiquant/quantizer.hpp"
+#include "hiquant/simd.hpp"
+
+// The lane templates also take eight-lane vectors; they are always inlined into the AVX2
+// functions, so the ABI note GCC gives for 32-byte vector arguments does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 namespace hiquant {
 
@@ -33,7 +40,7 @@ constexpr int64_t kChunk = 64;
 
 // Per-lane bodies (F = float or a four-lane vector; see quant_math.hpp).
 template <typename F>
-inline F soft_lane(F V, F base, F s, F z, F maxq) {
+HQ_VM_INLINE F soft_lane(F V, F base, F s, F z, F maxq) {
   const F zero = vm::splat(0.0f, V), one = vm::splat(1.0f, V);
   const F h = vm::clamp_(vm::sigmoid_approx(V) * vm::splat(kAdaZeta - kAdaGamma, V) +
                              vm::splat(kAdaGamma, V), zero, one);
@@ -41,7 +48,7 @@ inline F soft_lane(F V, F base, F s, F z, F maxq) {
 }
 
 template <typename F>
-inline F hard_lane(F V, F base, F s, F z, F maxq) {
+HQ_VM_INLINE F hard_lane(F V, F base, F s, F z, F maxq) {
   const F zero = vm::splat(0.0f, V), one = vm::splat(1.0f, V);
   return s * (vm::clamp_(base + vm::sel(vm::ge(V, zero), one, zero), zero, maxq) - z);
 }
@@ -50,7 +57,7 @@ inline F hard_lane(F V, F base, F s, F z, F maxq) {
 // regularizer R = lam (1 - |2h - 1|^b), dR/dh = -2 lam b |2h - 1|^(b-1) sign(2h - 1), with
 // |x|^b = exp(b log|x|) (0 at x = 0, where the gradient is 0 too). *one_minus_p = 1 - |2h-1|^b.
 template <typename F>
-inline F grad_lane(F V, F base, F d, F s, F maxq, F lam, F b, F reg, F* one_minus_p) {
+HQ_VM_INLINE F grad_lane(F V, F base, F d, F s, F maxq, F lam, F b, F reg, F* one_minus_p) {
   const F zero = vm::splat(0.0f, V), one = vm::splat(1.0f, V), two = vm::splat(2.0f, V);
   const F span = vm::splat(kAdaZeta - kAdaGamma, V);
   const F sig = vm::sigmoid_approx(V);
@@ -69,6 +76,123 @@ inline F grad_lane(F V, F base, F d, F s, F maxq, F lam, F b, F reg, F* one_minu
   *one_minus_p = one - p;
   return vm::sel(vm::ge(u, zero) & vm::le(u, one), dh * span * sig * (one - sig), zero);
 }
+
+// One row of forward() / backward(): eight lanes (AVX2 variant), then four, then one; every
+// element goes through the same operations whatever its lane width, so the bits do not depend
+// on the variant (hiquant/simd.hpp).
+template <bool kAvx2>
+HQ_VM_INLINE void forward_span(const float* V, const float* base, float s, float z, float maxq,
+                               bool hard, int64_t m, float* o) {
+  int64_t c = 0;
+#if defined(HQ_HAVE_V8)
+  if (kAvx2) {
+    const vm::v8f sv = vm::splat(s, vm::v8f{}), zv = vm::splat(z, vm::v8f{});
+    const vm::v8f mv = vm::splat(maxq, vm::v8f{});
+    for (; c + 8 <= m; c += 8) {
+      const vm::v8f Vv = vm::load8(V + c), bv = vm::load8(base + c);
+      vm::store8(o + c, hard ? hard_lane(Vv, bv, sv, zv, mv) : soft_lane(Vv, bv, sv, zv, mv));
+    }
+  }
+#endif
+#if defined(HQ_HAVE_V4)
+  const vm::v4f sv = vm::splat(s, vm::v4f{}), zv = vm::splat(z, vm::v4f{});
+  const vm::v4f mv = vm::splat(maxq, vm::v4f{});
+  for (; c + 4 <= m; c += 4) {
+    const vm::v4f Vv = vm::load(V + c), bv = vm::load(base + c);
+    vm::store(o + c, hard ? hard_lane(Vv, bv, sv, zv, mv) : soft_lane(Vv, bv, sv, zv, mv));
+  }
+#endif
+  for (; c < m; ++c)
+    o[c] = hard ? hard_lane(V[c], base[c], s, z, maxq) : soft_lane(V[c], base[c], s, z, maxq);
+}
+
+template <bool kAvx2>
+HQ_VM_INLINE void grad_span(const float* V, const float* base, const float* d, float s,
+                            float maxq, float lamf, float bf, float regf, int64_t m, float* gr,
+                            float* omp) {
+  int64_t c = 0;
+#if defined(HQ_HAVE_V8)
+  if (kAvx2) {
+    const vm::v8f x{};
+    const vm::v8f sv = vm::splat(s, x), mv = vm::splat(maxq, x), lv = vm::splat(lamf, x);
+    const vm::v8f bv = vm::splat(bf, x), rv = vm::splat(regf, x);
+    for (; c + 8 <= m; c += 8) {
+      vm::v8f o;
+      vm::store8(gr + c, grad_lane(vm::load8(V + c), vm::load8(base + c), vm::load8(d + c), sv,
+                                   mv, lv, bv, rv, &o));
+      vm::store8(omp + c, o);
+    }
+  }
+#endif
+#if defined(HQ_HAVE_V4)
+  {
+    const vm::v4f x{};
+    const vm::v4f sv = vm::splat(s, x), mv = vm::splat(maxq, x), lv = vm::splat(lamf, x);
+    const vm::v4f bv = vm::splat(bf, x), rv = vm::splat(regf, x);
+    for (; c + 4 <= m; c += 4) {
+      vm::v4f o;
+      vm::store(gr + c, grad_lane(vm::load(V + c), vm::load(base + c), vm::load(d + c), sv, mv,
+                                  lv, bv, rv, &o));
+      vm::store(omp + c, o);
+    }
+  }
+#endif
+  for (; c < m; ++c) gr[c] = grad_lane(V[c], base[c], d[c], s, maxq, lamf, bf, regf, &omp[c]);
+}
+
+struct AdaRowArgs {
+  const float* base;   // this row's base codes
+  const float* V;      // this row's parameters
+  const float* scale;  // this row's scales (n_groups)
+  const uint8_t* zero;
+  int64_t cols, ng, gw;
+  float maxq;
+};
+
+template <bool kAvx2>
+HQ_VM_INLINE void forward_row_t(const AdaRowArgs& a, bool hard, float* o) {
+  for (int64_t g = 0; g < a.ng; ++g) {
+    const int64_t c0 = g * a.gw, m = std::min(a.gw, a.cols - c0);
+    forward_span<kAvx2>(a.V + c0, a.base + c0, a.scale[g], float(a.zero[g]), a.maxq, hard, m,
+                        o + c0);
+  }
+}
+
+// The regularizer's partial sum of one row (four double accumulators, in column order).
+template <bool kAvx2>
+HQ_VM_INLINE double backward_row_t(const AdaRowArgs& a, const float* d, float lamf, float bf,
+                                   float regf, bool lam_on, float* gr) {
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  float omp[kChunk];
+  for (int64_t g = 0; g < a.ng; ++g) {
+    const int64_t c0 = g * a.gw, n = std::min(a.gw, a.cols - c0);
+    const float s = a.scale[g];
+    for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
+      const int64_t m = std::min(kChunk, n - k0);
+      grad_span<kAvx2>(a.V + c0 + k0, a.base + c0 + k0, d + c0 + k0, s, a.maxq, lamf, bf, regf,
+                       m, gr + c0 + k0, omp);
+      if (lam_on)
+        for (int64_t i = 0; i < m; ++i) acc[i & 3] += double(omp[i]);
+    }
+  }
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+void forward_row(const AdaRowArgs& a, bool hard, float* o) { forward_row_t<false>(a, hard, o); }
+double backward_row(const AdaRowArgs& a, const float* d, float lamf, float bf, float regf,
+                    bool lam_on, float* gr) {
+  return backward_row_t<false>(a, d, lamf, bf, regf, lam_on, gr);
+}
+#if defined(HQ_HAVE_V8) && defined(HQ_ELEM_X86)
+HQ_ELEM_AVX2 void forward_row_avx2(const AdaRowArgs& a, bool hard, float* o) {
+  forward_row_t<true>(a, hard, o);
+}
+HQ_ELEM_AVX2 double backward_row_avx2(const AdaRowArgs& a, const float* d, float lamf, float bf,
+                                      float regf, bool lam_on, float* gr) {
+  return backward_row_t<true>(a, d, lamf, bf, regf, lam_on, gr);
+}
+#define HQ_ADA_AVX2 1
+#endif
 
 inline float clip01(float u) { return u < 0.0f ? 0.0f : (u > 1.0f ? 1.0f : u); }
 
@@ -126,25 +250,19 @@ void AdaRoundPart::check_params() const {
 void AdaRoundPart::forward(float* out, int64_t ldo, bool hard, int n_threads) const {
   check_params();
   const float maxq = float(maxq_);
-  parallel_for(rows_, threads_for(rows_ * cols_, n_threads), [&](int64_t r) {
-    for (int64_t g = 0; g < ng_; ++g) {
-      const int64_t c0 = g * gw_, m = std::min(gw_, cols_ - c0);
-      const float s = scale_[r * ng_ + g], z = float(zero_[r * ng_ + g]);
-      const float* base = base_.data() + r * cols_ + c0;
-      const float* V = V_.data() + r * cols_ + c0;
-      float* o = out + r * ldo + c0;
-      int64_t c = 0;
-#if defined(HQ_HAVE_V4)
-      const vm::v4f sv = vm::splat(s, vm::v4f{}), zv = vm::splat(z, vm::v4f{});
-      const vm::v4f mv = vm::splat(maxq, vm::v4f{});
-      for (; c + 4 <= m; c += 4) {
-        const vm::v4f Vv = vm::load(V + c), bv = vm::load(base + c);
-        vm::store(o + c, hard ? hard_lane(Vv, bv, sv, zv, mv) : soft_lane(Vv, bv, sv, zv, mv));
-      }
+#if defined(HQ_ADA_AVX2)
+  const bool avx2 = elementwise_avx2();
 #endif
-      for (; c < m; ++c)
-        o[c] = hard ? hard_lane(V[c], base[c], s, z, maxq) : soft_lane(V[c], base[c], s, z, maxq);
+  parallel_for(rows_, threads_for(rows_ * cols_, n_threads), [&](int64_t r) {
+    const AdaRowArgs a{base_.data() + r * cols_, V_.data() + r * cols_, scale_.data() + r * ng_,
+                       zero_.data() + r * ng_, cols_, ng_, gw_, maxq};
+#if defined(HQ_ADA_AVX2)
+    if (avx2) {
+      forward_row_avx2(a, hard, out + r * ldo);
+      return;
     }
+#endif
+    forward_row(a, hard, out + r * ldo);
   });
 }
 
@@ -156,39 +274,25 @@ double AdaRoundPart::backward(const float* dwq, int64_t ldd, double lam, double 
   const float maxq = float(maxq_);
   const float lamf = static_cast<float>(lam), bf = static_cast<float>(b);
   const float regf = lam > 0.0 ? 1.0f : 0.0f;
+  const bool lam_on = lam > 0.0;
+#if defined(HQ_ADA_AVX2)
+  const bool avx2 = elementwise_avx2();
+#endif
   std::vector<double> reg_rows(static_cast<size_t>(rows_), 0.0);
   parallel_for(rows_, threads_for(rows_ * cols_, n_threads), [&](int64_t r) {
-    double acc[4] = {0.0, 0.0, 0.0, 0.0};
-    float omp[kChunk];
-    for (int64_t g = 0; g < ng_; ++g) {
-      const int64_t c0 = g * gw_, n = std::min(gw_, cols_ - c0);
-      const float s = scale_[r * ng_ + g];
-      for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
-        const int64_t m = std::min(kChunk, n - k0);
-        const float* base = base_.data() + r * cols_ + c0 + k0;
-        const float* V = V_.data() + r * cols_ + c0 + k0;
-        const float* d = dwq + r * ldd + c0 + k0;
-        float* gr = grad + r * cols_ + c0 + k0;
-        int64_t c = 0;
-#if defined(HQ_HAVE_V4)
-        const vm::v4f x{};
-        const vm::v4f sv = vm::splat(s, x), mv = vm::splat(maxq, x), lv = vm::splat(lamf, x);
-        const vm::v4f bv = vm::splat(bf, x), rv = vm::splat(regf, x);
-        for (; c + 4 <= m; c += 4) {
-          vm::v4f o;
-          vm::store(gr + c, grad_lane(vm::load(V + c), vm::load(base + c), vm::load(d + c), sv,
-                                      mv, lv, bv, rv, &o));
-          vm::store(omp + c, o);
-        }
-#endif
-        for (; c < m; ++c) gr[c] = grad_lane(V[c], base[c], d[c], s, maxq, lamf, bf, regf, &omp[c]);
-        if (lam > 0.0)
-          for (int64_t i = 0; i < m; ++i) acc[i & 3] += double(omp[i]);
-      }
+    const AdaRowArgs a{base_.data() + r * cols_, V_.data() + r * cols_, scale_.data() + r * ng_,
+                       zero_.data() + r * ng_, cols_, ng_, gw_, maxq};
+    const float* d = dwq + r * ldd;
+    float* gr = grad + r * cols_;
+#if defined(HQ_ADA_AVX2)
+    if (avx2) {
+      reg_rows[r] = backward_row_avx2(a, d, lamf, bf, regf, lam_on, gr);
+      return;
     }
-    reg_rows[r] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+#endif
+    reg_rows[r] = backward_row(a, d, lamf, bf, regf, lam_on, gr);
   });
-  if (!(lam > 0.0)) return 0.0;
+  if (!lam_on) return 0.0;
   double total = 0.0;
   for (double x : reg_rows) total += x;  // fixed order: identical for any thread count
   return lam * total;

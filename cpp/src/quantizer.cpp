@@ -6,6 +6,11 @@
 #include <vector>
 
 #include "hiquant/errors.hpp"
+#include "hiquant/simd.hpp"
+
+#if defined(HQ_ELEM_X86)
+#include <immintrin.h>
+#endif
 
 namespace hiquant {
 
@@ -31,9 +36,14 @@ struct GroupParams {
   uint8_t zero;
 };
 
-// Min-max parameters of one group; throws NumericalError on a non-finite weight.
-inline GroupParams group_minmax(const float* w, int64_t n, int maxq, int64_t row, int64_t col0) {
-  // `v - v` is 0 for finite v and NaN otherwise, so `bad` flags any NaN/Inf in the same pass.
+// The range [lo, hi] of one group with 0 included, and `bad`: 0 for finite weights, NaN
+// otherwise (`v - v` is 0 for finite v and NaN otherwise, so one pass flags any NaN/Inf). min and
+// max do not depend on the order of the elements, so the lane width does not change the result.
+struct RangeAcc {
+  float lo, hi, bad;
+};
+
+inline RangeAcc range_portable(const float* w, int64_t n) {
   float lo = 0.0f, hi = 0.0f, bad = 0.0f;  // the range always includes 0
   int64_t c = 0;
 #if defined(__GNUC__)
@@ -60,7 +70,14 @@ inline GroupParams group_minmax(const float* w, int64_t n, int maxq, int64_t row
     hi = v > hi ? v : hi;
     bad += v - v;
   }
-  if (bad != 0.0f) {
+  return {lo, hi, bad};
+}
+
+// Min-max parameters of one group from its range; throws NumericalError on a non-finite weight.
+inline GroupParams params_from_range(RangeAcc a, const float* w, int64_t n, int maxq,
+                                     int64_t row, int64_t col0) {
+  float lo = a.lo, hi = a.hi;
+  if (a.bad != 0.0f) {
     for (int64_t i = 0; i < n; ++i)
       if (!std::isfinite(w[i]))
         throw NumericalError(detail::concat("weight is not finite (", w[i], ") at row ", row,
@@ -166,6 +183,63 @@ inline bool encode_fast(const float* w, int64_t n, float inv_scale, float scale,
 }
 #endif
 
+#if defined(HQ_ELEM_X86)
+// The same two passes, eight lanes at a time (AVX2 without FMA: the same IEEE operations per
+// element as encode_fast / range_portable, see hiquant/simd.hpp). Tails go through the portable
+// code, which gives an element the same bits.
+HQ_ELEM_AVX2 RangeAcc range_avx2(const float* w, int64_t n) {
+  __m256 lo8 = _mm256_setzero_ps(), hi8 = _mm256_setzero_ps(), bad8 = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const __m256 v = _mm256_loadu_ps(w + c);
+    lo8 = _mm256_min_ps(v, lo8);  // v < lo ? v : lo
+    hi8 = _mm256_max_ps(v, hi8);  // v > hi ? v : hi
+    bad8 = _mm256_add_ps(bad8, _mm256_sub_ps(v, v));
+  }
+  alignas(32) float l[8], h[8], b[8];
+  _mm256_store_ps(l, lo8);
+  _mm256_store_ps(h, hi8);
+  _mm256_store_ps(b, bad8);
+  RangeAcc t = range_portable(w + c, n - c);
+  for (int k = 0; k < 8; ++k) {
+    t.lo = std::min(t.lo, l[k]);
+    t.hi = std::max(t.hi, h[k]);
+    t.bad += b[k];
+  }
+  return t;
+}
+
+template <bool kDequant>
+HQ_ELEM_AVX2 bool encode_fast_avx2(const float* w, int64_t n, float inv_scale, float scale,
+                                   float zero, float maxq, float* code) {
+  const __m256 vinv = _mm256_set1_ps(inv_scale), vscale = _mm256_set1_ps(scale);
+  const __m256 vzero = _mm256_set1_ps(zero), vmaxq = _mm256_set1_ps(maxq);
+  const __m256 lo = _mm256_set1_ps(-512.f), hi = _mm256_set1_ps(512.f);
+  const __m256 magic = _mm256_set1_ps(12582912.f), fzero = _mm256_setzero_ps();
+  const __m256 vlim = _mm256_set1_ps(0.5f - kTieMargin);
+  __m256 near = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const __m256 x = _mm256_loadu_ps(w + c);
+    __m256 q = _mm256_mul_ps(x, vinv);
+    q = _mm256_blendv_ps(q, lo, _mm256_cmp_ps(q, lo, _CMP_LT_OQ));  // q < lo ? lo : q
+    q = _mm256_blendv_ps(q, hi, _mm256_cmp_ps(q, hi, _CMP_GT_OQ));  // q > hi ? hi : q
+    const __m256 r = _mm256_sub_ps(_mm256_add_ps(q, magic), magic);
+    const __m256 d = _mm256_blendv_ps(_mm256_sub_ps(r, q), _mm256_sub_ps(q, r),
+                                      _mm256_cmp_ps(q, r, _CMP_GT_OQ));
+    near = _mm256_or_ps(near, _mm256_cmp_ps(d, vlim, _CMP_NLT_UQ));  // !(d < lim), NaN included
+    __m256 v = _mm256_add_ps(r, vzero);
+    v = _mm256_blendv_ps(v, fzero, _mm256_cmp_ps(v, fzero, _CMP_LT_OQ));
+    v = _mm256_blendv_ps(v, vmaxq, _mm256_cmp_ps(v, vmaxq, _CMP_GT_OQ));
+    if (kDequant) v = _mm256_mul_ps(vscale, _mm256_sub_ps(v, vzero));
+    _mm256_storeu_ps(code + c, v);
+  }
+  const bool tail = c < n && encode_fast<kDequant>(w + c, n - c, inv_scale, scale, zero, maxq,
+                                                   code + c);
+  return _mm256_movemask_ps(near) != 0 || tail;
+}
+#endif
+
 // Recomputes the near-tie elements of one chunk with the exact double division.
 template <bool kDequant>
 inline void fix_near_ties(const float* w, int64_t n, float inv_scale, float scale, uint8_t zero,
@@ -185,15 +259,51 @@ inline void fix_near_ties(const float* w, int64_t n, float inv_scale, float scal
 // Codes (or, with kDequant, dequantized values) of one group as floats in `code`. Checked in
 // chunks of 64 so that a near tie sends only its own chunk (about 1% of them) through the exact
 // path, even for long per-row groups.
-template <bool kDequant>
+template <bool kDequant, bool kAvx2>
 inline void encode_group(const float* w, int64_t n, float scale, uint8_t zero, int maxq,
                          float* code) {
   const float inv = 1.0f / scale;
   constexpr int64_t kChunk = 64;
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t m = std::min(kChunk, n - c0);
-    if (encode_fast<kDequant>(w + c0, m, inv, scale, float(zero), float(maxq), code + c0))
-      fix_near_ties<kDequant>(w + c0, m, inv, scale, zero, maxq, code + c0);
+#if defined(HQ_ELEM_X86)
+    const bool near = kAvx2 ? encode_fast_avx2<kDequant>(w + c0, m, inv, scale, float(zero),
+                                                         float(maxq), code + c0)
+                            : encode_fast<kDequant>(w + c0, m, inv, scale, float(zero),
+                                                    float(maxq), code + c0);
+#else
+    const bool near = encode_fast<kDequant>(w + c0, m, inv, scale, float(zero), float(maxq),
+                                            code + c0);
+#endif
+    if (near) fix_near_ties<kDequant>(w + c0, m, inv, scale, zero, maxq, code + c0);
+  }
+}
+
+template <bool kAvx2>
+inline RangeAcc group_range_acc(const float* w, int64_t n) {
+#if defined(HQ_ELEM_X86)
+  if (kAvx2) return range_avx2(w, n);
+#endif
+  return range_portable(w, n);
+}
+
+template <bool kAvx2>
+inline GroupParams group_minmax(const float* w, int64_t n, int maxq, int64_t row, int64_t col0) {
+  return params_from_range(group_range_acc<kAvx2>(w, n), w, n, maxq, row, col0);
+}
+
+// One row of fake_quantize: parameters and dequantized values, group by group.
+template <bool kAvx2>
+void fake_quantize_row(const float* w, int64_t r, int64_t cols, int64_t gw, int64_t ng, int maxq,
+                       float* out, float* scale_out, uint8_t* zero_out) {
+  for (int64_t g = 0; g < ng; ++g) {
+    const int64_t c0 = g * gw, n = std::min(gw, cols - c0);
+    const GroupParams p = group_minmax<kAvx2>(w + c0, n, maxq, r, c0);
+    if (scale_out) scale_out[g] = p.scale;
+    if (zero_out) zero_out[g] = p.zero;
+    // (code - zero) is exact in float, so the values equal dequantize()'s
+    // scale * (float(code) - zero) bit for bit.
+    encode_group<true, kAvx2>(w + c0, n, p.scale, p.zero, maxq, out + c0);
   }
 }
 
@@ -213,10 +323,12 @@ void minmax_params(const float* W, int64_t rows, int64_t cols, const QuantSpec& 
   validate_spec(spec, cols);
   const int64_t ng = n_groups(cols, spec.group_size), gw = group_width(cols, spec.group_size);
   const int maxq = (1 << spec.bits) - 1;
+  const bool avx2 = elementwise_avx2();
   parallel_for(rows, n_threads, [&](int64_t r) {
     for (int64_t g = 0; g < ng; ++g) {
       const int64_t c0 = g * gw, n = std::min(gw, cols - c0);
-      const GroupParams p = group_minmax(W + r * cols + c0, n, maxq, r, c0);
+      const GroupParams p = avx2 ? group_minmax<true>(W + r * cols + c0, n, maxq, r, c0)
+                                 : group_minmax<false>(W + r * cols + c0, n, maxq, r, c0);
       scale[r * ng + g] = p.scale;
       zero[r * ng + g] = p.zero;
     }
@@ -229,6 +341,7 @@ void quantize(const float* W, int64_t rows, int64_t cols, const QuantSpec& spec,
   const int64_t ng = n_groups(cols, spec.group_size), gw = group_width(cols, spec.group_size);
   const int maxq = (1 << spec.bits) - 1;
   check_params(scale, zero, rows, ng, maxq);
+  const bool avx2 = elementwise_avx2();
   parallel_for(rows, n_threads, [&](int64_t r) {
     std::vector<float> buf(static_cast<size_t>(gw));
     for (int64_t g = 0; g < ng; ++g) {
@@ -238,7 +351,10 @@ void quantize(const float* W, int64_t rows, int64_t cols, const QuantSpec& spec,
         if (!std::isfinite(w[c]))
           throw NumericalError(detail::concat("weight is not finite (", w[c], ") at row ", r,
                                               ", column ", c0 + c));
-      encode_group<false>(w, n, scale[r * ng + g], zero[r * ng + g], maxq, buf.data());
+      if (avx2)
+        encode_group<false, true>(w, n, scale[r * ng + g], zero[r * ng + g], maxq, buf.data());
+      else
+        encode_group<false, false>(w, n, scale[r * ng + g], zero[r * ng + g], maxq, buf.data());
       uint8_t* q = codes + r * cols + c0;
       for (int64_t c = 0; c < n; ++c) q[c] = static_cast<uint8_t>(buf[c]);
     }
@@ -270,17 +386,14 @@ void fake_quantize(const float* W, int64_t rows, int64_t cols, const QuantSpec& 
   validate_spec(spec, cols);
   const int64_t ng = n_groups(cols, spec.group_size), gw = group_width(cols, spec.group_size);
   const int maxq = (1 << spec.bits) - 1;
+  const bool avx2 = elementwise_avx2();
   parallel_for(rows, n_threads, [&](int64_t r) {
-    for (int64_t g = 0; g < ng; ++g) {
-      const int64_t c0 = g * gw, n = std::min(gw, cols - c0);
-      const float* w = W + r * cols + c0;
-      const GroupParams p = group_minmax(w, n, maxq, r, c0);
-      if (scale_out) scale_out[r * ng + g] = p.scale;
-      if (zero_out) zero_out[r * ng + g] = p.zero;
-      // (code - zero) is exact in float, so the values equal dequantize()'s
-      // scale * (float(code) - zero) bit for bit.
-      encode_group<true>(w, n, p.scale, p.zero, maxq, out + r * cols + c0);
-    }
+    float* so = scale_out ? scale_out + r * ng : nullptr;
+    uint8_t* zo = zero_out ? zero_out + r * ng : nullptr;
+    if (avx2)
+      fake_quantize_row<true>(W + r * cols, r, cols, gw, ng, maxq, out + r * cols, so, zo);
+    else
+      fake_quantize_row<false>(W + r * cols, r, cols, gw, ng, maxq, out + r * cols, so, zo);
   });
 }
 

@@ -88,6 +88,12 @@ inline double rint_d(double x) {
 // the same bits in a vector lane or in a tail. The auto-vectorizer does not manage these loops
 // (nested selects plus reductions), hence the explicit vectors.
 
+#if defined(__GNUC__) || defined(__clang__)
+#define HQ_VM_INLINE inline __attribute__((always_inline))
+#else
+#define HQ_VM_INLINE inline
+#endif
+
 namespace vm {
 
 inline float splat(float x, float) { return x; }
@@ -138,15 +144,48 @@ inline v4f load(const float* p) {
 inline void store(float* p, v4f v) { std::memcpy(p, &v, sizeof v); }
 #endif
 
+#if defined(HQ_HAVE_V4) && defined(__x86_64__)
+// Eight lanes, for the AVX2 variants of the elementwise kernels (hiquant/simd.hpp): used only
+// inside functions compiled with target("avx2"), into which every function below and the lane
+// templates that use them are always inlined (so no 32-byte vector crosses a call).
+#define HQ_HAVE_V8 1
+#pragma GCC diagnostic push  // popped after the lane templates below
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+HQ_VM_INLINE v8f splat(float x, v8f) { return v8f{x, x, x, x, x, x, x, x}; }
+HQ_VM_INLINE v8i lt(v8f a, v8f b) { return a < b; }
+HQ_VM_INLINE v8i gt(v8f a, v8f b) { return a > b; }
+HQ_VM_INLINE v8i ge(v8f a, v8f b) { return a >= b; }
+HQ_VM_INLINE v8i le(v8f a, v8f b) { return a <= b; }
+HQ_VM_INLINE v8f sel(v8i m, v8f a, v8f b) { return (v8f)((m & (v8i)a) | (~m & (v8i)b)); }
+HQ_VM_INLINE v8f fabs_(v8f x) {
+  const v8i mask = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff,
+                    0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
+  return (v8f)((v8i)x & mask);
+}
+HQ_VM_INLINE v8i to_int(v8f x) { return __builtin_convertvector(x, v8i); }
+HQ_VM_INLINE v8f to_float(v8i i) { return __builtin_convertvector(i, v8f); }
+HQ_VM_INLINE v8f from_bits(v8i i) { return (v8f)i; }
+HQ_VM_INLINE v8i to_bits(v8f f) { return (v8i)f; }
+HQ_VM_INLINE v8i isplat(int32_t x, v8f) { return v8i{x, x, x, x, x, x, x, x}; }
+HQ_VM_INLINE v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+HQ_VM_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+#endif
+
 // lo if v < lo, hi if v > hi, else v (NaN passes through), as the scalar ternary chain.
 template <typename F>
-inline F clamp_(F v, F lo, F hi) {
+HQ_VM_INLINE F clamp_(F v, F lo, F hi) {
   return sel(lt(v, lo), lo, sel(gt(v, hi), hi, v));
 }
 
 // exp(x), x clamped to [-87, 88] (results stay normal floats).
 template <typename F>
-inline F exp_approx(F x) {
+HQ_VM_INLINE F exp_approx(F x) {
   const F lo = splat(-87.0f, x), hi = splat(88.0f, x);
   x = sel(lt(x, lo), lo, x);
   x = sel(gt(x, hi), hi, x);
@@ -166,7 +205,7 @@ inline F exp_approx(F x) {
 
 // log(x) for normal x > 0.
 template <typename F>
-inline F log_approx(F x) {
+HQ_VM_INLINE F log_approx(F x) {
   const auto b = to_bits(x);
   const auto e = ((b >> 23) & isplat(0xff, x)) - isplat(126, x);
   F m = from_bits((b & isplat(0x007fffff, x)) | isplat(0x3f000000, x));  // mantissa in [0.5, 1)
@@ -192,11 +231,15 @@ inline F log_approx(F x) {
 
 // The logistic function, accurate for any x (exp of a non-positive argument only).
 template <typename F>
-inline F sigmoid_approx(F x) {
+HQ_VM_INLINE F sigmoid_approx(F x) {
   const F e = exp_approx(splat(0.0f, x) - fabs_(x));
   const F s = splat(1.0f, x) / (splat(1.0f, x) + e);
   return sel(ge(x, splat(0.0f, x)), s, e * s);
 }
+
+#if defined(HQ_HAVE_V8)
+#pragma GCC diagnostic pop
+#endif
 
 }  // namespace vm
 
