@@ -178,6 +178,25 @@ def test_gptq_on_a_fixed_grid_beats_nearest_rounding_when_later_columns_are_free
     assert loss_with_free_tail(r.wq) < 0.97 * loss_with_free_tail(nearest)
 
 
+@pytest.mark.parametrize("bits,group,n_quant,bs", [(2, 32, 224, 128), (3, 48, 200, 32),
+                                                  (2, 0, 256, 64)])
+def test_gptq_act_order_on_a_fixed_grid_identical_to_float64_reference(bits, group, n_quant, bs):
+    # act_order reorders only the first n_quant columns (the free tail keeps its place); on a
+    # fixed grid every group's parameters are given, so only the codes change
+    W, H = _layer(48, 256, 1500, seed=bits + n_quant)
+    s, z = _grid(W, bits, group, n_quant, seed=bits)
+    got = K.gptq(W, H, bits=bits, group_size=group or None, scale=s, zero=z, n_quant=n_quant,
+                 blocksize=bs, act_order=True)
+    want = ref.gptq(W, H, bits, group or None, blocksize=bs, scale=s, zero=z, n_quant=n_quant,
+                    act_order=True)
+    np.testing.assert_array_equal(got.perm, want["perm"])
+    assert sorted(got.perm[:n_quant]) == list(range(n_quant))
+    np.testing.assert_array_equal(got.perm[n_quant:], np.arange(n_quant, 256))
+    np.testing.assert_array_equal(got.codes, want["codes"])
+    np.testing.assert_array_equal(got.scale, s)
+    assert got.loss == pytest.approx(want["loss"], rel=1e-4)
+
+
 def test_gptq_fixed_grid_raises_on_bad_input():
     W, H = _layer(8, 40, 100)
     s, z = _grid(W, 3, 16, 32, seed=0)
@@ -187,8 +206,6 @@ def test_gptq_fixed_grid_raises_on_bad_input():
         K.gptq(W, H, bits=3, group_size=16, scale=s, n_quant=32)
     with pytest.raises(ValueError, match="scale"):
         K.gptq(W, H, bits=3, group_size=16, scale=s[:, :1], zero=z[:, :1], n_quant=32)
-    with pytest.raises(ValueError, match="act_order"):
-        K.gptq(W, H, bits=3, group_size=16, scale=s, zero=z, n_quant=32, act_order=True)
     with pytest.raises(TypeError, match="uint8"):
         K.gptq(W, H, bits=3, group_size=16, scale=s, zero=z.astype(np.int64), n_quant=32)
     bad = s.copy()

@@ -165,15 +165,19 @@ def test_gptq_codes_identical_to_float64_reference(bits, group, act_order, bs):
     np.testing.assert_array_equal(got.wq.numpy(), c.wq)  # the C++ kernel's float32 values
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("bits,group,n_quant,bs", [(2, 64, 230, 128), (3, 48, 280, 32),
                                                    (2, None, 200, 64), (4, 64, 256, 128)])
-def test_gptq_on_a_fixed_grid_identical_to_float64_reference(bits, group, n_quant, bs):
+def test_gptq_on_a_fixed_grid_identical_to_float64_reference(bits, group, n_quant, bs, act_order):
     W, H = _layer(72, 280, 1200, seed=10 + bits)
     s, z = _grid(W, bits, group, n_quant, seed=bits)
     got = tk.gptq(_t(W), _t(H), bits=bits, group_size=group, blocksize=bs, scale=_t(s),
-                  zero=_t(z), n_quant=n_quant)
-    want = ref.gptq(W, H, bits, group, blocksize=bs, scale=s, zero=z, n_quant=n_quant)
+                  zero=_t(z), n_quant=n_quant, act_order=act_order)
+    want = ref.gptq(W, H, bits, group, blocksize=bs, scale=s, zero=z, n_quant=n_quant,
+                    act_order=act_order)
     assert tuple(got.codes.shape) == (72, n_quant)
+    if act_order:
+        np.testing.assert_array_equal(got.perm.numpy(), want["perm"])
     np.testing.assert_array_equal(got.codes.numpy(), want["codes"])
     np.testing.assert_array_equal(got.scale.numpy(), s)
     np.testing.assert_array_equal(got.wq.numpy(),
@@ -221,9 +225,6 @@ def test_gptq_raises_on_bad_input():
     s, z = _grid(W, 3, 16, 32, seed=0)
     with pytest.raises(hiquant.InvalidArgumentError, match="both"):
         tk.gptq(Wt, Ht, bits=3, group_size=16, scale=_t(s), n_quant=32)
-    with pytest.raises(hiquant.InvalidArgumentError, match="act_order"):
-        tk.gptq(Wt, Ht, bits=3, group_size=16, scale=_t(s), zero=_t(z), n_quant=32,
-                act_order=True)
     badz = z.copy()
     badz[1, 0] = 8
     with pytest.raises(hiquant.InvalidArgumentError, match="zero point at row 1"):

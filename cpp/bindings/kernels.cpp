@@ -621,8 +621,6 @@ void init_kernels(py::module_& m) {
       throw InvalidArgument("n_quant must be in 0..cols (" + std::to_string(cols) + "), got " +
                             std::to_string(n_quant));
     const int64_t nq = n_quant > 0 ? n_quant : cols;
-    if (act_order && (nq != cols || !grid_scale_.is_none()))
-      throw InvalidArgument("act_order cannot be combined with a fixed grid or n_quant < cols");
     if (grid_scale_.is_none() != grid_zero_.is_none())
       throw InvalidArgument("a fixed grid needs both scale and zero (or neither)");
     const auto ng = hiquant::n_groups(nq, group_size);

@@ -103,8 +103,6 @@ GptqStats gptq(const float* W, int64_t rows, int64_t cols, const double* H, cons
   const bool fixed_grid = spec.grid_scale != nullptr;
   HQ_CHECK(fixed_grid == (spec.grid_zero != nullptr),
            "a fixed grid needs both its scales and its zero points");
-  HQ_CHECK(!spec.act_order || (nq == n && !fixed_grid),
-           "act_order cannot be combined with a fixed grid or n_quant < cols");
   const int64_t gs = spec.group_size > 0 && spec.group_size < nq ? spec.group_size : 0;
   const int64_t ng = n_groups(nq, spec.group_size);
   const int maxq = (1 << spec.bits) - 1;
@@ -131,8 +129,8 @@ GptqStats gptq(const float* W, int64_t rows, int64_t cols, const double* H, cons
   std::vector<int64_t>& perm = st.perm;
   perm.resize(static_cast<size_t>(n));
   std::iota(perm.begin(), perm.end(), int64_t(0));
-  if (spec.act_order)
-    std::stable_sort(perm.begin(), perm.end(),
+  if (spec.act_order)  // only the quantized columns; the free ones after them keep their place
+    std::stable_sort(perm.begin(), perm.begin() + nq,
                      [&](int64_t a, int64_t b) { return diag[a] > diag[b]; });
   double mean = 0.0;
   for (int64_t i = 0; i < n; ++i) mean += diag[perm[i]];

@@ -391,9 +391,6 @@ def gptq(W, H, *, bits: int, group_size=None, percdamp: float = 0.01, blocksize:
     grid = scale is not None
     if grid != (zero is not None):
         raise InvalidArgumentError("a fixed grid needs both its scales and its zero points")
-    if act_order and (nq != n or grid):
-        raise InvalidArgumentError("act_order cannot be combined with a fixed grid or "
-                                   "n_quant < cols")
     gs = gsz if 0 < gsz < nq else 0
     ng = -(-nq // gs) if gs else 1
     maxq = 2 ** bits - 1
@@ -407,10 +404,9 @@ def gptq(W, H, *, bits: int, group_size=None, percdamp: float = 0.01, blocksize:
     dead = diag == 0
     n_dead = int(dead.sum())
     diag[dead] = 1.0
-    if act_order:
-        perm = torch.sort(diag, descending=True, stable=True).indices
-    else:
-        perm = torch.arange(n, device=dev)
+    perm = torch.arange(n, device=dev)
+    if act_order:  # only the quantized columns; the free ones keep their place after them
+        perm[:nq] = torch.sort(diag[:nq], descending=True, stable=True).indices
     damp = float(percdamp) * float(diag.mean())
     A = H[perm][:, perm]
     A.diagonal().copy_(diag[perm] + damp)
@@ -500,8 +496,8 @@ def gptq(W, H, *, bits: int, group_size=None, percdamp: float = 0.01, blocksize:
     codes = torch.empty_like(codes_l)
     wq = torch.empty_like(wq_l)
     if act_order:
-        codes[:, perm] = codes_l
-        wq[:, perm] = wq_l
+        codes[:, perm[:nq]] = codes_l
+        wq[:, perm[:nq]] = wq_l
     else:
         codes, wq = codes_l, wq_l
     loss_v = float(loss) / 2.0

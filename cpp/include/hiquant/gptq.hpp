@@ -27,7 +27,10 @@
 // codes — error-compensating rounding on a given grid. Only the first n_quant columns are
 // quantized (n_quant <= 0: all); the later ones take part in H, so each quantized column's error
 // is compensated as if the later columns were free too (the caller learns them afterwards, as the
-// hybrid quantizer does its high-impact columns with AdaRound). Both need act_order = false.
+// hybrid quantizer does its high-impact columns with AdaRound). With act_order only the first
+// n_quant columns are reordered (by decreasing H_ii); the free ones stay after them. On a fixed
+// grid the order is free: every group's parameters are given, so act_order only changes which
+// column's error the others compensate (the hybrid quantizer's low part uses it).
 //
 // Numerics: H^-1's Cholesky factor is computed in float64 (Eigen) through the reversed Cholesky
 // of H (H = R R^T with R upper, U = R^-1: one factorization and one triangular inverse instead of

@@ -26,7 +26,8 @@ def gptq(W, H, bits, group_size=None, percdamp=0.01, blocksize=128, act_order=Fa
          fp16_scales=True, scale=None, zero=None, n_quant=None):
     """Returns dict(codes, scale, zero, wq, loss, perm) in the original column order. With
     ``scale``/``zero`` the group parameters are those (a fixed grid); with ``n_quant`` only the
-    first ``n_quant`` columns are quantized, the others stay in H (and are updated, unused)."""
+    first ``n_quant`` columns are quantized, the others stay in H (and are updated, unused);
+    ``act_order`` reorders the quantized columns only."""
     maxq = 2**bits - 1
     W0 = np.asarray(W, np.float32).astype(np.float64)
     rows, n = W0.shape
@@ -39,7 +40,9 @@ def gptq(W, H, bits, group_size=None, percdamp=0.01, blocksize=128, act_order=Fa
     H[dead, dead] = 1.0
     Wd = W0.copy()
     Wd[:, dead] = 0.0
-    perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(n)
+    perm = np.arange(n)
+    if act_order:  # only the quantized columns; the free ones keep their place after them
+        perm[:nq] = np.argsort(-np.diag(H)[:nq], kind="stable")
     Wp = Wd[:, perm].copy()
     Hp = H[np.ix_(perm, perm)]
     damp = percdamp * np.mean(np.diag(Hp))
