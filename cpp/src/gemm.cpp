@@ -75,12 +75,12 @@ struct Scratch {
   }
 };
 
-// C rows [r0, r1) for every column.
+// C rows [r0, r1) for the columns of panels [jp0, jp1).
 void gemm_rows(const float* A, int64_t lda, int64_t r0, int64_t r1, const PackedB& B, float* C,
-               int64_t ldc, bool accumulate, KernelFn kern) {
+               int64_t ldc, bool accumulate, KernelFn kern, int64_t jp0, int64_t jp1) {
   static thread_local Scratch scratch;
   const int64_t K = B.rows(), N = B.cols();
-  const int64_t n_kb = (K + kKC - 1) / kKC, n_panels = (N + kNR - 1) / kNR;
+  const int64_t n_kb = (K + kKC - 1) / kKC;
   float* apack = scratch.get(static_cast<size_t>(kMC * kKC));
   alignas(64) float tile[kMR * kNR];
   for (int64_t ic = r0; ic < r1; ic += kMC) {
@@ -89,7 +89,7 @@ void gemm_rows(const float* A, int64_t lda, int64_t r0, int64_t r1, const Packed
       const int64_t k0 = p * kKC, kcp = std::min(kKC, K - k0);
       pack_a(A + ic * lda, lda, mc, k0, kcp, apack);
       const bool acc = accumulate || p > 0;
-      for (int64_t jp = 0; jp < n_panels; ++jp) {
+      for (int64_t jp = jp0; jp < jp1; ++jp) {
         const float* bp = B.panel(p, jp);
         const int64_t j0 = jp * kNR, nr = std::min(kNR, N - j0);
         for (int64_t i0 = 0; i0 < mc; i0 += kMR) {
@@ -168,16 +168,29 @@ void gemm_packed(const float* A, int64_t lda, int64_t M, const PackedB& B, float
     return;
   }
   const KernelFn kern = resolve_kernel(kernel);
-  // Split rows in multiples of MR, about equally between threads; the split does not change any
-  // element's summation order (see the header), so results do not depend on n_threads.
+  // Tasks of up to kMC rows (whole micro-tiles) by a range of column panels, taken dynamically
+  // so that a thread slowed by another process on its core does not hold the product up. The
+  // split does not change any element's summation order (see the header), so results do not
+  // depend on n_threads or on which thread runs a task.
   const int64_t n_tiles = (M + kMR - 1) / kMR;
-  const int64_t work = n_tiles * ((N + kNR - 1) / kNR) * K;
+  const int64_t n_panels = (N + kNR - 1) / kNR;
+  const int64_t work = n_tiles * n_panels * K;
   int nt = resolve_threads(n_threads);
   if (work < (int64_t(1) << 18)) nt = 1;  // small products: threads cost more than they save
-  nt = static_cast<int>(std::min<int64_t>(nt, n_tiles));
-  parallel_for(nt, nt, [&](int64_t t) {
-    const int64_t a = n_tiles * t / nt, b = n_tiles * (t + 1) / nt;
-    gemm_rows(A, lda, a * kMR, std::min(M, b * kMR), B, C, ldc, accumulate, kern);
+  if (nt == 1) {
+    gemm_rows(A, lda, 0, M, B, C, ldc, accumulate, kern, 0, n_panels);
+    return;
+  }
+  const int64_t tiles_per_block = kMC / kMR;
+  const int64_t n_rb = (n_tiles + tiles_per_block - 1) / tiles_per_block;
+  // Column ranges of at least 64 panels (1024 columns): each task streams its part of B once.
+  const int64_t n_cb = std::max<int64_t>(1, std::min<int64_t>(
+      (8 * nt + n_rb - 1) / n_rb, n_panels / 64));
+  parallel_for_dynamic(n_rb * n_cb, nt, [&](int64_t t) {
+    const int64_t rb = t / n_cb, cb = t % n_cb;
+    const int64_t r0 = rb * tiles_per_block * kMR, r1 = std::min(M, r0 + tiles_per_block * kMR);
+    const int64_t jp0 = n_panels * cb / n_cb, jp1 = n_panels * (cb + 1) / n_cb;
+    gemm_rows(A, lda, r0, r1, B, C, ldc, accumulate, kern, jp0, jp1);
   });
 }
 

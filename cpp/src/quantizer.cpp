@@ -39,11 +39,17 @@ struct GroupParams {
 // The range [lo, hi] of one group with 0 included, and `bad`: 0 for finite weights, NaN
 // otherwise (`v - v` is 0 for finite v and NaN otherwise, so one pass flags any NaN/Inf). min and
 // max do not depend on the order of the elements, so the lane width does not change the result.
+#if defined(__GNUC__) || defined(__clang__)
+#define HQ_VM_ROW_INLINE inline __attribute__((always_inline))
+#else
+#define HQ_VM_ROW_INLINE inline
+#endif
+
 struct RangeAcc {
   float lo, hi, bad;
 };
 
-inline RangeAcc range_portable(const float* w, int64_t n) {
+HQ_VM_ROW_INLINE RangeAcc range_portable(const float* w, int64_t n) {
   float lo = 0.0f, hi = 0.0f, bad = 0.0f;  // the range always includes 0
   int64_t c = 0;
 #if defined(__GNUC__)
@@ -74,7 +80,7 @@ inline RangeAcc range_portable(const float* w, int64_t n) {
 }
 
 // Min-max parameters of one group from its range; throws NumericalError on a non-finite weight.
-inline GroupParams params_from_range(RangeAcc a, const float* w, int64_t n, int maxq,
+HQ_VM_ROW_INLINE GroupParams params_from_range(RangeAcc a, const float* w, int64_t n, int maxq,
                                      int64_t row, int64_t col0) {
   float lo = a.lo, hi = a.hi;
   if (a.bad != 0.0f) {
@@ -193,19 +199,23 @@ HQ_ELEM_AVX2 RangeAcc range_avx2(const float* w, int64_t n) {
   for (; c + 8 <= n; c += 8) {
     const __m256 v = _mm256_loadu_ps(w + c);
     lo8 = _mm256_min_ps(v, lo8);  // v < lo ? v : lo
-    hi8 = _mm256_max_ps(v, hi8);  // v > hi ? v : hi
+    hi8 = _mm256_max_ps(v, hi8);  // v > hi ? hi : v
     bad8 = _mm256_add_ps(bad8, _mm256_sub_ps(v, v));
   }
-  alignas(32) float l[8], h[8], b[8];
-  _mm256_store_ps(l, lo8);
-  _mm256_store_ps(h, hi8);
-  _mm256_store_ps(b, bad8);
+  // Lanes hold +0 or values strictly below (above) it, never -0 or NaN, so reducing them in any
+  // order gives the minimum (maximum) range_portable finds.
+  __m128 l = _mm_min_ps(_mm256_castps256_ps128(lo8), _mm256_extractf128_ps(lo8, 1));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(hi8), _mm256_extractf128_ps(hi8, 1));
+  l = _mm_min_ps(l, _mm_shuffle_ps(l, l, 0x4E));
+  h = _mm_max_ps(h, _mm_shuffle_ps(h, h, 0x4E));
+  l = _mm_min_ss(l, _mm_shuffle_ps(l, l, 0xB1));
+  h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 0xB1));
   RangeAcc t = range_portable(w + c, n - c);
-  for (int k = 0; k < 8; ++k) {
-    t.lo = std::min(t.lo, l[k]);
-    t.hi = std::max(t.hi, h[k]);
-    t.bad += b[k];
-  }
+  const float lo = _mm_cvtss_f32(l), hi = _mm_cvtss_f32(h);
+  t.lo = std::min(t.lo, lo);
+  t.hi = std::max(t.hi, hi);
+  // bad is only tested against 0: NaN in any lane (a non-finite weight) makes it NaN.
+  if (_mm256_movemask_ps(_mm256_cmp_ps(bad8, bad8, _CMP_UNORD_Q)) != 0) t.bad = bad8[0] + NAN;
   return t;
 }
 
@@ -216,21 +226,23 @@ HQ_ELEM_AVX2 bool encode_fast_avx2(const float* w, int64_t n, float inv_scale, f
   const __m256 vzero = _mm256_set1_ps(zero), vmaxq = _mm256_set1_ps(maxq);
   const __m256 lo = _mm256_set1_ps(-512.f), hi = _mm256_set1_ps(512.f);
   const __m256 magic = _mm256_set1_ps(12582912.f), fzero = _mm256_setzero_ps();
-  const __m256 vlim = _mm256_set1_ps(0.5f - kTieMargin);
+  const __m256 vlim = _mm256_set1_ps(0.5f - kTieMargin), sign = _mm256_set1_ps(-0.0f);
   __m256 near = _mm256_setzero_ps();
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
     const __m256 x = _mm256_loadu_ps(w + c);
+    // max_ps(a, b) is exactly `a > b ? a : b` and min_ps(a, b) `a < b ? a : b` (the second
+    // operand when either is NaN), so each select chain of encode_fast is one instruction.
     __m256 q = _mm256_mul_ps(x, vinv);
-    q = _mm256_blendv_ps(q, lo, _mm256_cmp_ps(q, lo, _CMP_LT_OQ));  // q < lo ? lo : q
-    q = _mm256_blendv_ps(q, hi, _mm256_cmp_ps(q, hi, _CMP_GT_OQ));  // q > hi ? hi : q
+    q = _mm256_max_ps(lo, q);  // q < lo ? lo : q
+    q = _mm256_min_ps(hi, q);  // q > hi ? hi : q
     const __m256 r = _mm256_sub_ps(_mm256_add_ps(q, magic), magic);
-    const __m256 d = _mm256_blendv_ps(_mm256_sub_ps(r, q), _mm256_sub_ps(q, r),
-                                      _mm256_cmp_ps(q, r, _CMP_GT_OQ));
+    // |q - r|: r - q is exactly -(q - r), so this is encode_fast's `q > r ? q - r : r - q`.
+    const __m256 d = _mm256_andnot_ps(sign, _mm256_sub_ps(q, r));
     near = _mm256_or_ps(near, _mm256_cmp_ps(d, vlim, _CMP_NLT_UQ));  // !(d < lim), NaN included
     __m256 v = _mm256_add_ps(r, vzero);
-    v = _mm256_blendv_ps(v, fzero, _mm256_cmp_ps(v, fzero, _CMP_LT_OQ));
-    v = _mm256_blendv_ps(v, vmaxq, _mm256_cmp_ps(v, vmaxq, _CMP_GT_OQ));
+    v = _mm256_max_ps(fzero, v);  // v < 0 ? 0 : v
+    v = _mm256_min_ps(vmaxq, v);  // v > maxq ? maxq : v
     if (kDequant) v = _mm256_mul_ps(vscale, _mm256_sub_ps(v, vzero));
     _mm256_storeu_ps(code + c, v);
   }
@@ -260,7 +272,7 @@ inline void fix_near_ties(const float* w, int64_t n, float inv_scale, float scal
 // chunks of 64 so that a near tie sends only its own chunk (about 1% of them) through the exact
 // path, even for long per-row groups.
 template <bool kDequant, bool kAvx2>
-inline void encode_group(const float* w, int64_t n, float scale, uint8_t zero, int maxq,
+HQ_VM_ROW_INLINE void encode_group(const float* w, int64_t n, float scale, uint8_t zero, int maxq,
                          float* code) {
   const float inv = 1.0f / scale;
   constexpr int64_t kChunk = 64;
@@ -280,7 +292,7 @@ inline void encode_group(const float* w, int64_t n, float scale, uint8_t zero, i
 }
 
 template <bool kAvx2>
-inline RangeAcc group_range_acc(const float* w, int64_t n) {
+HQ_VM_ROW_INLINE RangeAcc group_range_acc(const float* w, int64_t n) {
 #if defined(HQ_ELEM_X86)
   if (kAvx2) return range_avx2(w, n);
 #endif
@@ -288,24 +300,42 @@ inline RangeAcc group_range_acc(const float* w, int64_t n) {
 }
 
 template <bool kAvx2>
-inline GroupParams group_minmax(const float* w, int64_t n, int maxq, int64_t row, int64_t col0) {
+HQ_VM_ROW_INLINE GroupParams group_minmax(const float* w, int64_t n, int maxq, int64_t row, int64_t col0) {
   return params_from_range(group_range_acc<kAvx2>(w, n), w, n, maxq, row, col0);
 }
 
-// One row of fake_quantize: parameters and dequantized values, group by group.
+// One row of fake_quantize: every group's parameters first (their divisions are independent, so
+// they overlap instead of stalling each group's encode), then the dequantized values.
 template <bool kAvx2>
-void fake_quantize_row(const float* w, int64_t r, int64_t cols, int64_t gw, int64_t ng, int maxq,
-                       float* out, float* scale_out, uint8_t* zero_out) {
+HQ_VM_ROW_INLINE void fake_quantize_row(const float* w, int64_t r, int64_t cols, int64_t gw,
+                                        int64_t ng, int maxq, float* out, float* scale_out,
+                                        uint8_t* zero_out) {
   for (int64_t g = 0; g < ng; ++g) {
     const int64_t c0 = g * gw, n = std::min(gw, cols - c0);
     const GroupParams p = group_minmax<kAvx2>(w + c0, n, maxq, r, c0);
-    if (scale_out) scale_out[g] = p.scale;
-    if (zero_out) zero_out[g] = p.zero;
-    // (code - zero) is exact in float, so the values equal dequantize()'s
-    // scale * (float(code) - zero) bit for bit.
-    encode_group<true, kAvx2>(w + c0, n, p.scale, p.zero, maxq, out + c0);
+    scale_out[g] = p.scale;
+    zero_out[g] = p.zero;
+  }
+  // (code - zero) is exact in float, so the values equal dequantize()'s
+  // scale * (float(code) - zero) bit for bit.
+  for (int64_t g = 0; g < ng; ++g) {
+    const int64_t c0 = g * gw, n = std::min(gw, cols - c0);
+    encode_group<true, kAvx2>(w + c0, n, scale_out[g], zero_out[g], maxq, out + c0);
   }
 }
+
+void fake_quantize_row_portable(const float* w, int64_t r, int64_t cols, int64_t gw, int64_t ng,
+                                int maxq, float* out, float* scale_out, uint8_t* zero_out) {
+  fake_quantize_row<false>(w, r, cols, gw, ng, maxq, out, scale_out, zero_out);
+}
+
+#if defined(HQ_ELEM_X86)
+HQ_ELEM_AVX2 void fake_quantize_row_avx2(const float* w, int64_t r, int64_t cols, int64_t gw,
+                                         int64_t ng, int maxq, float* out, float* scale_out,
+                                         uint8_t* zero_out) {
+  fake_quantize_row<true>(w, r, cols, gw, ng, maxq, out, scale_out, zero_out);
+}
+#endif
 
 void check_params(const float* scale, const uint8_t* zero, int64_t rows, int64_t ng, int maxq) {
   for (int64_t i = 0; i < rows * ng; ++i) {
@@ -386,14 +416,22 @@ void fake_quantize(const float* W, int64_t rows, int64_t cols, const QuantSpec& 
   validate_spec(spec, cols);
   const int64_t ng = n_groups(cols, spec.group_size), gw = group_width(cols, spec.group_size);
   const int maxq = (1 << spec.bits) - 1;
-  const bool avx2 = elementwise_avx2();
-  parallel_for(rows, n_threads, [&](int64_t r) {
-    float* so = scale_out ? scale_out + r * ng : nullptr;
-    uint8_t* zo = zero_out ? zero_out + r * ng : nullptr;
-    if (avx2)
-      fake_quantize_row<true>(W + r * cols, r, cols, gw, ng, maxq, out + r * cols, so, zo);
-    else
-      fake_quantize_row<false>(W + r * cols, r, cols, gw, ng, maxq, out + r * cols, so, zo);
+  auto row = fake_quantize_row_portable;
+#if defined(HQ_ELEM_X86)
+  if (elementwise_avx2()) row = fake_quantize_row_avx2;
+#endif
+  // Parameters go to the caller's arrays, or to scratch when it does not want them.
+  std::vector<float> s_tmp(scale_out ? 0 : static_cast<size_t>(rows * ng));
+  std::vector<uint8_t> z_tmp(zero_out ? 0 : static_cast<size_t>(rows * ng));
+  float* sp = scale_out ? scale_out : s_tmp.data();
+  uint8_t* zp = zero_out ? zero_out : z_tmp.data();
+  // Blocks of rows taken dynamically (a shared core does not stall the others); rows are
+  // independent, so the results do not depend on the schedule.
+  const int64_t block = std::max<int64_t>(1, (int64_t(1) << 15) / cols);
+  const int64_t n_blocks = (rows + block - 1) / block;
+  parallel_for_dynamic(n_blocks, n_threads, [&](int64_t b) {
+    for (int64_t r = b * block; r < std::min(rows, (b + 1) * block); ++r)
+      row(W + r * cols, r, cols, gw, ng, maxq, out + r * cols, sp + r * ng, zp + r * ng);
   });
 }
 

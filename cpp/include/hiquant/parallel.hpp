@@ -65,4 +65,19 @@ void parallel_for(int64_t n, int n_threads, Body&& body) {
   capture.rethrow();
 }
 
+// parallel_for with dynamic scheduling: threads take the next index as they finish, so a thread
+// slowed down by another process on its core (a shared machine) does not hold the others up at
+// the barrier. Only for bodies whose results do not depend on which thread runs them.
+template <typename Body>
+void parallel_for_dynamic(int64_t n, int n_threads, Body&& body) {
+  ExceptionCapture capture;
+  const int nt = resolve_threads(n_threads);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && n > 1)
+  for (int64_t i = 0; i < n; ++i) {
+    if (capture.failed()) continue;
+    capture.run([&] { body(i); });
+  }
+  capture.rethrow();
+}
+
 }  // namespace hiquant
