@@ -42,13 +42,14 @@ import numpy as np
 
 from . import _core
 from ._threads import resolve_n_threads
-from .config import DEFAULT_CANDIDATES, ESTIMATORS, HIGH_BITS, WEIGHT_BITS, check_group_size
+from .config import DEFAULT_CANDIDATES, ESTIMATORS, HIGH_BITS, OPTION_DELTAS, WEIGHT_BITS, check_group_size
 from .errors import InfeasibleBudgetError, InvalidArgumentError, InvalidTypeError, NumericalError
 from .storage import QuantizedLayer, storage_bits
 
 __all__ = [
     "DEFAULT_CANDIDATES",
     "ESTIMATORS",
+    "OPTION_DELTAS",
     "ratio_to_k",
     "high_columns",
     "layer_cost_bits",
@@ -356,19 +357,88 @@ def iqp_objective(M: np.ndarray, costs, choice) -> float:
 
 
 def option_deltas(W: np.ndarray, fisher_col: np.ndarray, candidates=DEFAULT_CANDIDATES,
-                  b_low: int = 2, b_high: int = 3, group_size: int | None = 64) -> list:
-    """Δ (float32 ``W``'s shape) of each candidate ratio: RTN of the split layer minus ``W``."""
+                  b_low: int = 2, b_high: int = 3, group_size: int | None = 64, *,
+                  kind: str = "rtn", gram: np.ndarray | None = None, scale_bits: int = 16,
+                  act_order: bool = True, percdamp: float = 0.01) -> list:
+    """Δ (float32 ``W``'s shape) of each candidate ratio: the split layer's quantized weights
+    minus ``W``.
+
+    ``kind="rtn"``: round-to-nearest of both parts on their min-max grids (float16 scales).
+    ``kind="gptq"``: the hybrid quantizer's structure without its learning, on the layer's input
+    Gram ``gram`` (float64 ``(d_in, d_in)``): the low columns' codes by GPTQ on their min-max
+    grid (scales stored at ``scale_bits``) with the high columns free (the sweep's compensation,
+    ``act_order``, ``percdamp``), then the high columns moved to their least-squares optimum
+    given the low part's error and rounded by GPTQ on their own min-max grid (FP16 high columns,
+    ``b_high=16``, stay fixed at ``W``: the sweep then sees the low columns only, as the hybrid
+    quantizer does). LWC's learned clipping and AdaRound's learned rounding are left out: this is
+    the cheap proxy of the quantizer actually used (bench/RESULTS.md measures how it tracks it).
+    """
     W = np.ascontiguousarray(W, np.float32)
     d_out, d_in = W.shape
     cand = _candidates(candidates)
     g = _group(group_size)
+    if kind not in OPTION_DELTAS:
+        raise InvalidArgumentError(f"kind must be one of {OPTION_DELTAS}, got {kind!r}")
+    if kind == "gptq":
+        if gram is None:
+            raise InvalidArgumentError("kind='gptq' needs gram, the Gram matrix of the layer's "
+                                       "inputs (stats.collect_stats(..., gram=True).gram[name])")
+        H = np.asarray(gram)
+        if H.dtype != np.float64:
+            raise InvalidTypeError(f"gram must be float64, got {H.dtype}")
+        if H.shape != (d_in, d_in):
+            raise InvalidArgumentError(f"gram has shape {H.shape}, expected ({d_in}, {d_in})")
     out = []
     for beta in cand:
         k = ratio_to_k(beta, d_in)
         idx = high_columns(fisher_col, k)
-        ql = QuantizedLayer.rtn("delta", W, b_low, g, high_idx=idx, b_high=b_high)
-        out.append(ql.dequantize() - W)
+        if kind == "rtn":
+            ql = QuantizedLayer.rtn("delta", W, b_low, g, high_idx=idx, b_high=b_high)
+            out.append(ql.dequantize() - W)
+        else:
+            out.append(_gptq_delta(W, H, idx, b_low, b_high, g, scale_bits, act_order, percdamp))
     return out
+
+
+def _gptq_delta(W, H, hi, b_low, b_high, g, scale_bits, act_order, percdamp) -> np.ndarray:
+    from .learners import gptq
+    from .storage import QuantPart
+    d_out, d_in = W.shape
+    mask = np.ones(d_in, bool)
+    mask[hi] = False
+    lo = np.flatnonzero(mask)
+    d_low = lo.size
+    perm = np.concatenate([lo, hi])
+    Wp = np.ascontiguousarray(W[:, perm])
+    Hp = np.ascontiguousarray(H[np.ix_(perm, perm)])
+    wq = np.empty_like(Wp)
+    n = d_in if b_high != 16 else d_low  # FP16 high columns are fixed, not free
+    if d_low:
+        grid = QuantPart.from_weights(np.ascontiguousarray(Wp[:, :d_low]), b_low, g,
+                                      scale_bits=scale_bits)
+        r = gptq(np.ascontiguousarray(Wp[:, :n]), np.ascontiguousarray(Hp[:n, :n]), bits=b_low,
+                 group_size=g or None, percdamp=percdamp, n_threads=1,
+                 scale=np.ascontiguousarray(grid.scale_f32()), zero=grid.zero, n_quant=d_low,
+                 act_order=act_order)
+        wq[:, :d_low] = r.wq
+    if d_low < d_in and b_high == 16:
+        wq[:, d_low:] = Wp[:, d_low:].astype(np.float16).astype(np.float32)
+    elif d_low < d_in:
+        Hh = Hp[d_low:, d_low:]
+        Wh = Wp[:, d_low:].astype(np.float64)
+        if d_low:  # the high columns' least-squares optimum given the low part's error E
+            E = (wq[:, :d_low] - Wp[:, :d_low]).astype(np.float64)
+            damp = percdamp * float(np.mean(np.diag(Hp)))
+            Wh = Wh - np.linalg.solve(Hh + damp * np.eye(Hh.shape[0]), (E @ Hp[:d_low, d_low:]).T).T
+        Wh = np.ascontiguousarray(Wh, np.float32)
+        grid = QuantPart.from_weights(Wh, b_high, g, scale_bits=scale_bits)
+        r = gptq(Wh, np.ascontiguousarray(Hh), bits=b_high, group_size=g or None,
+                 percdamp=percdamp, n_threads=1, scale=np.ascontiguousarray(grid.scale_f32()),
+                 zero=grid.zero, act_order=act_order)
+        wq[:, d_low:] = r.wq
+    out = np.empty_like(W)
+    out[:, perm] = wq
+    return out - W
 
 
 @dataclass
@@ -435,12 +505,16 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
                        n_threads: int | None = None, eval_batch: int | None = None,
                        partial: Mapping[int, np.ndarray] | None = None,
                        on_block: Callable[[int, np.ndarray], None] | None = None,
-                       ) -> SensitivityMatrix:
+                       option_delta: str = "rtn", grams: Mapping | None = None,
+                       scale_bits: int = 16, act_order: bool = True,
+                       percdamp: float = 0.01) -> SensitivityMatrix:
     """Build M with one of :data:`ESTIMATORS` from a model and calibration windows ``ids``.
 
     ``fisher_col[name]``: the Fisher column scores that choose each option's high columns
     (``hiquant.stats.collect_stats(...).fisher_col``). ``n_windows`` / ``seqlen`` use the first
-    windows / tokens of ``ids`` only (the estimators' cost grows with them).
+    windows / tokens of ``ids`` only (the estimators' cost grows with them). ``option_delta``:
+    how each option's Δ is formed (:func:`option_deltas` ``kind``: ``"rtn"``, or ``"gptq"`` with
+    ``scale_bits``, ``act_order``, ``percdamp`` and the input Grams ``grams[name]``).
 
     * ``"measured"`` (the paper's): ``M[i,i] = 2 (L(θ+Δ_i) − L(θ))`` and, for two options of
       different layers of the same transformer block, ``M[i,j] = M[j,i] = L(θ+Δ_i+Δ_j) −
@@ -471,6 +545,12 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
       diagonal), no cross terms. ``stats.collect_stats`` sums F over its S windows, which makes
       this S times the diagonal of the ``"fisher"`` M on the same windows; a constant factor
       never changes the allocation.
+    * ``"kfac"``: ``M[v,v] = Σ_o r_o (Δ_v H Δ_vᵀ)_oo``, the Kronecker-factored Fisher: ``H =
+      grams[name]`` the input Gram and ``r_o = Σ_i F_oi / tr H`` each output row's share of the
+      Fisher diagonal, so that ``F_oi ≈ r_o H_ii`` and the diagonal terms of the sum are the
+      ``"diagonal"`` estimator's. The off-diagonal terms see correlated errors: GPTQ's codes
+      (``option_delta="gptq"``) lower ``Δ H Δᵀ`` by compensating one column's error with the
+      next ones, which ``Σ F ⊙ Δ²`` cannot see. No cross terms between layers.
 
     The model's weights are left as they were (a layer already replaced by ``set_weight`` gets
     its replacement back).
@@ -489,23 +569,52 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
         if n not in fisher_col:
             raise InvalidArgumentError(f"fisher_col has no entry for {n!r}; pass the column scores "
                                        "of every layer (stats.collect_stats(...).fisher_col)")
-    if estimator == "diagonal":
+    if estimator in ("diagonal", "kfac"):
         if fisher is None:
-            raise InvalidArgumentError("estimator='diagonal' needs fisher (the empirical Fisher "
-                                       "diagonal of every layer, stats.collect_stats(...).fisher)")
+            raise InvalidArgumentError(f"estimator={estimator!r} needs fisher (the empirical "
+                                       "Fisher diagonal of every layer, "
+                                       "stats.collect_stats(...).fisher)")
         for n in names:
             if n not in fisher:
                 raise InvalidArgumentError(f"fisher has no entry for {n!r}")
-    ids = _windows(ids, n_windows, seqlen) if estimator != "diagonal" else None
+    if option_delta not in OPTION_DELTAS:
+        raise InvalidArgumentError(f"option_delta must be one of {OPTION_DELTAS}, got "
+                                   f"{option_delta!r}")
+    if estimator == "kfac" or option_delta == "gptq":
+        if grams is None or any(n not in grams for n in names):
+            raise InvalidArgumentError(
+                f"estimator={estimator!r} with option_delta={option_delta!r} needs grams, the "
+                "input Gram matrix of every layer (stats.collect_stats(..., gram=True).gram)")
+    ids = _windows(ids, n_windows, seqlen) if estimator not in ("diagonal", "kfac") else None
     delta_cache_bytes = _pos_int(delta_cache_bytes, "delta_cache_bytes", 0)
     t0 = time.perf_counter()
-    settings = dict(b_low=b_low, b_high=b_high, group_size=g, candidates=list(cand))
+    settings = dict(b_low=b_low, b_high=b_high, group_size=g, candidates=list(cand),
+                    option_delta=option_delta)
+    if option_delta == "gptq":
+        settings.update(scale_bits=int(scale_bits), act_order=bool(act_order),
+                        percdamp=float(percdamp))
 
     def deltas(n):
-        return option_deltas(model.get_weight(n), fisher_col[n], cand, b_low, b_high, g)
+        return option_deltas(model.get_weight(n), fisher_col[n], cand, b_low, b_high, g,
+                             kind=option_delta, gram=grams[n] if grams is not None else None,
+                             scale_bits=scale_bits, act_order=act_order, percdamp=percdamp)
 
     M = np.zeros((L * K, L * K), np.float64)
-    if estimator == "diagonal":
+    if estimator == "kfac":
+        for li, n in enumerate(names):
+            F = np.asarray(fisher[n])
+            H = np.asarray(grams[n], np.float64)
+            W = model.get_weight(n)
+            if F.shape != W.shape or H.shape != (W.shape[1], W.shape[1]):
+                raise InvalidArgumentError(f"fisher[{n!r}] {F.shape} / grams[{n!r}] {H.shape} do "
+                                           f"not match the weight {W.shape}")
+            r = F.astype(np.float64).sum(axis=1) / max(float(np.trace(H)), np.finfo(float).tiny)
+            for m, D in enumerate(deltas(n)):
+                D64 = D.astype(np.float64)
+                M[li * K + m, li * K + m] = float(r @ np.einsum("oi,oi->o", D64 @ H, D64))
+            if progress is not None:
+                progress(li + 1, L)
+    elif estimator == "diagonal":
         for li, n in enumerate(names):
             F = np.asarray(fisher[n])
             W = model.get_weight(n)

@@ -139,6 +139,14 @@ def _ratios(text: str) -> tuple:
     return vals
 
 
+def _on_off_auto(text: str):
+    """A switch with an automatic default: "on" → True, "off" → False, "auto" → "auto"."""
+    try:
+        return {"auto": "auto", "on": True, "off": False}[text]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}") from None
+
+
 def cmd_quantize(args) -> int:
     """Quantize a checkpoint; the last stdout line is the run's JSON summary."""
     from . import _threads
@@ -257,6 +265,7 @@ def _add_pipeline_commands(sub) -> None:
         LOW_ROUNDINGS,
         LWC_SCHEDULES,
         OBJECTIVES,
+        OPTION_DELTAS,
         REFINE_ORDERS,
         SCALE_BITS,
     )
@@ -288,7 +297,13 @@ def _add_pipeline_commands(sub) -> None:
                         f"(default {','.join(map(str, DEFAULT_CANDIDATES))})")
     p.add_argument("--estimator", default=None, choices=("auto",) + ESTIMATORS,
                    help="M estimator for hiq (default auto: diagonal while the full Fisher "
-                        "diagonal fits 2 GiB, i.e. up to ~0.5 B linear weights, else fisher)")
+                        "diagonal fits 2 GiB, i.e. up to ~0.5 B linear weights, else fisher); "
+                        "kfac: Kronecker-factored Fisher r_o x Gram (sees GPTQ's correlated "
+                        "errors)")
+    p.add_argument("--option-delta", dest="option_delta", default=None, choices=OPTION_DELTAS,
+                   help="each candidate's perturbation in M: rtn (round-to-nearest, default) or "
+                        "gptq (GPTQ codes on the parts' min-max grids, high columns compensating: "
+                        "the hybrid quantizer's structure; needs the input Grams)")
     p.add_argument("--n-calib", dest="n_calib", type=int, default=None)
     p.add_argument("--seqlen", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
@@ -328,6 +343,11 @@ def _add_pipeline_commands(sub) -> None:
                    help="codes of the LWC low part on its learned grid: nearest (as OmniQuant) or "
                         "gptq (GPTQ's error-compensating sweep on that grid; same size). Default "
                         "auto: gptq for the hybrid methods, nearest for lwc")
+    p.add_argument("--gptq-act-order", dest="gptq_act_order", default=None,
+                   type=_on_off_auto, metavar="{auto,on,off}",
+                   help="GPTQ's columns by decreasing Gram diagonal (on) or as stored (off); "
+                        "default auto: on for the low part's codes on its learned grid, off for "
+                        "the gptq method")
     p.add_argument("--eval-text", dest="eval_text", default=None)
     p.add_argument("--eval-windows", dest="eval_windows", type=int, default=None,
                    help="perplexity windows (default 200, the shared protocol)")

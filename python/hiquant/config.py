@@ -26,6 +26,7 @@ __all__ = [
     "SCALE_CODE_BITS",
     "DEFAULT_CANDIDATES",
     "ESTIMATORS",
+    "OPTION_DELTAS",
     "OBJECTIVES",
     "REFINE_ORDERS",
     "LOW_ROUNDINGS",
@@ -51,7 +52,10 @@ SCALE_CODE_BITS = (8, 6)
 
 # ---- option vocabularies
 DEFAULT_CANDIDATES = (0.02, 0.05, 0.10, 0.15, 0.20)  # the paper's candidate ratios
-ESTIMATORS = ("measured", "fisher", "diagonal")  # M of the allocation IQP (allocate.py)
+ESTIMATORS = ("measured", "fisher", "diagonal", "kfac")  # M of the allocation IQP (allocate.py)
+# how an option's perturbation Δ is formed for M: round-to-nearest, or GPTQ's codes on the
+# parts' min-max grids (the hybrid quantizer's structure, allocate.option_deltas)
+OPTION_DELTAS = ("rtn", "gptq")
 OBJECTIVES = ("layer", "block", "refine")  # learned quantizers' objective (blockwise.py)
 REFINE_ORDERS = ("lwc-first", "adaround-first")
 LOW_ROUNDINGS = ("nearest", "gptq")  # codes of an LWC low part on its learned grid
@@ -146,6 +150,9 @@ class QuantizeSettings:
     # M estimator for hiq: measured | fisher | diagonal | auto (diagonal while the full Fisher
     # diagonal fits DIAGONAL_AUTO_BYTES, else fisher)
     estimator: str = "auto"
+    # each option's Δ in M, one of OPTION_DELTAS (gptq needs every layer's input Gram, 8 bytes
+    # per d_in², collected with the Fisher statistics)
+    option_delta: str = "rtn"
     m_windows: int = 32  # calibration windows used to build M
     m_pairs: bool = True  # measured estimator: include the same-block pair terms
     quantizer: str = "auto"  # the method's own layer quantizer, or one of QUANTIZERS (ablations)
@@ -176,7 +183,11 @@ class QuantizeSettings:
     low_rounding: str = "auto"
     gptq_percdamp: float = 0.01
     gptq_blocksize: int = 128
-    gptq_act_order: bool = False
+    # GPTQ's column order: by decreasing Gram diagonal (True) or as stored (False); "auto": True
+    # where GPTQ chooses codes on a fixed grid (low_rounding="gptq": the order is free there and
+    # lowers the layer loss), False for the gptq method (groups formed as the sweep reaches them,
+    # as the peers' published runs)
+    gptq_act_order: bool | str = "auto"
     eval_seqlen: int = 512
     eval_windows: int = 200
     n_threads: int | None = None  # None: hiquant's default (hiquant.set_num_threads)
@@ -302,6 +313,7 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
                                    f"{kind!r}")
     ch["objective"] = objective
     _choice(s.refine_order, "refine_order", REFINE_ORDERS)
+    _choice(s.option_delta, "option_delta", OPTION_DELTAS)
     _choice(s.block_lr_schedule, "block_lr_schedule", LWC_SCHEDULES)
     # the low part's grid is final before its codes are chosen (not in the block objective, which
     # learns codes and grid together, nor after adaround-first's block pass)
@@ -319,6 +331,12 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
             + (f", refine_order {s.refine_order!r}" if objective == "refine" else "")
             + "; pass low_rounding='nearest'")
     ch["low_rounding"] = low_rounding
+    act_order = s.gptq_act_order
+    if act_order == "auto":
+        act_order = low_rounding == "gptq"
+    elif not isinstance(act_order, (bool, np.bool_)):
+        raise InvalidTypeError(f"gptq_act_order must be True, False or 'auto', got {act_order!r}")
+    ch["gptq_act_order"] = bool(act_order)
 
     for name in ("n_calib", "calib_batch", "block_epochs", "block_batch", "m_windows",
                  "eval_windows", "gptq_blocksize"):
@@ -363,6 +381,10 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
         estimator = "diagonal" if 4 * n_weights <= DIAGONAL_AUTO_BYTES else "fisher"
     ch["estimator"] = estimator
     ch["backend"], ch["device"] = _resolve_backend(s.backend, s.device)
+    if ch["backend"] == "torch" and (estimator == "kfac" or s.option_delta == "gptq"):
+        raise InvalidArgumentError("estimator='kfac' and option_delta='gptq' need every layer's "
+                                   "input Gram, which the torch backend's statistics do not "
+                                   "collect yet; pass backend='numpy' or the rtn Δ's")
     if ch["backend"] == "torch" and s.abits is not None:
         raise InvalidArgumentError("abits (activation quantization) runs on the NumPy backend "
                                    "only for now; pass backend='numpy'")

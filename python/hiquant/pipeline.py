@@ -53,8 +53,10 @@ def _fisher_scores(model, windows, s, spec, calib_settings, cache_dir, progress)
     the full diagonal when the diagonal M estimator needs it (bounded memory otherwise)."""
     from . import torch_pipeline
     from .stats import collect_stats, load_or_collect
-    kw = dict(gram=False, fisher=True, progress=progress, n_threads=s.n_threads,
-              fisher_full=spec.allocation == "iqp" and s.estimator == "diagonal")
+    iqp = spec.allocation == "iqp"
+    kw = dict(gram=iqp and (s.estimator == "kfac" or s.option_delta == "gptq"), fisher=True,
+              progress=progress, n_threads=s.n_threads,
+              fisher_full=iqp and s.estimator in ("diagonal", "kfac"))
     # a device runtime computes the per-sequence gradients and their squares on its device
     collect = torch_pipeline.collect_fisher if torch_pipeline.is_device(model) else collect_stats
     if cache_dir is not None:
@@ -76,7 +78,10 @@ def _plans(model, windows, s, spec, shapes, st, timings, progress, state=None, r
             try:
                 sm = allocate.sensitivity_matrix(
                     model, windows, estimator=s.estimator, fisher_col=st.fisher_col,
-                    fisher=st.fisher if s.estimator == "diagonal" else None,
+                    fisher=st.fisher if s.estimator in ("diagonal", "kfac") else None,
+                    option_delta=s.option_delta, grams=st.gram or None,
+                    scale_bits=int(s.scale_bits), act_order=bool(s.gptq_act_order),
+                    percdamp=float(s.gptq_percdamp),
                     candidates=s.candidates, b_low=s.wbits, b_high=s.hbits,
                     group_size=s.group_size, names=list(shapes),
                     n_windows=min(s.m_windows, len(windows)), pairs=s.m_pairs,

@@ -150,7 +150,7 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
                    order: str = "sequential", n_threads: int | None = None,
                    progress: Progress = None, scale_bits: int = 16,
                    low_fixed: QuantPart | None = None, low_rounding: str = "nearest",
-                   percdamp: float = 0.01) -> HybridResult:
+                   percdamp: float = 0.01, act_order: bool = False) -> HybridResult:
     """Hybrid quantization of one layer on the layer-wise Gram objective.
 
     ``W`` float32 ``(d_out, d_in)``; ``H`` float64 ``(d_in, d_in)`` the Gram matrix of the layer's
@@ -180,7 +180,8 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
     grid. ``"nearest"``: round-to-nearest, as LWC trains and OmniQuant exports. ``"gptq"``: GPTQ's
     error-compensating column sweep on that fixed grid (:func:`hiquant.learners.gptq` with
     ``scale``/``zero``, damping ``percdamp``); the scales and zero points, hence the stored size,
-    are unchanged. The high columns come last in the sweep's order and stay free, so the
+    are unchanged; ``act_order`` sweeps the low columns by decreasing Gram diagonal (the grid is
+    fixed, so the order is free). The high columns come last in the sweep's order and stay free, so the
     compensation is the one AdaRound then realizes when it learns them on the whole layer's loss;
     FP16 high columns are fixed (at W), so the sweep then sees only the low columns' Gram block.
     With few calibration tokens per input channel it can fit the calibration set too closely
@@ -255,8 +256,9 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
         g = K.gptq(np.ascontiguousarray(Wp[:, :n]), np.ascontiguousarray(Hp[:n, :n]),
                    bits=b_low, group_size=gs or None, percdamp=percdamp, n_threads=nt,
                    scale=np.ascontiguousarray(exp.scale_f32()), zero=exp.zero,
-                   n_quant=d_low)
-        history["low_rounding"] = {"method": "gptq", "loss": g.loss, "damp": g.damp,
+                   n_quant=d_low, act_order=act_order)
+        history["low_rounding"] = {"method": "gptq", "act_order": bool(act_order),
+                                   "loss": g.loss, "damp": g.damp,
                                    "seconds": sum(g.seconds.values())}
         return dataclasses.replace(exp, codes=g.codes)
 
@@ -313,7 +315,8 @@ def layer_options(settings) -> dict:
                 adaround_iters=int(settings.adaround_iters),
                 adaround_lr=float(settings.adaround_lr), n_threads=settings.n_threads,
                 scale_bits=int(settings.scale_bits), low_rounding=settings.low_rounding,
-                percdamp=float(settings.gptq_percdamp))
+                percdamp=float(settings.gptq_percdamp),
+                act_order=bool(settings.gptq_act_order))
 
 
 def quantize(name, W, stats, plan, settings) -> QuantizedLayer:
