@@ -47,6 +47,10 @@ def test_gptq_codes_identical_to_float64_reference(bits, group, act_order, bs):
     np.testing.assert_array_equal(got.zero, want["zero"])
     np.testing.assert_allclose(got.wq, want["wq"], rtol=1e-6, atol=1e-7)
     assert got.loss == pytest.approx(want["loss"], rel=1e-4)
+    # every column quantized on its own group's stored grid, also when act_order interleaves the
+    # groups' columns in the sweep: wq is exactly what the export's codes dequantize to
+    np.testing.assert_array_equal(got.wq, qz.dequantize(got.codes, got.scale, got.zero, bits,
+                                                        group or 0))
 
 
 def test_gptq_handles_dead_columns_as_published():
@@ -194,6 +198,7 @@ def test_gptq_act_order_on_a_fixed_grid_identical_to_float64_reference(bits, gro
     np.testing.assert_array_equal(got.perm[n_quant:], np.arange(n_quant, 256))
     np.testing.assert_array_equal(got.codes, want["codes"])
     np.testing.assert_array_equal(got.scale, s)
+    np.testing.assert_array_equal(got.wq, qz.dequantize(got.codes, s, z, bits, group))
     assert got.loss == pytest.approx(want["loss"], rel=1e-4)
 
 

@@ -163,6 +163,9 @@ def test_gptq_codes_identical_to_float64_reference(bits, group, act_order, bs):
     c = K.gptq(W, H, bits=bits, group_size=group, act_order=act_order, blocksize=bs)
     np.testing.assert_array_equal(got.codes.numpy(), c.codes)
     np.testing.assert_array_equal(got.wq.numpy(), c.wq)  # the C++ kernel's float32 values
+    # every column on its own group's stored grid (act_order interleaves the groups' columns)
+    np.testing.assert_array_equal(got.wq.numpy(), qz.dequantize(
+        got.codes.numpy(), got.scale.numpy(), got.zero.numpy(), bits, group or 0))
 
 
 @pytest.mark.parametrize("act_order", [False, True])

@@ -175,14 +175,12 @@ GptqStats gptq(const float* W, int64_t rows, int64_t cols, const double* H, cons
     }
   }
 
-  // Current parameters per row; without groups they come from the original row.
-  std::vector<float> cur_s(static_cast<size_t>(rows));
-  std::vector<float> cur_z(static_cast<size_t>(rows));
+  // Each (row, group)'s parameters go to out.scale / out.zero when formed; a column is quantized
+  // with its own group's (with act_order the groups' columns interleave in the loop). Without
+  // groups they come from the original row.
   auto form = [&](int64_t r, int64_t g, const float* vals, int64_t m) {
     if (fixed_grid) {
-      cur_s[r] = spec.grid_scale[r * ng + g];
-      cur_z[r] = static_cast<float>(spec.grid_zero[r * ng + g]);
-      out.scale[r * ng + g] = cur_s[r];
+      out.scale[r * ng + g] = spec.grid_scale[r * ng + g];
       out.zero[r * ng + g] = spec.grid_zero[r * ng + g];
       return;
     }
@@ -190,8 +188,6 @@ GptqStats gptq(const float* W, int64_t rows, int64_t cols, const double* H, cons
     float s = static_cast<float>((double(gr.hi) - double(gr.lo)) / maxq);
     if (spec.fp16_scales) s = fp16_round_scale(s);
     const double z = std::min(std::max(rint_d(-double(gr.lo) / double(s)), 0.0), double(maxq));
-    cur_s[r] = s;
-    cur_z[r] = static_cast<float>(z);
     out.scale[r * ng + g] = s;
     out.zero[r * ng + g] = static_cast<uint8_t>(z);
   };
@@ -218,7 +214,7 @@ GptqStats gptq(const float* W, int64_t rows, int64_t cols, const double* H, cons
       for (int64_t k = 0; k < count; ++k)
         for (int64_t j = 0; j < nr; ++j) W1t[k * nr + j] = Wc[(r0 + j) * n + i1 + k];
       for (int64_t i = 0; i < count; ++i) {
-        const int64_t col = i1 + i, ocol = perm[col];
+        const int64_t col = i1 + i, ocol = perm[col], cg = gs > 0 ? ocol / gs : 0;
         if (gs > 0 && forms_group[col]) {
           const int64_t g = ocol / gs, c0 = g * gs, m = std::min(gs, nq - c0);
           for (int64_t j = 0; j < nr; ++j) {
@@ -232,7 +228,8 @@ GptqStats gptq(const float* W, int64_t rows, int64_t cols, const double* H, cons
         float* wi = W1t.data() + i * nr;
         for (int64_t j = 0; j < nr; ++j) {
           const int64_t r = r0 + j;
-          const float w = wi[j], s = cur_s[r], z = cur_z[r];
+          const float w = wi[j], s = out.scale[r * ng + cg],
+                      z = static_cast<float>(out.zero[r * ng + cg]);
           double q = double(w) / double(s);
           q = q < -512.0 ? -512.0 : (q > 512.0 ? 512.0 : q);
           double v = rint_d(q) + double(z);

@@ -453,9 +453,11 @@ def gptq(W, H, *, bits: int, group_size=None, percdamp: float = 0.01, blocksize:
         out_zero[:, g] = z.to(torch.uint8)
         return s, z.to(torch.float32), s.to(torch.float64), z
 
-    cur = None
+    # every group's parameters as formed; a column uses its own group's (with act_order the
+    # groups' columns interleave in the loop)
+    params = {}
     if not gs:  # parameters from the original row, as gptq.py's find_params(W)
-        cur = form(0, W[:, :nq])
+        params[0] = form(0, W[:, :nq])
     codes_l = torch.empty((rows, nq), dtype=torch.uint8, device=dev)  # loop order
     wq_l = torch.empty((rows, nq), dtype=torch.float32, device=dev)
     loss = torch.zeros((), dtype=torch.float64, device=dev)
@@ -475,8 +477,8 @@ def gptq(W, H, *, bits: int, group_size=None, percdamp: float = 0.01, blocksize:
             col = i1 + i
             if col in forms:
                 g, cols = forms[col]
-                cur = form(g, Wc[:, cols])
-            s32, z32, s64, z64 = cur
+                params[g] = form(g, Wc[:, cols])
+            s32, z32, s64, z64 = params[perm_h[col] // gs if gs else 0]
             w = W1[:, i]
             v = torch.round(w.to(torch.float64).div_(s64)).add_(z64).clamp_(0, maxq)
             c = Cod[:, i]

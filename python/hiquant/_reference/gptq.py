@@ -64,12 +64,14 @@ def gptq(W, H, bits, group_size=None, percdamp=0.01, blocksize=128, act_order=Fa
             return grid_scale[r, g], grid_zero[r, g]
         return _params(vals, maxq, fp16_scales)
 
-    cur_s = np.zeros(rows)
-    cur_z = np.zeros(rows)
+    # every (row, group)'s parameters as formed; a column uses its own group's (with act_order
+    # the groups' columns interleave in the loop)
+    grp_s = np.zeros((rows, ng))
+    grp_z = np.zeros((rows, ng))
     if not gs:
         for r in range(rows):
-            cur_s[r], cur_z[r] = params(r, 0, W0[r, :nq])  # original row, as find_params(W)
-            scale[r, 0], zero[r, 0] = cur_s[r], cur_z[r]
+            grp_s[r, 0], grp_z[r, 0] = params(r, 0, W0[r, :nq])  # original row, as find_params(W)
+            scale[r, 0], zero[r, 0] = grp_s[r, 0], grp_z[r, 0]
     pos = np.empty(n, np.int64)
     pos[perm] = np.arange(n)
     seen = set()
@@ -85,10 +87,12 @@ def gptq(W, H, bits, group_size=None, percdamp=0.01, blocksize=128, act_order=Fa
                 seen.add(g)
                 cols = pos[np.arange(g * gs, min(g * gs + gs, nq))]
                 for r in range(rows):
-                    cur_s[r], cur_z[r] = params(r, g, Wp[r, cols])  # global W
-                    scale[r, g], zero[r, g] = cur_s[r], cur_z[r]
+                    grp_s[r, g], grp_z[r, g] = params(r, g, Wp[r, cols])  # global W
+                    scale[r, g], zero[r, g] = grp_s[r, g], grp_z[r, g]
             w = W1[:, i]
             d = U[col, col]
+            cg = perm[col] // gs if gs else 0
+            cur_s, cur_z = grp_s[:, cg], grp_z[:, cg]
             q = np.clip(np.rint(np.clip(w / cur_s, -512, 512)) + cur_z, 0, maxq)
             dq = cur_s * (q - cur_z)
             codes[:, perm[col]] = q
