@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     t_deltas = time.perf_counter() - t0
     by_scores = {id(fc[n]): D[n] for n in names}
     real_option_deltas = A.option_deltas
-    A.option_deltas = lambda W, scores, *rest: by_scores[id(scores)]
+    A.option_deltas = lambda W, scores, *rest, **kw: by_scores[id(scores)]
 
     def old():
         return ref.measured_sequential(model, ids, names, D, a.pairs)
