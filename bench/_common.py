@@ -55,6 +55,22 @@ def environment(*extra_packages: str) -> dict:
     }
 
 
+def torch_with_threads(bench: str, threads: int | None):
+    """PyTorch for a benchmark that compares against it, with hiquant's and torch's thread counts
+    set alike (``threads``, or hiquant's default); exits with a message where torch is missing.
+    Returns ``(torch, n_threads)``."""
+    try:
+        import torch
+    except ImportError:
+        sys.exit(f"{bench} compares against PyTorch: pip install torch (CPU)")
+    import hiquant
+    if threads:
+        hiquant.set_num_threads(threads)
+    nt = hiquant.get_num_threads()
+    torch.set_num_threads(nt)
+    return torch, nt
+
+
 def interleaved(fns: dict, repeats: int = 7, warmup: int = 1) -> dict:
     """Time several callables side by side: each round runs every function once, in turn, so that
     machine noise hits all of them alike. Returns {name: {"min": s, "median": s, "runs": [...]}}."""

@@ -23,8 +23,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-import hiquant  # noqa: E402
-from _common import emit, environment  # noqa: E402
+from _common import emit, environment, torch_with_threads  # noqa: E402
 from hiquant import _core  # noqa: E402
 from hiquant import learners as K  # noqa: E402
 from hiquant import quantizer as q  # noqa: E402
@@ -52,14 +51,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     args = ap.parse_args(argv)
-    try:
-        import torch
-    except ImportError:
-        sys.exit("bench/cpu_goals.py compares against PyTorch: pip install torch (CPU)")
-    if args.threads:
-        hiquant.set_num_threads(args.threads)
-    nt = hiquant.get_num_threads()
-    torch.set_num_threads(nt)
+    torch, nt = torch_with_threads("bench/cpu_goals.py", args.threads)
     repeats = args.repeats or (2 if args.quick else 5)
     rows = []
 

@@ -32,8 +32,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-import hiquant  # noqa: E402
-from _common import emit, environment  # noqa: E402
+from _common import emit, environment, torch_with_threads  # noqa: E402
 from hiquant import learners as K  # noqa: E402
 
 
@@ -248,14 +247,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--order", action="store_true", help="also run the sequential-vs-joint study")
     args = ap.parse_args(argv)
-    try:
-        import torch
-    except ImportError:
-        sys.exit("bench/kernels.py compares against PyTorch: pip install torch (CPU)")
-    if args.threads:
-        hiquant.set_num_threads(args.threads)
-    nt = hiquant.get_num_threads()
-    torch.set_num_threads(nt)
+    torch, nt = torch_with_threads("bench/kernels.py", args.threads)
     d_out, d_in, tokens = (256, 1024, 1024) if args.quick else (1024, 4096, 4096)
     steps = 2
     repeats = 2 if args.quick else 3
