@@ -11,13 +11,15 @@ llama-bench if ../shared/bench is present, times side by side, in one process:
 * hiquant W2 g64 + 10% at 3 bits, W3 g128 + 10% at 4 bits (6-bit double-quantized scales, the
   hybrid methods' default), plain W4 g128 (float16 scales);
 
-for one token (GEMV) and a batch of 8 (GEMM). Every call reads a different copy of the layer
+for one token (GEMV), a batch of 8 (small-batch GEMM) and 32 tokens (from 24 tokens on the packed
+kernels take their prefill path: dequantized row blocks into the GEMM micro-kernel); `--tokens`
+chooses. Every call reads a different copy of the layer
 (enough copies to exceed 3x the last-level cache), so the weights come from memory as in
 decoding. Bytes moved per call = the weight data the call reads; a multi-threaded copy loop
 measured in the same run gives this machine's bandwidth (read + write bytes / s), and the
 fraction reached is (bytes / time) / bandwidth. Ends with one JSON line.
 
-    python bench/inference.py [--quick] [--threads N] [--repeats R]
+    python bench/inference.py [--quick] [--threads N] [--repeats R] [--tokens 1,8,32]
 """
 
 from __future__ import annotations
@@ -144,6 +146,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="small shapes, few repeats (CI)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--tokens", default="1,8,32",
+                    help="comma-separated token counts per call (default 1,8,32)")
     ap.add_argument("--assets", default=str(Path(__file__).resolve().parents[1].parent /
                                             "shared" / "bench"))
     args = ap.parse_args(argv)
@@ -156,9 +160,12 @@ def main(argv=None) -> None:
               for o, i in (QUICK_SHAPES if args.quick else SHAPES)]
     if not args.quick:
         layers += llama_bench_block(Path(args.assets))
+    batches = tuple(int(t) for t in args.tokens.split(","))
+    if not batches or min(batches) < 1:
+        ap.error("--tokens takes positive integers, e.g. 1,8,32")
     rows = []
     for label, W in layers:
-        rows += bench_layer(label, W, threads, repeats, (1, 8), rng, cap)
+        rows += bench_layer(label, W, threads, repeats, batches, rng, cap)
     bw_after = copy_bandwidth((64 if args.quick else 256) << 20, threads, 3 if args.quick else 7)
     bw = max(bw, bw_after)
     base = {(r["layer"], r["tokens"], r["weights"]): r for r in rows}
