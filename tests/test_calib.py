@@ -18,6 +18,7 @@ from hiquant.calib import (
     load_wikitext2,
     sample_windows,
     tokenize_text,
+    validation_starts,
 )
 from hiquant.errors import InvalidArgumentError, InvalidTypeError
 from hiquant.model import load_model
@@ -137,15 +138,72 @@ def test_validation_split_holds_out_the_tail_and_calibration_never_sees_it(tiny_
     p.write_text("".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(300)))
     ids = tokenize_text(m.tokenizer, p.read_text())
     win, val, settings = calibration_split(m.tokenizer, p, n=16, seqlen=32, seed=3, val_windows=5,
-                                           val_seqlen=40)
+                                           val_seqlen=40, val_split="tail")
     cut = len(ids) - 5 * 40
     np.testing.assert_array_equal(val, ids[cut:].reshape(5, 40))
     # the calibration windows are the reference draw over the text before the held-out tail
     np.testing.assert_array_equal(win, sample_windows(ids[:cut], 16, 32, 3))
-    starts = [int(np.flatnonzero((np.lib.stride_tricks.sliding_window_view(ids, 32) == w).all(1))[0])
-              for w in win]
-    assert max(starts) + 32 <= cut
-    assert settings["validation"] == {"windows": 5, "seqlen": 40, "first_token": cut, "tokens": 200}
+    assert max(_starts_in(ids, win)) + 32 <= cut
+    assert settings["validation"] == {"windows": 5, "seqlen": 40, "split": "tail", "first_token": cut,
+                                      "tokens": 200}
+
+
+def _starts_in(ids, windows):
+    view = np.lib.stride_tricks.sliding_window_view(ids, windows.shape[1])
+    return [int(np.flatnonzero((view == w).all(1))[0]) for w in windows]
+
+
+def test_spread_validation_lies_evenly_over_the_text_and_calibration_draws_around_it(
+        tiny_llama, tmp_path):
+    m = load_model(tiny_llama[0])
+    p = tmp_path / "calib.txt"
+    p.write_text("".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(400)))
+    ids = tokenize_text(m.tokenizer, p.read_text())
+    n_val, L, seqlen = 6, 40, 32
+    win, val, settings = calibration_split(m.tokenizer, p, n=48, seqlen=seqlen, seed=5,
+                                           val_windows=n_val, val_seqlen=L, val_split="spread")
+    stride = len(ids) // n_val
+    starts = validation_starts(len(ids), n_val, L, "spread")
+    # one window centred in each of n_val equal stretches
+    assert [int(s) // stride for s in starts] == list(range(n_val))
+    assert all(s - k * stride == (stride - L) // 2 for k, s in enumerate(starts))
+    np.testing.assert_array_equal(val, np.stack([ids[s:s + L] for s in starts]))
+    # the calibration windows: the reference draw, redrawn (same stream) while a draw overlaps
+    rng = random.Random(5)
+    expect = []
+    while len(expect) < 48:
+        i = rng.randint(0, len(ids) - seqlen - 1)
+        if all(i + seqlen <= s or s + L <= i for s in starts):
+            expect.append(ids[i:i + seqlen])
+    np.testing.assert_array_equal(win, np.stack(expect))
+    for c in _starts_in(ids, win):
+        assert all(c + seqlen <= s or s + L <= c for s in starts)
+    assert settings["validation"] == {"windows": n_val, "seqlen": L, "split": "spread",
+                                      "first_token": int(starts[0]), "tokens": n_val * L}
+    # the validation windows do not depend on the seed; the calibration draw does
+    win7, val7, _ = calibration_split(m.tokenizer, p, n=48, seqlen=seqlen, seed=7,
+                                      val_windows=n_val, val_seqlen=L, val_split="spread")
+    np.testing.assert_array_equal(val7, val)
+    assert not np.array_equal(win7, win)
+
+
+def test_a_spread_split_with_no_room_for_calibration_or_an_unknown_split_is_refused(
+        tiny_llama, tmp_path):
+    m = load_model(tiny_llama[0])
+    p = tmp_path / "calib.txt"
+    p.write_text("".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(60)))
+    n = len(tokenize_text(m.tokenizer, p.read_text()))
+    # windows that overlap one another
+    with pytest.raises(InvalidArgumentError, match="val_windows"):
+        calibration_split(m.tokenizer, p, n=4, seqlen=16, val_windows=n // 30, val_seqlen=40,
+                          val_split="spread")
+    # gaps between the validation windows shorter than a calibration window
+    with pytest.raises(InvalidArgumentError, match="no 64-token calibration window fits"):
+        calibration_split(m.tokenizer, p, n=4, seqlen=64, val_windows=n // 50, val_seqlen=40,
+                          val_split="spread")
+    with pytest.raises(InvalidArgumentError, match="val_split"):
+        calibration_split(m.tokenizer, p, n=4, seqlen=16, val_windows=2, val_seqlen=16,
+                          val_split="middle")
 
 
 def test_no_validation_split_leaves_calibration_windows_and_settings_unchanged(tiny_llama, tmp_path):

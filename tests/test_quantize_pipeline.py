@@ -72,17 +72,19 @@ def test_rtn_run_reports_exact_bits_and_its_export_reloads_identically(model, tm
     assert ppl == pytest.approx(rep.ppl, rel=2e-3)  # fp16 storage of the dequantized weights
 
 
-def test_validation_ppl_is_the_quantized_models_perplexity_on_the_held_out_calibration_tail(
-        model, tmp_path):
+@pytest.mark.parametrize("split", ["spread", "tail"])
+def test_validation_ppl_is_the_quantized_models_perplexity_on_the_held_out_windows(
+        model, tmp_path, split):
     from hiquant.calib import calibration_split
     from hiquant.evaluate import perplexity
     from hiquant.packed import load_packed
     rep = quantize(embedded_model_path(), embedded_calib_path(), method="gptq", wbits=3,
-                   group_size=32, val_windows=3, out=tmp_path / "run", export="packed",
-                   model=model, progress=False, **FAST)
+                   group_size=32, val_windows=3, val_split=split, out=tmp_path / "run",
+                   export="packed", model=model, progress=False, **FAST)
     win, val, settings = calibration_split(model.tokenizer, embedded_calib_path(), 8, 128, 0,
-                                           val_windows=3, val_seqlen=128)
+                                           val_windows=3, val_seqlen=128, val_split=split)
     assert rep.settings["calibration"] == settings and rep.settings["val_windows"] == 3
+    assert settings["validation"]["split"] == split
     ppl = perplexity(load_packed(tmp_path / "run" / "packed"), val.reshape(-1), 128, 3,
                      progress=False)["ppl"]
     assert rep.val_ppl == pytest.approx(ppl, rel=1e-6)

@@ -35,6 +35,7 @@ __all__ = [
     "file_sha256",
     "calibration_windows",
     "calibration_split",
+    "validation_starts",
 ]
 
 
@@ -235,40 +236,93 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
+def validation_starts(n_tokens: int, val_windows: int, val_seqlen: int,
+                      split: str = "spread") -> np.ndarray:
+    """First token of each validation window (sorted, non-overlapping), independent of the seed:
+
+    * ``"spread"``: the text cut into ``val_windows`` equal stretches of ``n_tokens //
+      val_windows`` tokens, one window centred in each, so validation follows the whole text;
+    * ``"tail"``: the last ``val_windows * val_seqlen`` tokens, consecutive windows.
+    """
+    from .config import VAL_SPLITS
+    if split not in VAL_SPLITS:
+        raise InvalidArgumentError(f"val_split must be one of {', '.join(VAL_SPLITS)}, got {split!r}")
+    if split == "tail":
+        cut = n_tokens - val_windows * val_seqlen
+        return cut + val_seqlen * np.arange(val_windows, dtype=np.int64)
+    stride = n_tokens // max(val_windows, 1)
+    return (stride * np.arange(val_windows, dtype=np.int64)
+            + max(stride - val_seqlen, 0) // 2)
+
+
+def _sample_around(ids: np.ndarray, n: int, seqlen: int, seed: int, held: np.ndarray,
+                   held_len: int) -> np.ndarray:
+    """The reference draw (:func:`sample_windows`'s ``random.Random(seed)`` and ``randint``), a
+    draw whose window would overlap a held-out window ``[h, h + held_len)`` skipped and drawn
+    again."""
+    last = len(ids) - seqlen - 1
+    # a start i is free when no held window begins in (i - held_len, i + seqlen)
+    free = np.ones(last + 1, bool)
+    for h in held:
+        free[max(h - seqlen + 1, 0):min(h + held_len, last + 1)] = False
+    if not free.any():
+        raise InvalidArgumentError(
+            f"no {seqlen}-token calibration window fits between the {len(held)} validation "
+            f"windows of {held_len} tokens in this {len(ids)}-token text; pass fewer val_windows "
+            f"(--val-windows) or a longer calibration text")
+    rng = random.Random(seed)
+    out = np.empty((n, seqlen), dtype=np.int64)
+    for k in range(n):
+        i = rng.randint(0, last)
+        while not free[i]:
+            i = rng.randint(0, last)
+        out[k] = ids[i:i + seqlen]
+    return out
+
+
 def calibration_split(tokenizer, path, n: int = 128, seqlen: int = 512, seed: int = 0, *,
-                      val_windows: int = 0, val_seqlen: int = 512,
+                      val_windows: int = 0, val_seqlen: int = 512, val_split: str = "spread",
                       format: str = "auto") -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Calibration windows and a validation split carved from the same text:
     ``(windows, validation, settings)``.
 
-    The last ``val_windows * val_seqlen`` tokens of the tokenized text are held out; the ``n``
-    calibration windows are sampled (:func:`sample_windows`) from the tokens before them only, so
-    no validation token is ever seen by the quantizer; ``validation`` is the held-out tail as
-    ``(val_windows, val_seqlen)`` non-overlapping windows (the evaluation protocol's shape), or
-    None when ``val_windows`` is 0 — then the windows and settings equal
-    :func:`calibration_windows`'. ``settings`` records the file, its sha256, n, seqlen, seed, the
-    token count and, with a split, ``validation = {windows, seqlen, first_token, tokens}``.
-    Choose defaults and iteration counts on the validation windows, never on the test text.
+    ``val_windows`` windows of ``val_seqlen`` tokens are held out where
+    :func:`validation_starts` puts them (``val_split``: ``"spread"`` evenly over the text,
+    ``"tail"`` its last tokens) and no calibration window overlaps them: with ``"tail"`` the
+    ``n`` windows are the reference draw (:func:`sample_windows`) over the text before the tail;
+    with ``"spread"`` the reference draw over the whole text, a draw that would overlap a
+    validation window drawn again. ``validation`` is ``(val_windows, val_seqlen)`` ids (the
+    evaluation protocol's shape), or None when ``val_windows`` is 0 — then the windows and
+    settings equal :func:`calibration_windows`'. ``settings`` records the file, its sha256, n,
+    seqlen, seed, the token count and, with a split, ``validation = {windows, seqlen, split,
+    first_token, tokens}`` (``first_token``: the first validation token, i.e. the tail's start
+    or the first spread window's). Choose defaults and iteration counts on the validation
+    windows, never on the test text.
     """
     val_windows = _check_int(val_windows, "val_windows", 0)
     val_seqlen = _check_int(val_seqlen, "val_seqlen", 2)
     text = load_text(path, format=format)
     ids = tokenize_text(tokenizer, text)
     held = val_windows * val_seqlen
-    if held and len(ids) - held < seqlen + 1:
+    settings = {"file": os.path.abspath(path), "file_sha256": file_sha256(path), "format": format,
+                "n": int(n), "seqlen": int(seqlen), "seed": int(seed), "n_text_tokens": int(len(ids))}
+    if not held:
+        return sample_windows(ids, n, seqlen, seed), None, settings
+    starts = validation_starts(len(ids), val_windows, val_seqlen, val_split)
+    if len(ids) - held < seqlen + 1 or (val_split == "spread"
+                                        and len(ids) // val_windows < val_seqlen):
         raise InvalidArgumentError(
             f"the calibration text has {len(ids)} tokens: holding out {val_windows} validation "
             f"windows of {val_seqlen} leaves {max(len(ids) - held, 0)}, fewer than one "
             f"{seqlen}-token calibration window needs; pass fewer val_windows (--val-windows)")
-    cut = len(ids) - held
-    win = sample_windows(ids[:cut], n, seqlen, seed)
-    val = (np.ascontiguousarray(ids[cut:].reshape(val_windows, val_seqlen).astype(np.int64))
-           if held else None)
-    settings = {"file": os.path.abspath(path), "file_sha256": file_sha256(path), "format": format,
-                "n": int(n), "seqlen": int(seqlen), "seed": int(seed), "n_text_tokens": int(len(ids))}
-    if held:
-        settings["validation"] = {"windows": int(val_windows), "seqlen": int(val_seqlen),
-                                  "first_token": int(cut), "tokens": int(held)}
+    if val_split == "tail":
+        win = sample_windows(ids[:int(starts[0])], n, seqlen, seed)
+    else:
+        win = _sample_around(ids, n, seqlen, seed, starts, val_seqlen)
+    val = np.ascontiguousarray(np.stack([ids[s:s + val_seqlen] for s in starts]).astype(np.int64))
+    settings["validation"] = {"windows": int(val_windows), "seqlen": int(val_seqlen),
+                              "split": val_split, "first_token": int(starts[0]),
+                              "tokens": int(held)}
     return win, val, settings
 
 

@@ -268,6 +268,7 @@ def _add_pipeline_commands(sub) -> None:
         OPTION_DELTAS,
         REFINE_ORDERS,
         SCALE_BITS,
+        VAL_SPLITS,
     )
     from .methods import METHODS
 
@@ -308,9 +309,12 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--seqlen", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--val-windows", dest="val_windows", type=int, default=None,
-                   help="hold out this many eval-seqlen windows at the end of the calibration text "
-                        "(calibration samples the rest) and report their perplexity (val_ppl): "
+                   help="hold out this many eval-seqlen windows of the calibration text (no "
+                        "calibration window overlaps them) and report their perplexity (val_ppl): "
                         "choose settings on it, not on the test text (default 0: no split)")
+    p.add_argument("--val-split", dest="val_split", default=None, choices=VAL_SPLITS,
+                   help="where the validation windows lie: spread evenly over the calibration "
+                        "text, or its last tokens (tail)")
     p.add_argument("--lwc-iters", dest="lwc_iters", type=int, default=None)
     p.add_argument("--adaround-iters", dest="adaround_iters", type=int, default=None)
     p.add_argument("--objective", default=None, choices=("auto",) + OBJECTIVES,

@@ -63,6 +63,9 @@ LWC_SCHEDULES = ("constant", "cosine")  # block-wise LWC learning-rate schedules
 QUANTIZERS = ("rtn", "gptq", "lwc", "adaround", "hybrid", "awq", "smoothquant",
               "billm")  # layer quantizers (methods/)
 # "compressed": compressed-tensors pack-quantized (transformers, vLLM; export_compressed.py); "all": all three
+# where calibration_split carves the validation windows: evenly spread over the text (the
+# calibration windows drawn around them) or the text's last tokens
+VAL_SPLITS = ("spread", "tail")
 EXPORTS = ("fake", "packed", "both", "compressed", "all")
 BACKENDS = ("numpy", "torch")  # model runtimes: hiquant.model (NumPy), hiquant.torch_runtime
 # estimator="auto": the diagonal estimator while the full Fisher diagonal (4 bytes per linear
@@ -163,6 +166,10 @@ class QuantizeSettings:
     # calibration samples only the text before them, and the report gives their perplexity
     # (val_ppl) — where defaults are chosen; 0: no split
     val_windows: int = 0
+    # where the validation windows lie, one of VAL_SPLITS: "spread" evenly over the calibration
+    # text (its distribution), "tail" its last tokens (one stretch of the text, which need not
+    # be like the rest: bench/RESULTS.md, "where the validation windows lie")
+    val_split: str = "spread"
     calib_batch: int = 8  # windows per forward batch when pushing calibration data
     lwc_iters: int = 1000  # layer-wise LWC steps (full batch)
     lwc_lr: float = 1e-2
@@ -345,6 +352,7 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
         _positive_int(s, name, 2)
     for name in ("lwc_iters", "adaround_iters", "seed", "val_windows"):
         _positive_int(s, name, 0)
+    _choice(s.val_split, "val_split", VAL_SPLITS)
     if s.n_threads is not None:
         _positive_int(s, "n_threads")
     for name in ("lwc_lr", "adaround_lr", "gptq_percdamp"):

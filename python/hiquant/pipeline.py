@@ -258,7 +258,7 @@ def _run(model, calib, s, spec, shapes, timings, *, out, export, eval_text, fp_e
         with _Timer(timings, "calibration data"):
             windows, val_windows, calib_settings = calib_mod.calibration_split(
                 model.tokenizer, calib, s.n_calib, s.seqlen, s.seed, val_windows=s.val_windows,
-                val_seqlen=s.eval_seqlen)
+                val_seqlen=s.eval_seqlen, val_split=s.val_split)
     state = None
     if progress_dir is not None:
         from .progress import ProgressState, run_key
@@ -372,7 +372,7 @@ def _run(model, calib, s, spec, shapes, timings, *, out, export, eval_text, fp_e
                                               "stores them (fake/ rounds them to "
                                               f"{model.config.source_dtype})"}
 
-    if val_windows is not None:  # the held-out tail of the calibration text
+    if val_windows is not None:  # the validation windows held out of the calibration text
         with _Timer(timings, "validation"):
             model.set_activation_bits(s.abits)
             try:
