@@ -27,6 +27,21 @@ def pytest_addoption(parser):
     parser.addoption("--lwc-iters", type=int, default=None, help="override the LWC iterations")
     parser.addoption("--adaround-iters", type=int, default=None,
                      help="override the AdaRound iterations")
+    parser.addoption("--seeds", default="0",
+                     help="comma-separated calibration seeds; every case runs once per seed and "
+                          "the summary gives the mean and range over them (e.g. 0,1,2)")
+    parser.addoption("--val-windows", type=int, default=None,
+                     help="validation windows held out of the calibration text (default: 64 for "
+                          "--model, none for the embedded model)")
+    parser.addoption("--grid", default="all", choices=("all", "allocation"),
+                     help="all cases, or the allocation grid only (fixed ratio against the M "
+                          "estimators x candidate sets x W2/W3)")
+
+
+def pytest_generate_tests(metafunc):
+    if "seed" in metafunc.fixturenames:
+        seeds = [int(x) for x in metafunc.config.getoption("--seeds").split(",") if x.strip()]
+        metafunc.parametrize("seed", seeds, ids=[f"seed{x}" for x in seeds])
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +64,13 @@ def setup(request):
             common[key] = request.config.getoption(opt)
     if request.config.getoption("--m-windows"):
         common["m_windows"] = request.config.getoption("--m-windows")
+    val = request.config.getoption("--val-windows")
+    if val is None:  # the embedded model's calibration text is short
+        val = 0 if request.config.getoption("--model") is None else 64
+    if val:
+        common["val_windows"] = val
     if quick:
         common.update(n_calib=8, eval_windows=16, lwc_iters=20, adaround_iters=40, m_windows=4)
     return dict(model=model, calib=calib, test=test, common=common, quick=quick, budgets=budgets,
-                skip_measured=request.config.getoption("--no-measured"))
+                skip_measured=request.config.getoption("--no-measured"),
+                grid=request.config.getoption("--grid"))

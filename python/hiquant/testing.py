@@ -11,12 +11,16 @@ Fixtures:
 * ``hiquant_results`` — the list of recorded results.
 
 At the end of the session every recorded result is printed as a markdown table and written as
-JSON and markdown to ``--hiquant-summary`` (default ``hiquant-summary.json`` / ``.md``).
+JSON and markdown to ``--hiquant-summary`` (default ``hiquant-summary.json`` / ``.md``). Results
+whose settings differ only in the seed are also summarized together (:func:`spread_markdown`:
+mean, min and max over the seeds), so that differences are read against the seed spread.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import statistics
 import time
 from pathlib import Path
 
@@ -66,7 +70,8 @@ def quantize_and_eval(request, hiquant_cache_dir):
             "scale_bits": s.get("scale_bits", 16), "objective": s.get("objective", "layer"),
             "estimator": s["estimator"] if s["method"] == "hiq" else None,
             "candidates": list(s["candidates"]) if s["method"] == "hiq" else None,
-            "avg_bits": rep.avg_bits, "ppl": rep.ppl, "seconds": time.perf_counter() - t0,
+            "avg_bits": rep.avg_bits, "ppl": rep.ppl, "val_ppl": rep.val_ppl,
+            "seconds": time.perf_counter() - t0,
             "seed": s["seed"],
             # every knob of the run (block_aug_loss, refine_order, iterations, ...) for the JSON
             "settings": json.loads(json.dumps(s, default=str)),
@@ -78,7 +83,7 @@ def quantize_and_eval(request, hiquant_cache_dir):
 
 def summary_markdown(results: list) -> str:
     cols = ["case", "model", "method", "wbits", "hbits", "group_size", "scale_bits", "estimator",
-            "candidates", "quantizer", "objective", "avg_bits", "ppl", "seconds"]
+            "candidates", "quantizer", "objective", "avg_bits", "ppl", "val_ppl", "seconds"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         cells = []
@@ -89,10 +94,52 @@ def summary_markdown(results: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_groups(results: list) -> list:
+    """The results grouped by (model, every setting but the seed), in first-seen order: a list of
+    ``(label, rows)``; the label is the first row's case with any ``seed<N>`` part removed."""
+    groups: dict = {}
+    for r in results:
+        settings = {k: v for k, v in r.get("settings", {}).items() if k != "seed"}
+        if isinstance(settings.get("calibration"), dict):  # the calibration record repeats it
+            settings["calibration"] = {k: v for k, v in settings["calibration"].items()
+                                       if k != "seed"}
+        key = (r.get("model"), json.dumps(settings, sort_keys=True, default=str))
+        if key not in groups:
+            label = re.sub(r"(^|-)seed\d+(?=-|$)", "", str(r.get("case", ""))).strip("-")
+            groups[key] = (label or str(r.get("case")), [])
+        groups[key][1].append(r)
+    return list(groups.values())
+
+
+def _spread(values) -> str:
+    v = [x for x in values if x is not None]
+    if not v:
+        return "–"
+    if len(v) == 1:
+        return f"{v[0]:.4f}"
+    return f"{statistics.mean(v):.4f} ({min(v):.4f}–{max(v):.4f})"
+
+
+def spread_markdown(results: list) -> str:
+    """One row per group of :func:`seed_groups`: the seeds, and the mean (min–max) over them of
+    the perplexity, the validation perplexity and the wall time."""
+    lines = ["| case | model | seeds | avg_bits | ppl mean (min–max) | val_ppl mean (min–max) | "
+             "seconds mean |", "|---|---|---|---|---|---|---|"]
+    for label, rows in seed_groups(results):
+        seeds = ",".join(str(r.get("seed")) for r in rows)
+        lines.append(f"| {label} | {rows[0].get('model')} | {seeds} | "
+                     f"{max(r['avg_bits'] for r in rows):.4f} | {_spread(r['ppl'] for r in rows)} | "
+                     f"{_spread(r.get('val_ppl') for r in rows)} | "
+                     f"{statistics.mean(r['seconds'] for r in rows):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _RESULTS:
         return
     md = summary_markdown(_RESULTS)
+    if any(len(rows) > 1 for _, rows in seed_groups(_RESULTS)):
+        md += "\nOver seeds:\n\n" + spread_markdown(_RESULTS)
     terminalreporter.write_sep("=", "hiquant results")
     terminalreporter.write(md)
     base = Path(config.getoption("--hiquant-summary"))
