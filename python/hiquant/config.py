@@ -54,9 +54,10 @@ SCALE_CODE_BITS = (8, 6)
 
 # ---- option vocabularies
 PAPER_CANDIDATES = (0.02, 0.05, 0.10, 0.15, 0.20)  # the paper's candidate ratios
-# a wider set: on llama-bench the paper's cap (20%) binds in most layers at W2 and every layer at W3
+# a wider set: on llama-bench the paper's cap (20%) binds in most layers at W2 and every layer at
+# W3; the default since it won on the validation windows over three seeds (bench/RESULTS.md)
 WIDE_CANDIDATES = (0.02, 0.05, 0.10, 0.15, 0.20, 0.30, 0.40, 0.50, 0.60, 0.80)
-DEFAULT_CANDIDATES = PAPER_CANDIDATES
+DEFAULT_CANDIDATES = WIDE_CANDIDATES
 ESTIMATORS = ("measured", "fisher", "diagonal", "kfac")  # M of the allocation IQP (allocate.py)
 # how an option's perturbation Δ is formed for M: round-to-nearest, or GPTQ's codes on the
 # parts' min-max grids (the hybrid quantizer's structure, allocate.option_deltas)
