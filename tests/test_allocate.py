@@ -12,6 +12,7 @@ import pytest
 
 import hiquant.allocate as A
 from hiquant._reference import allocation as ref
+from hiquant.config import PAPER_CANDIDATES
 from hiquant.errors import InfeasibleBudgetError, InvalidArgumentError, NumericalError
 from hiquant.storage import QuantizedLayer, storage_bits
 from tolerances import REDUCE_RTOL
@@ -376,8 +377,8 @@ def test_allocate_picks_the_optimum_and_reports_exact_bits():
     rng = np.random.default_rng(1)
     K, L = 5, 4
     M = np.diag(np.concatenate([np.sort(rng.random(K))[::-1] * (l + 1) for l in range(L)]))
-    al = A.allocate(shapes, fc, M, avg_bits=3.45, group_size=16)
-    costs = A.option_costs(shapes, A.DEFAULT_CANDIDATES, 2, 3, 16)
+    al = A.allocate(shapes, fc, M, avg_bits=3.45, group_size=16, candidates=PAPER_CANDIDATES)
+    costs = A.option_costs(shapes, PAPER_CANDIDATES, 2, 3, 16)
     n_weights = sum(a * b for a, b in shapes.values())
     budget = math.floor(3.45 * n_weights)
     bf = ref.brute_force(M, costs, budget)
@@ -394,7 +395,8 @@ def test_allocate_picks_the_optimum_and_reports_exact_bits():
 
 def test_allocate_infeasible_budget_names_min_feasible_in_the_users_unit():
     shapes, fc = _shapes_and_scores()
-    M = np.eye(20)
+    K = len(A.DEFAULT_CANDIDATES)
+    M = np.eye(4 * K)
     costs = A.option_costs(shapes)
     n_weights = sum(a * b for a, b in shapes.values())
     with pytest.raises(InfeasibleBudgetError) as e:
@@ -415,7 +417,7 @@ def test_allocate_infeasible_budget_names_min_feasible_in_the_users_unit():
 
 def test_allocate_validates_budget_and_scores():
     shapes, fc = _shapes_and_scores()
-    M = np.eye(20)
+    M = np.eye(4 * len(A.DEFAULT_CANDIDATES))
     with pytest.raises(InvalidArgumentError, match="exactly one budget"):
         A.allocate(shapes, fc, M)
     with pytest.raises(InvalidArgumentError, match="exactly one budget"):
