@@ -42,7 +42,16 @@ import numpy as np
 
 from . import _core
 from ._threads import resolve_n_threads
-from .config import DEFAULT_CANDIDATES, ESTIMATORS, HIGH_BITS, OPTION_DELTAS, WEIGHT_BITS, check_group_size
+from .config import (
+    DEFAULT_CANDIDATES,
+    ESTIMATORS,
+    FISHER_DIAGONAL_ESTIMATORS,
+    HIGH_BITS,
+    OPTION_DELTAS,
+    WEIGHT_BITS,
+    check_group_size,
+    needs_input_grams,
+)
 from .errors import InfeasibleBudgetError, InvalidArgumentError, InvalidTypeError, NumericalError
 from .storage import QuantizedLayer, storage_bits
 
@@ -569,7 +578,7 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
         if n not in fisher_col:
             raise InvalidArgumentError(f"fisher_col has no entry for {n!r}; pass the column scores "
                                        "of every layer (stats.collect_stats(...).fisher_col)")
-    if estimator in ("diagonal", "kfac"):
+    if estimator in FISHER_DIAGONAL_ESTIMATORS:
         if fisher is None:
             raise InvalidArgumentError(f"estimator={estimator!r} needs fisher (the empirical "
                                        "Fisher diagonal of every layer, "
@@ -580,12 +589,12 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
     if option_delta not in OPTION_DELTAS:
         raise InvalidArgumentError(f"option_delta must be one of {OPTION_DELTAS}, got "
                                    f"{option_delta!r}")
-    if estimator == "kfac" or option_delta == "gptq":
+    if needs_input_grams(estimator, option_delta):
         if grams is None or any(n not in grams for n in names):
             raise InvalidArgumentError(
                 f"estimator={estimator!r} with option_delta={option_delta!r} needs grams, the "
                 "input Gram matrix of every layer (stats.collect_stats(..., gram=True).gram)")
-    ids = _windows(ids, n_windows, seqlen) if estimator not in ("diagonal", "kfac") else None
+    ids = _windows(ids, n_windows, seqlen) if estimator not in FISHER_DIAGONAL_ESTIMATORS else None
     delta_cache_bytes = _pos_int(delta_cache_bytes, "delta_cache_bytes", 0)
     t0 = time.perf_counter()
     settings = dict(b_low=b_low, b_high=b_high, group_size=g, candidates=list(cand),

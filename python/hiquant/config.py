@@ -28,6 +28,8 @@ __all__ = [
     "PAPER_CANDIDATES",
     "WIDE_CANDIDATES",
     "ESTIMATORS",
+    "FISHER_DIAGONAL_ESTIMATORS",
+    "needs_input_grams",
     "OPTION_DELTAS",
     "OBJECTIVES",
     "REFINE_ORDERS",
@@ -59,6 +61,8 @@ PAPER_CANDIDATES = (0.02, 0.05, 0.10, 0.15, 0.20)  # the paper's candidate ratio
 WIDE_CANDIDATES = (0.02, 0.05, 0.10, 0.15, 0.20, 0.30, 0.40, 0.50, 0.60, 0.80)
 DEFAULT_CANDIDATES = WIDE_CANDIDATES
 ESTIMATORS = ("measured", "fisher", "diagonal", "kfac")  # M of the allocation IQP (allocate.py)
+# the estimators built from the full empirical-Fisher diagonal of every layer (no model passes)
+FISHER_DIAGONAL_ESTIMATORS = ("diagonal", "kfac")
 # how an option's perturbation Δ is formed for M: round-to-nearest, or GPTQ's codes on the
 # parts' min-max grids (the hybrid quantizer's structure, allocate.option_deltas)
 OPTION_DELTAS = ("rtn", "gptq")
@@ -68,10 +72,10 @@ LOW_ROUNDINGS = ("nearest", "gptq")  # codes of an LWC low part on its learned g
 LWC_SCHEDULES = ("constant", "cosine")  # block-wise LWC learning-rate schedules
 QUANTIZERS = ("rtn", "gptq", "lwc", "adaround", "hybrid", "awq", "smoothquant",
               "billm")  # layer quantizers (methods/)
-# "compressed": compressed-tensors pack-quantized (transformers, vLLM; export_compressed.py); "all": all three
 # where calibration_split carves the validation windows: evenly spread over the text (the
 # calibration windows drawn around them) or the text's last tokens
 VAL_SPLITS = ("spread", "tail")
+# "compressed": compressed-tensors pack-quantized (transformers, vLLM; export_compressed.py); "all": all three
 EXPORTS = ("fake", "packed", "both", "compressed", "all")
 BACKENDS = ("numpy", "torch")  # model runtimes: hiquant.model (NumPy), hiquant.torch_runtime
 # estimator="auto": the diagonal estimator while the full Fisher diagonal (4 bytes per linear
@@ -257,6 +261,12 @@ def _choice(v, name, options, *, auto=False):
                                    f"{', '.join(options)}, got {v!r}")
 
 
+def needs_input_grams(estimator: str, option_delta: str) -> bool:
+    """Whether building M needs every layer's input Gram: the kfac estimator (its input factor)
+    and the gptq option Δ's (GPTQ's sweep)."""
+    return estimator == "kfac" or option_delta == "gptq"
+
+
 def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
             warn: bool = True) -> QuantizeSettings:
     """The settings with every ``"auto"`` settled and every value checked, or an
@@ -395,7 +405,7 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
         estimator = "diagonal" if 4 * n_weights <= DIAGONAL_AUTO_BYTES else "fisher"
     ch["estimator"] = estimator
     ch["backend"], ch["device"] = _resolve_backend(s.backend, s.device)
-    if ch["backend"] == "torch" and (estimator == "kfac" or s.option_delta == "gptq"):
+    if ch["backend"] == "torch" and needs_input_grams(estimator, s.option_delta):
         raise InvalidArgumentError("estimator='kfac' and option_delta='gptq' need every layer's "
                                    "input Gram, which the torch backend's statistics do not "
                                    "collect yet; pass backend='numpy' or the rtn Δ's")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import EXPORTS, QuantizeSettings, resolve
+from .config import EXPORTS, FISHER_DIAGONAL_ESTIMATORS, QuantizeSettings, needs_input_grams, resolve
 from .errors import InvalidArgumentError, NumericalError
 from .report import Report, versions
 
@@ -54,9 +54,9 @@ def _fisher_scores(model, windows, s, spec, calib_settings, cache_dir, progress)
     from . import torch_pipeline
     from .stats import collect_stats, load_or_collect
     iqp = spec.allocation == "iqp"
-    kw = dict(gram=iqp and (s.estimator == "kfac" or s.option_delta == "gptq"), fisher=True,
+    kw = dict(gram=iqp and needs_input_grams(s.estimator, s.option_delta), fisher=True,
               progress=progress, n_threads=s.n_threads,
-              fisher_full=iqp and s.estimator in ("diagonal", "kfac"))
+              fisher_full=iqp and s.estimator in FISHER_DIAGONAL_ESTIMATORS)
     # a device runtime computes the per-sequence gradients and their squares on its device
     collect = torch_pipeline.collect_fisher if torch_pipeline.is_device(model) else collect_stats
     if cache_dir is not None:
@@ -78,7 +78,7 @@ def _plans(model, windows, s, spec, shapes, st, timings, progress, state=None, r
             try:
                 sm = allocate.sensitivity_matrix(
                     model, windows, estimator=s.estimator, fisher_col=st.fisher_col,
-                    fisher=st.fisher if s.estimator in ("diagonal", "kfac") else None,
+                    fisher=st.fisher if s.estimator in FISHER_DIAGONAL_ESTIMATORS else None,
                     option_delta=s.option_delta, grams=st.gram or None,
                     scale_bits=int(s.scale_bits), act_order=bool(s.gptq_act_order),
                     percdamp=float(s.gptq_percdamp),
