@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 import numpy as np
 
-from hiquant.calib import load_text, tokenize_text
+from hiquant.calib import load_text, sample_starts, tokenize_text
 from hiquant.evaluate import perplexity
 from hiquant.packed import open_checkpoint
 
 
 def spread_windows(ids, cut, seed, n_calib, seqlen, n, L):
-    rng = random.Random(seed)  # the reference draw (calib.sample_windows) over ids[:cut]
-    calib = sorted(rng.randint(0, cut - seqlen - 1) for _ in range(n_calib))
+    calib = sample_starts(cut, n_calib, seqlen, seed)  # the run's draw over ids[:cut]
     out = []
     for k in range(n):
         s = int(k * (cut - L) / n)

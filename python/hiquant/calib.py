@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import VAL_SPLITS
 from .errors import InvalidArgumentError, InvalidTypeError
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "load_wikitext2",
     "load_jsonl_text",
     "tokenize_text",
+    "sample_starts",
     "sample_windows",
     "leading_windows",
     "file_sha256",
@@ -192,9 +194,26 @@ def _check_int(v, name, minimum):
     return int(v)
 
 
+def sample_starts(n_tokens: int, n: int, seqlen: int, seed: int = 0, *,
+                  free: np.ndarray | None = None) -> np.ndarray:
+    """First token of each of ``n`` windows of ``seqlen`` in an ``n_tokens``-token text, (n,)
+    int64, exactly as the reference code draws them: ``random.seed(seed); i = random.randint(0,
+    n_tokens - seqlen - 1)`` per window. ``free`` (bool, one entry per possible start): a draw on
+    a start that is not free is drawn again from the same stream (at least one must be free)."""
+    rng = random.Random(seed)
+    last = n_tokens - seqlen - 1
+    out = np.empty(n, dtype=np.int64)
+    for k in range(n):
+        i = rng.randint(0, last)
+        while free is not None and not free[i]:
+            i = rng.randint(0, last)
+        out[k] = i
+    return out
+
+
 def sample_windows(ids: np.ndarray, n: int, seqlen: int, seed: int = 0) -> np.ndarray:
     """``n`` random windows of ``seqlen`` ids, (n, seqlen) int64, exactly as the reference code
-    draws them: ``random.seed(seed); i = random.randint(0, len(ids) - seqlen - 1)`` per window."""
+    draws them (:func:`sample_starts`)."""
     n = _check_int(n, "n", 1)
     seqlen = _check_int(seqlen, "seqlen", 2)
     ids = np.asarray(ids)
@@ -203,12 +222,11 @@ def sample_windows(ids: np.ndarray, n: int, seqlen: int, seed: int = 0) -> np.nd
     if len(ids) < seqlen + 1:
         raise InvalidArgumentError(f"the text has {len(ids)} tokens but windows of {seqlen} need "
                                    f"at least {seqlen + 1}; use a longer text or a smaller seqlen")
-    rng = random.Random(seed)
-    out = np.empty((n, seqlen), dtype=np.int64)
-    for k in range(n):
-        i = rng.randint(0, len(ids) - seqlen - 1)
-        out[k] = ids[i:i + seqlen]
-    return out
+    return _windows_at(ids, sample_starts(len(ids), n, seqlen, seed), seqlen)
+
+
+def _windows_at(ids: np.ndarray, starts, seqlen: int) -> np.ndarray:
+    return np.ascontiguousarray(np.stack([ids[i:i + seqlen] for i in starts]).astype(np.int64))
 
 
 def leading_windows(ids: np.ndarray, seqlen: int, windows: int | None = None) -> np.ndarray:
@@ -244,7 +262,6 @@ def validation_starts(n_tokens: int, val_windows: int, val_seqlen: int,
       val_windows`` tokens, one window centred in each, so validation follows the whole text;
     * ``"tail"``: the last ``val_windows * val_seqlen`` tokens, consecutive windows.
     """
-    from .config import VAL_SPLITS
     if split not in VAL_SPLITS:
         raise InvalidArgumentError(f"val_split must be one of {', '.join(VAL_SPLITS)}, got {split!r}")
     if split == "tail":
@@ -257,9 +274,8 @@ def validation_starts(n_tokens: int, val_windows: int, val_seqlen: int,
 
 def _sample_around(ids: np.ndarray, n: int, seqlen: int, seed: int, held: np.ndarray,
                    held_len: int) -> np.ndarray:
-    """The reference draw (:func:`sample_windows`'s ``random.Random(seed)`` and ``randint``), a
-    draw whose window would overlap a held-out window ``[h, h + held_len)`` skipped and drawn
-    again."""
+    """The reference draw (:func:`sample_starts`), a draw whose window would overlap a held-out
+    window ``[h, h + held_len)`` drawn again."""
     last = len(ids) - seqlen - 1
     # a start i is free when no held window begins in (i - held_len, i + seqlen)
     free = np.ones(last + 1, bool)
@@ -270,14 +286,7 @@ def _sample_around(ids: np.ndarray, n: int, seqlen: int, seed: int, held: np.nda
             f"no {seqlen}-token calibration window fits between the {len(held)} validation "
             f"windows of {held_len} tokens in this {len(ids)}-token text; pass fewer val_windows "
             f"(--val-windows) or a longer calibration text")
-    rng = random.Random(seed)
-    out = np.empty((n, seqlen), dtype=np.int64)
-    for k in range(n):
-        i = rng.randint(0, last)
-        while not free[i]:
-            i = rng.randint(0, last)
-        out[k] = ids[i:i + seqlen]
-    return out
+    return _windows_at(ids, sample_starts(len(ids), n, seqlen, seed, free=free), seqlen)
 
 
 def calibration_split(tokenizer, path, n: int = 128, seqlen: int = 512, seed: int = 0, *,
@@ -319,7 +328,7 @@ def calibration_split(tokenizer, path, n: int = 128, seqlen: int = 512, seed: in
         win = sample_windows(ids[:int(starts[0])], n, seqlen, seed)
     else:
         win = _sample_around(ids, n, seqlen, seed, starts, val_seqlen)
-    val = np.ascontiguousarray(np.stack([ids[s:s + val_seqlen] for s in starts]).astype(np.int64))
+    val = _windows_at(ids, starts, val_seqlen)
     settings["validation"] = {"windows": int(val_windows), "seqlen": int(val_seqlen),
                               "split": val_split, "first_token": int(starts[0]),
                               "tokens": int(held)}
