@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -69,6 +70,20 @@ def torch_with_threads(bench: str, threads: int | None):
     nt = hiquant.get_num_threads()
     torch.set_num_threads(nt)
     return torch, nt
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process in MiB. VmHWM belongs to this process's address
+    space; ru_maxrss (the fallback) also counts the parent's peak, which Linux carries across
+    exec, so a worker started by a benchmark would report the benchmark's."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def interleaved(fns: dict, repeats: int = 7, warmup: int = 1) -> dict:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import emit, environment  # noqa: E402
+from _common import emit, environment, peak_rss_mib  # noqa: E402
 
 # name: (b_low, group, high fraction, b_high, scale_bits)
 FORMATS = {
@@ -75,19 +74,7 @@ def worker(folder: str, new_tokens: int, threads: int, cache_bytes: int) -> dict
     r = generate(m, np.arange(1, 9), new_tokens)
     return {"decode_tokens_per_s": r.decode_tokens_per_s, "prefill_seconds": r.prefill_seconds,
             "kv_cache_bytes": r.kv_cache_bytes,
-            "peak_rss_bytes": peak_rss_bytes()}
-
-
-def peak_rss_bytes() -> int:
-    """This process image's peak resident memory: /proc's VmHWM where there is one (getrusage's
-    ru_maxrss survives exec, so a worker would inherit the parent's peak)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            "peak_rss_mib": peak_rss_mib()}
 
 
 def folder_bytes(folder: Path) -> int:
@@ -142,7 +129,7 @@ def main(argv=None) -> None:
             rows.append({"model": lab, "weights": fmt, "folder_bytes": folder_bytes(folder),
                          "decode_tokens_per_s_min": min(tps), "decode_tokens_per_s_max": max(tps),
                          "prefill_seconds_min": min(r["prefill_seconds"] for r in rs),
-                         "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs)})
+                         "peak_rss_mib": max(r["peak_rss_mib"] for r in rs)})
     print(f"{args.threads} thread(s), {new_tokens} new tokens after 8 prompt ids, "
           f"{args.rounds} rounds; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'model':<14}{'weights':<16}{'folder MB':>10}{'decode tok/s':>16}{'vs fp16':>9}"
@@ -153,7 +140,7 @@ def main(argv=None) -> None:
         print(f"{r['model']:<14}{r['weights']:<16}{r['folder_bytes'] / 1e6:>10.1f}"
               f"{r['decode_tokens_per_s_min']:>8.2f}-{r['decode_tokens_per_s_max']:<7.2f}"
               f"{r['speedup_vs_fp16']:>9.2f}{r['prefill_seconds_min']:>11.3f}"
-              f"{r['peak_rss_bytes'] / 2**20:>14.0f}")
+              f"{r['peak_rss_mib']:>14.0f}")
     emit({"bench": "generate", "quick": args.quick, "threads": args.threads,
           "new_tokens": new_tokens, "layers": args.layers, "rows": rows, **environment()})
 

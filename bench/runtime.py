@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import emit, environment, interleaved  # noqa: E402
+from _common import emit, environment, interleaved, peak_rss_mib  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ASSETS = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "bench"))
@@ -65,19 +64,6 @@ def _torch_seq_loss(tm, ids_t):
 
 
 # ------------------------------------------------------------------------------ stats workers
-
-
-def _peak_rss_mib() -> float:
-    """Peak resident memory of this process. VmHWM belongs to this process's address space;
-    ru_maxrss (the fallback) also counts the parent's peak, which Linux carries across exec."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def stats_worker(args) -> dict:
@@ -141,7 +127,7 @@ def stats_worker(args) -> dict:
         del fcol
     return {"side": args.side, "threads": args.threads, "windows": int(win.shape[0]),
             "seconds": dt, "tokens_per_s": win.size / dt,
-            "peak_rss_mib": _peak_rss_mib(),
+            "peak_rss_mib": peak_rss_mib(),
             "fisher_sum": check, "gram_trace_sum": gcheck,
             "total_seconds": time.perf_counter() - t_start}
 
