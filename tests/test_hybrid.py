@@ -190,6 +190,50 @@ def test_adaround_phase_compensates_the_low_part_error():
     assert np.array_equal(r.wq[:, lo], r.low.wq)
 
 
+def test_compensated_high_targets_are_the_least_squares_fit_to_the_low_part_error():
+    """Against an independent construction: the targets minimize ||(Wq - W) X^T|| over the
+    continuous high columns (lstsq on the token matrix, no damping), and damping shrinks the step."""
+    W, X, H = _problem()
+    hi = _high(H, W, 0.2)
+    lo = hybrid.low_columns(W.shape[1], hi)
+    perm = np.concatenate([lo, hi])
+    Wp = np.ascontiguousarray(W[:, perm])
+    Hp = H[np.ix_(perm, perm)]
+    wq_low = np.round(Wp[:, : lo.size] * 20) / 20  # any frozen low part
+    E = wq_low.astype(np.float64) - Wp[:, : lo.size]
+    Xp = X[:, perm]
+    step, *_ = np.linalg.lstsq(Xp[:, lo.size:], -(Xp[:, : lo.size] @ E.T), rcond=None)
+    want = Wp[:, lo.size:] + step.T
+    got = hybrid.compensated_high(Wp, Hp, wq_low, lo.size, 0.0)
+    assert got.dtype == np.float32 and got.shape == (48, hi.size)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    damped = hybrid.compensated_high(Wp, Hp, wq_low, lo.size, 0.1) - Wp[:, lo.size:]
+    assert np.linalg.norm(damped) < np.linalg.norm(step)
+
+
+def test_high_compensation_learns_the_high_part_on_the_grid_of_the_targets():
+    W, X, H = _problem()
+    hi = _high(H, W, 0.2)
+    kw = dict(lwc_iters=50, adaround_iters=200, low_rounding="gptq", act_order=True)
+    off = hybrid.quantize_layer(W, H, X.shape[0], hi, 2, 3, 32, **kw)
+    on = hybrid.quantize_layer(W, H, X.shape[0], hi, 2, 3, 32, high_compensation=True, **kw)
+    np.testing.assert_array_equal(on.low.codes, off.low.codes)  # the low part is not touched
+    lo = on.low_idx
+    perm = np.concatenate([lo, hi])
+    target = hybrid.compensated_high(np.ascontiguousarray(W[:, perm]), H[np.ix_(perm, perm)],
+                                     on.low.wq, lo.size, 0.01)
+    from hiquant.storage import QuantPart
+    grid = QuantPart.from_weights(target, 3, 32)
+    np.testing.assert_array_equal(on.high.scale, grid.scale)  # min-max grid of the targets
+    step = np.repeat(grid.scale_f32(), 32, axis=1)[:, : hi.size]
+    assert np.all(np.abs(on.high.wq - target) <= step * 1.0001)  # AdaRound: floor or ceil
+    np.testing.assert_array_equal(on.to_layer("x").dequantize(), on.wq)
+    assert on.loss_final == pytest.approx(ref.gram_loss(W, on.wq, H, X.shape[0])[0],
+                                          rel=REDUCE_RTOL)
+    with pytest.raises(hiquant.HiquantError, match="high_compensation"):
+        hiquant.config.resolve(hiquant.QuantizeSettings(high_compensation="yes"))
+
+
 def test_fp16_retention_and_no_high_columns_and_all_columns_high():
     W, X, H = _problem()
     N = X.shape[0]

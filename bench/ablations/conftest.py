@@ -57,7 +57,7 @@ def setup(request):
         calib = request.config.getoption("--calib") or SHARED / "corpus" / "calib.txt"
         test = request.config.getoption("--eval-text") or SHARED / "corpus" / "test.txt"
         seqlen = 512
-        budgets = dict(w2=2.30, w3=3.30, scale_bits=8)
+        budgets = dict(w2=2.30, w3=3.30, scale_bits="auto")  # auto: the default, 6-bit codes
     common = dict(seqlen=seqlen, eval_seqlen=seqlen)
     for opt, key in (("--lwc-iters", "lwc_iters"), ("--adaround-iters", "adaround_iters")):
         if request.config.getoption(opt) is not None:

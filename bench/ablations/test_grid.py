@@ -22,7 +22,7 @@ import pytest
 from hiquant.config import PAPER_CANDIDATES, WIDE_CANDIDATES
 
 # Budgets of the hybrid methods come from the model (conftest `setup`): llama-bench W2 2.30 / W3
-# 3.30 with 8-bit scales (the budgets; float16 scales cannot fit 2.30 at W2 g64), the
+# 3.30 with the default scales (6-bit codes; float16 scales cannot fit 2.30 at W2 g64), the
 # embedded model (d_out 64-384, where a per-row super-scale costs more than it saves) 2.45 / 3.40
 # with float16 scales.
 W2 = dict(wbits=2, group_size=64, budget="w2")

@@ -147,6 +147,14 @@ def _on_off_auto(text: str):
         raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}") from None
 
 
+def _on_off(text: str) -> bool:
+    """A switch: "on" → True, "off" → False."""
+    try:
+        return {"on": True, "off": False}[text]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}") from None
+
+
 def cmd_quantize(args) -> int:
     """Quantize a checkpoint; the last stdout line is the run's JSON summary."""
     from . import _threads
@@ -305,6 +313,12 @@ def _add_pipeline_commands(sub) -> None:
                    help="each candidate's perturbation in M: rtn (round-to-nearest, default) or "
                         "gptq (GPTQ codes on the parts' min-max grids, high columns compensating: "
                         "the hybrid quantizer's structure; needs the input Grams)")
+    p.add_argument("--m-windows", dest="m_windows", type=int, default=None,
+                   help="calibration windows that build M (default 32; the measured estimator's "
+                        "cost is linear in them)")
+    p.add_argument("--m-pairs", dest="m_pairs", default=None, type=_on_off, metavar="{on,off}",
+                   help="measured estimator: also measure every pair of layers in a block (on, "
+                        "default) or the single layers only (off)")
     p.add_argument("--n-calib", dest="n_calib", type=int, default=None)
     p.add_argument("--seqlen", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
@@ -352,6 +366,11 @@ def _add_pipeline_commands(sub) -> None:
                    help="GPTQ's columns by decreasing Gram diagonal (on) or as stored (off); "
                         "default auto: on for the low part's codes on its learned grid, off for "
                         "the gptq method")
+    p.add_argument("--high-compensation", dest="high_compensation", default=None,
+                   type=_on_off, metavar="{on,off}",
+                   help="hybrid methods: AdaRound the high columns around the targets that absorb "
+                        "the frozen low part's error (on) or around the layer's weights (off, "
+                        "default)")
     p.add_argument("--eval-text", dest="eval_text", default=None)
     p.add_argument("--eval-windows", dest="eval_windows", type=int, default=None,
                    help="perplexity windows (default 200, the shared protocol)")

@@ -205,6 +205,10 @@ class QuantizeSettings:
     # lowers the layer loss), False for the gptq method (groups formed as the sweep reaches them,
     # as the peers' published runs)
     gptq_act_order: bool | str = "auto"
+    # the high part's AdaRound around the layer's weights (False) or around the weights that best
+    # absorb the frozen low part's error, W_H - E_L H_LH (H_HH + damp)^-1 (True; its grid is
+    # the min-max grid of those targets)
+    high_compensation: bool = False
     eval_seqlen: int = 512
     eval_windows: int = 200
     n_threads: int | None = None  # None: hiquant's default (hiquant.set_num_threads)
@@ -360,6 +364,9 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
     elif not isinstance(act_order, (bool, np.bool_)):
         raise InvalidTypeError(f"gptq_act_order must be True, False or 'auto', got {act_order!r}")
     ch["gptq_act_order"] = bool(act_order)
+    if not isinstance(s.high_compensation, (bool, np.bool_)):
+        raise InvalidTypeError(f"high_compensation must be True or False, got "
+                               f"{s.high_compensation!r}")
 
     for name in ("n_calib", "calib_batch", "block_epochs", "block_batch", "m_windows",
                  "eval_windows", "gptq_blocksize"):

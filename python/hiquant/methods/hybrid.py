@@ -150,7 +150,8 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
                    order: str = "sequential", n_threads: int | None = None,
                    progress: Progress = None, scale_bits: int = 16,
                    low_fixed: QuantPart | None = None, low_rounding: str = "nearest",
-                   percdamp: float = 0.01, act_order: bool = False) -> HybridResult:
+                   percdamp: float = 0.01, act_order: bool = False,
+                   high_compensation: bool = False) -> HybridResult:
     """Hybrid quantization of one layer on the layer-wise Gram objective.
 
     ``W`` float32 ``(d_out, d_in)``; ``H`` float64 ``(d_in, d_in)`` the Gram matrix of the layer's
@@ -276,6 +277,11 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
             low_exp = rounded(lwc.export(Wp[:, :d_low], scale_bits))
             obj.set_columns(0, low_exp.wq)
         if ada is not None:
+            if high_compensation and d_low:
+                ada = K.AdaRound(compensated_high(Wp, Hp, low_exp.wq, d_low, percdamp), b_high, gs,
+                                 lr=adaround_lr, lam=lam, iters=adaround_iters, warmup=warmup,
+                                 b_start=b_start, b_end=b_end, n_threads=nt,
+                                 scale_bits=scale_bits)
             obj.set_active(d_low, d_in)
             r = K.fit(obj, adaround_iters, adaround=ada, adaround_col0=d_low,
                       progress=cb("adaround"))
@@ -308,6 +314,26 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
                         lwc_params=lwc.params if lwc is not None else None)
 
 
+def compensated_high(Wp: np.ndarray, Hp: np.ndarray, wq_low: np.ndarray, d_low: int,
+                     percdamp: float) -> np.ndarray:
+    """The high columns' least-squares targets given the frozen low part: with the columns in
+    (low, high) order, ``Wp`` float32 ``(d_out, d_in)``, ``Hp`` its float64 Gram and ``wq_low``
+    the low part's quantized values, ``W_H - E_L H_LH (H_HH + λI)^-1`` where ``E_L = wq_low - W_L``
+    and ``λ = percdamp · mean(diag H_HH)`` (GPTQ's damping). Minimizes the layer loss over
+    continuous high columns; float32 ``(d_out, d_in - d_low)``."""
+    E = np.asarray(wq_low, np.float64) - Wp[:, :d_low]
+    Hhh = np.array(Hp[d_low:, d_low:], np.float64)
+    Hhh[np.diag_indices_from(Hhh)] += percdamp * float(np.mean(np.diag(Hhh)))
+    try:
+        L = np.linalg.cholesky(Hhh)
+    except np.linalg.LinAlgError as e:
+        raise NumericalError("the damped Gram block of the high columns is not positive definite;"
+                             " raise gptq_percdamp or turn high_compensation off") from e
+    rhs = (E @ Hp[:d_low, d_low:]).T  # (k, d_out)
+    delta = -np.linalg.solve(L.T, np.linalg.solve(L, rhs)).T
+    return np.ascontiguousarray(Wp[:, d_low:] + delta, np.float32)
+
+
 def layer_options(settings) -> dict:
     """:func:`quantize_layer`'s keyword options from resolved settings: iterations and learning
     rates of LWC and AdaRound, threads, scale storage, the low part's rounding and its damping."""
@@ -316,7 +342,8 @@ def layer_options(settings) -> dict:
                 adaround_lr=float(settings.adaround_lr), n_threads=settings.n_threads,
                 scale_bits=int(settings.scale_bits), low_rounding=settings.low_rounding,
                 percdamp=float(settings.gptq_percdamp),
-                act_order=bool(settings.gptq_act_order))
+                act_order=bool(settings.gptq_act_order),
+                high_compensation=bool(settings.high_compensation))
 
 
 def quantize(name, W, stats, plan, settings) -> QuantizedLayer:
