@@ -17,6 +17,7 @@ here (one worker, single-threaded BLAS, n_windows × seqlen tokens), and the who
 predicted time for singles and pairs (``hiquant.allocate.measured_evaluations`` evaluations).
 
     python bench/measured_m.py --quick                       # CI: the embedded tiny model
+    python bench/measured_m.py --quick --backend torch       # the torch runtime's variants
     nice -n 10 python bench/measured_m.py --model /work/shared/bench/llama-bench \\
         --calib /work/shared/bench/corpus/calib.txt --m-windows 4 --seqlen 512 --blocks 7
 """
@@ -52,6 +53,9 @@ def main(argv=None) -> None:
     ap.add_argument("--pairs", action="store_true", help="include the same-block pairs")
     ap.add_argument("--threads", type=int, default=None, help="workers (default: hiquant's)")
     ap.add_argument("--batch", type=int, default=4, help="a second eval_batch to time")
+    ap.add_argument("--backend", choices=("numpy", "torch"), default="numpy",
+                    help="the runtime; torch: the old loop, the estimator's set_weight fallback "
+                         "(a layer rebuilt per evaluation) and its per-call weights= path")
     a = ap.parse_args(argv)
     if a.quick or a.model is None:
         from hiquant.datasets import embedded_calib_path, embedded_model_path
@@ -59,7 +63,11 @@ def main(argv=None) -> None:
         if a.quick:
             a.m_windows, a.seqlen = 2, 64
     threads = a.threads or hiquant.get_num_threads()
-    model = load_model(a.model)
+    if a.backend == "torch":
+        from hiquant.torch_runtime import load_torch_model
+        model = load_torch_model(a.model)
+    else:
+        model = load_model(a.model)
     B = model.num_blocks
     blocks = a.blocks if a.blocks is not None else [B - 1]
     names = [n for b in blocks for n in model.block_linear_names(b)]
@@ -101,6 +109,21 @@ def main(argv=None) -> None:
     variants = {"old": old, "old, BLAS 1": old_blas1, "new, 1 worker": new(1, None),
                 f"new, {threads} workers": new(threads, None),
                 f"new, {threads} workers, batch {a.batch}": new(threads, a.batch)}
+    if a.backend == "torch":
+        class NoOverrides:  # the runtime as it was before block_forward took weights=
+            def __getattr__(self, name):
+                return getattr(model, name)
+
+            def block_forward(self, i, h, *, cache=False, capture=None):
+                return model.block_forward(i, h, cache=cache, capture=capture)
+
+        def fallback():
+            return A.sensitivity_matrix(NoOverrides(), ids, estimator="measured", fisher_col=fc,
+                                        candidates=cand, group_size=g, names=names,
+                                        pairs=a.pairs, n_threads=threads).M
+
+        variants = {"old": old, "set_weight fallback": fallback, "new, 1 worker": new(1, None),
+                    f"new, {threads} workers": new(threads, None)}
     repeats = 3 if a.quick else 1
     times = {k: [] for k in variants}
     Ms = {}
@@ -150,7 +173,8 @@ def main(argv=None) -> None:
     print(f"cost model (1 worker): t_block {t_block:.4f} s, t_head {t_head:.4f} s; whole model: "
           f"singles {single_n} evaluations ~ {single_s:.0f} s, with pairs {pair_n} ~ {pair_s:.0f} s "
           f"(divide by the workers' speedup on this machine)")
-    emit({"bench": "measured_m", "model": a.model, "blocks": blocks, "n_windows": a.m_windows,
+    emit({"bench": "measured_m", "backend": a.backend, "model": a.model, "blocks": blocks,
+          "n_windows": a.m_windows,
           "seqlen": a.seqlen, "pairs": a.pairs, "evaluations": E, "L0": L0, "variants": rows,
           "deltas_seconds": t_deltas,
           "t_block": t_block, "t_head": t_head,

@@ -68,7 +68,7 @@ def test_measured_m_equals_the_sequential_loop_for_any_threads_and_batch(setup, 
 
 
 class _NoOverrides:
-    """A runtime whose block_forward takes no ``weights=`` (as the torch runtime's): the
+    """A runtime whose block_forward takes no ``weights=``: the
     estimator falls back to set_weight, one task at a time."""
 
     def __init__(self, model):

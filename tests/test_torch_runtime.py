@@ -126,6 +126,57 @@ def test_quantized_layer_weight_and_reset_behave_as_in_the_numpy_runtime(tiny_ll
     np.testing.assert_array_equal(t.sequence_losses(ids), base)
 
 
+def test_block_forward_with_weight_overrides_equals_set_weight_and_leaves_the_model(tiny_llama):
+    from hiquant.errors import InvalidArgumentError, InvalidTypeError
+    folder, cfg, _ = tiny_llama
+    t = load_torch_model(folder)
+    h = t.embed(_ids(cfg))
+    q, k, v, o, gate, up, down = t.block_linear_names(1)
+    rng = np.random.default_rng(2)
+    over = {n: t.get_weight(n) + 0.05 * rng.standard_normal(t.linear_shape(n)).astype(np.float32)
+            for n in (q, o, gate, down)}
+    plain = t.block_forward(1, h)
+    got = t.block_forward(1, h, weights=over)
+    assert t.modified_weights() == []
+    np.testing.assert_array_equal(t.block_forward(1, h), plain)
+    for n, W in over.items():
+        t.set_weight(n, W)
+    try:
+        np.testing.assert_array_equal(got, t.block_forward(1, h))
+    finally:
+        t.reset_weights()
+    assert not np.array_equal(got, plain)
+    with pytest.raises(InvalidArgumentError, match="not a linear layer of block 1"):
+        t.block_forward(1, h, weights={t.block_linear_names(0)[0]: over[q]})
+    with pytest.raises(InvalidArgumentError, match="shape"):
+        t.block_forward(1, h, weights={o: over[o][:, :-1].copy()})
+    with pytest.raises(InvalidTypeError, match="float32"):
+        t.block_forward(1, h, weights={o: over[o].astype(np.float16)})
+    with pytest.raises(InvalidArgumentError, match="cache"):
+        t.block_forward(1, h, weights={o: over[o]}, cache=True)
+
+
+def test_measured_m_on_the_torch_runtime_equals_the_numpy_runtimes(tiny_llama):
+    """The measured estimator takes the per-call weight path on the torch runtime (no layer
+    rebuild per evaluation) and gives the NumPy runtime's M within float32 rounding."""
+    import hiquant.allocate as A
+    from tolerances import MEASURED_M_RTOL
+    folder, cfg, _ = tiny_llama
+    a, t = load_model(folder), load_torch_model(folder)
+    assert A._overridable(t)
+    ids = _ids(cfg, B=4, T=12)
+    rng = np.random.default_rng(0)
+    fc = {n: rng.random(a.linear_shape(n)[1]) for n in a.linear_names()}
+    kw = dict(estimator="measured", fisher_col=fc, candidates=(0.0, 0.1, 0.5), group_size=8,
+              pairs=True, n_threads=2)
+    want = A.sensitivity_matrix(a, ids, **kw).M
+    got = A.sensitivity_matrix(t, ids, **kw).M
+    assert np.count_nonzero(want - np.diag(np.diag(want))) > 0
+    L0 = float(np.mean(a.sequence_losses(ids)))
+    np.testing.assert_allclose(got, want, rtol=0, atol=MEASURED_M_RTOL * L0)  # 1e-7 · L0 seen
+    assert t.modified_weights() == []
+
+
 def test_zero_weight_cache_builds_each_layer_on_use_with_identical_results(tiny_llama):
     folder, cfg, _ = tiny_llama
     ids = _ids(cfg)

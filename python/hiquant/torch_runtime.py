@@ -219,6 +219,12 @@ class TorchModel:
             self._overrides[name] = W
             self._evict(i)
             return
+        self._overrides[name] = np.array(self._check_weight(name, W), order="C", copy=True)
+        self._evict(i)
+
+    def _check_weight(self, name: str, W) -> np.ndarray:
+        """``W`` as a weight of linear ``name`` (float32 or the compute dtype, its shape, finite)."""
+        shape = self.linear_shape(name)
         if not isinstance(W, np.ndarray):
             raise InvalidTypeError(f"W must be a numpy.ndarray of float32, got {type(W).__name__}")
         if W.dtype != np.float32 and W.dtype != self.compute_dtype:
@@ -229,8 +235,7 @@ class TorchModel:
                                        "weight of the same layer")
         if not np.isfinite(W).all():
             raise NumericalError(f"W for {name} contains NaN or Inf")
-        self._overrides[name] = np.array(W, order="C", copy=True)
-        self._evict(i)
+        return W
 
     def reset_weight(self, name: str) -> None:
         i, _ = self._check_name(name)
@@ -425,19 +430,49 @@ class TorchModel:
             out *= np.float32(self._embed_scale).astype(self.compute_dtype)
         return out.reshape(ids.shape[0], ids.shape[1], self.config.hidden_size)
 
-    def _run_layer(self, built: _Built, x):
+    def _run_layer(self, built: _Built, x, params: dict | None = None):
+        """The decoder layer on ``x``; ``params``: ``{parameter path: tensor}`` used instead of
+        the layer's own for this call (``torch.func.functional_call``)."""
         torch = self._torch
         B, T, _ = x.shape
         pos = torch.arange(T, device=self.device).unsqueeze(0).expand(B, T)
         cos, sin = self._rotary(x, pos)
-        return built.layer(x, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
+        kw = dict(attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
+        if params:
+            return torch.func.functional_call(built.layer, params, (x,), kw)
+        return built.layer(x, **kw)
+
+    def _call_params(self, i: int, weights) -> dict:
+        """``{name: W}`` of block ``i``'s linears as functional_call's parameter dict."""
+        if not hasattr(weights, "items"):
+            raise InvalidTypeError(f"weights must be a mapping {{name: W}}, got "
+                                   f"{type(weights).__name__}")
+        pre = f"model.layers.{i}."
+        out = {}
+        for name, W in weights.items():
+            b, _ = self._check_name(name)
+            if b != i:
+                raise InvalidArgumentError(f"{name!r} is not a linear layer of block {i} (it is "
+                                           f"one of block {b})")
+            W = self._check_weight(name, W)
+            out[name[len(pre):] + ".weight"] = self._torch.from_numpy(
+                np.ascontiguousarray(W, self.compute_dtype)).to(self.device)
+        return out
 
     def block_forward(self, i: int, h: np.ndarray, *, cache: bool = False,
-                      capture: Callable[[str, np.ndarray], None] | None = None):
+                      capture: Callable[[str, np.ndarray], None] | None = None,
+                      weights: Mapping[str, np.ndarray] | None = None):
+        """As :meth:`hiquant.model.Model.block_forward`; ``weights`` (``{name: W}`` for some of
+        block ``i``'s linears) are used in this call only (the model is not changed; not with
+        ``cache=True``), so the measured sensitivity matrix evaluates its perturbations without
+        set_weight's rebuild of the layer."""
         i = self._check_block(i)
         h = self._check_h(h)
         self.check_seqlen(h.shape[1])
         torch = self._torch
+        if weights and cache:
+            raise InvalidArgumentError("weights= is for forward passes only (cache=False)")
+        params = self._call_params(i, weights) if weights else None
         with self._lock:  # one layer module shared by every caller: its passes run one at a time
             built = self._layer(i)
             handles = []
@@ -460,7 +495,7 @@ class TorchModel:
                 x = torch.from_numpy(np.ascontiguousarray(h)).to(self.device)
                 if not cache:
                     with torch.no_grad():
-                        out = self._run_layer(built, x)
+                        out = self._run_layer(built, x, params)
                     return self._numpy(out)
                 with torch.enable_grad():
                     x.requires_grad_(True)
