@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 import hiquant  # noqa: E402
 from _common import emit, environment  # noqa: E402
+from hiquant._threads import set_blas_threads  # noqa: E402
 from hiquant.packed_matmul import PackedLinear, kernel_name  # noqa: E402
 from hiquant.storage import QuantizedLayer  # noqa: E402
 
@@ -152,6 +153,9 @@ def main(argv=None) -> None:
                                             "shared" / "bench"))
     args = ap.parse_args(argv)
     threads = args.threads or hiquant.get_num_threads()
+    # the float32 BLAS row runs on as many threads as hiquant's kernels (False: not settable here,
+    # the JSON says so)
+    blas_set = set_blas_threads(threads)
     repeats = args.repeats or (3 if args.quick else 15)
     rng = np.random.default_rng(0)
     cap = (256 << 20) if args.quick else (1 << 30)
@@ -186,7 +190,7 @@ def main(argv=None) -> None:
               f"{r['speedup_vs_fp32']:>8.2f}")
     emit({"bench": "inference", "quick": args.quick, "kernel": kernel_name(),
           "copy_bandwidth_Bps": bw, "load_average": os.getloadavg(), "rows": rows,
-          **environment()})
+          **environment(), "threads": threads, "blas_threads_set": blas_set})
 
 
 if __name__ == "__main__":

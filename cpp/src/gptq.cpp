@@ -216,11 +216,11 @@ GptqStats gptq(const float* W, int64_t rows, int64_t cols, const double* H, cons
       for (int64_t i = 0; i < count; ++i) {
         const int64_t col = i1 + i, ocol = perm[col], cg = gs > 0 ? ocol / gs : 0;
         if (gs > 0 && forms_group[col]) {
-          const int64_t g = ocol / gs, c0 = g * gs, m = std::min(gs, nq - c0);
+          const int64_t c0 = cg * gs, m = std::min(gs, nq - c0);
           for (int64_t j = 0; j < nr; ++j) {
             const float* wr = Wc.data() + (r0 + j) * n;
             for (int64_t c = 0; c < m; ++c) gvals[c] = wr[pos[c0 + c]];
-            form(r0 + j, g, gvals.data(), m);
+            form(r0 + j, cg, gvals.data(), m);
           }
         }
         const float d = U[col * n + col];
