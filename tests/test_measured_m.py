@@ -142,32 +142,39 @@ def test_measured_m_resumed_from_finished_blocks_equals_an_uninterrupted_run(set
         _m(model, ids, fc, partial={0: np.zeros((3, 3))})
 
 
-def test_block_forward_with_weight_overrides_equals_set_weight_and_leaves_the_model(setup):
-    model, ids, _ = setup
-    h = model.embed(ids)
-    q, k, v, o, gate, up, down = model.block_linear_names(0)
-    rng = np.random.default_rng(1)
+def check_weight_overrides(model, i: int, h, names, other_block: int, seed: int) -> None:
+    """block_forward(i, h, weights=...) with perturbed weights of ``names`` equals set_weight of
+    them, leaves the model and its cache unchanged, and refuses a layer of ``other_block``, a
+    wrong shape, a wrong dtype and cache=True. Shared by the NumPy and torch runtimes' tests."""
+    rng = np.random.default_rng(seed)
     over = {n: model.get_weight(n) + 0.05 * rng.standard_normal(model.linear_shape(n))
-            .astype(np.float32) for n in (k, o, up, down)}
-    plain = model.block_forward(0, h)
-    got = model.block_forward(0, h, weights=over)
+            .astype(np.float32) for n in names}
+    plain = model.block_forward(i, h)
+    got = model.block_forward(i, h, weights=over)
     assert model.modified_weights() == []
-    np.testing.assert_array_equal(model.block_forward(0, h), plain)  # the cache is untouched
+    np.testing.assert_array_equal(model.block_forward(i, h), plain)  # the cache is untouched
     for n, W in over.items():
         model.set_weight(n, W)
     try:
-        np.testing.assert_array_equal(got, model.block_forward(0, h))
+        np.testing.assert_array_equal(got, model.block_forward(i, h))
     finally:
         model.reset_weights()
     assert not np.array_equal(got, plain)
-    with pytest.raises(InvalidArgumentError, match="not a linear layer of block 0"):
-        model.block_forward(0, h, weights={model.block_linear_names(1)[0]: over[k]})
+    n0 = names[0]
+    with pytest.raises(InvalidArgumentError, match=f"not a linear layer of block {i}"):
+        model.block_forward(i, h, weights={model.block_linear_names(other_block)[0]: over[n0]})
     with pytest.raises(InvalidArgumentError, match="shape"):
-        model.block_forward(0, h, weights={k: over[k].T.copy()})
+        model.block_forward(i, h, weights={n0: over[n0][:, :-1].copy()})
     with pytest.raises(InvalidTypeError, match="float32"):
-        model.block_forward(0, h, weights={k: over[k].astype(np.float16)})
+        model.block_forward(i, h, weights={n0: over[n0].astype(np.float16)})
     with pytest.raises(InvalidArgumentError, match="cache"):
-        model.block_forward(0, h, weights={k: over[k]}, cache=True)
+        model.block_forward(i, h, weights={n0: over[n0]}, cache=True)
+
+
+def test_block_forward_with_weight_overrides_equals_set_weight_and_leaves_the_model(setup):
+    model, ids, _ = setup
+    q, k, v, o, gate, up, down = model.block_linear_names(0)
+    check_weight_overrides(model, 0, model.embed(ids), (k, o, up, down), other_block=1, seed=1)
 
 
 def test_measured_evaluations_counts_singles_and_same_block_pairs():

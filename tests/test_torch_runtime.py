@@ -127,33 +127,11 @@ def test_quantized_layer_weight_and_reset_behave_as_in_the_numpy_runtime(tiny_ll
 
 
 def test_block_forward_with_weight_overrides_equals_set_weight_and_leaves_the_model(tiny_llama):
-    from hiquant.errors import InvalidArgumentError, InvalidTypeError
+    from test_measured_m import check_weight_overrides
     folder, cfg, _ = tiny_llama
     t = load_torch_model(folder)
-    h = t.embed(_ids(cfg))
     q, k, v, o, gate, up, down = t.block_linear_names(1)
-    rng = np.random.default_rng(2)
-    over = {n: t.get_weight(n) + 0.05 * rng.standard_normal(t.linear_shape(n)).astype(np.float32)
-            for n in (q, o, gate, down)}
-    plain = t.block_forward(1, h)
-    got = t.block_forward(1, h, weights=over)
-    assert t.modified_weights() == []
-    np.testing.assert_array_equal(t.block_forward(1, h), plain)
-    for n, W in over.items():
-        t.set_weight(n, W)
-    try:
-        np.testing.assert_array_equal(got, t.block_forward(1, h))
-    finally:
-        t.reset_weights()
-    assert not np.array_equal(got, plain)
-    with pytest.raises(InvalidArgumentError, match="not a linear layer of block 1"):
-        t.block_forward(1, h, weights={t.block_linear_names(0)[0]: over[q]})
-    with pytest.raises(InvalidArgumentError, match="shape"):
-        t.block_forward(1, h, weights={o: over[o][:, :-1].copy()})
-    with pytest.raises(InvalidTypeError, match="float32"):
-        t.block_forward(1, h, weights={o: over[o].astype(np.float16)})
-    with pytest.raises(InvalidArgumentError, match="cache"):
-        t.block_forward(1, h, weights={o: over[o]}, cache=True)
+    check_weight_overrides(t, 1, t.embed(_ids(cfg)), (o, q, gate, down), other_block=0, seed=2)
 
 
 def test_measured_m_on_the_torch_runtime_equals_the_numpy_runtimes(tiny_llama):

@@ -240,12 +240,15 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
         if low_fixed.bits != b_low or low_fixed.group_size != gs:
             raise InvalidArgumentError("low_fixed has different bits or group size than b_low, "
                                        "group_size")
+    def adaround(Wh: np.ndarray) -> K.AdaRound:  # the high part's learner around the columns Wh
+        return K.AdaRound(Wh, b_high, gs, lr=adaround_lr, lam=lam, iters=adaround_iters,
+                          warmup=warmup, b_start=b_start, b_end=b_end, n_threads=nt,
+                          scale_bits=scale_bits)
+
     ada = None
     high16 = None
     if k and b_high != 16:
-        ada = K.AdaRound(np.ascontiguousarray(Wp[:, d_low:]), b_high, gs, lr=adaround_lr,
-                         lam=lam, iters=adaround_iters, warmup=warmup, b_start=b_start,
-                         b_end=b_end, n_threads=nt, scale_bits=scale_bits)
+        ada = adaround(np.ascontiguousarray(Wp[:, d_low:]))
     elif k:
         high16 = np.ascontiguousarray(Wp[:, d_low:]).astype(np.float16)
         obj.set_columns(d_low, high16.astype(np.float32))
@@ -278,10 +281,7 @@ def quantize_layer(W: np.ndarray, H: np.ndarray, n_tokens: float, high_idx, b_lo
             obj.set_columns(0, low_exp.wq)
         if ada is not None:
             if high_compensation and d_low:
-                ada = K.AdaRound(compensated_high(Wp, Hp, low_exp.wq, d_low, percdamp), b_high, gs,
-                                 lr=adaround_lr, lam=lam, iters=adaround_iters, warmup=warmup,
-                                 b_start=b_start, b_end=b_end, n_threads=nt,
-                                 scale_bits=scale_bits)
+                ada = adaround(compensated_high(Wp, Hp, low_exp.wq, d_low, percdamp))
             obj.set_active(d_low, d_in)
             r = K.fit(obj, adaround_iters, adaround=ada, adaround_col0=d_low,
                       progress=cb("adaround"))
