@@ -312,6 +312,58 @@ def test_block_backward_input_gradient_matches_finite_differences(tiny_checkpoin
         assert abs(dh[idx] - fd) <= FD_ATOL + FD_RTOL * abs(fd)
 
 
+def test_norm_weight_gradients_match_finite_differences(tiny_checkpoint):
+    # every RMSNorm weight of a Qwen3 block (input, post-attention, q_norm, k_norm) and the final
+    # norm, through the whole model's loss, against central differences (float64 compute)
+    folder, cfg, _ = tiny_checkpoint("Qwen3ForCausalLM", head_dim=16)
+    m = load_model(folder, compute_dtype="float64")
+    ids = _ids(cfg, B=2, T=7)
+
+    def loss():
+        h = m.embed(ids)
+        for b in range(m.num_blocks):
+            h = m.block_forward(b, h)
+        return m.head_loss(h, ids).sum()
+
+    h, caches = m.embed(ids), []
+    for b in range(m.num_blocks):
+        h, c = m.block_forward(b, h, cache=True)
+        caches.append(c)
+    _, dh, grads = m.head_loss(h, ids, grad=True, norm_grad=True)
+    for b in reversed(range(m.num_blocks)):
+        dh, g = m.block_backward(b, caches[b], dh, weight_grads=False, norm_grads=True)
+        assert not set(g) & set(m.block_linear_names(b))  # weight_grads=False: norms only
+        grads.update(g)
+    expected = {"model.norm.weight"} | {
+        f"model.layers.{b}.{n}.weight" for b in range(m.num_blocks)
+        for n in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm",
+                  "self_attn.k_norm")}
+    assert set(grads) == expected
+    rng = np.random.default_rng(3)
+    for name in sorted(expected):
+        w = m.get_norm_weight(name)  # float32 storage: the perturbed values are exact
+        assert grads[name].shape == w.shape and grads[name].dtype == np.float64
+        j = int(rng.integers(0, w.size))
+        step = np.float32(2.0 ** -12)
+        wp, wm = w.copy(), w.copy()
+        wp[j] += step
+        wm[j] -= step
+        m.set_norm_weight(name, wp)
+        lp = loss()
+        m.set_norm_weight(name, wm)
+        lm = loss()
+        m.set_norm_weight(name, w)
+        fd = (lp - lm) / (float(wp[j]) - float(wm[j]))
+        assert abs(grads[name][j] - fd) <= FD_ATOL + 1e-4 * abs(fd), name
+
+
+def test_head_loss_norm_grad_needs_grad(tiny_llama):
+    m = load_model(tiny_llama[0])
+    ids = _ids(tiny_llama[1], B=1, T=4)
+    with pytest.raises(InvalidArgumentError, match="norm_grad=True needs grad=True"):
+        m.head_loss(m.embed(ids), ids, norm_grad=True)
+
+
 def test_head_loss_gradient_matches_finite_differences(tiny_llama):
     folder, cfg, _ = tiny_llama
     m = load_model(folder, compute_dtype="float64")

@@ -103,6 +103,13 @@ def _rmsnorm_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, r: np.ndarra
     return g
 
 
+def _rmsnorm_weight_grad(dy: np.ndarray, x: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """d/dw of y = w * x * r summed over every leading axis (float64, shape ``(x.shape[-1],)``)."""
+    xr = (x * r).reshape(-1, x.shape[-1])
+    return np.einsum("ij,ij->j", dy.reshape(-1, x.shape[-1]).astype(np.float64), xr,
+                     dtype=np.float64)
+
+
 def _rope_apply(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """x·cos + rotate_half(x)·sin with half tables (both halves of transformers' cos are equal):
     out1 = x1·c − x2·s, out2 = x2·c + x1·s, rounded exactly as transformers rounds it."""
@@ -846,12 +853,15 @@ class Model:
         return out, cch
 
     def block_backward(self, i: int, cache: BlockCache, dh_out: np.ndarray, *,
-                       weight_grads: bool = True):
+                       weight_grads: bool = True, norm_grads: bool = False):
         """Backward pass of block ``i`` from the cache of its forward pass.
 
         ``dh_out`` is the gradient with respect to the block's output (B, T, hidden). Returns
         ``(dh_in, grads)``: the gradient with respect to the block's input and, when
-        ``weight_grads``, ``{name: dW}`` for its seven linear layers (compute dtype, (d_out, d_in)).
+        ``weight_grads``, ``{name: dW}`` for its seven linear layers (compute dtype, (d_out, d_in));
+        with ``norm_grads`` also ``{norm name: dw}`` (float64, the norm's shape) for the block's
+        RMSNorm weights (input_layernorm, post_attention_layernorm, and q_norm / k_norm where the
+        model has them) — what end-to-end tuning of the norms needs (:mod:`hiquant.e2e`).
         """
         i = self._check_block(i)
         if not isinstance(cache, BlockCache) or cache.block != i:
@@ -893,6 +903,10 @@ class Model:
             dWgu = dgu.T @ cache.m
             grads[names[4]], grads[names[5]] = dWgu[:I], dWgu[I:]
         dm = dgu @ P.Wgu
+        pre = f"model.layers.{i}."
+        if norm_grads:
+            grads[pre + "post_attention_layernorm.weight"] = _rmsnorm_weight_grad(
+                dm, cache.h1, cache.r2)
         dh1 = _rmsnorm_backward(dm, cache.h1, P.ln2, cache.r2)
         dh1 += dy
 
@@ -922,6 +936,9 @@ class Model:
         dqn = _rope_backward(dqr, cos[:, None], sin[:, None]).transpose(0, 2, 1, 3, 4)
         dkn = _rope_backward(dkr, cos, sin).transpose(0, 2, 1, 3)  # (B, T, KV, hd)
         if c.qk_norm:
+            if norm_grads:
+                grads[pre + "self_attn.q_norm.weight"] = _rmsnorm_weight_grad(dqn, cache.q, cache.rq)
+                grads[pre + "self_attn.k_norm.weight"] = _rmsnorm_weight_grad(dkn, cache.k, cache.rk)
             dqn = _rmsnorm_backward(dqn, cache.q, P.qn, cache.rq)
             dkn = _rmsnorm_backward(dkn, cache.k, P.kn, cache.rk)
         dqkv = np.empty((B * T, nq + 2 * nkv), dtype=cd)
@@ -934,10 +951,12 @@ class Model:
             grads[names[0]], grads[names[1]], grads[names[2]] = (
                 dW[:nq], dW[nq:nq + nkv], dW[nq + nkv:])
         da = dqkv @ P.Wqkv
+        if norm_grads:
+            grads[pre + "input_layernorm.weight"] = _rmsnorm_weight_grad(da, cache.x, cache.r1)
         dx = _rmsnorm_backward(da, cache.x, P.ln1, cache.r1)
         dx += dh1
         if weight_grads:
-            grads = {n: np.ascontiguousarray(grads[n]) for n in names}
+            grads.update({n: np.ascontiguousarray(grads[n]) for n in names})
         return dx.reshape(B, T, D), grads
 
     # ---- incremental decoding (generation)
@@ -1046,13 +1065,18 @@ class Model:
         y, r = _rmsnorm(x, hd.norm, self.config.rms_norm_eps)
         return hd, x, y, r
 
-    def head_loss(self, h: np.ndarray, ids: np.ndarray, *, grad: bool = False):
+    def head_loss(self, h: np.ndarray, ids: np.ndarray, *, grad: bool = False,
+                  norm_grad: bool = False):
         """Per-sequence mean next-token cross-entropy (float64, (B,)) from the last block's
         output ``h`` (B, T, hidden); position t predicts ids[:, t+1] (T-1 predictions, no BOS).
 
         With ``grad=True`` returns ``(losses, dh)`` where ``dh`` is the gradient of
-        ``losses.sum()`` with respect to ``h``.
+        ``losses.sum()`` with respect to ``h``; with ``norm_grad`` too, ``(losses, dh,
+        {"model.norm.weight": dw})``, the gradient with respect to the final norm's weight
+        (float64).
         """
+        if norm_grad and not grad:
+            raise InvalidArgumentError("norm_grad=True needs grad=True")
         h = self._check_h(h)
         ids = self.check_ids(ids, min_len=2)
         B, T = ids.shape
@@ -1085,6 +1109,9 @@ class Model:
         if not grad:
             return losses
         dx = _rmsnorm_backward(dy, x, hd.norm, r)
+        if norm_grad:
+            return losses, dx.reshape(B, T, D), {
+                "model.norm.weight": _rmsnorm_weight_grad(dy, x, r)}
         return losses, dx.reshape(B, T, D)
 
     # ---- whole model
