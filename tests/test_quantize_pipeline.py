@@ -301,6 +301,36 @@ def test_aug_loss_is_recorded_and_changes_the_blocks_after_the_first(model, tmp_
     assert reps[True].ppl < rtn.ppl
 
 
+def test_e2e_tuning_keeps_the_bits_and_its_exports_reload_to_the_evaluated_model(model, tmp_path):
+    """End-to-end tuning (the default for hiq) changes scales and norm weights only: the same
+    plans and bits as without it; the packed and fake exports carry the tuned norms, so the
+    packed folder reproduces the validation perplexity the report gives."""
+    from hiquant.calib import calibration_split
+    from hiquant.evaluate import perplexity
+    from hiquant.packed import load_packed
+    kw = dict(method="hiq", wbits=2, group_size=64, avg_bits=2.4, estimator="diagonal",
+              block_epochs=1, val_windows=3, model=model, progress=False, **FAST)
+    off = quantize(embedded_model_path(), embedded_calib_path(), e2e_epochs=0, **kw)
+    on = quantize(embedded_model_path(), embedded_calib_path(), out=tmp_path / "run", **kw)
+    assert off.e2e is None and off.settings["e2e_epochs"] == 0
+    assert on.settings["e2e_epochs"] == 2 and len(on.e2e["epoch_loss"]) == 2
+    assert on.total_bits == off.total_bits
+    assert [L["k"] for L in on.layers] == [L["k"] for L in off.layers]
+    assert on.val_ppl != off.val_ppl
+    norm = "model.layers.1.post_attention_layernorm.weight"
+    tuned = model.get_norm_weight(norm)
+    assert not np.array_equal(tuned, load_model(embedded_model_path()).get_norm_weight(norm))
+    pm = load_packed(tmp_path / "run" / "packed")
+    np.testing.assert_array_equal(pm.get_norm_weight(norm), tuned)
+    np.testing.assert_array_equal(load_model(tmp_path / "run" / "fake").get_norm_weight(norm),
+                                  tuned)
+    _, val, _ = calibration_split(model.tokenizer, embedded_calib_path(), 8, 128, 0,
+                                  val_windows=3, val_seqlen=128, val_split="spread")
+    ppl = perplexity(pm, val.reshape(-1), 128, 3, progress=False)["ppl"]
+    assert on.val_ppl == pytest.approx(ppl, rel=1e-6)
+    assert "end-to-end tuning: 2 epoch(s)" in (tmp_path / "run" / "report.md").read_text()
+
+
 def test_adaround_first_refine_keeps_the_layerwise_high_columns_of_the_first_block(model, tmp_path):
     """refine_order='adaround-first': the high columns are the layer-wise run's AdaRound result
     (block 0 sees the same inputs in both runs, so its packed high parts are byte-identical),
@@ -311,8 +341,9 @@ def test_adaround_first_refine_keeps_the_layerwise_high_columns_of_the_first_blo
                        ("first", dict(objective="refine", refine_order="adaround-first"))):
         reps[key] = quantize(embedded_model_path(), embedded_calib_path(), method="hiq",
                              avg_bits=2.6, estimator="diagonal", wbits=2, group_size=64,
-                             scale_bits=8, block_epochs=1, model=model, progress=False,
-                             out=tmp_path / key, export="packed", **extra, **FAST)
+                             scale_bits=8, block_epochs=1, e2e_epochs=0, model=model,
+                             progress=False, out=tmp_path / key, export="packed", **extra,
+                             **FAST)
         packed[key] = load_file(str(tmp_path / key / "packed" / "model.safetensors"))
     assert reps["first"].settings["refine_order"] == "adaround-first"
     assert reps["layer"].total_bits == reps["first"].total_bits

@@ -147,6 +147,16 @@ def _on_off_auto(text: str):
         raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}") from None
 
 
+def _int_or_auto(text: str):
+    """An int, or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer, got {text!r}") from None
+
+
 def _on_off(text: str) -> bool:
     """A switch: "on" → True, "off" → False."""
     try:
@@ -371,6 +381,20 @@ def _add_pipeline_commands(sub) -> None:
                    help="hybrid methods: AdaRound the high columns around the targets that absorb "
                         "the frozen low part's error (on) or around the layer's weights (off, "
                         "default)")
+    p.add_argument("--e2e-epochs", dest="e2e_epochs", default=None, type=_int_or_auto,
+                   metavar="{auto,N}",
+                   help="end-to-end tuning after quantization: passes over the calibration "
+                        "windows training the norm weights and group scales on the next-token "
+                        "loss (0: off; default auto: 2 for lwc and the hybrid methods on the "
+                        "NumPy backend, 0 otherwise)")
+    p.add_argument("--e2e-batch", dest="e2e_batch", type=int, default=None,
+                   help="end-to-end tuning: windows per step (default 4)")
+    p.add_argument("--e2e-norm-lr", dest="e2e_norm_lr", type=float, default=None,
+                   help="end-to-end tuning: learning rate of the norm weights (default 3e-3; 0 "
+                        "keeps them)")
+    p.add_argument("--e2e-scale-lr", dest="e2e_scale_lr", type=float, default=None,
+                   help="end-to-end tuning: learning rate of the scales' relative factors "
+                        "(default 3e-3; 0 keeps them)")
     p.add_argument("--eval-text", dest="eval_text", default=None)
     p.add_argument("--eval-windows", dest="eval_windows", type=int, default=None,
                    help="perplexity windows (default 200, the shared protocol)")

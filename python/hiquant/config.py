@@ -60,6 +60,9 @@ PAPER_CANDIDATES = (0.02, 0.05, 0.10, 0.15, 0.20)  # the paper's candidate ratio
 # W3; the default since it won on the validation windows over three seeds (bench/RESULTS.md)
 WIDE_CANDIDATES = (0.02, 0.05, 0.10, 0.15, 0.20, 0.30, 0.40, 0.50, 0.60, 0.80)
 DEFAULT_CANDIDATES = WIDE_CANDIDATES
+# end-to-end tuning's passes over the calibration windows where e2e_epochs is "auto" (chosen on
+# the validation windows, bench/RESULTS.md)
+E2E_AUTO_EPOCHS = 2
 ESTIMATORS = ("measured", "fisher", "diagonal", "kfac")  # M of the allocation IQP (allocate.py)
 # the estimators built from the full empirical-Fisher diagonal of every layer (no model passes)
 FISHER_DIAGONAL_ESTIMATORS = ("diagonal", "kfac")
@@ -209,6 +212,16 @@ class QuantizeSettings:
     # absorb the frozen low part's error, W_H - E_L H_LH (H_HH + damp)^-1 (True; its grid is
     # the min-max grid of those targets)
     high_compensation: bool = False
+    # end-to-end tuning after quantization (hiquant.e2e): passes over the calibration windows
+    # that train the RMSNorm weights and the group scales (through their stored precision) on
+    # the next-token cross-entropy; 0: off. "auto": E2E_AUTO_EPOCHS for the methods whose layers
+    # hiquant learns (lwc and hybrid quantizers) on the NumPy backend, 0 for the peers' methods
+    # (rtn, gptq, awq, smoothquant, billm: run as published) and on the torch backend (its runtime
+    # does not set norm weights yet)
+    e2e_epochs: int | str = "auto"
+    e2e_batch: int = 4  # windows per Adam step
+    e2e_norm_lr: float = 3e-3  # Adam's learning rate of the norm weights (0: keep them)
+    e2e_scale_lr: float = 3e-3  # of the scales' relative factors (0: keep the scales)
     eval_seqlen: int = 512
     eval_windows: int = 200
     n_threads: int | None = None  # None: hiquant's default (hiquant.set_num_threads)
@@ -369,7 +382,7 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
                                f"{s.high_compensation!r}")
 
     for name in ("n_calib", "calib_batch", "block_epochs", "block_batch", "m_windows",
-                 "eval_windows", "gptq_blocksize"):
+                 "eval_windows", "gptq_blocksize", "e2e_batch"):
         _positive_int(s, name)
     for name in ("seqlen", "eval_seqlen"):
         _positive_int(s, name, 2)
@@ -424,7 +437,33 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
         raise InvalidArgumentError(f"{s.method} folds its scales into the normalization weights, "
                                    "which runs on the NumPy backend only for now; pass "
                                    "backend='numpy' (--backend numpy)")
+    ch["e2e_epochs"] = _resolve_e2e(s, kind, ch["backend"])
     return dataclasses.replace(s, **ch)
+
+
+def _resolve_e2e(s: QuantizeSettings, kind: str, backend: str) -> int:
+    """``e2e_epochs`` as an int (see :class:`QuantizeSettings`), its learning rates checked."""
+    for name in ("e2e_norm_lr", "e2e_scale_lr"):
+        v = getattr(s, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise InvalidTypeError(f"{name} must be a number, got {type(v).__name__}")
+        if not (math.isfinite(v) and v >= 0):
+            raise InvalidArgumentError(f"{name} must be a finite number >= 0 (0: not trained), "
+                                       f"got {v}")
+    epochs = s.e2e_epochs
+    if epochs == "auto":
+        return E2E_AUTO_EPOCHS if kind in ("lwc", "hybrid") and backend == "numpy" else 0
+    if not _is_int(epochs) or int(epochs) < 0:
+        raise InvalidArgumentError(f"e2e_epochs must be 'auto' or an int >= 0, got {epochs!r}")
+    epochs = int(epochs)
+    if epochs and backend == "torch":
+        raise InvalidArgumentError("end-to-end tuning (e2e_epochs > 0) sets the RMSNorm weights, "
+                                   "which runs on the NumPy backend only for now; pass "
+                                   "backend='numpy' (--backend numpy) or e2e_epochs=0")
+    if epochs and s.e2e_norm_lr == 0 and s.e2e_scale_lr == 0:
+        raise InvalidArgumentError("e2e_epochs > 0 with e2e_norm_lr = e2e_scale_lr = 0 trains "
+                                   "nothing; give a learning rate or pass e2e_epochs=0")
+    return epochs
 
 
 def _check_billm(s: QuantizeSettings) -> int:

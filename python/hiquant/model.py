@@ -955,8 +955,8 @@ class Model:
             grads[pre + "input_layernorm.weight"] = _rmsnorm_weight_grad(da, cache.x, cache.r1)
         dx = _rmsnorm_backward(da, cache.x, P.ln1, cache.r1)
         dx += dh1
-        if weight_grads:
-            grads.update({n: np.ascontiguousarray(grads[n]) for n in names})
+        if weight_grads:  # the linears in block order, then the norms
+            grads = {**{n: np.ascontiguousarray(grads.pop(n)) for n in names}, **grads}
         return dx.reshape(B, T, D), grads
 
     # ---- incremental decoding (generation)

@@ -202,7 +202,7 @@ def quantize(model_dir, calib=None, *, settings: QuantizeSettings | None = None,
             f"quantization (abits={s.abits}); use export='packed' (which keeps it) or drop abits")
     spec = METHODS[s.method]
     needs_calib = (spec.fisher or s.layer_quantizer != "rtn" or s.objective != "layer"
-                   or s.val_windows > 0)  # the validation split is carved from the calibration text
+                   or s.val_windows > 0 or s.e2e_epochs > 0)  # the validation split is carved from the calibration text
     if needs_calib:
         preflight.check_readable(calib, f"the calibration text of {s.method} (calib, --calib)")
     if eval_text is not None:
@@ -328,6 +328,14 @@ def _run(model, calib, s, spec, shapes, timings, *, out, export, eval_text, fp_e
                                h_fp, plans, allocation, model.modified_tensors())
         timings["quantize"] = time.perf_counter() - t_q
         del h, h_fp
+        e2e_info = None
+        if s.e2e_epochs:  # after the last block; a resumed run repeats it (deterministic)
+            from .e2e import tune
+            with _Timer(timings, "e2e"):
+                qlayers, e2e_info = tune(
+                    model, windows, qlayers, epochs=s.e2e_epochs, batch=s.e2e_batch,
+                    norm_lr=s.e2e_norm_lr, scale_lr=s.e2e_scale_lr, seed=s.seed,
+                    n_threads=s.n_threads, progress=progress)
     except BaseException as e:
         if state is not None and not state.done_blocks and not isinstance(e, KeyboardInterrupt):
             state.remove()  # nothing worth resuming: leave nothing behind
@@ -343,7 +351,7 @@ def _run(model, calib, s, spec, shapes, timings, *, out, export, eval_text, fp_e
     report = Report(settings=asdict(s), model=str(Path(model.path).resolve()), layers=layers,
                     avg_bits=total_bits / n_weights, total_bits=int(total_bits),
                     n_weights=int(n_weights), timings=timings, allocation=allocation,
-                    versions=versions())
+                    e2e=e2e_info, versions=versions())
     report.settings["calibration"] = calib_settings
 
     # ---- evaluation

@@ -31,6 +31,7 @@ class Report:
     val_ppl: float | None = None  # on the validation windows held out of the calibration text
     timings: dict = field(default_factory=dict)
     allocation: dict | None = None
+    e2e: dict | None = None  # end-to-end tuning: its settings and mean training loss per epoch
     versions: dict = field(default_factory=dict)
     output: dict = field(default_factory=dict)
 
@@ -54,6 +55,10 @@ class Report:
             lines.append(f"| {L['name']} | {L['d_out']}×{L['d_in']} | {L['ratio']:.3f} | {L['k']} | "
                          f"{L['b_low']} | {L['b_high'] if L['k'] else '–'} | "
                          f"{L['bits_per_weight']:.4f} |")
+        if self.e2e:
+            losses = ", ".join(f"{v:.4f}" for v in self.e2e["epoch_loss"])
+            lines += ["", f"end-to-end tuning: {self.e2e['epochs']} epoch(s), training loss "
+                          f"per epoch {losses}"]
         lines += ["", "| stage | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in self.timings.items()]
         return "\n".join(lines) + "\n"
