@@ -201,8 +201,9 @@ def quantize(model_dir, calib=None, *, settings: QuantizeSettings | None = None,
             f"the compressed-tensors export holds the weights only, not the activation "
             f"quantization (abits={s.abits}); use export='packed' (which keeps it) or drop abits")
     spec = METHODS[s.method]
+    # the validation split is carved from the calibration text; e2e tuning trains on it
     needs_calib = (spec.fisher or s.layer_quantizer != "rtn" or s.objective != "layer"
-                   or s.val_windows > 0 or s.e2e_epochs > 0)  # the validation split is carved from the calibration text
+                   or s.val_windows > 0 or s.e2e_epochs > 0)
     if needs_calib:
         preflight.check_readable(calib, f"the calibration text of {s.method} (calib, --calib)")
     if eval_text is not None:
