@@ -156,3 +156,12 @@ def test_e2e_epochs_auto_tunes_hiquants_learned_methods_only():
 def test_bad_e2e_settings_raise_clear_errors(bad, match):
     with pytest.raises(InvalidArgumentError, match=match):
         resolve(QuantizeSettings(method="lwc", backend="numpy", **bad))
+
+
+def test_e2e_is_off_on_the_torch_backend_unless_asked_and_then_refused():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    kw = dict(method="lwc", backend="torch", device="cpu")
+    assert resolve(QuantizeSettings(**kw)).e2e_epochs == 0
+    with pytest.raises(InvalidArgumentError, match="NumPy backend only"):
+        resolve(QuantizeSettings(e2e_epochs=1, **kw))

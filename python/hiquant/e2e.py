@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._reference.lwc import adam_step
 from ._threads import map_ordered
 from .errors import InvalidArgumentError, NumericalError
 from .storage import QuantizedLayer, QuantPart, fp16_scales
@@ -79,7 +80,8 @@ def with_scales(part: QuantPart, scale: np.ndarray) -> QuantPart:
 
 @dataclass
 class _Adam:
-    """Adam on one float64 array (β 0.9 / 0.999, ε 1e-8, bias-corrected)."""
+    """Adam on one float64 array, torch's formula (β 0.9 / 0.999, ε 1e-8): the float64 step of
+    :func:`hiquant._reference.lwc.adam_step`, which the native Adam is checked against."""
 
     x: np.ndarray
     lr: float
@@ -91,11 +93,7 @@ class _Adam:
 
     def step(self, g: np.ndarray) -> None:
         self.t += 1
-        self.m = 0.9 * self.m + 0.1 * g
-        self.v = 0.999 * self.v + 0.001 * g * g
-        mh = self.m / (1 - 0.9 ** self.t)
-        vh = self.v / (1 - 0.999 ** self.t)
-        self.x -= self.lr * mh / (np.sqrt(vh) + 1e-8)
+        self.x, self.m, self.v = adam_step(self.x, g, self.m, self.v, self.t, self.lr)
 
 
 def _parts(ql: QuantizedLayer):
