@@ -408,6 +408,7 @@ def test_gptq_low_rounding_changes_only_codes_and_lowers_perplexity(model, tmp_p
         reps[rounding] = quantize(embedded_model_path(), embedded_calib_path(), method="hiq",
                                   avg_bits=2.6, wbits=2, group_size=64, scale_bits=6,
                                   block_epochs=1, low_rounding=rounding, model=model,
+                                  e2e_epochs=0,  # the grids as the rounding pass leaves them
                                   progress=False,
                                   out=tmp_path / rounding, export="packed", **FAST)
         packed[rounding] = load_file(str(tmp_path / rounding / "packed" / "model.safetensors"))
