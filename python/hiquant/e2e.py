@@ -116,16 +116,15 @@ def tune(model, windows: np.ndarray, qlayers: dict, *, epochs: int, batch: int, 
     ``batch``-window Adam steps (learning rates ``norm_lr`` for the norms, ``scale_lr`` for the
     scales' relative factors). Leaves the tuned layers and norms set in ``model`` and returns
     ``({name: QuantizedLayer}, info)``; ``info`` holds the mean training loss of every epoch
-    (the loss of each step's windows before that step's update)."""
+    (the loss of each step's windows before that step's update). ``recompute``: as
+    :meth:`hiquant.model.Model.iter_block_weight_grads`, which computes each window's
+    gradients."""
     if epochs < 1 or batch < 1:
         raise InvalidArgumentError(f"epochs and batch must be >= 1, got {epochs} and {batch}")
     if not (norm_lr >= 0 and scale_lr >= 0):
         raise InvalidArgumentError("learning rates must be >= 0")
     windows = np.asarray(windows)
-    n, T = windows.shape
-    nb = model.num_blocks
-    if recompute is None:
-        recompute = model.activation_bytes(T) * nb > (1 << 30)
+    n = windows.shape[0]
     names = list(qlayers)
     norms = {k: _Adam(model.get_norm_weight(k).astype(np.float64), norm_lr)
              for k in norm_names(model)} if norm_lr > 0 else {}
@@ -140,30 +139,17 @@ def tune(model, windows: np.ndarray, qlayers: dict, *, epochs: int, batch: int, 
     want_w = bool(s0)
 
     def window_grads(ids):
-        h = model.embed(ids)
-        saved = []
-        for b in range(nb):
-            if recompute:
-                saved.append(h)
-                h = model.block_forward(b, h)
-            else:
-                h, c = model.block_forward(b, h, cache=True)
-                saved.append(c)
-        loss, dh, grads = model.head_loss(h, ids, grad=True, norm_grad=True)
-        for b in reversed(range(nb)):
-            c = saved[b]
-            if recompute:
-                _, c = model.block_forward(b, c, cache=True)
-            saved[b] = None
-            dh, g = model.block_backward(b, c, dh, weight_grads=want_w, norm_grads=True)
-            if want_w:  # reduce each layer's dW to its scale gradients here (less memory)
+        losses, grads = [], {}
+        for b, g in model.iter_block_weight_grads(ids, recompute=recompute, weight_grads=want_w,
+                                                  norm_grads=True, losses=losses):
+            if want_w and b != "head":  # reduce each layer's dW to its scale gradients here
                 for nm in model.block_linear_names(b):
                     for attr, part, cols in _parts(layers[nm]):
                         if (nm, attr) in s0:
                             g[nm, attr] = part_scale_grad(part, g[nm][:, cols])
                     del g[nm]
             grads.update(g)
-        return float(loss.sum()), grads
+        return float(losses[0].sum()), grads
 
     info = {"epochs": int(epochs), "batch": int(batch), "norm_lr": float(norm_lr),
             "scale_lr": float(scale_lr), "epoch_loss": []}

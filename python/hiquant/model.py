@@ -1186,22 +1186,30 @@ class Model:
             grads.update(g)
         return {n: grads[n] for n in self.linear_names()}
 
-    def iter_block_weight_grads(self, ids: np.ndarray, *, recompute: bool | None = None):
+    def iter_block_weight_grads(self, ids: np.ndarray, *, recompute: bool | None = None,
+                                weight_grads: bool = True, norm_grads: bool = False,
+                                losses: list | None = None):
         """The same gradients as :meth:`weight_grads`, yielded one block at a time from the last
         block to the first as ``(block, {name: dW})``, so that a caller that consumes each block's
         gradients (the Fisher estimator of M) holds one block's worth, not the model's: for a
         7B LLaMA that is 0.8 GB instead of 26 GB. ``recompute``: as weight_grads, but chosen
-        when all blocks' activations would exceed 1 GiB."""
-        return self._block_weight_grads(ids, recompute, 1 << 30)
+        when all blocks' activations would exceed 1 GiB. ``norm_grads``: each block's dict also
+        holds its RMSNorm weights' gradients (:meth:`block_backward`), after a first item
+        ``("head", {"model.norm.weight": dw})``; ``weight_grads=False`` leaves the linears out;
+        ``losses``: a list that receives the per-sequence losses (float64 ``(B,)``) before the
+        first item (end-to-end tuning, :mod:`hiquant.e2e`, needs all three)."""
+        return self._block_weight_grads(ids, recompute, 1 << 30, weight_grads=weight_grads,
+                                        norm_grads=norm_grads, losses=losses)
 
-    def _block_weight_grads(self, ids: np.ndarray, recompute: bool | None, limit: int):
+    def _block_weight_grads(self, ids: np.ndarray, recompute: bool | None, limit: int, **kw):
         ids = self.check_ids(ids, min_len=2)
         B, T = ids.shape
         if recompute is None:
             recompute = B * self.activation_bytes(T) * self.num_blocks > limit
-        return self._backward_blocks(ids, recompute)
+        return self._backward_blocks(ids, recompute, **kw)
 
-    def _backward_blocks(self, ids: np.ndarray, recompute: bool):
+    def _backward_blocks(self, ids: np.ndarray, recompute: bool, *, weight_grads: bool = True,
+                         norm_grads: bool = False, losses: list | None = None):
         B = ids.shape[0]
         h = self.embed(ids)
         saved = []
@@ -1212,15 +1220,21 @@ class Model:
             else:
                 h, cch = self.block_forward(i, h, cache=True)
                 saved.append(cch)
-        _, dh = self.head_loss(h, ids, grad=True)
+        out = self.head_loss(h, ids, grad=True, norm_grad=norm_grads)
+        dh = out[1]
+        if losses is not None:
+            losses.append(out[0])
         if B > 1:
             dh /= B
+        if norm_grads:
+            yield "head", {k: v / B for k, v in out[2].items()}
         for i in reversed(range(self.num_blocks)):
             cch = saved[i]
             if recompute:
                 _, cch = self.block_forward(i, cch, cache=True)
             saved[i] = None
-            dh, g = self.block_backward(i, cch, dh)
+            dh, g = self.block_backward(i, cch, dh, weight_grads=weight_grads,
+                                        norm_grads=norm_grads)
             yield i, g
 
 
