@@ -14,7 +14,7 @@ from hiquant.packed_matmul import PackedLinear, kernel_name
 from hiquant.storage import QuantizedLayer
 from tolerances import PACKED_RTOL
 
-KERNELS = ["portable"] + (["avx2"] if kernel_name("auto") == "avx2-fma" else [])
+KERNELS = ["portable"] + (["avx2", "lut"] if kernel_name("auto") == "avx2-fma" else [])
 
 
 def _layer(rng, d_out, d_in, b_low, group, k=0, b_high=0, scale_bits=16):

@@ -15,13 +15,15 @@ struct PackedMatrixHandle {
   int64_t d_out = 0, d_in = 0;
   std::vector<hiquant::PackedPart> parts;
   std::vector<py::object> keep;  // the buffers the parts point into
+  hiquant::PackedPlanes planes;  // the table kernel's copy of the 2-bit parts
 };
 
 hiquant::PackedKernel parse_kernel(const std::string& k) {
   if (k == "auto") return hiquant::PackedKernel::Auto;
   if (k == "portable") return hiquant::PackedKernel::Portable;
   if (k == "avx2") return hiquant::PackedKernel::Avx2;
-  throw InvalidArgument("kernel must be 'auto', 'portable' or 'avx2', got '" + k + "'");
+  if (k == "lut") return hiquant::PackedKernel::Lut;
+  throw InvalidArgument("kernel must be 'auto', 'portable', 'avx2' or 'lut', got '" + k + "'");
 }
 
 // A float16 array (any shape, C-contiguous) of exactly n elements, as raw bits.
@@ -57,7 +59,7 @@ py::object get(const py::dict& d, const char* key) {
 }
 
 std::unique_ptr<PackedMatrixHandle> make_packed(int64_t d_out, int64_t d_in,
-                                                const py::list& parts) {
+                                                const py::list& parts, int n_threads) {
   if (d_out < 1 || d_in < 1)
     throw InvalidArgument("d_out and d_in must be >= 1, got (" + std::to_string(d_out) + ", " +
                           std::to_string(d_in) + ")");
@@ -123,6 +125,10 @@ std::unique_ptr<PackedMatrixHandle> make_packed(int64_t d_out, int64_t d_in,
     h->parts.push_back(p);
   }
   hiquant::validate_packed_parts(d_out, d_in, h->parts);
+  {
+    py::gil_scoped_release nogil;
+    h->planes = hiquant::make_packed_planes(d_out, d_in, h->parts, n_threads);
+  }
   return h;
 }
 
@@ -130,11 +136,15 @@ std::unique_ptr<PackedMatrixHandle> make_packed(int64_t d_out, int64_t d_in,
 
 void init_packed_matmul(py::module_& m) {
   py::class_<PackedMatrixHandle>(m, "PackedMatrix")
-      .def(py::init(&make_packed), py::arg("d_out"), py::arg("d_in"), py::arg("parts"))
+      .def(py::init(&make_packed), py::arg("d_out"), py::arg("d_in"), py::arg("parts"),
+           py::arg("n_threads") = 0)
       .def_property_readonly("d_out", [](const PackedMatrixHandle& h) { return h.d_out; })
       .def_property_readonly("d_in", [](const PackedMatrixHandle& h) { return h.d_in; })
       .def_property_readonly("nbytes", [](const PackedMatrixHandle& h) {
         return hiquant::packed_bytes(h.d_out, h.parts);
+      })
+      .def_property_readonly("planes_nbytes", [](const PackedMatrixHandle& h) {
+        return h.planes.nbytes();
       })
       .def("matmul", [](const PackedMatrixHandle& h, const py::object& x_, int n_threads,
                         const std::string& kernel) {
@@ -154,7 +164,8 @@ void init_packed_matmul(py::module_& m) {
         float* yp = y.mutable_data();
         {
           py::gil_scoped_release nogil;
-          hiquant::packed_matmul(h.d_out, h.d_in, h.parts, xp, n_tok, yp, n_threads, k);
+          hiquant::packed_matmul(h.d_out, h.d_in, h.parts, xp, n_tok, yp, n_threads, k,
+                                 &h.planes);
         }
         return y;
       }, py::arg("x"), py::arg("n_threads") = 0, py::arg("kernel") = "auto");

@@ -636,10 +636,11 @@ HQ_AVX2 void part_block_avx2(const PartRun& q, int64_t r0, int64_t t0, float* ou
 // Rows r0 .. r0 + R - 1, tokens t0 .. t0 + T - 1, all parts.
 template <int R, int T>
 HQ_AVX2 void block_avx2(const std::vector<PartRun>& runs, int64_t r0, int64_t t0, float* y,
-                        int64_t d_out, std::vector<float>& scratch) {
+                        int64_t d_out, std::vector<float>& scratch, const char* skip) {
   float out[R * T] = {};
-  for (const PartRun& q : runs) {
-    if (q.p->n_cols == 0) continue;
+  for (size_t pi = 0; pi < runs.size(); ++pi) {
+    const PartRun& q = runs[pi];
+    if (q.p->n_cols == 0 || (skip != nullptr && skip[pi])) continue;
     const int bits = q.p->bits;
     if (bits == 16) {
       block_fp16_avx2<R, T>(q, r0, t0, out);
@@ -719,27 +720,130 @@ HQ_AVX2 void dequant_rows_avx2(const std::vector<PartRun>& runs, const std::vect
 }
 
 // Rows of this token tile: R rows per pass where R * T accumulators fit the registers, the
-// remaining rows one at a time.
+// remaining rows one at a time. Parts with skip[i] set are left out (the table kernel's).
 template <int T>
 void rows_tile_avx2(const std::vector<PartRun>& runs, int64_t r0, int64_t r1, int64_t t0,
-                    float* y, int64_t d_out, std::vector<float>& scratch) {
+                    float* y, int64_t d_out, std::vector<float>& scratch, const char* skip) {
   constexpr int R = T <= 2 ? 4 : 2;
   int64_t r = r0;
-  for (; r + R <= r1; r += R) block_avx2<R, T>(runs, r, t0, y, d_out, scratch);
-  for (; r < r1; ++r) block_avx2<1, T>(runs, r, t0, y, d_out, scratch);
+  for (; r + R <= r1; r += R) block_avx2<R, T>(runs, r, t0, y, d_out, scratch, skip);
+  for (; r < r1; ++r) block_avx2<1, T>(runs, r, t0, y, d_out, scratch, skip);
 }
 
 void rows_avx2(const std::vector<PartRun>& runs, int64_t r0, int64_t r1, int64_t t0, int64_t T,
-               float* y, int64_t d_out, std::vector<float>& scratch) {
+               float* y, int64_t d_out, std::vector<float>& scratch, const char* skip) {
   switch (T) {
-    case 1: rows_tile_avx2<1>(runs, r0, r1, t0, y, d_out, scratch); break;
-    case 2: rows_tile_avx2<2>(runs, r0, r1, t0, y, d_out, scratch); break;
-    case 3: rows_tile_avx2<3>(runs, r0, r1, t0, y, d_out, scratch); break;
-    case 4: rows_tile_avx2<4>(runs, r0, r1, t0, y, d_out, scratch); break;
+    case 1: rows_tile_avx2<1>(runs, r0, r1, t0, y, d_out, scratch, skip); break;
+    case 2: rows_tile_avx2<2>(runs, r0, r1, t0, y, d_out, scratch, skip); break;
+    case 3: rows_tile_avx2<3>(runs, r0, r1, t0, y, d_out, scratch, skip); break;
+    case 4: rows_tile_avx2<4>(runs, r0, r1, t0, y, d_out, scratch, skip); break;
     default:  // five to eight tokens: four, then the rest (8 accumulators per pass at most)
-      rows_tile_avx2<4>(runs, r0, r1, t0, y, d_out, scratch);
-      rows_avx2(runs, r0, r1, t0 + 4, T - 4, y, d_out, scratch);
+      rows_tile_avx2<4>(runs, r0, r1, t0, y, d_out, scratch, skip);
+      rows_avx2(runs, r0, r1, t0 + 4, T - 4, y, d_out, scratch, skip);
       break;
+  }
+}
+
+// ---- Table-lookup decode kernel (PackedPlanes; see packed_matmul.hpp).
+
+constexpr int kTabPerChunk = 11 * 8;  // ten triple tables and one pair table, 8 floats each
+
+// The chunk tables of one token's part activations xs (part columns), tab[c * 88 + 8 * k + e].
+void lut_tables(const PackedPlanes::Part& L, int64_t n_cols, const float* xs, float* tab) {
+  for (int64_t c = 0; c < L.n_chunks; ++c) {
+    const int64_t c0 = L.chunk_col[c];
+    const int64_t c1 = c + 1 < L.n_chunks ? L.chunk_col[c + 1] : n_cols;
+    const int64_t len = std::min<int64_t>(32, c1 - c0);
+    float xc[32];
+    for (int64_t j = 0; j < 32; ++j) xc[j] = j < len ? xs[c0 + j] : 0.0f;
+    float* t = tab + c * kTabPerChunk;
+    for (int k = 0; k < 10; ++k) {
+      const float a = xc[3 * k], b = xc[3 * k + 1], d = xc[3 * k + 2];
+      float* e = t + 8 * k;
+      e[0] = 0.0f;
+      e[1] = a;
+      e[2] = b;
+      e[3] = a + b;
+      e[4] = d;
+      e[5] = a + d;
+      e[6] = b + d;
+      e[7] = (a + b) + d;
+    }
+    const float a = xc[30], b = xc[31];
+    float* e = t + 80;
+    e[0] = e[4] = 0.0f;
+    e[1] = e[5] = a;
+    e[2] = e[6] = b;
+    e[3] = e[7] = a + b;
+  }
+}
+
+// out[i] += row (r0 + i) of the part times the token, for the 8 rows of row block rb (rows past
+// d_out are computed on zero codes and not written). supv: the rows' super-scales (8 / 6-bit
+// scale codes).
+template <int BITS>
+HQ_AVX2 void lut_block(const PackedPlanes::Part& L, int64_t rb, int64_t ng, const float* tab,
+                       const float* gs, __m256 supv, __m256& yv) {
+  const uint32_t* W = L.words.data() + rb * L.n_chunks * BITS * 8;
+  const uint8_t* z8 = L.zero8.data() + rb * ng * 8;
+  const bool f16 = !L.scale16.empty();
+  const uint16_t* s16 = f16 ? L.scale16.data() + rb * ng * 8 : nullptr;
+  const uint8_t* s8 = f16 ? nullptr : L.scale8.data() + rb * ng * 8;
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256 a[BITS][2];
+    HQ_UNROLL
+    for (int p = 0; p < BITS; ++p) a[p][0] = a[p][1] = _mm256_setzero_ps();
+    for (int64_t c = L.group_chunk[g]; c < L.group_chunk[g + 1]; ++c) {
+      __m256i w[BITS];
+      HQ_UNROLL
+      for (int p = 0; p < BITS; ++p)
+        w[p] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + (c * BITS + p) * 8));
+      const float* t = tab + c * kTabPerChunk;
+      HQ_UNROLL
+      for (int k = 0; k < 11; ++k) {
+        const __m256 tv = _mm256_loadu_ps(t + 8 * k);
+        HQ_UNROLL
+        for (int p = 0; p < BITS; ++p) {
+          a[p][k & 1] = _mm256_add_ps(a[p][k & 1], _mm256_permutevar8x32_ps(tv, w[p]));
+          w[p] = _mm256_srli_epi32(w[p], 3);
+        }
+      }
+    }
+    // sum_j code_j x_j = sum_p 2^p plane_p (the powers of two exact)
+    __m256 dot = _mm256_add_ps(a[BITS - 1][0], a[BITS - 1][1]);
+    HQ_UNROLL
+    for (int p = BITS - 2; p >= 0; --p)
+      dot = _mm256_fmadd_ps(dot, _mm256_set1_ps(2.0f), _mm256_add_ps(a[p][0], a[p][1]));
+    const __m256 s =
+        f16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s16 + g * 8)))
+            : _mm256_mul_ps(supv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s8 + g * 8)))));
+    const __m256 z = _mm256_cvtepi32_ps(
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z8 + g * 8))));
+    yv = _mm256_fmadd_ps(s, _mm256_fnmadd_ps(z, _mm256_set1_ps(gs[g]), dot), yv);
+  }
+}
+
+// y[t * d_out + r] += part q's rows [r0, r1) (a multiple of 8 apart, or ending at d_out) times
+// token t, for the tokens [0, n_tok), from the tables tab (per token tab_stride floats) and group
+// sums gs (per token q.ng).
+template <int BITS>
+HQ_AVX2 void lut_rows(const PartRun& q, const PackedPlanes::Part& L, int64_t r0, int64_t r1,
+                      int64_t d_out, int64_t n_tok, const float* tab, int64_t tab_stride,
+                      float* y) {
+  const int64_t ng = q.ng;
+  for (int64_t rb0 = r0; rb0 < r1; rb0 += 8) {
+    const int64_t m = std::min<int64_t>(8, d_out - rb0);
+    alignas(32) float sup[8] = {};
+    for (int64_t i = 0; i < m; ++i) sup[i] = row_super(q, rb0 + i);
+    const __m256 supv = _mm256_load_ps(sup);
+    for (int64_t t = 0; t < n_tok; ++t) {
+      __m256 yv = _mm256_setzero_ps();
+      lut_block<BITS>(L, rb0 / 8, ng, tab + t * tab_stride, q.gs + t * ng, supv, yv);
+      alignas(32) float o[8];
+      _mm256_store_ps(o, yv);
+      for (int64_t i = 0; i < m; ++i) y[t * d_out + rb0 + i] += o[i];
+    }
   }
 }
 #endif
@@ -760,6 +864,7 @@ bool packed_avx2_available() {
 const char* packed_kernel_name(PackedKernel kernel) {
   if (kernel == PackedKernel::Portable) return "portable";
   if (kernel == PackedKernel::Avx2) return "avx2-fma";
+  if (kernel == PackedKernel::Lut) return "avx2-lut";
   return packed_avx2_available() ? "avx2-fma" : "portable";
 }
 
@@ -817,18 +922,111 @@ int64_t packed_bytes(int64_t d_out, const std::vector<PackedPart>& parts) {
   return total;
 }
 
+int64_t PackedPlanes::nbytes() const {
+  int64_t total = 0;
+  for (const Part& p : parts)
+    total += int64_t(p.words.size() * sizeof(uint32_t) + p.scale16.size() * sizeof(uint16_t) +
+                     p.scale8.size() + p.zero8.size());
+  return total;
+}
+
+namespace {
+// Bits 0, 2, 4, ..., 62 of v as bits 0..31.
+inline uint32_t even_bits(uint64_t v) {
+  v &= 0x5555555555555555ull;
+  v = (v | (v >> 1)) & 0x3333333333333333ull;
+  v = (v | (v >> 2)) & 0x0f0f0f0f0f0f0f0full;
+  v = (v | (v >> 4)) & 0x00ff00ff00ff00ffull;
+  v = (v | (v >> 8)) & 0x0000ffff0000ffffull;
+  return uint32_t(v | (v >> 16));
+}
+}  // namespace
+
+PackedPlanes make_packed_planes(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& parts,
+                                int n_threads) {
+  validate_packed_parts(d_out, d_in, parts);
+  PackedPlanes out;
+  if (!packed_avx2_available()) return out;
+  out.parts.resize(parts.size());
+  const int64_t n_rb = (d_out + 7) / 8;
+  for (size_t pi = 0; pi < parts.size(); ++pi) {
+    const PackedPart& p = parts[pi];
+    // 2 bits only: 3- and 4-bit parts decode about as fast on the register kernel (measured,
+    // bench/RESULTS.md), so they keep no copy
+    if (p.n_cols == 0 || p.bits != 2) continue;
+    PackedPlanes::Part& L = out.parts[pi];
+    L.bits = p.bits;
+    const int64_t n = p.n_cols, ng = n_groups(n, p.group_size);
+    const int64_t g = (p.group_size <= 0 || p.group_size >= n) ? n : p.group_size;
+    for (int64_t gi = 0; gi < ng; ++gi) {
+      L.group_chunk.push_back(int64_t(L.chunk_col.size()));
+      for (int64_t c = gi * g; c < std::min(n, (gi + 1) * g); c += 32)
+        L.chunk_col.push_back(c);
+    }
+    L.n_chunks = int64_t(L.chunk_col.size());
+    L.group_chunk.push_back(L.n_chunks);
+    L.words.assign(size_t(n_rb * L.n_chunks * p.bits * 8), 0u);
+    const int bits = p.bits;
+    const int64_t nb = packed_size(d_out * n, bits);
+    const int64_t nb_z = packed_size(d_out * ng, bits), nb_s = packed_size(d_out * ng, 6);
+    L.zero8.assign(size_t(n_rb * ng * 8), 0);
+    if (p.scale_bits == 16)
+      L.scale16.assign(size_t(n_rb * ng * 8), 0);
+    else
+      L.scale8.assign(size_t(n_rb * ng * 8), 0);
+    parallel_for(n_rb, n_threads, [&](int64_t rb) {
+      for (int64_t r = rb * 8; r < std::min(d_out, rb * 8 + 8); ++r)
+        for (int64_t c = 0; c < L.n_chunks; ++c) {
+          const int64_t c0 = L.chunk_col[c];
+          const int64_t c1 = c + 1 < L.n_chunks ? L.chunk_col[c + 1] : n;
+          const int64_t len = std::min<int64_t>(32, c1 - c0);
+          // the chunk's 2-bit codes as 64 bits (two loads of 16 codes), those past len zero
+          const int64_t bit = (r * n + c0) * 2;
+          uint64_t v = (load_bits(p.qweight, nb, bit) & 0xffffffffu) |
+                       (len > 16 ? load_bits(p.qweight, nb, bit + 32) << 32 : 0);
+          if (len < 32) v &= (uint64_t(1) << (2 * len)) - 1;
+          uint32_t* w = L.words.data() + ((rb * L.n_chunks + c) * 2) * 8 + (r % 8);
+          w[0] = even_bits(v);
+          w[8] = even_bits(v >> 1);
+        }
+      for (int64_t r = rb * 8; r < std::min(d_out, rb * 8 + 8); ++r)
+        for (int64_t gi = 0; gi < ng; ++gi) {
+          const int64_t i = r * ng + gi, o = (rb * ng + gi) * 8 + r % 8;
+          L.zero8[o] = uint8_t(code_at(p.qzeros, nb_z, i, bits));
+          if (p.scale_bits == 16)
+            L.scale16[o] = p.scales_f16[i];
+          else
+            L.scale8[o] = p.scale_bits == 8 ? p.scale_codes[i]
+                                            : uint8_t(code_at(p.scale_codes, nb_s, i, 6));
+        }
+    });
+  }
+  return out;
+}
+
 void packed_matmul(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& parts,
-                   const float* x, int64_t n_tok, float* y, int n_threads, PackedKernel kernel) {
+                   const float* x, int64_t n_tok, float* y, int n_threads, PackedKernel kernel,
+                   const PackedPlanes* planes) {
   validate_packed_parts(d_out, d_in, parts);
   HQ_CHECK(n_tok >= 0, "negative token count ", n_tok);
-  bool use_avx2 = false;
-  if (kernel == PackedKernel::Avx2) {
-    HQ_CHECK(packed_avx2_available(), "the AVX2+FMA+F16C kernel is not available on this CPU; "
+  bool use_avx2 = false, use_lut = false;
+  if (kernel == PackedKernel::Avx2 || kernel == PackedKernel::Lut) {
+    HQ_CHECK(packed_avx2_available(), "the AVX2+FMA+F16C kernels are not available on this CPU; "
              "use kernel 'auto' or 'portable'");
     use_avx2 = true;
   } else if (kernel == PackedKernel::Auto) {
     use_avx2 = packed_avx2_available();
   }
+  if (kernel == PackedKernel::Lut)
+    HQ_CHECK(planes != nullptr && planes->parts.size() == parts.size(),
+             "the table kernel needs the layer's plane layout (make_packed_planes)");
+  const bool have_planes = use_avx2 && planes != nullptr && planes->parts.size() == parts.size();
+  // parts the table kernel runs
+  std::vector<char> lut_part(parts.size(), 0);
+  if (have_planes && (kernel == PackedKernel::Lut ||
+                      (kernel == PackedKernel::Auto && n_tok <= kLutTokens)))
+    for (size_t i = 0; i < parts.size(); ++i)
+      if (planes->parts[i].bits != 0 && parts[i].n_cols > 0) use_lut = lut_part[i] = 1;
   if (n_tok == 0) return;
 
   // Gather each part's activations (contiguous per token) and its group sums, once per call.
@@ -857,7 +1055,7 @@ void packed_matmul(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& p
     q.nb_z = packed_size(d_out * q.ng, p.bits);
     q.nb_s = p.scale_bits == 6 ? packed_size(d_out * q.ng, 6) : 0;
     q.n_par = d_out * q.ng;
-    if (use_avx2) continue;  // the AVX2 kernel forms dequantized weights: no zero-point sums
+    if (use_avx2 && !lut_part[i]) continue;  // the AVX2 kernel forms dequantized weights
     auto& gs = sums[i];
     gs.assign(size_t(n_tok * q.ng), 0.0f);
     for (int64_t t = 0; t < n_tok; ++t)
@@ -871,7 +1069,7 @@ void packed_matmul(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& p
   }
 
 #if defined(HQ_PACKED_X86)
-  if (use_avx2 && n_tok >= kGemmTokens) {
+  if (use_avx2 && !use_lut && n_tok >= kGemmTokens) {
     // x^T with its rows in the parts' column order (so a dequantized row is its parts side by
     // side, no scatter), packed once for the GEMM; per block of kGemmRows rows: dequantize,
     // multiply, write the block's outputs
@@ -903,6 +1101,18 @@ void packed_matmul(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& p
     return;
   }
 #endif
+  // the table kernel's chunk tables, per part and token
+  std::vector<std::vector<float>> tabs(parts.size());
+#if defined(HQ_PACKED_X86)
+  for (size_t i = 0; i < parts.size() && use_lut; ++i) {
+    if (!lut_part[i]) continue;
+    const PackedPlanes::Part& L = planes->parts[i];
+    const int64_t ts = L.n_chunks * kTabPerChunk;
+    tabs[i].resize(size_t(n_tok * ts));
+    for (int64_t t = 0; t < n_tok; ++t)
+      lut_tables(L, parts[i].n_cols, runs[i].x + t * runs[i].ldx, tabs[i].data() + t * ts);
+  }
+#endif
   const int64_t n_blocks = (d_out + kRowBlock - 1) / kRowBlock;
   parallel_for(n_blocks, n_threads, [&](int64_t b) {
     const int64_t r0 = b * kRowBlock, r1 = std::min(d_out, (b + 1) * kRowBlock);
@@ -910,7 +1120,16 @@ void packed_matmul(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& p
     if (use_avx2) {
       std::vector<float> scratch;
       for (int64_t t0 = 0; t0 < n_tok; t0 += kTile)
-        rows_avx2(runs, r0, r1, t0, std::min(kTile, n_tok - t0), y, d_out, scratch);
+        rows_avx2(runs, r0, r1, t0, std::min(kTile, n_tok - t0), y, d_out, scratch,
+                  use_lut ? lut_part.data() : nullptr);
+      if (use_lut)
+        for (size_t i = 0; i < parts.size(); ++i) {
+          if (!lut_part[i]) continue;
+          const PackedPlanes::Part& L = planes->parts[i];
+          const float* tb = tabs[i].data();
+          const int64_t ts = L.n_chunks * kTabPerChunk;
+          lut_rows<2>(runs[i], L, r0, r1, d_out, n_tok, tb, ts, y);
+        }
       return;
     }
 #endif

@@ -7,10 +7,15 @@ column mask) and computes ``y = x @ W.T`` from those bytes, one token (GEMV) or 
 GEMM) at a time, with AVX2+FMA where the CPU has it (``kernel="auto"``) and a portable kernel
 otherwise. ``W`` itself is never formed; :meth:`PackedLinear.dequantize` forms it on request.
 
-The result equals dequantize-then-multiply within float32 rounding (the AVX2 kernel forms each
-weight ``s * (code - zero)`` in registers, the portable one each group's
-``s * (sum code*x - zero * sum x)``, both in float32; the float64 twin is
-:mod:`hiquant._reference.packed_matmul`), and is identical for any thread count.
+Kernels: ``"avx2"`` forms each weight ``s * (code - zero)`` in registers; ``"lut"`` (T-MAC's
+table lookup with float32 tables) keeps a bit-plane copy of the 2-bit parts' codes, built when the
+layer is (:attr:`PackedLinear.planes_nbytes` bytes, the codes' size again), and forms each
+group's ``s * (sum code*x - zero * sum x)`` from per-token tables of subset sums of three
+activations; ``"portable"`` forms the same group sums column by column. ``"auto"`` takes the table
+kernel for one token (decode), the register kernel for a few, dequantized blocks and the GEMM
+micro-kernel from 24 tokens on. Every kernel equals dequantize-then-multiply within float32
+rounding (the float64 twin is :mod:`hiquant._reference.packed_matmul`) and gives results
+identical for any thread count; the kernels differ in the last bits.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ from .errors import CheckpointError, InvalidArgumentError
 
 __all__ = ["PackedLinear", "RowStack", "kernel_name", "KERNELS"]
 
-KERNELS = ("auto", "portable", "avx2")
+KERNELS = ("auto", "portable", "avx2", "lut")
 
 
 def kernel_name(kernel: str = "auto") -> str:
-    """The kernel ``kernel`` runs on this CPU: ``"avx2-fma"`` or ``"portable"``."""
+    """The kernel ``kernel`` runs on this CPU: ``"avx2-fma"``, ``"avx2-lut"`` or ``"portable"``
+    (``"auto"`` names the instruction set: ``"avx2-fma"`` also where decode takes the table
+    kernel)."""
     return _core.packed_kernel_name(kernel)
 
 
@@ -69,6 +76,13 @@ class PackedLinear:
         """Bytes of weight data one product reads (codes, parameters, column indices)."""
         return int(self._m.nbytes)
 
+    @property
+    def planes_nbytes(self) -> int:
+        """Bytes of the table kernel's copy of the 2-bit parts (bit-plane codes, scales and
+        zero points reordered), held in memory beside the packed bytes (0 where the CPU lacks
+        AVX2)."""
+        return int(self._m.planes_nbytes)
+
     @classmethod
     def from_tensors(cls, name: str, entry: dict, tensors: dict, version: int = 2,
                      where: str = "packed checkpoint") -> "PackedLinear":
@@ -103,7 +117,7 @@ class PackedLinear:
     def matmul(self, x: np.ndarray, *, n_threads=None, kernel: str = "auto") -> np.ndarray:
         """``x @ W.T``: float32 ``(d_in,)`` → ``(d_out,)``, ``(n, d_in)`` → ``(n, d_out)``
         (C-contiguous; a wrong dtype raises InvalidTypeError, a wrong shape
-        InvalidArgumentError). ``kernel``: "auto", "portable" or "avx2"."""
+        InvalidArgumentError). ``kernel``: "auto", "portable", "avx2" or "lut"."""
         if kernel not in KERNELS:
             raise InvalidArgumentError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         return self._m.matmul(x, resolve_n_threads(n_threads), kernel)

@@ -48,7 +48,49 @@ struct PackedPart {
   const uint16_t* fp16 = nullptr;   // bits 16: (d_out * n_cols) float16 bits
 };
 
-enum class PackedKernel { Auto = 0, Portable = 1, Avx2 = 2 };
+// Auto: the table kernel (Lut) for decode (up to kLutTokens tokens) where the layer has a plane
+// layout, else Avx2 where the CPU has it, else Portable. Lut: the table kernel for the laid-out
+// parts at every token count (the other parts on Avx2); it needs a PackedPlanes and AVX2.
+enum class PackedKernel { Auto = 0, Portable = 1, Avx2 = 2, Lut = 3 };
+
+// Bit-plane layout of a layer's 2-bit parts for the table-lookup decode kernel (T-MAC's
+// scheme, Wei et al. 2024, with float32 tables). A part's columns are cut into chunks of up to 32
+// consecutive columns inside one group (a group of g columns gives ceil(g / 32) chunks; the last
+// chunk of a group may be short). For each block of 8 output rows, chunk and bit plane p, one
+// 32-bit word per row holds bit p of the chunk's codes (bit j = column j of the chunk; the bits
+// past a short chunk are 0): words[((rb * n_chunks + c) * bits + p) * 8 + (r % 8)], rows past
+// d_out zero. Per token the kernel forms, for each chunk, ten 8-entry tables of the subset sums of
+// its column triples (3j, 3j + 1, 3j + 2) and one of its last pair (30, 31), float32; a row's
+// plane-p sum over the chunk is then 11 table lookups by 3-bit fields of its word (one register
+// permute for 8 rows each), the chunk's integer dot product sum_j code_j x_j = sum_p 2^p plane_p,
+// and a group's contribution s * (dot - zero * sum_j x_j), as the portable kernel's. The words
+// take the codes' bits (plus the padding of short chunks); scales and zero points are copied in
+// the same row-block order, a byte per zero point and 6-bit code. Built once per layer.
+struct PackedPlanes {
+  struct Part {
+    int bits = 0;                       // 0: the part is not laid out (other kernels run it)
+    int64_t n_chunks = 0;
+    std::vector<int64_t> chunk_col;     // (n_chunks,) first part column of each chunk
+    std::vector<int64_t> group_chunk;   // (n_groups + 1,) first chunk of each group
+    std::vector<uint32_t> words;
+    // the part's scales and zero points in the same row-block order, [(rb * n_groups + g) * 8 +
+    // r % 8]: scale_bits 16: float16 bits (scale16); 8 and 6: the codes, one byte each (scale8,
+    // times the row's super-scale); zero points one byte each
+    std::vector<uint16_t> scale16;
+    std::vector<uint8_t> scale8, zero8;
+  };
+  std::vector<Part> parts;  // one per PackedPart, in order
+  int64_t nbytes() const;   // bytes of the plane words and the reordered scales and zero points
+};
+
+// Decode tokens per call up to which Auto takes the table kernel.
+constexpr int64_t kLutTokens = 1;
+
+// The plane layout of every 2-bit part (other parts get bits 0: 3- and 4-bit parts decode about as
+// fast on the register kernel); empty (no parts) where the CPU lacks AVX2, which the table kernel
+// needs. Parallel over row blocks.
+PackedPlanes make_packed_planes(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& parts,
+                                int n_threads = 0);
 
 // Validates a layer's parts (widths, sizes, columns in range; the buffers' sizes are the
 // caller's to check against packed_size) and throws InvalidArgument naming what is wrong.
@@ -60,13 +102,16 @@ int64_t packed_bytes(int64_t d_out, const std::vector<PackedPart>& parts);
 
 // y (n_tok, d_out) = x (n_tok, d_in) W^T, row-major. `kernel`: Auto picks AVX2+FMA (with F16C)
 // where the CPU has it, else the portable kernel; Avx2 on a CPU without it throws InvalidArgument.
+// `planes`: the layer's plane layout (make_packed_planes), or nullptr (no table kernel).
 void packed_matmul(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& parts,
                    const float* x, int64_t n_tok, float* y, int n_threads = 0,
-                   PackedKernel kernel = PackedKernel::Auto);
+                   PackedKernel kernel = PackedKernel::Auto,
+                   const PackedPlanes* planes = nullptr);
 
 // Whether the AVX2+FMA+F16C kernel is compiled in and this CPU runs it.
 bool packed_avx2_available();
-// "avx2-fma" or "portable": the kernel `kernel` resolves to on this CPU.
+// "avx2-fma", "avx2-lut" or "portable": the kernel `kernel` resolves to on this CPU (Auto names
+// the instruction set, "avx2-fma", also when decode takes the table kernel).
 const char* packed_kernel_name(PackedKernel kernel);
 
 // float16 bits to float32, exact (subnormals, infinities, NaN).
