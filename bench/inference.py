@@ -9,13 +9,16 @@ llama-bench if ../shared/bench is present, times side by side, in one process:
 * fp16-convert   ``W16.astype(float32) @ x`` (converting the weights on every call);
 * fp16-hiquant   hiquant's kernel on an all-FP16 layer (F16C conversion inside the product);
 * hiquant W2 g64 + 10% at 3 bits, W3 g128 + 10% at 4 bits (6-bit double-quantized scales, the
-  hybrid methods' default), plain W4 g128 (float16 scales);
+  hybrid methods' default), plain W4 g128 (float16 scales), each with ``kernel="auto"`` (one
+  token: the table kernel for 2-bit parts); for one token, the 2-bit format also on the register
+  kernel (``kernel="avx2"``, row "... reg"), side by side;
 
 for one token (GEMV), a batch of 8 (small-batch GEMM) and 32 tokens (from 24 tokens on the packed
 kernels take their prefill path: dequantized row blocks into the GEMM micro-kernel); `--tokens`
 chooses. Every call reads a different copy of the layer
 (enough copies to exceed 3x the last-level cache), so the weights come from memory as in
-decoding. Bytes moved per call = the weight data the call reads; a multi-threaded copy loop
+decoding. Bytes moved per call = the weight data the call reads (one token on the table kernel:
+its copy of the 2-bit parts, ``PackedLinear.decode_nbytes``); a multi-threaded copy loop
 measured in the same run gives this machine's bandwidth (read + write bytes / s), and the
 fraction reached is (bytes / time) / bandwidth. Ends with one JSON line.
 
@@ -101,6 +104,7 @@ def bench_layer(label, W, threads, repeats, batches, rng, cap_bytes):
     n32 = min(_copies(W.nbytes), max(1, cap_bytes // W.nbytes))
     W32 = [W.copy() for _ in range(n32)]
     cands["fp32-blas"] = (W.nbytes, lambda x: rotating(W32, lambda w: w @ x.T))
+    decode_bytes = {}  # one token reads other bytes than the format's (the table kernel's copy)
     W16 = [w.astype(np.float16) for w in W32[:max(1, min(n32, cap_bytes // (W.nbytes // 2)))]]
     cands["fp16-numpy"] = (W.nbytes // 2, lambda x: rotating(W16, lambda w: w @ x.astype(np.float16).T))
     cands["fp16-convert"] = (W.nbytes // 2,
@@ -118,10 +122,16 @@ def bench_layer(label, W, threads, repeats, batches, rng, cap_bytes):
         pls = [pl] + [_clone_packed(pl) for _ in range(_copies(pl.nbytes) - 1)]
         cands[name] = (pl.nbytes, (lambda pls: lambda x: rotating(
             pls, lambda p: p.matmul(x, n_threads=threads)))(pls))
+        decode_bytes[name] = pl.decode_nbytes
         bits[name] = ql.storage_bits() / (d_out * d_in)
+        if pl.planes_nbytes and 1 in batches:
+            cands[name + " reg"] = (pl.nbytes, (lambda pls: lambda x: rotating(
+                pls, lambda p: p.matmul(x, n_threads=threads, kernel="avx2")))(pls))
+            bits[name + " reg"] = bits[name]
     for n in batches:
         x = xs[n]
-        fns = {name: make(x) for name, (_, make) in cands.items()}
+        fns = {name: make(x) for name, (_, make) in cands.items()
+               if n == 1 or not name.endswith(" reg")}
         reps = {name: (max(2, repeats // 4) if name == "fp16-numpy" else repeats) for name in fns}
         times = {}
         for name, f in fns.items():  # interleaved rounds would mix cache states; one at a time
@@ -129,7 +139,9 @@ def bench_layer(label, W, threads, repeats, batches, rng, cap_bytes):
             times[name] = [_time(f) for _ in range(reps[name])]
         for name, ts in times.items():
             rows.append({"layer": label, "shape": [d_out, d_in], "tokens": n, "weights": name,
-                         "bits": round(bits[name], 4), "bytes": int(cands[name][0]),
+                         "bits": round(bits[name], 4),
+                         "bytes": int(decode_bytes.get(name, cands[name][0]) if n == 1
+                                      else cands[name][0]),
                          "min_s": min(ts), "median_s": statistics.median(ts)})
     return rows
 

@@ -202,3 +202,31 @@ def test_many_tokens_results_identical_across_thread_counts():
         a = pl.matmul(x, n_threads=1, kernel=kernel)
         for nt in (2, 3):
             np.testing.assert_array_equal(a, pl.matmul(x, n_threads=nt, kernel=kernel))
+
+
+@pytest.mark.skipif(kernel_name("auto") != "avx2-fma", reason="the table kernel needs AVX2")
+def test_auto_takes_the_table_kernel_for_one_token_and_the_register_kernel_for_more():
+    rng = np.random.default_rng(15)
+    pl = PackedLinear.from_layer(_layer(rng, 70, 300, 2, 64, 30, 3, 6))
+    x = rng.standard_normal((2, 300)).astype(np.float32)
+    one = pl.matmul(x[:1])
+    np.testing.assert_array_equal(one, pl.matmul(x[:1], kernel="lut"))
+    np.testing.assert_array_equal(pl.matmul(x), pl.matmul(x, kernel="avx2"))
+    # the two kernels round differently: equal results would mean one of them did not run
+    assert not np.array_equal(one, pl.matmul(x[:1], kernel="avx2"))
+
+
+@pytest.mark.skipif(kernel_name("auto") != "avx2-fma", reason="the table kernel needs AVX2")
+def test_table_kernel_copy_takes_the_codes_bits_and_a_byte_per_scale_and_zero():
+    """A 2-bit part with rows a multiple of 8 and groups a multiple of 32 columns: the plane words
+    take exactly the codes' bytes, plus one byte per (row, group) for the scale code and one for
+    the zero point; one-token products read that instead of the packed part. 3-bit parts keep no
+    copy."""
+    rng = np.random.default_rng(16)
+    pl = PackedLinear.from_layer(_layer(rng, 64, 256, 2, 64, 0, 0, 6))
+    codes, params = 64 * 256 * 2 // 8, 2 * 64 * (256 // 64)
+    assert pl.planes_nbytes == codes + params
+    super_rows = pl._parts[0]["super_rows"]
+    assert pl.decode_nbytes == codes + params + 2 * -(-64 // super_rows)
+    pl3 = PackedLinear.from_layer(_layer(rng, 64, 256, 3, 64, 0, 0, 6))
+    assert pl3.planes_nbytes == 0 and pl3.decode_nbytes == pl3.nbytes

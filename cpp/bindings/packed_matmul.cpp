@@ -146,6 +146,9 @@ void init_packed_matmul(py::module_& m) {
       .def_property_readonly("planes_nbytes", [](const PackedMatrixHandle& h) {
         return h.planes.nbytes();
       })
+      .def_property_readonly("decode_nbytes", [](const PackedMatrixHandle& h) {
+        return hiquant::packed_decode_bytes(h.d_out, h.parts, &h.planes);
+      })
       .def("matmul", [](const PackedMatrixHandle& h, const py::object& x_, int n_threads,
                         const std::string& kernel) {
         const auto k = parse_kernel(kernel);

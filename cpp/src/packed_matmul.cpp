@@ -922,6 +922,25 @@ int64_t packed_bytes(int64_t d_out, const std::vector<PackedPart>& parts) {
   return total;
 }
 
+int64_t packed_decode_bytes(int64_t d_out, const std::vector<PackedPart>& parts,
+                            const PackedPlanes* planes) {
+  if (planes == nullptr || planes->parts.size() != parts.size()) return packed_bytes(d_out, parts);
+  int64_t total = 0;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const PackedPart& p = parts[i];
+    const PackedPlanes::Part& L = planes->parts[i];
+    if (L.bits == 0) {
+      total += packed_bytes(d_out, {p});
+      continue;
+    }
+    total += int64_t(L.words.size() * sizeof(uint32_t) + L.scale16.size() * sizeof(uint16_t) +
+                     L.scale8.size() + L.zero8.size());
+    if (p.cols != nullptr) total += 8 * p.n_cols;
+    if (p.scale_bits != 16) total += 2 * ((d_out + p.super_rows - 1) / p.super_rows);
+  }
+  return total;
+}
+
 int64_t PackedPlanes::nbytes() const {
   int64_t total = 0;
   for (const Part& p : parts)

@@ -77,6 +77,12 @@ class PackedLinear:
         return int(self._m.nbytes)
 
     @property
+    def decode_nbytes(self) -> int:
+        """Bytes of weight data a one-token product (``kernel="auto"``) reads: :attr:`nbytes`,
+        with the 2-bit parts' bytes replaced by their table-kernel copy where there is one."""
+        return int(self._m.decode_nbytes)
+
+    @property
     def planes_nbytes(self) -> int:
         """Bytes of the table kernel's copy of the 2-bit parts (bit-plane codes, scales and
         zero points reordered), held in memory beside the packed bytes (0 where the CPU lacks
@@ -157,6 +163,14 @@ class RowStack:
     @property
     def nbytes(self) -> int:
         return sum(op.nbytes for op in self.ops)
+
+    @property
+    def decode_nbytes(self) -> int:
+        return sum(op.decode_nbytes for op in self.ops)
+
+    @property
+    def planes_nbytes(self) -> int:
+        return sum(op.planes_nbytes for op in self.ops)
 
     def matmul(self, x: np.ndarray, *, n_threads=None, kernel: str = "auto") -> np.ndarray:
         """``x @ W.T`` for ``x`` float32 ``(n, d_in)`` → ``(n, d_out)``."""

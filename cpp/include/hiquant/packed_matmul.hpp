@@ -100,6 +100,12 @@ void validate_packed_parts(int64_t d_out, int64_t d_in, const std::vector<Packed
 // values, column indices): what a call moves from memory.
 int64_t packed_bytes(int64_t d_out, const std::vector<PackedPart>& parts);
 
+// Bytes of weight data a one-token (decode) product reads when the table kernel runs the parts
+// `planes` lays out: their plane words, reordered scales and zero points, super-scales and column
+// indices, and the other parts' packed_bytes. planes nullptr or empty: packed_bytes.
+int64_t packed_decode_bytes(int64_t d_out, const std::vector<PackedPart>& parts,
+                            const PackedPlanes* planes);
+
 // y (n_tok, d_out) = x (n_tok, d_in) W^T, row-major. `kernel`: Auto picks AVX2+FMA (with F16C)
 // where the CPU has it, else the portable kernel; Avx2 on a CPU without it throws InvalidArgument.
 // `planes`: the layer's plane layout (make_packed_planes), or nullptr (no table kernel).
