@@ -135,9 +135,40 @@ def _gptq_on_grid(W, bits, group, n_quant, payload):
     K.gptq(W, H, bits=bits, group_size=group, scale=scale, zero=zero, n_quant=n_quant)
 
 
+def packed_matmul(data: bytes) -> None:
+    """A valid packed layer of any shape, widths, grouping, scale storage and high part, from the
+    bytes (RTN codes of weights drawn from them), times activations on every native kernel: each
+    equals dequantize-then-multiply within float32 rounding (the table kernel reads its own
+    bit-plane copy of the 2-bit parts)."""
+    if len(data) < 8:
+        return
+    from hiquant._reference import packed_matmul as ref
+    from hiquant.packed_matmul import PackedLinear, kernel_name
+    from hiquant.storage import QuantizedLayer
+    d_out, d_in = 1 + data[0] % 40, 1 + data[1] % 200
+    b_low, b_high = [2, 3, 4, 6, 8][data[2] % 5], [2, 3, 4, 6, 8, 16][data[3] % 6]
+    group = [0, 1, 5, 8, 31, 32, 33, 64, 100][data[4] % 9]
+    k = data[5] % (d_in + 1) if data[5] >= 64 else 0
+    scale_bits = [16, 8, 6][data[6] % 3]
+    rng = np.random.default_rng(int.from_bytes(data[7:9], "little"))
+    W = (rng.standard_normal((d_out, d_in)) * 10.0 ** rng.integers(-3, 3)).astype(np.float32)
+    hi = np.sort(rng.choice(d_in, k, replace=False)) if k else ()
+    pl = PackedLinear.from_layer(QuantizedLayer.rtn("x", W, b_low, group, hi, b_high if k else 0,
+                                                    scale_bits))
+    Wq = pl.dequantize().astype(np.float64)
+    x = rng.standard_normal((1 + (data[-1] % 3 if len(data) > 9 else 0), d_in)).astype(np.float32)
+    bound = ref.error_bound(d_out, d_in, pl._parts, x)
+    for kernel in ("portable",) + (("avx2", "lut") if kernel_name() == "avx2-fma" else ()):
+        err = np.abs(pl.matmul(x, kernel=kernel).astype(np.float64) - x.astype(np.float64) @ Wq.T)
+        if not np.all(err <= 4e-6 * bound + 1e-30):
+            raise AssertionError(f"kernel {kernel}: the product differs from the dequantized "
+                                 f"weights by {err.max()} (bound {bound.max()})")
+
+
 TARGETS = {
     "safetensors_reader": safetensors_reader,
     "safetensors_header": safetensors_header,
     "packed_layer": packed_layer,
+    "packed_matmul": packed_matmul,
     "quantizer_bindings": quantizer_bindings,
 }
