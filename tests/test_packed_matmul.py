@@ -220,8 +220,8 @@ def test_auto_takes_the_table_kernel_for_one_token_and_the_register_kernel_for_m
 def test_table_kernel_copy_takes_the_codes_bits_and_a_byte_per_scale_and_zero():
     """A 2-bit part with rows a multiple of 8 and groups a multiple of 32 columns: the plane words
     take exactly the codes' bytes, plus one byte per (row, group) for the scale code and one for
-    the zero point; one-token products read that instead of the packed part. 3-bit parts keep no
-    copy."""
+    the zero point; one-token products read that instead of the packed part. A full-width 3-bit
+    part keeps no copy, a 3-bit high part (at most half the columns) does."""
     rng = np.random.default_rng(16)
     pl = PackedLinear.from_layer(_layer(rng, 64, 256, 2, 64, 0, 0, 6))
     codes, params = 64 * 256 * 2 // 8, 2 * 64 * (256 // 64)
@@ -230,3 +230,6 @@ def test_table_kernel_copy_takes_the_codes_bits_and_a_byte_per_scale_and_zero():
     assert pl.decode_nbytes == codes + params + 2 * -(-64 // super_rows)
     pl3 = PackedLinear.from_layer(_layer(rng, 64, 256, 3, 64, 0, 0, 6))
     assert pl3.planes_nbytes == 0 and pl3.decode_nbytes == pl3.nbytes
+    # a 3-bit high part (a minority of gathered columns) gets a copy, the 3-bit low part none
+    hyb = PackedLinear.from_layer(_layer(rng, 64, 256, 3, 64, 64, 3, 6))
+    assert hyb.planes_nbytes == 64 * 64 * 3 // 8 + 2 * 64

@@ -15,7 +15,7 @@ struct PackedMatrixHandle {
   int64_t d_out = 0, d_in = 0;
   std::vector<hiquant::PackedPart> parts;
   std::vector<py::object> keep;  // the buffers the parts point into
-  hiquant::PackedPlanes planes;  // the table kernel's copy of the 2-bit parts
+  hiquant::PackedPlanes planes;  // the table kernel's copy of some parts
 };
 
 hiquant::PackedKernel parse_kernel(const std::string& k) {

@@ -970,9 +970,12 @@ PackedPlanes make_packed_planes(int64_t d_out, int64_t d_in, const std::vector<P
   const int64_t n_rb = (d_out + 7) / 8;
   for (size_t pi = 0; pi < parts.size(); ++pi) {
     const PackedPart& p = parts[pi];
-    // 2 bits only: 3- and 4-bit parts decode about as fast on the register kernel (measured,
-    // bench/RESULTS.md), so they keep no copy
-    if (p.n_cols == 0 || p.bits != 2) continue;
+    // 2-bit parts, and 3-bit parts over a minority of gathered columns (a hybrid layer's
+    // high-impact part, where the register kernel's per-row work weighs most). Measured
+    // (bench/RESULTS.md): a full-width 3-bit part, or a 4-bit one, runs as fast or faster on the
+    // register kernel, so it keeps no copy.
+    const bool minority3 = p.bits == 3 && p.cols != nullptr && 2 * p.n_cols <= d_in;
+    if (p.n_cols == 0 || (p.bits != 2 && !minority3)) continue;
     PackedPlanes::Part& L = out.parts[pi];
     L.bits = p.bits;
     const int64_t n = p.n_cols, ng = n_groups(n, p.group_size);
@@ -999,6 +1002,19 @@ PackedPlanes make_packed_planes(int64_t d_out, int64_t d_in, const std::vector<P
           const int64_t c0 = L.chunk_col[c];
           const int64_t c1 = c + 1 < L.n_chunks ? L.chunk_col[c + 1] : n;
           const int64_t len = std::min<int64_t>(32, c1 - c0);
+          if (bits == 3) {  // code by code (a minority part)
+            uint32_t plane[3] = {0, 0, 0};
+            for (int64_t j0 = 0; j0 < len; j0 += 8) {
+              const uint64_t v = load_bits(p.qweight, nb, (r * n + c0 + j0) * 3);
+              for (int64_t j = j0; j < std::min(len, j0 + 8); ++j) {
+                const uint32_t code = uint32_t(v >> ((j - j0) * 3)) & 7u;
+                for (int b = 0; b < 3; ++b) plane[b] |= ((code >> b) & 1u) << j;
+              }
+            }
+            uint32_t* w = L.words.data() + ((rb * L.n_chunks + c) * 3) * 8 + (r % 8);
+            for (int b = 0; b < 3; ++b) w[b * 8] = plane[b];
+            continue;
+          }
           // the chunk's 2-bit codes as 64 bits (two loads of 16 codes), those past len zero
           const int64_t bit = (r * n + c0) * 2;
           uint64_t v = (load_bits(p.qweight, nb, bit) & 0xffffffffu) |
@@ -1147,7 +1163,10 @@ void packed_matmul(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& p
           const PackedPlanes::Part& L = planes->parts[i];
           const float* tb = tabs[i].data();
           const int64_t ts = L.n_chunks * kTabPerChunk;
-          lut_rows<2>(runs[i], L, r0, r1, d_out, n_tok, tb, ts, y);
+          if (L.bits == 2)
+            lut_rows<2>(runs[i], L, r0, r1, d_out, n_tok, tb, ts, y);
+          else
+            lut_rows<3>(runs[i], L, r0, r1, d_out, n_tok, tb, ts, y);
         }
       return;
     }

@@ -8,7 +8,8 @@ GEMM) at a time, with AVX2+FMA where the CPU has it (``kernel="auto"``) and a po
 otherwise. ``W`` itself is never formed; :meth:`PackedLinear.dequantize` forms it on request.
 
 Kernels: ``"avx2"`` forms each weight ``s * (code - zero)`` in registers; ``"lut"`` (T-MAC's
-table lookup with float32 tables) keeps a bit-plane copy of the 2-bit parts' codes, built when the
+table lookup with float32 tables) keeps a bit-plane copy of the codes of the 2-bit parts and of
+3-bit high-impact parts (at most half the columns), built when the
 layer is (:attr:`PackedLinear.planes_nbytes` bytes, the codes' size again), and forms each
 group's ``s * (sum code*x - zero * sum x)`` from per-token tables of subset sums of three
 activations; ``"portable"`` forms the same group sums column by column. ``"auto"`` takes the table
@@ -79,12 +80,12 @@ class PackedLinear:
     @property
     def decode_nbytes(self) -> int:
         """Bytes of weight data a one-token product (``kernel="auto"``) reads: :attr:`nbytes`,
-        with the 2-bit parts' bytes replaced by their table-kernel copy where there is one."""
+        with the laid-out parts' bytes replaced by their table-kernel copy where there is one."""
         return int(self._m.decode_nbytes)
 
     @property
     def planes_nbytes(self) -> int:
-        """Bytes of the table kernel's copy of the 2-bit parts (bit-plane codes, scales and
+        """Bytes of the table kernel's copy of the laid-out parts (bit-plane codes, scales and
         zero points reordered), held in memory beside the packed bytes (0 where the CPU lacks
         AVX2)."""
         return int(self._m.planes_nbytes)

@@ -53,7 +53,8 @@ struct PackedPart {
 // parts at every token count (the other parts on Avx2); it needs a PackedPlanes and AVX2.
 enum class PackedKernel { Auto = 0, Portable = 1, Avx2 = 2, Lut = 3 };
 
-// Bit-plane layout of a layer's 2-bit parts for the table-lookup decode kernel (T-MAC's
+// Bit-plane layout of a layer's 2-bit parts (and 3-bit parts over at most half of its columns,
+// gathered: a hybrid layer's high-impact part) for the table-lookup decode kernel (T-MAC's
 // scheme, Wei et al. 2024, with float32 tables). A part's columns are cut into chunks of up to 32
 // consecutive columns inside one group (a group of g columns gives ceil(g / 32) chunks; the last
 // chunk of a group may be short). For each block of 8 output rows, chunk and bit plane p, one
@@ -86,8 +87,9 @@ struct PackedPlanes {
 // Decode tokens per call up to which Auto takes the table kernel.
 constexpr int64_t kLutTokens = 1;
 
-// The plane layout of every 2-bit part (other parts get bits 0: 3- and 4-bit parts decode about as
-// fast on the register kernel); empty (no parts) where the CPU lacks AVX2, which the table kernel
+// The plane layout of every 2-bit part and every 3-bit part with column indices over at most
+// half of d_in (other parts get bits 0: full-width 3-bit and 4-bit parts decode as fast or faster
+// on the register kernel); empty (no parts) where the CPU lacks AVX2, which the table kernel
 // needs. Parallel over row blocks.
 PackedPlanes make_packed_planes(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& parts,
                                 int n_threads = 0);
