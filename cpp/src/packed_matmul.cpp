@@ -778,9 +778,9 @@ void lut_tables(const PackedPlanes::Part& L, int64_t n_cols, const float* xs, fl
   }
 }
 
-// out[i] += row (r0 + i) of the part times the token, for the 8 rows of row block rb (rows past
-// d_out are computed on zero codes and not written). supv: the rows' super-scales (8 / 6-bit
-// scale codes).
+// yv[i] += row 8 * rb + i of the part times the token whose chunk tables are tab and group sums
+// gs (rows past d_out have zero codes, scales and zero points). supv: the rows' super-scales
+// (8 / 6-bit scale codes).
 template <int BITS>
 HQ_AVX2 void lut_block(const PackedPlanes::Part& L, int64_t rb, int64_t ng, const float* tab,
                        const float* gs, __m256 supv, __m256& yv) {
@@ -950,6 +950,30 @@ int64_t PackedPlanes::nbytes() const {
 }
 
 namespace {
+// Throws InvalidArgument unless `planes` is make_packed_planes' layout of these parts (sizes
+// checked, so that the table kernel cannot read past a copy made for another layer).
+void check_planes(int64_t d_out, const std::vector<PackedPart>& parts,
+                  const PackedPlanes& planes) {
+  HQ_CHECK(planes.parts.size() == parts.size(), "the plane layout has ", planes.parts.size(),
+           " parts but the layer ", parts.size(), "; build it with make_packed_planes");
+  const int64_t n_rb = (d_out + 7) / 8;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const PackedPlanes::Part& L = planes.parts[i];
+    if (L.bits == 0) continue;
+    const PackedPart& p = parts[i];
+    const int64_t ng = p.n_cols > 0 ? n_groups(p.n_cols, p.group_size) : 0;
+    const bool ok = L.bits == p.bits && p.n_cols > 0 && int64_t(L.chunk_col.size()) == L.n_chunks &&
+                    int64_t(L.group_chunk.size()) == ng + 1 &&
+                    L.group_chunk.back() == L.n_chunks &&
+                    int64_t(L.words.size()) == n_rb * L.n_chunks * L.bits * 8 &&
+                    int64_t(L.zero8.size()) == n_rb * ng * 8 &&
+                    int64_t((p.scale_bits == 16 ? L.scale16.size() : L.scale8.size())) ==
+                        n_rb * ng * 8;
+    HQ_CHECK(ok, "the plane layout of part ", i, " does not match the part (", p.bits, " bits, ",
+             p.n_cols, " columns, ", d_out, " rows); build it with make_packed_planes");
+  }
+}
+
 // Bits 0, 2, 4, ..., 62 of v as bits 0..31.
 inline uint32_t even_bits(uint64_t v) {
   v &= 0x5555555555555555ull;
@@ -1055,6 +1079,7 @@ void packed_matmul(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& p
   if (kernel == PackedKernel::Lut)
     HQ_CHECK(planes != nullptr && planes->parts.size() == parts.size(),
              "the table kernel needs the layer's plane layout (make_packed_planes)");
+  if (planes != nullptr && !planes->parts.empty()) check_planes(d_out, parts, *planes);
   const bool have_planes = use_avx2 && planes != nullptr && planes->parts.size() == parts.size();
   // parts the table kernel runs
   std::vector<char> lut_part(parts.size(), 0);

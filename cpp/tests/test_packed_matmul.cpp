@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "hiquant/errors.hpp"
 #include "hiquant/packed_matmul.hpp"
 #include "hiquant/quantizer.hpp"
 
@@ -158,9 +159,29 @@ void check_case(int64_t d_out, int64_t d_in, int64_t n_low, int64_t group, int s
   }
 }
 
+// A plane layout made for another layer is refused, not read past its end.
+void check_mismatched_planes_refused() {
+  if (!hiquant::packed_avx2_available()) return;
+  uint32_t s = 7;
+  std::vector<int64_t> cols(64);
+  for (int64_t j = 0; j < 64; ++j) cols[size_t(j)] = j;
+  const Part small(2, cols, 32, 6, 8, s), tall(2, cols, 32, 6, 16, s);
+  const std::vector<hiquant::PackedPart> a{small.view()}, b{tall.view()};
+  const hiquant::PackedPlanes pa = hiquant::make_packed_planes(8, 64, a, 1);
+  std::vector<float> x(64, 1.0f), y(16);
+  bool thrown = false;
+  try {
+    hiquant::packed_matmul(16, 64, b, x.data(), 1, y.data(), 1, hiquant::PackedKernel::Lut, &pa);
+  } catch (const hiquant::InvalidArgument&) {
+    thrown = true;
+  }
+  EXPECT(thrown);
+}
+
 }  // namespace
 
 int main() {
+  check_mismatched_planes_refused();
   uint32_t seed = 1;
   const int64_t shapes[][3] = {{1, 1, 1},    {3, 40, 40},   {8, 64, 64},   {9, 97, 80},
                                {17, 130, 99}, {33, 203, 150}, {40, 64, 0}};  // {d_out, d_in, 2-bit columns}
