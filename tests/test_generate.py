@@ -62,6 +62,11 @@ def test_cached_decoding_on_the_packed_kernels_matches_the_dense_reload(tmp_path
     ids = np.random.default_rng(3).integers(0, pm.config.vocab_size, (1, 20))
     a, b = _incremental_logits(pm, ids, 8), _incremental_logits(dm, ids, 8)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+    # the decode steps multiply the stored float16 output matrix on the FP16 kernel: no float32
+    # copy of it is built (the dense reload builds one)
+    from hiquant.packed_matmul import PackedLinear
+    assert isinstance(pm._cache.get("head_operator"), PackedLinear) and "head" not in pm._cache
+    assert "head" in dm._cache and "head_operator" not in dm._cache
 
 
 def test_cache_overflow_and_bad_arguments_raise():

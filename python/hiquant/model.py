@@ -984,8 +984,9 @@ class Model:
         ``kv.length .. kv.length + t - 1``, attending to the cached keys and values of the
         earlier positions; appends theirs to ``kv``. The first call (the prompt, ``kv.length ==
         0``) gives the logits :meth:`logits` gives; each later call with one token costs one
-        product per linear layer (the packed kernels' GEMV with :func:`hiquant.load_packed`)
-        and attention over the cached positions, not a pass over the whole sequence."""
+        product per linear layer (the packed kernels' GEMV with :func:`hiquant.load_packed`,
+        where a float16 output matrix is also multiplied in place by the FP16 kernel) and
+        attention over the cached positions, not a pass over the whole sequence."""
         if not isinstance(kv, KVCache):
             raise InvalidTypeError(f"kv must be a KVCache from model.new_kv_cache, got "
                                    f"{type(kv).__name__}")
@@ -999,8 +1000,32 @@ class Model:
         for i in range(self.num_blocks):
             h = self._block_step(i, h, kv)
         kv.length += t
-        hd, _, y, _ = self._final(h)
-        return (y @ hd.W.T).reshape(B, t, -1)
+        op = self._head_operator()
+        if op is None:
+            hd, _, y, _ = self._final(h)
+            return (y @ hd.W.T).reshape(B, t, -1)
+        x = np.ascontiguousarray(h).reshape(B * t, -1)
+        y, _ = _rmsnorm(x, self._tensor("model.norm.weight"), self.config.rms_norm_eps)
+        return op.matmul(y).reshape(B, t, -1)
+
+    def _head_operator(self):
+        """With packed kernels and a float16 output matrix (``lm_head`` or the tied embeddings):
+        that matrix as an operator on the stored float16 values (hiquant's FP16 kernel reading
+        the mapped file, no float32 copy), for the decode steps; None otherwise."""
+        if not self.packed_kernels:
+            return None
+        src = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+        f = self._where.get(src)
+        if f is None or f.tensors[src].dtype != "F16" or src in self._tensor_overrides:
+            return None
+
+        def build():
+            from .packed_matmul import PackedLinear
+            W16 = f.array(src)
+            return PackedLinear(src, W16.shape[0], W16.shape[1],
+                                [{"bits": 16, "n_cols": int(W16.shape[1]), "cols": None,
+                                  "weight": W16}])
+        return self._cached("head_operator", build)
 
     def _block_step(self, i: int, h: np.ndarray, kv: KVCache) -> np.ndarray:
         """block_forward's arithmetic for positions p0..p0+t-1 with keys/values from ``kv``."""
