@@ -54,7 +54,7 @@ def _linear_shapes(model) -> set:
 def _cached_block_weights(model) -> list:
     """Every weight object the model's cache holds for its decoder blocks."""
     slots = ("Wqkv", "Wo", "Wgu", "Wd")
-    return [getattr(p, s) for k, p in model._cache.items() if k != "head" for s in slots]
+    return [getattr(p, s) for k, p in model._cache.items() if isinstance(k, int) for s in slots]
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -156,3 +156,19 @@ def test_open_checkpoint_passes_the_option_and_float64_models_stay_dense(exports
     assert not m64.packed_kernels
     with pytest.raises(hiquant.InvalidTypeError, match="packed_kernels"):
         load_packed(out / "packed", packed_kernels="yes")
+
+
+def test_a_float16_folder_on_the_kernels_multiplies_its_stored_values_in_place():
+    """``packed_kernels=True`` on an ordinary float16 checkpoint: every linear is an FP16-kernel
+    operator on the mapped float16 values (no float32 copy in the weight cache), and the
+    perplexity and decode logits equal the dense float32 path within float32 rounding."""
+    km = load_model(embedded_model_path(), packed_kernels=True)
+    dm = load_model(embedded_model_path())
+    a, b = _ppl(km), _ppl(dm)
+    assert abs(a - b) <= 1e-5 * b
+    held = _cached_block_weights(km)
+    assert held and all(isinstance(w, (PackedLinear, RowStack)) for w in held)
+    kv_k, kv_d = km.new_kv_cache(1, 16), dm.new_kv_cache(1, 16)
+    x = np.arange(1, 9)[None]
+    np.testing.assert_allclose(km.forward_cached(x, kv_k), dm.forward_cached(x, kv_d),
+                               rtol=1e-4, atol=1e-4)

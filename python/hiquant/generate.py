@@ -91,7 +91,9 @@ def cmd_generate(args) -> int:
     # NumPy's BLAS (the dense products) on as many threads as the packed kernels get
     _threads.set_blas_threads(_threads.get_num_threads())
     t0 = time.perf_counter()
-    model = open_checkpoint(args.model)
+    # native kernels for packed layers and float16 weights (a plain float16 folder decodes on
+    # the FP16 kernel, reading its mapped file)
+    model = open_checkpoint(args.model, packed_kernels=True)
     load_s = time.perf_counter() - t0
     tok = model.tokenizer
     if tok is None:

@@ -599,12 +599,29 @@ class Model:
         return p
 
     def _linear_op(self, name: str):
-        """The operator standing for a linear source's weight (``x @ W.T`` as ``matmul(x)``), or
-        None: a set_weight override or an ordinary weight is used dense."""
-        if name in self._overrides or name not in self._source:
+        """The operator standing for a linear's weight (``x @ W.T`` as ``matmul(x)``): the
+        source's operator, or the FP16 kernel on a weight stored in float16; None (used dense)
+        for a set_weight override, a source without one and other stored dtypes."""
+        if name in self._overrides:
             return None
+        if name not in self._source:
+            return self._f16_operator(name + ".weight")
         op = getattr(self._source[name], "operator", None)
         return op() if callable(op) else None
+
+    def _f16_operator(self, tensor: str):
+        """Tensor ``tensor`` (d_out, d_in) as an operator on its stored float16 values (hiquant's
+        FP16 kernel reading the mapped file: no float32 copy), or None where it is stored in
+        another dtype or overridden."""
+        f = self._where.get(tensor)
+        if f is None or f.tensors[tensor].dtype != "F16" or tensor in self._tensor_overrides \
+                or len(f.tensors[tensor].shape) != 2:
+            return None
+        from .packed_matmul import PackedLinear
+        W16 = f.array(tensor)
+        return PackedLinear(tensor, W16.shape[0], W16.shape[1],
+                            [{"bits": 16, "n_cols": int(W16.shape[1]), "cols": None,
+                              "weight": W16}])
 
     def _stacked(self, names: list[str], rows: list[int], ops: bool):
         """The weights of layers sharing their input, stacked by rows: one RowStack operator
@@ -1018,14 +1035,7 @@ class Model:
         f = self._where.get(src)
         if f is None or f.tensors[src].dtype != "F16" or src in self._tensor_overrides:
             return None
-
-        def build():
-            from .packed_matmul import PackedLinear
-            W16 = f.array(src)
-            return PackedLinear(src, W16.shape[0], W16.shape[1],
-                                [{"bits": 16, "n_cols": int(W16.shape[1]), "cols": None,
-                                  "weight": W16}])
-        return self._cached("head_operator", build)
+        return self._cached("head_operator", lambda: self._f16_operator(src))
 
     def _block_step(self, i: int, h: np.ndarray, kv: KVCache) -> np.ndarray:
         """block_forward's arithmetic for positions p0..p0+t-1 with keys/values from ``kv``."""
@@ -1300,10 +1310,13 @@ def load_model(path, *, compute_dtype="float32", weight_cache_bytes: int = 1 << 
     ``packed_kernels``: the forward pass multiplies by the ``linear_source`` layers that offer
     an ``operator()`` (an object with ``d_out``, ``d_in``, ``nbytes`` and ``matmul(X)`` =
     ``X @ W.T``, e.g. :class:`hiquant.packed_matmul.PackedLinear`) through it instead of through
-    a dequantized float copy: the weight cache then holds the operators (for the packed reader,
-    the packed bytes), q/k/v and gate/up as :class:`hiquant.packed_matmul.RowStack`. Layers
-    replaced by :meth:`Model.set_weight`, backward passes and :meth:`Model.get_weight` use the
-    dense weights as before; a float64 model ignores the option.
+    a dequantized float copy, and by the other linears stored in float16 on hiquant's FP16
+    kernel (the mapped values, no float32 copy); the decode steps (:meth:`Model.forward_cached`)
+    multiply a float16 output matrix the same way. The weight cache then holds the operators
+    (for the packed reader, the packed bytes), q/k/v and gate/up as
+    :class:`hiquant.packed_matmul.RowStack`. Layers replaced by :meth:`Model.set_weight`,
+    backward passes and :meth:`Model.get_weight` use the dense weights as before; a float64
+    model ignores the option.
     """
     folder = Path(path)
     if not folder.is_dir():
