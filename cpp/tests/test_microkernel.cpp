@@ -13,14 +13,7 @@
 #include "hiquant/microkernel.hpp"
 #include "hiquant/stats.hpp"
 
-static int failures = 0;
-#define EXPECT(cond)                                                                   \
-  do {                                                                                 \
-    if (!(cond)) {                                                                     \
-      std::fprintf(stderr, "%s:%d: EXPECT failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                      \
-    }                                                                                  \
-  } while (0)
+#include "expect.hpp"
 
 namespace {
 
@@ -122,6 +115,5 @@ int main() {
                  {3, 96, 1}})
     check_gram(s[0], s[1], s[2]);
 
-  if (failures) std::fprintf(stderr, "%d failure(s)\n", failures);
-  return failures ? EXIT_FAILURE : EXIT_SUCCESS;
+  return test_result("test_microkernel");
 }

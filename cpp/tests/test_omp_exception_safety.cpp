@@ -12,14 +12,7 @@
 #include "hiquant/parallel.hpp"
 #include "hiquant/quantizer.hpp"
 
-static int failures = 0;
-#define EXPECT(cond)                                                   \
-  do {                                                                 \
-    if (!(cond)) {                                                     \
-      std::fprintf(stderr, "%s:%d: EXPECT failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                      \
-    }                                                                  \
-  } while (0)
+#include "expect.hpp"
 
 int main() {
   // 1. parallel_for rethrows the first exception after the region, whatever the thread count.
@@ -84,6 +77,5 @@ int main() {
   }
   EXPECT(caught && polls == 3);
 
-  if (failures == 0) std::printf("test_omp_exception_safety: all checks passed\n");
-  return failures == 0 ? 0 : 1;
+  return test_result("test_omp_exception_safety");
 }

@@ -15,14 +15,7 @@
 #include "hiquant/packed_matmul.hpp"
 #include "hiquant/quantizer.hpp"
 
-static int failures = 0;
-#define EXPECT(cond)                                                                   \
-  do {                                                                                 \
-    if (!(cond)) {                                                                     \
-      std::fprintf(stderr, "%s:%d: EXPECT failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                      \
-    }                                                                                  \
-  } while (0)
+#include "expect.hpp"
 
 namespace {
 
@@ -189,10 +182,5 @@ int main() {
   for (const auto& sh : shapes)
     for (int64_t g : groups)
       for (int sb : {16, 8, 6}) check_case(sh[0], sh[1], sh[2], g, sb, ++seed);
-  if (failures) {
-    std::fprintf(stderr, "%d failure(s)\n", failures);
-    return 1;
-  }
-  std::printf("test_packed_matmul: all cases passed\n");
-  return 0;
+  return test_result("test_packed_matmul");
 }
