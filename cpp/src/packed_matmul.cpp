@@ -751,9 +751,7 @@ constexpr int kTabPerChunk = 11 * 8;  // ten triple tables and one pair table, 8
 // The chunk tables of one token's part activations xs (part columns), tab[c * 88 + 8 * k + e].
 void lut_tables(const PackedPlanes::Part& L, int64_t n_cols, const float* xs, float* tab) {
   for (int64_t c = 0; c < L.n_chunks; ++c) {
-    const int64_t c0 = L.chunk_col[c];
-    const int64_t c1 = c + 1 < L.n_chunks ? L.chunk_col[c + 1] : n_cols;
-    const int64_t len = std::min<int64_t>(32, c1 - c0);
+    const int64_t c0 = L.chunk_col[c], len = L.chunk_len(c, n_cols);
     float xc[32];
     for (int64_t j = 0; j < 32; ++j) xc[j] = j < len ? xs[c0 + j] : 0.0f;
     float* t = tab + c * kTabPerChunk;
@@ -933,8 +931,7 @@ int64_t packed_decode_bytes(int64_t d_out, const std::vector<PackedPart>& parts,
       total += packed_bytes(d_out, {p});
       continue;
     }
-    total += int64_t(L.words.size() * sizeof(uint32_t) + L.scale16.size() * sizeof(uint16_t) +
-                     L.scale8.size() + L.zero8.size());
+    total += L.nbytes();
     if (p.cols != nullptr) total += 8 * p.n_cols;
     if (p.scale_bits != 16) total += 2 * ((d_out + p.super_rows - 1) / p.super_rows);
   }
@@ -943,9 +940,7 @@ int64_t packed_decode_bytes(int64_t d_out, const std::vector<PackedPart>& parts,
 
 int64_t PackedPlanes::nbytes() const {
   int64_t total = 0;
-  for (const Part& p : parts)
-    total += int64_t(p.words.size() * sizeof(uint32_t) + p.scale16.size() * sizeof(uint16_t) +
-                     p.scale8.size() + p.zero8.size());
+  for (const Part& p : parts) total += p.nbytes();
   return total;
 }
 
@@ -1023,9 +1018,7 @@ PackedPlanes make_packed_planes(int64_t d_out, int64_t d_in, const std::vector<P
     parallel_for(n_rb, n_threads, [&](int64_t rb) {
       for (int64_t r = rb * 8; r < std::min(d_out, rb * 8 + 8); ++r)
         for (int64_t c = 0; c < L.n_chunks; ++c) {
-          const int64_t c0 = L.chunk_col[c];
-          const int64_t c1 = c + 1 < L.n_chunks ? L.chunk_col[c + 1] : n;
-          const int64_t len = std::min<int64_t>(32, c1 - c0);
+          const int64_t c0 = L.chunk_col[c], len = L.chunk_len(c, n);
           if (bits == 3) {  // code by code (a minority part)
             uint32_t plane[3] = {0, 0, 0};
             for (int64_t j0 = 0; j0 < len; j0 += 8) {
@@ -1086,7 +1079,10 @@ void packed_matmul(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& p
   if (have_planes && (kernel == PackedKernel::Lut ||
                       (kernel == PackedKernel::Auto && n_tok <= kLutTokens)))
     for (size_t i = 0; i < parts.size(); ++i)
-      if (planes->parts[i].bits != 0 && parts[i].n_cols > 0) use_lut = lut_part[i] = 1;
+      if (planes->parts[i].bits != 0 && parts[i].n_cols > 0) {
+        lut_part[i] = 1;
+        use_lut = true;
+      }
   if (n_tok == 0) return;
 
   // Gather each part's activations (contiguous per token) and its group sums, once per call.

@@ -79,6 +79,15 @@ struct PackedPlanes {
     // times the row's super-scale); zero points one byte each
     std::vector<uint16_t> scale16;
     std::vector<uint8_t> scale8, zero8;
+    // columns of chunk c (1..32) of a part of n_cols columns
+    int64_t chunk_len(int64_t c, int64_t n_cols) const {
+      return (c + 1 < n_chunks ? chunk_col[c + 1] : n_cols) - chunk_col[c];
+    }
+    // bytes of the words, scales and zero points
+    int64_t nbytes() const {
+      return int64_t(words.size() * sizeof(uint32_t) + scale16.size() * sizeof(uint16_t) +
+                     scale8.size() + zero8.size());
+    }
   };
   std::vector<Part> parts;  // one per PackedPart, in order
   int64_t nbytes() const;   // bytes of the plane words and the reordered scales and zero points
