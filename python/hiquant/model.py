@@ -609,16 +609,20 @@ class Model:
         op = getattr(self._source[name], "operator", None)
         return op() if callable(op) else None
 
+    def _stored_f16_matrix(self, tensor: str) -> bool:
+        """Whether ``tensor`` is a matrix stored in float16 and not overridden."""
+        f = self._where.get(tensor)
+        return (f is not None and f.tensors[tensor].dtype == "F16"
+                and len(f.tensors[tensor].shape) == 2 and tensor not in self._tensor_overrides)
+
     def _f16_operator(self, tensor: str):
         """Tensor ``tensor`` (d_out, d_in) as an operator on its stored float16 values (hiquant's
         FP16 kernel reading the mapped file: no float32 copy), or None where it is stored in
         another dtype or overridden."""
-        f = self._where.get(tensor)
-        if f is None or f.tensors[tensor].dtype != "F16" or tensor in self._tensor_overrides \
-                or len(f.tensors[tensor].shape) != 2:
+        if not self._stored_f16_matrix(tensor):
             return None
         from .packed_matmul import PackedLinear
-        W16 = f.array(tensor)
+        W16 = self._where[tensor].array(tensor)
         return PackedLinear(tensor, W16.shape[0], W16.shape[1],
                             [{"bits": 16, "n_cols": int(W16.shape[1]), "cols": None,
                               "weight": W16}])
@@ -1021,19 +1025,15 @@ class Model:
         if op is None:
             hd, _, y, _ = self._final(h)
             return (y @ hd.W.T).reshape(B, t, -1)
-        x = np.ascontiguousarray(h).reshape(B * t, -1)
-        y, _ = _rmsnorm(x, self._tensor("model.norm.weight"), self.config.rms_norm_eps)
+        _, y, _ = self._final_norm(h, self._tensor("model.norm.weight"))
         return op.matmul(y).reshape(B, t, -1)
 
     def _head_operator(self):
         """With packed kernels and a float16 output matrix (``lm_head`` or the tied embeddings):
         that matrix as an operator on the stored float16 values (hiquant's FP16 kernel reading
         the mapped file, no float32 copy), for the decode steps; None otherwise."""
-        if not self.packed_kernels:
-            return None
         src = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
-        f = self._where.get(src)
-        if f is None or f.tensors[src].dtype != "F16" or src in self._tensor_overrides:
+        if not (self.packed_kernels and self._stored_f16_matrix(src)):
             return None
         return self._cached("head_operator", lambda: self._f16_operator(src))
 
@@ -1095,10 +1095,15 @@ class Model:
 
     def _final(self, h: np.ndarray):
         hd = self._head()
+        return (hd, *self._final_norm(h, hd.norm))
+
+    def _final_norm(self, h: np.ndarray, norm: np.ndarray):
+        """(x, y, r): the last block's output as rows ``(B*T, D)``, the final norm's output and
+        its reciprocal RMS."""
         B, T, D = h.shape
         x = np.ascontiguousarray(h).reshape(B * T, D)
-        y, r = _rmsnorm(x, hd.norm, self.config.rms_norm_eps)
-        return hd, x, y, r
+        y, r = _rmsnorm(x, norm, self.config.rms_norm_eps)
+        return x, y, r
 
     def head_loss(self, h: np.ndarray, ids: np.ndarray, *, grad: bool = False,
                   norm_grad: bool = False):
