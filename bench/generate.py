@@ -16,8 +16,9 @@ thread by default. The float16 folder runs twice: "fp16 (dense)" with a weight c
 enough to hold every expanded float32 weight (NumPy's BLAS), "fp16 (kernel)" on hiquant's FP16
 kernel reading the mapped float16 values (``packed_kernels=True``, as ``hiquant generate`` runs
 it); "vs fp16" is against the faster of the two. The packed exports hold only packed operators.
-Tokens/s counts the decode steps (the first new token comes from the prefill). Ends with one JSON
-line.
+The 2-bit format also runs with the packed decode kernel's int8 tables (``decode_tables="int8"``,
+opt-in; row "... int8"). Tokens/s counts the decode steps (the first new token comes from the
+prefill). Ends with one JSON line.
 
     python bench/generate.py [--quick] [--layers 2] [--new-tokens 16] [--rounds 2] [--threads 1]
 """
@@ -65,13 +66,18 @@ def export_formats(src: Path, out: Path) -> dict:
     return folders
 
 
-def worker(folder: str, new_tokens: int, threads: int, cache_bytes: int, kernels: bool) -> dict:
+def worker(folder: str, new_tokens: int, threads: int, cache_bytes: int, mode: str) -> dict:
+    """mode "0": dense float32 products; "1": the packed kernels; "int8": the packed kernels with
+    int8 decode tables (a packed export)."""
     from hiquant import _threads
     from hiquant.generate import generate
-    from hiquant.packed import open_checkpoint
+    from hiquant.packed import load_packed, open_checkpoint
     _threads.set_num_threads(threads)
     _threads.set_blas_threads(threads)
-    m = open_checkpoint(folder, weight_cache_bytes=cache_bytes, packed_kernels=kernels)
+    if mode == "int8":
+        m = load_packed(folder, weight_cache_bytes=cache_bytes, decode_tables="int8")
+    else:
+        m = open_checkpoint(folder, weight_cache_bytes=cache_bytes, packed_kernels=mode == "1")
     generate(m, np.arange(1, 3), 2)  # warm-up: first-call costs (caches, page faults) out
     r = generate(m, np.arange(1, 9), new_tokens)
     return {"decode_tokens_per_s": r.decode_tokens_per_s, "prefill_seconds": r.prefill_seconds,
@@ -92,12 +98,12 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--assets", default=str(Path(__file__).resolve().parents[1].parent /
                                             "shared" / "bench"))
-    ap.add_argument("--worker", nargs=4, metavar=("FOLDER", "TOKENS", "CACHE_BYTES", "KERNELS"),
+    ap.add_argument("--worker", nargs=4, metavar=("FOLDER", "TOKENS", "CACHE_BYTES", "MODE"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        folder, tokens, cache, kernels = args.worker
-        print(json.dumps(worker(folder, int(tokens), args.threads, int(cache), kernels == "1")))
+        folder, tokens, cache, mode = args.worker
+        print(json.dumps(worker(folder, int(tokens), args.threads, int(cache), mode)))
         return
     from scale import SHAPE_7B, SHAPE_QUICK, write_checkpoint
     new_tokens = args.new_tokens or (4 if args.quick else 16)
@@ -117,13 +123,16 @@ def main(argv=None) -> None:
             runs.append((label, "fp16 (kernel)", src))
             for fmt, folder in export_formats(src, tmp / f"{label}-packed").items():
                 runs.append((label, fmt, folder))
+                if fmt.startswith("W2"):  # the int8 decode tables (opt-in) on the 2-bit format
+                    runs.append((label, fmt + " int8", folder))
         results = {(lab, fmt): [] for lab, fmt, _ in runs}
         for _ in range(args.rounds):
             for lab, fmt, folder in runs:
                 cache = 1 << 36 if fmt.startswith("fp16") else 1 << 30
-                kernels = "0" if fmt == "fp16 (dense)" else "1"
+                mode = ("0" if fmt == "fp16 (dense)" else "int8" if fmt.endswith(" int8")
+                        else "1")
                 out = subprocess.run([sys.executable, __file__, "--worker", str(folder),
-                                      str(new_tokens), str(cache), kernels, "--threads",
+                                      str(new_tokens), str(cache), mode, "--threads",
                                       str(args.threads)],
                                      capture_output=True, text=True, check=True)
                 results[(lab, fmt)].append(json.loads(out.stdout.strip().splitlines()[-1]))

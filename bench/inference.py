@@ -83,7 +83,7 @@ def _copies(nbytes: int, floor: int = 2) -> int:
 def _clone_packed(pl: PackedLinear) -> PackedLinear:
     parts = [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in p.items()}
              for p in pl._parts]
-    return PackedLinear(pl.name, pl.d_out, pl.d_in, parts)
+    return PackedLinear(pl.name, pl.d_out, pl.d_in, parts, tables=pl.tables)
 
 
 def rotating(objs, call):
@@ -128,10 +128,16 @@ def bench_layer(label, W, threads, repeats, batches, rng, cap_bytes):
             cands[name + " reg"] = (pl.nbytes, (lambda pls: lambda x: rotating(
                 pls, lambda p: p.matmul(x, n_threads=threads, kernel="avx2")))(pls))
             bits[name + " reg"] = bits[name]
+            p8 = PackedLinear.from_layer(ql, tables="int8")
+            p8s = [p8] + [_clone_packed(p8) for _ in range(_copies(p8.nbytes) - 1)]
+            cands[name + " int8"] = (p8.nbytes, (lambda pls: lambda x: rotating(
+                pls, lambda p: p.matmul(x, n_threads=threads)))(p8s))
+            decode_bytes[name + " int8"] = p8.decode_nbytes
+            bits[name + " int8"] = bits[name]
     for n in batches:
         x = xs[n]
         fns = {name: make(x) for name, (_, make) in cands.items()
-               if n == 1 or not name.endswith(" reg")}
+               if n == 1 or not name.endswith((" reg", " int8"))}
         reps = {name: (max(2, repeats // 4) if name == "fp16-numpy" else repeats) for name in fns}
         times = {}
         for name, f in fns.items():  # interleaved rounds would mix cache states; one at a time

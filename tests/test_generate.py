@@ -14,6 +14,7 @@ from hiquant.datasets import embedded_calib_path, embedded_model_path
 from hiquant.generate import generate
 from hiquant.model import load_model
 from hiquant.packed import load_packed
+from hiquant.packed_matmul import kernel_name
 
 VARIANTS = [("LlamaForCausalLM", {}),  # GQA
             ("Qwen2ForCausalLM", {"style": "4.x", "tie": True}),  # q/k/v biases
@@ -93,3 +94,32 @@ def test_cli_generate_streams_the_text_and_ends_with_a_json_summary(capsys):
     assert summary["command"] == "generate" and summary["new_tokens"] == 5
     assert summary["peak_rss_mib"] > 0 and summary["decode_tokens_per_s"] > 0
     assert summary["packed_kernels"] is True  # a float16 folder decodes on the FP16 kernel
+
+
+@pytest.mark.skipif(kernel_name("auto") != "avx2-fma",
+                    reason="the table kernel (and its int8 tables) needs AVX2")
+def test_int8_decode_tables_change_only_one_token_products(tmp_path, capsys):
+    """load_packed(decode_tables="int8"): a prompt of several tokens gives the exact logits (the
+    prefill path), each decode step differs from the float32 tables' by the small error of 8-bit
+    activations; ``hiquant generate --decode-tables int8`` runs it, and refuses a folder that is
+    not a packed export."""
+    out = tmp_path / "q"
+    hiquant.quantize(embedded_model_path(), embedded_calib_path(), method="rtn", wbits=2,
+                     group_size=64, n_calib=4, seqlen=64, out=out, progress=False,
+                     backend="numpy")
+    exact = load_packed(out / "packed")
+    fast = load_packed(out / "packed", decode_tables="int8")
+    ids = np.random.default_rng(4).integers(0, exact.config.vocab_size, (1, 12))
+    a, b = _incremental_logits(exact, ids, 8), _incremental_logits(fast, ids, 8)
+    np.testing.assert_array_equal(a[:, :8], b[:, :8])
+    scale = np.abs(a[:, 8:]).max()
+    assert 0 < np.abs(a[:, 8:] - b[:, 8:]).max() < 0.05 * scale
+    with pytest.raises(hiquant.InvalidArgumentError, match="decode_tables"):
+        load_packed(out / "packed", decode_tables="int4")
+    from hiquant.cli import main
+    assert main(["generate", str(out / "packed"), "--prompt", "def main(", "--max-new-tokens",
+                 "3", "--threads", "1", "--decode-tables", "int8"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["decode_tables"] == "int8"
+    assert main(["generate", str(embedded_model_path()), "--prompt", "x",
+                 "--decode-tables", "int8"]) != 0
+    assert "applies to packed exports" in capsys.readouterr().err

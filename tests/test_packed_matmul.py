@@ -233,3 +233,87 @@ def test_table_kernel_copy_takes_the_codes_bits_and_a_byte_per_scale_and_zero():
     # a 3-bit high part (a minority of gathered columns) gets a copy, the 3-bit low part none
     hyb = PackedLinear.from_layer(_layer(rng, 64, 256, 3, 64, 64, 3, 6))
     assert hyb.planes_nbytes == 64 * 64 * 3 // 8 + 2 * 64
+
+
+AVX2 = kernel_name("auto") == "avx2-fma"
+needs_avx2 = pytest.mark.skipif(not AVX2, reason="the table kernel needs AVX2")
+
+
+@needs_avx2
+@pytest.mark.parametrize("b_low,group,k,b_high,scale_bits", [
+    (2, 64, 0, 0, 16), (2, 64, 41, 3, 6), (2, 32, 20, 3, 8), (2, 20, 7, 3, 16),
+    (2, 0, 0, 0, 16), (2, 1000, 30, 4, 6), (3, 128, 30, 3, 16), (2, 5, 3, 3, 6)])
+def test_int8_tables_match_their_float64_twin(b_low, group, k, b_high, scale_bits):
+    """The int8 tables' product equals the twin that forms the same tables (int8_table_matmul)
+    within float32 rounding, for rows and groups off the 16-row / 8-column blocks, short chunks
+    and a 3-bit high part; one token on `auto` takes them, more tokens do not."""
+    rng = np.random.default_rng(group * 7 + k)
+    d_in = 301
+    pl = PackedLinear.from_layer(_layer(rng, 37, d_in, b_low, group, k, b_high, scale_bits),
+                                 tables="int8")
+    assert pl.tables == "int8" and pl.planes_nbytes > 0
+    x = rng.standard_normal((3, d_in)).astype(np.float32)
+    y = pl.matmul(x, kernel="lut")
+    twin = ref.int8_table_matmul(pl.d_out, pl.d_in, pl._parts, x)
+    bound = ref.error_bound(pl.d_out, pl.d_in, pl._parts, x)
+    assert np.all(np.abs(y - twin) <= PACKED_RTOL * bound + 1e-30)
+    np.testing.assert_array_equal(pl.matmul(x[1]), y[1])
+    _check(pl, x, "auto")  # three tokens: the register kernel, exact
+
+
+@needs_avx2
+def test_int8_tables_differ_from_the_exact_product_by_at_most_the_8bit_activation_bound():
+    """Against the exact product the int8 tables err by at most s * xs / 2 * (2^b - 1) per
+    column quad and group (int8_table_error_bound), and they do err: the exact tables and the
+    other kernels are unchanged by them."""
+    rng = np.random.default_rng(21)
+    ql = _layer(rng, 64, 512, 2, 64, 51, 3, 6)
+    p8, p32 = PackedLinear.from_layer(ql, tables="int8"), PackedLinear.from_layer(ql)
+    x = (rng.standard_normal((4, 512)) * rng.uniform(0.1, 10, 512)).astype(np.float32)
+    exact = ref.packed_matmul(64, 512, p8._parts, x)
+    bound = ref.int8_table_error_bound(64, 512, p8._parts, x)
+    fbound = ref.error_bound(64, 512, p8._parts, x)
+    y = p8.matmul(x, kernel="lut")
+    err = np.abs(y - exact)
+    assert np.all(err <= bound + PACKED_RTOL * fbound)
+    assert err.max() > 100 * PACKED_RTOL * fbound.max()  # the 8-bit tables ran
+    for kernel in ("lut", "avx2", "portable"):
+        np.testing.assert_array_equal(p32.matmul(x, kernel=kernel),
+                                      PackedLinear.from_layer(ql).matmul(x, kernel=kernel))
+        if kernel != "lut":
+            np.testing.assert_array_equal(p8.matmul(x, kernel=kernel),
+                                          p32.matmul(x, kernel=kernel))
+
+
+@needs_avx2
+def test_int8_tables_results_identical_across_thread_counts_and_nan_propagates():
+    rng = np.random.default_rng(22)
+    pl = PackedLinear.from_layer(_layer(rng, 100, 300, 2, 64, 30, 3, 8), tables="int8")
+    x = rng.standard_normal(300).astype(np.float32)
+    a = pl.matmul(x, n_threads=1)
+    for nt in (2, 3):
+        np.testing.assert_array_equal(a, pl.matmul(x, n_threads=nt))
+    x[7] = np.nan
+    assert np.all(np.isnan(pl.matmul(x)))
+    x[7] = np.inf
+    assert not np.any(np.isfinite(pl.matmul(x)))
+
+
+@needs_avx2
+def test_int8_tables_copy_takes_the_codes_bits_in_plane_pairs():
+    """Rows a multiple of 16, groups a multiple of 8 columns: a 2-bit part's plane bytes are the
+    codes' bytes; a 3-bit high part's are two pairs (its plane 3 zero), 4/3 of its codes."""
+    rng = np.random.default_rng(23)
+    pl = PackedLinear.from_layer(_layer(rng, 64, 256, 2, 64, 0, 0, 6), tables="int8")
+    assert pl.planes_nbytes == 64 * 256 * 2 // 8 + 2 * 64 * (256 // 64)
+    hyb = PackedLinear.from_layer(_layer(rng, 64, 256, 2, 64, 64, 3, 16), tables="int8")
+    low, high = 64 * 192 * 2 // 8 + 3 * 64 * 3, 64 * 64 * 4 // 8 + 3 * 64 * 1
+    assert hyb.planes_nbytes == low + high
+
+
+def test_tables_must_be_float32_or_int8():
+    rng = np.random.default_rng(24)
+    ql = _layer(rng, 8, 64, 2, 32)
+    assert PackedLinear.from_layer(ql).tables == "float32"
+    with pytest.raises(InvalidArgumentError, match="tables must be one of"):
+        PackedLinear.from_layer(ql, tables="int4")

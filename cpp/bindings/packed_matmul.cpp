@@ -59,7 +59,15 @@ py::object get(const py::dict& d, const char* key) {
 }
 
 std::unique_ptr<PackedMatrixHandle> make_packed(int64_t d_out, int64_t d_in,
-                                                const py::list& parts, int n_threads) {
+                                                const py::list& parts, int n_threads,
+                                                const std::string& tables) {
+  hiquant::PlaneTables plane_tables;
+  if (tables == "float32")
+    plane_tables = hiquant::PlaneTables::Float32;
+  else if (tables == "int8")
+    plane_tables = hiquant::PlaneTables::Int8;
+  else
+    throw InvalidArgument("tables must be 'float32' or 'int8', got '" + tables + "'");
   if (d_out < 1 || d_in < 1)
     throw InvalidArgument("d_out and d_in must be >= 1, got (" + std::to_string(d_out) + ", " +
                           std::to_string(d_in) + ")");
@@ -127,7 +135,7 @@ std::unique_ptr<PackedMatrixHandle> make_packed(int64_t d_out, int64_t d_in,
   hiquant::validate_packed_parts(d_out, d_in, h->parts);
   {
     py::gil_scoped_release nogil;
-    h->planes = hiquant::make_packed_planes(d_out, d_in, h->parts, n_threads);
+    h->planes = hiquant::make_packed_planes(d_out, d_in, h->parts, n_threads, plane_tables);
   }
   return h;
 }
@@ -137,7 +145,10 @@ std::unique_ptr<PackedMatrixHandle> make_packed(int64_t d_out, int64_t d_in,
 void init_packed_matmul(py::module_& m) {
   py::class_<PackedMatrixHandle>(m, "PackedMatrix")
       .def(py::init(&make_packed), py::arg("d_out"), py::arg("d_in"), py::arg("parts"),
-           py::arg("n_threads") = 0)
+           py::arg("n_threads") = 0, py::arg("tables") = "float32")
+      .def_property_readonly("tables", [](const PackedMatrixHandle& h) {
+        return std::string(h.planes.tables == hiquant::PlaneTables::Int8 ? "int8" : "float32");
+      })
       .def_property_readonly("d_out", [](const PackedMatrixHandle& h) { return h.d_out; })
       .def_property_readonly("d_in", [](const PackedMatrixHandle& h) { return h.d_in; })
       .def_property_readonly("nbytes", [](const PackedMatrixHandle& h) {

@@ -1,7 +1,9 @@
 #include "hiquant/packed_matmul.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 
 #include "hiquant/errors.hpp"
@@ -844,6 +846,142 @@ HQ_AVX2 void lut_rows(const PartRun& q, const PackedPlanes::Part& L, int64_t r0,
     }
   }
 }
+
+// Int8 tables: per chunk two 16-entry tables (column quads 0-3, 4-7), tab8[(c * 2 + h) * 16 +
+// idx], and per group the tables' scale xs[g]. Entries are the float32 subset sums (formed as
+// ((x0 [idx & 1] + x1 [idx & 2]) + x2 [idx & 4]) + x3 [idx & 8], an absent term adding zero),
+// divided by the group's scale and rounded to the nearest integer, ties to even (see
+// PlaneTables::Int8; the twin int8_tables forms the same); a group with a non-finite table entry
+// gets xs NaN and zero tables, so its rows come out NaN as the exact product's would. `e`:
+// scratch of at least n_chunks * 32 floats.
+HQ_AVX2 void lut8_tables(const PackedPlanes::Part& L, int64_t n_cols, const float* xs,
+                         int8_t* tab8, float* xscale, float* e) {
+  const int64_t ng = int64_t(L.group_chunk.size()) - 1;
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 m0 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_and_si256(idx, _mm256_set1_epi32(1)), _mm256_setzero_si256()));
+  const __m256 m1 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_and_si256(idx, _mm256_set1_epi32(2)), _mm256_setzero_si256()));
+  const __m256 m2 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_and_si256(idx, _mm256_set1_epi32(4)), _mm256_setzero_si256()));
+  const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256 mx = _mm256_setzero_ps(), fin = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for (int64_t c = L.group_chunk[g]; c < L.group_chunk[g + 1]; ++c) {
+      const int64_t c0 = L.chunk_col[c], len = L.chunk_len(c, n_cols);
+      for (int h = 0; h < 2; ++h) {
+        float v[4];
+        for (int i = 0; i < 4; ++i) v[i] = 4 * h + i < len ? xs[c0 + 4 * h + i] : 0.0f;
+        const __m256 lo = _mm256_add_ps(
+            _mm256_add_ps(_mm256_and_ps(m0, _mm256_set1_ps(v[0])), _mm256_and_ps(m1, _mm256_set1_ps(v[1]))),
+            _mm256_and_ps(m2, _mm256_set1_ps(v[2])));
+        const __m256 hi = _mm256_add_ps(lo, _mm256_set1_ps(v[3]));
+        _mm256_storeu_ps(e + (c * 2 + h) * 16, lo);
+        _mm256_storeu_ps(e + (c * 2 + h) * 16 + 8, hi);
+        const __m256 alo = _mm256_andnot_ps(sign, lo), ahi = _mm256_andnot_ps(sign, hi);
+        mx = _mm256_max_ps(mx, _mm256_max_ps(alo, ahi));
+        fin = _mm256_and_ps(fin, _mm256_and_ps(_mm256_cmp_ps(alo, inf, _CMP_LT_OQ),
+                                               _mm256_cmp_ps(ahi, inf, _CMP_LT_OQ)));
+      }
+    }
+    alignas(32) float mv[8];
+    _mm256_store_ps(mv, mx);
+    float m = 0.0f;
+    for (float v : mv) m = std::max(m, v);
+    const bool finite = _mm256_movemask_ps(fin) == 0xff;
+    xscale[g] = finite ? m / 127.0f : std::numeric_limits<float>::quiet_NaN();
+    const __m256 inv = _mm256_set1_ps(finite && m > 0.0f ? 127.0f / m : 0.0f);
+    for (int64_t c = L.group_chunk[g]; c < L.group_chunk[g + 1]; ++c)
+      for (int h = 0; h < 2; ++h) {
+        const float* t = e + (c * 2 + h) * 16;
+        // rounded to the nearest integer, ties to even (the default rounding mode)
+        const __m256i qlo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(t), inv));
+        const __m256i qhi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(t + 8), inv));
+        const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(qlo, qhi), 0xd8);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(tab8 + (c * 2 + h) * 16),
+                         _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+      }
+  }
+}
+
+constexpr int64_t kPrefetchBytes = 2048;
+
+template <int NP>
+HQ_AVX2 void lut8_block(const PackedPlanes::Part& L, int64_t rb, int64_t ng, const int8_t* tab8,
+                        const float* xs, const float* gs, const __m256 sup[2], __m256 out[2]) {
+  // chunks summed in 16 bits before widening: a chunk adds at most 2 * 127 * (4^NP - 1) per row
+  constexpr int kFlush = 32767 / (2 * 127 * ((1 << (2 * NP)) - 1));
+  const uint8_t* B = L.nibbles.data() + rb * L.n_chunks * NP * 32;
+  const uint8_t* z8 = L.zero8.data() + rb * ng * 16;
+  const bool f16 = !L.scale16.empty();
+  const uint16_t* s16 = f16 ? L.scale16.data() + rb * ng * 16 : nullptr;
+  const uint8_t* s8 = f16 ? nullptr : L.scale8.data() + rb * ng * 16;
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  __m256i wq[NP];
+  HQ_UNROLL
+  for (int q = 0; q < NP; ++q) wq[q] = _mm256_set1_epi16(int16_t((2 << (2 * q) << 8) | (1 << (2 * q))));
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256i acc32[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    __m256i acc = _mm256_setzero_si256();
+    int n = 0;
+    for (int64_t c = L.group_chunk[g]; c < L.group_chunk[g + 1]; ++c) {
+      const __m256i tlo =
+          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tab8 + c * 32)));
+      const __m256i thi = _mm256_broadcastsi128_si256(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(tab8 + c * 32 + 16)));
+      // the codes stream from memory at decode: ask for them a few row blocks' worth ahead
+      _mm_prefetch(reinterpret_cast<const char*>(B + c * NP * 32 + kPrefetchBytes), _MM_HINT_T0);
+      HQ_UNROLL
+      for (int q = 0; q < NP; ++q) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B + (c * NP + q) * 32));
+        const __m256i lo = _mm256_and_si256(v, low4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(wq[q], _mm256_shuffle_epi8(tlo, lo)));
+        acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(wq[q], _mm256_shuffle_epi8(thi, hi)));
+      }
+      if (++n == kFlush || c + 1 == L.group_chunk[g + 1]) {
+        acc32[0] = _mm256_add_epi32(acc32[0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc)));
+        acc32[1] = _mm256_add_epi32(acc32[1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc, 1)));
+        acc = _mm256_setzero_si256();
+        n = 0;
+      }
+    }
+    const __m256 xg = _mm256_set1_ps(xs[g]), gsg = _mm256_set1_ps(gs[g]);
+    HQ_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const __m256 s =
+          f16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s16 + g * 16 + 8 * h)))
+              : _mm256_mul_ps(sup[h], _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                          reinterpret_cast<const __m128i*>(s8 + g * 16 + 8 * h)))));
+      const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(z8 + g * 16 + 8 * h))));
+      const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(acc32[h]), xg);
+      out[h] = _mm256_fmadd_ps(s, _mm256_fnmadd_ps(z, gsg, dot), out[h]);
+    }
+  }
+}
+
+// y[t * d_out + r] += part q's rows [r0, r1) (a multiple of 16 apart, or ending at d_out) times
+// token t, for the tokens [0, n_tok), from the int8 tables tab8 (per token tab_stride bytes),
+// table scales xs and group sums gs (per token q.ng each).
+template <int NP>
+HQ_AVX2 void lut8_rows(const PartRun& q, const PackedPlanes::Part& L, int64_t r0, int64_t r1,
+                       int64_t d_out, int64_t n_tok, const int8_t* tab8, int64_t tab_stride,
+                       const float* xs, float* y) {
+  const int64_t ng = q.ng;
+  for (int64_t rb0 = r0; rb0 < r1; rb0 += 16) {
+    const int64_t m = std::min<int64_t>(16, d_out - rb0);
+    alignas(32) float sup[16] = {};
+    for (int64_t i = 0; i < m; ++i) sup[i] = row_super(q, rb0 + i);
+    const __m256 supv[2] = {_mm256_load_ps(sup), _mm256_load_ps(sup + 8)};
+    for (int64_t t = 0; t < n_tok; ++t) {
+      __m256 out[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+      lut8_block<NP>(L, rb0 / 16, ng, tab8 + t * tab_stride, xs + t * ng, q.gs + t * ng, supv,
+                     out);
+      alignas(32) float o[16];
+      _mm256_store_ps(o, out[0]);
+      _mm256_store_ps(o + 8, out[1]);
+      for (int64_t i = 0; i < m; ++i) y[t * d_out + rb0 + i] += o[i];
+    }
+  }
+}
 #endif
 
 bool is_code_width(int b) { return b == 2 || b == 3 || b == 4 || b == 6 || b == 8; }
@@ -951,19 +1089,21 @@ void check_planes(int64_t d_out, const std::vector<PackedPart>& parts,
                   const PackedPlanes& planes) {
   HQ_CHECK(planes.parts.size() == parts.size(), "the plane layout has ", planes.parts.size(),
            " parts but the layer ", parts.size(), "; build it with make_packed_planes");
-  const int64_t n_rb = (d_out + 7) / 8;
+  const int64_t R = planes.block_rows(), n_rb = (d_out + R - 1) / R;
+  const bool int8 = planes.tables == PlaneTables::Int8;
   for (size_t i = 0; i < parts.size(); ++i) {
     const PackedPlanes::Part& L = planes.parts[i];
     if (L.bits == 0) continue;
     const PackedPart& p = parts[i];
     const int64_t ng = p.n_cols > 0 ? n_groups(p.n_cols, p.group_size) : 0;
+    const int64_t n_code = n_rb * L.n_chunks * (int8 ? (L.bits + 1) / 2 * 32 : L.bits * 8);
     const bool ok = L.bits == p.bits && p.n_cols > 0 && int64_t(L.chunk_col.size()) == L.n_chunks &&
                     int64_t(L.group_chunk.size()) == ng + 1 &&
                     L.group_chunk.back() == L.n_chunks &&
-                    int64_t(L.words.size()) == n_rb * L.n_chunks * L.bits * 8 &&
-                    int64_t(L.zero8.size()) == n_rb * ng * 8 &&
+                    int64_t(int8 ? L.nibbles.size() : L.words.size()) == n_code &&
+                    int64_t(L.zero8.size()) == n_rb * ng * R &&
                     int64_t((p.scale_bits == 16 ? L.scale16.size() : L.scale8.size())) ==
-                        n_rb * ng * 8;
+                        n_rb * ng * R;
     HQ_CHECK(ok, "the plane layout of part ", i, " does not match the part (", p.bits, " bits, ",
              p.n_cols, " columns, ", d_out, " rows); build it with make_packed_planes");
   }
@@ -981,12 +1121,14 @@ inline uint32_t even_bits(uint64_t v) {
 }  // namespace
 
 PackedPlanes make_packed_planes(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& parts,
-                                int n_threads) {
+                                int n_threads, PlaneTables tables) {
   validate_packed_parts(d_out, d_in, parts);
   PackedPlanes out;
+  out.tables = tables;
   if (!packed_avx2_available()) return out;
   out.parts.resize(parts.size());
-  const int64_t n_rb = (d_out + 7) / 8;
+  const bool int8 = tables == PlaneTables::Int8;
+  const int64_t R = out.block_rows(), W = out.chunk_cols(), n_rb = (d_out + R - 1) / R;
   for (size_t pi = 0; pi < parts.size(); ++pi) {
     const PackedPart& p = parts[pi];
     // 2-bit parts, and 3-bit parts over a minority of gathered columns (a hybrid layer's
@@ -1001,24 +1143,37 @@ PackedPlanes make_packed_planes(int64_t d_out, int64_t d_in, const std::vector<P
     const int64_t g = (p.group_size <= 0 || p.group_size >= n) ? n : p.group_size;
     for (int64_t gi = 0; gi < ng; ++gi) {
       L.group_chunk.push_back(int64_t(L.chunk_col.size()));
-      for (int64_t c = gi * g; c < std::min(n, (gi + 1) * g); c += 32)
-        L.chunk_col.push_back(c);
+      for (int64_t c = gi * g; c < std::min(n, (gi + 1) * g); c += W) L.chunk_col.push_back(c);
     }
     L.n_chunks = int64_t(L.chunk_col.size());
     L.group_chunk.push_back(L.n_chunks);
-    L.words.assign(size_t(n_rb * L.n_chunks * p.bits * 8), 0u);
-    const int bits = p.bits;
+    const int bits = p.bits, n_pairs = (bits + 1) / 2;
+    if (int8)
+      L.nibbles.assign(size_t(n_rb * L.n_chunks * n_pairs * 32), 0);
+    else
+      L.words.assign(size_t(n_rb * L.n_chunks * bits * 8), 0u);
     const int64_t nb = packed_size(d_out * n, bits);
     const int64_t nb_z = packed_size(d_out * ng, bits), nb_s = packed_size(d_out * ng, 6);
-    L.zero8.assign(size_t(n_rb * ng * 8), 0);
+    L.zero8.assign(size_t(n_rb * ng * R), 0);
     if (p.scale_bits == 16)
-      L.scale16.assign(size_t(n_rb * ng * 8), 0);
+      L.scale16.assign(size_t(n_rb * ng * R), 0);
     else
-      L.scale8.assign(size_t(n_rb * ng * 8), 0);
+      L.scale8.assign(size_t(n_rb * ng * R), 0);
     parallel_for(n_rb, n_threads, [&](int64_t rb) {
-      for (int64_t r = rb * 8; r < std::min(d_out, rb * 8 + 8); ++r)
+      for (int64_t r = rb * R; r < std::min(d_out, rb * R + R); ++r)
         for (int64_t c = 0; c < L.n_chunks; ++c) {
           const int64_t c0 = L.chunk_col[c], len = L.chunk_len(c, n);
+          if (int8) {  // at most 8 codes of at most 3 bits: one load
+            const uint64_t v = load_bits(p.qweight, nb, (r * n + c0) * bits);
+            uint8_t plane[4] = {0, 0, 0, 0};
+            for (int64_t j = 0; j < len; ++j) {
+              const uint32_t code = uint32_t(v >> (j * bits)) & ((1u << bits) - 1u);
+              for (int b = 0; b < bits; ++b) plane[b] |= uint8_t(((code >> b) & 1u) << j);
+            }
+            uint8_t* o = L.nibbles.data() + (rb * L.n_chunks + c) * n_pairs * 32 + 2 * (r % 16);
+            for (int b = 0; b < bits; ++b) o[(b / 2) * 32 + (b % 2)] = plane[b];
+            continue;
+          }
           if (bits == 3) {  // code by code (a minority part)
             uint32_t plane[3] = {0, 0, 0};
             for (int64_t j0 = 0; j0 < len; j0 += 8) {
@@ -1041,9 +1196,9 @@ PackedPlanes make_packed_planes(int64_t d_out, int64_t d_in, const std::vector<P
           w[0] = even_bits(v);
           w[8] = even_bits(v >> 1);
         }
-      for (int64_t r = rb * 8; r < std::min(d_out, rb * 8 + 8); ++r)
+      for (int64_t r = rb * R; r < std::min(d_out, rb * R + R); ++r)
         for (int64_t gi = 0; gi < ng; ++gi) {
-          const int64_t i = r * ng + gi, o = (rb * ng + gi) * 8 + r % 8;
+          const int64_t i = r * ng + gi, o = (rb * ng + gi) * R + r % R;
           L.zero8[o] = uint8_t(code_at(p.qzeros, nb_z, i, bits));
           if (p.scale_bits == 16)
             L.scale16[o] = p.scales_f16[i];
@@ -1157,16 +1312,28 @@ void packed_matmul(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& p
     return;
   }
 #endif
-  // the table kernel's chunk tables, per part and token
-  std::vector<std::vector<float>> tabs(parts.size());
+  // the table kernel's chunk tables (and int8 tables' scales), per part and token
+  const bool int8 = use_lut && planes->tables == PlaneTables::Int8;
+  std::vector<std::vector<float>> tabs(parts.size()), tab_scales(parts.size());
+  std::vector<std::vector<int8_t>> tabs8(parts.size());
 #if defined(HQ_PACKED_X86)
   for (size_t i = 0; i < parts.size() && use_lut; ++i) {
     if (!lut_part[i]) continue;
     const PackedPlanes::Part& L = planes->parts[i];
+    const PartRun& q = runs[i];
+    if (int8) {
+      tabs8[i].resize(size_t(n_tok * L.n_chunks * 32));
+      tab_scales[i].resize(size_t(n_tok * q.ng));
+      std::vector<float> scratch(size_t(L.n_chunks * 32));
+      for (int64_t t = 0; t < n_tok; ++t)
+        lut8_tables(L, parts[i].n_cols, q.x + t * q.ldx, tabs8[i].data() + t * L.n_chunks * 32,
+                    tab_scales[i].data() + t * q.ng, scratch.data());
+      continue;
+    }
     const int64_t ts = L.n_chunks * kTabPerChunk;
     tabs[i].resize(size_t(n_tok * ts));
     for (int64_t t = 0; t < n_tok; ++t)
-      lut_tables(L, parts[i].n_cols, runs[i].x + t * runs[i].ldx, tabs[i].data() + t * ts);
+      lut_tables(L, parts[i].n_cols, q.x + t * q.ldx, tabs[i].data() + t * ts);
   }
 #endif
   const int64_t n_blocks = (d_out + kRowBlock - 1) / kRowBlock;
@@ -1182,6 +1349,15 @@ void packed_matmul(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& p
         for (size_t i = 0; i < parts.size(); ++i) {
           if (!lut_part[i]) continue;
           const PackedPlanes::Part& L = planes->parts[i];
+          if (int8) {
+            const int8_t* tb = tabs8[i].data();
+            const float* xs = tab_scales[i].data();
+            if (L.bits == 2)
+              lut8_rows<1>(runs[i], L, r0, r1, d_out, n_tok, tb, L.n_chunks * 32, xs, y);
+            else
+              lut8_rows<2>(runs[i], L, r0, r1, d_out, n_tok, tb, L.n_chunks * 32, xs, y);
+            continue;
+          }
           const float* tb = tabs[i].data();
           const int64_t ts = L.n_chunks * kTabPerChunk;
           if (L.bits == 2)

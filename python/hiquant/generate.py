@@ -83,8 +83,8 @@ def cmd_generate(args) -> int:
     """Greedy generation with a KV cache (Hugging Face folder or packed export): the text streams
     to stdout, the last stdout line is a JSON summary (tokens/s, peak RSS)."""
     from . import _threads
-    from .errors import CheckpointError
-    from .packed import open_checkpoint
+    from .errors import CheckpointError, InvalidArgumentError
+    from .packed import is_packed_folder, load_packed, open_checkpoint
 
     if args.threads is not None:
         _threads.set_num_threads(args.threads)
@@ -93,7 +93,14 @@ def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     # native kernels for packed layers and float16 weights (a plain float16 folder decodes on
     # the FP16 kernel, reading its mapped file)
-    model = open_checkpoint(args.model, packed_kernels=True)
+    if is_packed_folder(args.model):
+        model = load_packed(args.model, packed_kernels=True, decode_tables=args.decode_tables)
+    elif args.decode_tables != "float32":
+        raise InvalidArgumentError(f"--decode-tables {args.decode_tables} applies to packed "
+                                   f"exports; {args.model} is not one (no "
+                                   "quantization_config.json)")
+    else:
+        model = open_checkpoint(args.model, packed_kernels=True)
     load_s = time.perf_counter() - t0
     tok = model.tokenizer
     if tok is None:
@@ -118,6 +125,7 @@ def cmd_generate(args) -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
     summary = {"command": "generate", "model": os.path.abspath(args.model),
                "packed_kernels": bool(getattr(model, "packed_kernels", False)),
+               "decode_tables": args.decode_tables,
                "prompt_tokens": res.prompt_tokens, "new_tokens": len(res.tokens),
                "prefill_seconds": res.prefill_seconds, "decode_seconds": res.decode_seconds,
                "prefill_tokens_per_s": res.prefill_tokens_per_s,
@@ -140,6 +148,11 @@ def add_generate_command(sub) -> None:
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None,
                    help="threads for hiquant (default: OMP_NUM_THREADS or the cores available)")
+    p.add_argument("--decode-tables", dest="decode_tables", choices=("float32", "int8"),
+                   default="float32",
+                   help="tables of the packed decode kernel: float32 (exact, the default) or "
+                        "int8 (T-MAC's route: faster 2-bit decode at the error of 8-bit "
+                        "activations; packed exports only)")
     p.set_defaults(func=cmd_generate)
 
 

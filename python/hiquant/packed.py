@@ -40,7 +40,7 @@ import numpy as np
 
 from . import quantizer as qz
 from .checkpoint import open_weights
-from .errors import CheckpointError
+from .errors import CheckpointError, InvalidArgumentError
 from .storage import SCALE_BITS, QuantizedLayer, QuantPart, n_super, super_rows
 
 __all__ = [
@@ -195,15 +195,17 @@ class _PackedLayer:
     dequantized weight decoded from the packed tensors each time it is asked for (the model's
     weight cache keeps the expanded block)."""
 
-    __slots__ = ("name", "d_out", "d_in", "entry", "tensors", "where", "version")
+    __slots__ = ("name", "d_out", "d_in", "entry", "tensors", "where", "version", "tables")
 
-    def __init__(self, name: str, entry: dict, tensors: dict, where: str, version: int):
+    def __init__(self, name: str, entry: dict, tensors: dict, where: str, version: int,
+                 tables: str = "float32"):
         try:
             self.d_out, self.d_in = int(entry["d_out"]), int(entry["d_in"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{where}: layer {name} has a malformed entry") from None
         self.name, self.entry, self.where, self.version = name, entry, where, version
         self.tensors = tensors  # tensor name → SafetensorsFile holding it
+        self.tables = tables    # the table kernel's tables (PackedLinear's ``tables``)
 
     def layer(self) -> QuantizedLayer:
         tensors = {n: f.array(n) for n, f in self.tensors.items()}
@@ -224,11 +226,12 @@ class _PackedLayer:
         from .packed_matmul import PackedLinear
         tensors = {n: f.array(n) for n, f in self.tensors.items()}
         return PackedLinear.from_tensors(self.name, self.entry, tensors, version=self.version,
-                                         where=self.where)
+                                         where=self.where, tables=self.tables)
 
 
 def load_packed(folder, *, compute_dtype="float32", weight_cache_bytes: int = 1 << 30,
-                load_tokenizer: bool = True, packed_kernels: bool = True):
+                load_tokenizer: bool = True, packed_kernels: bool = True,
+                decode_tables: str = "float32"):
     """Load a packed checkpoint as a hiquant :class:`~hiquant.model.Model`. Its linear weights
     are the exact dequantized weights that were evaluated when it was exported; everything else
     is read as :func:`hiquant.model.load_model` reads any checkpoint, with the same checks and
@@ -240,8 +243,17 @@ def load_packed(folder, *, compute_dtype="float32", weight_cache_bytes: int = 1 
     no float copy of a linear weight; the products equal dequantize-then-multiply within
     float32 rounding. Backward passes, :meth:`~hiquant.model.Model.get_weight` and layers
     replaced by ``set_weight`` use dequantized float weights (decoded one block at a time into
-    the weight cache), as every layer does with ``packed_kernels=False``."""
+    the weight cache), as every layer does with ``packed_kernels=False``.
+
+    ``decode_tables``: the tables of the one-token (decode) table kernel. ``"float32"`` (the
+    default) keeps decode exact as above; ``"int8"`` (T-MAC's route, opt-in) is about twice as
+    fast on 2-bit layers at the error of 8-bit activations in each decode product (see
+    :mod:`hiquant.packed_matmul`); prefill and evaluation of whole sequences stay exact."""
     from .model import load_model
+    from .packed_matmul import TABLES
+    if decode_tables not in TABLES:
+        raise InvalidArgumentError(f"decode_tables must be one of {TABLES}, got "
+                                   f"{decode_tables!r}")
     folder = Path(folder)
     qcfg = read_quant_config(folder)
     if qcfg is None:
@@ -252,7 +264,7 @@ def load_packed(folder, *, compute_dtype="float32", weight_cache_bytes: int = 1 
     for stem, entry in qcfg["layers"].items():
         tensors = {n: f for n, f in where.items() if n.startswith(stem + ".")}
         source[stem] = _PackedLayer(stem, entry, tensors, str(folder / "model.safetensors"),
-                                    qcfg["version"])
+                                    qcfg["version"], decode_tables)
     model = load_model(folder, compute_dtype=compute_dtype, weight_cache_bytes=weight_cache_bytes,
                        load_tokenizer=load_tokenizer, linear_source=source,
                        packed_kernels=packed_kernels)
@@ -262,10 +274,15 @@ def load_packed(folder, *, compute_dtype="float32", weight_cache_bytes: int = 1 
     return model
 
 
+def is_packed_folder(path) -> bool:
+    """Whether ``path`` is a packed export (holds quantization_config.json)."""
+    return (Path(path) / "quantization_config.json").is_file()
+
+
 def open_checkpoint(path, **kw):
     """Load any checkpoint hiquant reads: a packed folder (quantization_config.json) through
     :func:`load_packed`, anything else through :func:`hiquant.model.load_model`."""
-    if (Path(path) / "quantization_config.json").is_file():
+    if is_packed_folder(path):
         return load_packed(path, **kw)
     from .model import load_model
     return load_model(path, **kw)

@@ -8,15 +8,25 @@ GEMM) at a time, with AVX2+FMA where the CPU has it (``kernel="auto"``) and a po
 otherwise. ``W`` itself is never formed; :meth:`PackedLinear.dequantize` forms it on request.
 
 Kernels: ``"avx2"`` forms each weight ``s * (code - zero)`` in registers; ``"lut"`` (T-MAC's
-table lookup with float32 tables) keeps a bit-plane copy of the codes of the 2-bit parts and of
-3-bit high-impact parts (at most half the columns), built when the
-layer is (:attr:`PackedLinear.planes_nbytes` bytes, the codes' size again), and forms each
-group's ``s * (sum code*x - zero * sum x)`` from per-token tables of subset sums of three
-activations; ``"portable"`` forms the same group sums column by column. ``"auto"`` takes the table
-kernel for one token (decode), the register kernel for a few, dequantized blocks and the GEMM
-micro-kernel from 24 tokens on. Every kernel equals dequantize-then-multiply within float32
-rounding (the float64 twin is :mod:`hiquant._reference.packed_matmul`) and gives results
-identical for any thread count; the kernels differ in the last bits.
+table lookup) keeps a bit-plane copy of the codes of the 2-bit parts and of 3-bit high-impact
+parts (at most half the columns), built when the layer is (:attr:`PackedLinear.planes_nbytes`
+bytes, the codes' size again), and forms each group's ``s * (sum code*x - zero * sum x)`` from
+per-token tables of subset sums of a few activations; ``"portable"`` forms the same group sums
+column by column. ``"auto"`` takes the table kernel for one token (decode), the register kernel
+for a few, dequantized blocks and the GEMM micro-kernel from 24 tokens on. Every kernel equals
+dequantize-then-multiply within float32 rounding (the float64 twin is
+:mod:`hiquant._reference.packed_matmul`) and gives results identical for any thread count; the
+kernels differ in the last bits.
+
+Tables (``tables=`` when the layer is built): ``"float32"`` (the default) keeps the table kernel
+exact as above. ``"int8"`` is T-MAC's faster route, opt-in: the tables of each group of
+activations are rounded to 8-bit integers (one scale per group and token), so a one-token
+product differs from the exact one by the error of 8-bit activations, at most ``|s| * xs / 2 *
+(2^bits - 1) * ceil(g / 4)`` per (row, group) of a laid-out part, ``xs`` the group's largest
+table entry / 127 (:func:`hiquant._reference.packed_matmul.int8_table_error_bound`; the twin
+:func:`~hiquant._reference.packed_matmul.int8_table_matmul` computes the same tables). Only the
+table kernel reads them: the other kernels, and every product of more than one token under
+``"auto"``, stay exact.
 """
 
 from __future__ import annotations
@@ -27,9 +37,10 @@ from . import _core
 from ._threads import resolve_n_threads
 from .errors import CheckpointError, InvalidArgumentError
 
-__all__ = ["PackedLinear", "RowStack", "kernel_name", "KERNELS"]
+__all__ = ["PackedLinear", "RowStack", "kernel_name", "KERNELS", "TABLES"]
 
 KERNELS = ("auto", "portable", "avx2", "lut")
+TABLES = ("float32", "int8")
 
 
 def kernel_name(kernel: str = "auto") -> str:
@@ -61,12 +72,22 @@ class PackedLinear:
     ``matmul(x)`` is ``x @ W.T`` for ``x`` float32 ``(d_in,)`` or ``(n_tokens, d_in)``.
 
     Build it with :meth:`from_layer` (a :class:`hiquant.storage.QuantizedLayer`) or
-    :meth:`from_tensors` (the packed export's tensors and config entry, without unpacking)."""
+    :meth:`from_tensors` (the packed export's tensors and config entry, without unpacking).
+    ``tables``: the table kernel's tables, ``"float32"`` (exact) or ``"int8"`` (faster decode,
+    8-bit activation error; see the module docstring)."""
 
-    def __init__(self, name: str, d_out: int, d_in: int, parts: list[dict]):
+    def __init__(self, name: str, d_out: int, d_in: int, parts: list[dict],
+                 tables: str = "float32"):
+        if tables not in TABLES:
+            raise InvalidArgumentError(f"tables must be one of {TABLES}, got {tables!r}")
         self.name, self.d_out, self.d_in = name, int(d_out), int(d_in)
         self._parts = parts
-        self._m = _core.PackedMatrix(self.d_out, self.d_in, parts)
+        self._m = _core.PackedMatrix(self.d_out, self.d_in, parts, 0, tables)
+
+    @property
+    def tables(self) -> str:
+        """The table kernel's tables: ``"float32"`` or ``"int8"``."""
+        return str(self._m.tables)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -92,7 +113,7 @@ class PackedLinear:
 
     @classmethod
     def from_tensors(cls, name: str, entry: dict, tensors: dict, version: int = 2,
-                     where: str = "packed checkpoint") -> "PackedLinear":
+                     where: str = "packed checkpoint", tables: str = "float32") -> "PackedLinear":
         """From a packed export's tensors of layer ``name`` (``{tensor name: array}``) and its
         ``quantization_config.json`` entry. The tensors are validated by the same reader that
         :func:`hiquant.load_packed` uses, and kept as they are (no unpacking)."""
@@ -113,13 +134,13 @@ class PackedLinear:
                                                 sb, rows["high"], ql.high_idx))
         except KeyError as e:
             raise CheckpointError(f"{where}: tensor {e.args[0]} is missing") from None
-        return cls(name, ql.d_out, d_in, parts)
+        return cls(name, ql.d_out, d_in, parts, tables=tables)
 
     @classmethod
-    def from_layer(cls, ql) -> "PackedLinear":
+    def from_layer(cls, ql, tables: str = "float32") -> "PackedLinear":
         """From a :class:`hiquant.storage.QuantizedLayer` (packed as the exporter packs it)."""
         from .export import layer_entry, layer_tensors
-        return cls.from_tensors(ql.name, layer_entry(ql), layer_tensors(ql))
+        return cls.from_tensors(ql.name, layer_entry(ql), layer_tensors(ql), tables=tables)
 
     def matmul(self, x: np.ndarray, *, n_threads=None, kernel: str = "auto") -> np.ndarray:
         """``x @ W.T``: float32 ``(d_in,)`` → ``(d_out,)``, ``(n, d_in)`` → ``(n, d_out)``

@@ -23,7 +23,8 @@
 // activation loads; the portable kernel forms, per group, s * (sum_j code_j x_j - zero * sum_j x_j)
 // with the x sums once per call. From 24 tokens on (prefill), the AVX2 kernel instead dequantizes
 // blocks of 48 rows (the same weights, float32) and multiplies them by the float32 GEMM
-// micro-kernel (gemm.hpp). All paths equal dequantize-then-multiply within float32 rounding
+// micro-kernel (gemm.hpp). All paths but the opt-in int8 tables (PlaneTables::Int8) equal
+// dequantize-then-multiply within float32 rounding
 // (checked against the float64 twin python/hiquant/_reference/packed_matmul.py). Each output row
 // is computed by one thread in a fixed order (blocks of 32 or 48 rows), so results are identical for any
 // thread count; the two kernels differ in the last bits.
@@ -50,47 +51,71 @@ struct PackedPart {
 
 // Auto: the table kernel (Lut) for decode (up to kLutTokens tokens) where the layer has a plane
 // layout, else Avx2 where the CPU has it, else Portable. Lut: the table kernel for the laid-out
-// parts at every token count (the other parts on Avx2); it needs a PackedPlanes and AVX2.
+// parts at every token count (the other parts on Avx2); it needs a PackedPlanes and AVX2, and
+// runs the layout's tables (float32 or int8, see PlaneTables).
 enum class PackedKernel { Auto = 0, Portable = 1, Avx2 = 2, Lut = 3 };
+
+// The table kernel's tables. Float32: every result within float32 rounding of
+// dequantize-then-multiply, as the other kernels. Int8 (T-MAC's route, opt-in): per token, each
+// group's activations are quantized with the tables (one scale per group and token, xs = the
+// group's largest |table entry| / 127, entries rounded to the nearest integer), so the result
+// differs from the exact product by at most s * xs / 2 * (2^bits - 1) * ceil(g / 4) per (row,
+// group) of a laid-out part (s the group's scale, g its column count), the error of 8-bit
+// activations; the exact kernels are unchanged.
+enum class PlaneTables { Float32 = 0, Int8 = 1 };
 
 // Bit-plane layout of a layer's 2-bit parts (and 3-bit parts over at most half of its columns,
 // gathered: a hybrid layer's high-impact part) for the table-lookup decode kernel (T-MAC's
-// scheme, Wei et al. 2024, with float32 tables). A part's columns are cut into chunks of up to 32
-// consecutive columns inside one group (a group of g columns gives ceil(g / 32) chunks; the last
-// chunk of a group may be short). For each block of 8 output rows, chunk and bit plane p, one
-// 32-bit word per row holds bit p of the chunk's codes (bit j = column j of the chunk; the bits
-// past a short chunk are 0): words[((rb * n_chunks + c) * bits + p) * 8 + (r % 8)], rows past
-// d_out zero. Per token the kernel forms, for each chunk, ten 8-entry tables of the subset sums of
-// its column triples (3j, 3j + 1, 3j + 2) and one of its last pair (30, 31), float32; a row's
-// plane-p sum over the chunk is then 11 table lookups by 3-bit fields of its word (one register
-// permute for 8 rows each), the chunk's integer dot product sum_j code_j x_j = sum_p 2^p plane_p,
-// and a group's contribution s * (dot - zero * sum_j x_j), as the portable kernel's. The words
-// take the codes' bits (plus the padding of short chunks); scales and zero points are copied in
-// the same row-block order, a byte per zero point and 6-bit code. Built once per layer.
+// scheme, Wei et al. 2024). A part's columns are cut into chunks of consecutive columns inside
+// one group (a group of g columns gives ceil(g / W) chunks of up to W columns; the last chunk of
+// a group may be short; bits past a short chunk are 0); rows in blocks of R, rows past d_out
+// zero.
+//  * Float32 tables (W = 32, R = 8): for each row block rb, chunk c and bit plane p, one 32-bit
+//    word per row holds bit p of the chunk's codes (bit j = column j of the chunk):
+//    words[((rb * n_chunks + c) * bits + p) * 8 + (r % 8)]. Per token the kernel forms, for each
+//    chunk, ten 8-entry tables of the subset sums of its column triples (3j, 3j + 1, 3j + 2) and
+//    one of its last pair (30, 31), float32; a row's plane-p sum over the chunk is then 11 table
+//    lookups by 3-bit fields of its word (one register permute for 8 rows each).
+//  * Int8 tables (W = 8, R = 16): planes in pairs (2q, 2q + 1; a 3-bit part's plane 3 is zero):
+//    for each row block, chunk and pair q, 32 bytes, byte 2 * (r % 16) + e holding bit 2q + e of
+//    row r's codes (bit j = column j of the chunk): nibbles[((rb * n_chunks + c) * n_pairs + q)
+//    * 32 + 2 * (r % 16) + e]. Per token the kernel forms, for each chunk, two 16-entry int8
+//    tables of the subset sums of its column quads (0-3: low nibbles, 4-7: high nibbles); one
+//    byte shuffle looks up 16 rows' two planes, and one multiply-add of byte pairs by (4^q,
+//    2 * 4^q) adds them as 16-bit integers.
+// The chunk's integer dot product sum_j code_j x_j = sum_p 2^p plane_p, and a group's
+// contribution s * (dot - zero * sum_j x_j), as the portable kernel's. Scales and zero points
+// are copied in the same row-block order, [(rb * n_groups + g) * R + r % R], a byte per zero
+// point and 6-bit code. Built once per layer.
 struct PackedPlanes {
   struct Part {
     int bits = 0;                       // 0: the part is not laid out (other kernels run it)
     int64_t n_chunks = 0;
     std::vector<int64_t> chunk_col;     // (n_chunks,) first part column of each chunk
     std::vector<int64_t> group_chunk;   // (n_groups + 1,) first chunk of each group
-    std::vector<uint32_t> words;
-    // the part's scales and zero points in the same row-block order, [(rb * n_groups + g) * 8 +
-    // r % 8]: scale_bits 16: float16 bits (scale16); 8 and 6: the codes, one byte each (scale8,
-    // times the row's super-scale); zero points one byte each
+    std::vector<uint32_t> words;        // Float32 tables' plane words
+    std::vector<uint8_t> nibbles;       // Int8 tables' plane bytes
+    // the part's scales and zero points in the row-block order: scale_bits 16: float16 bits
+    // (scale16); 8 and 6: the codes, one byte each (scale8, times the row's super-scale); zero
+    // points one byte each
     std::vector<uint16_t> scale16;
     std::vector<uint8_t> scale8, zero8;
-    // columns of chunk c (1..32) of a part of n_cols columns
+    // columns of chunk c of a part of n_cols columns
     int64_t chunk_len(int64_t c, int64_t n_cols) const {
       return (c + 1 < n_chunks ? chunk_col[c + 1] : n_cols) - chunk_col[c];
     }
-    // bytes of the words, scales and zero points
+    // bytes of the plane codes, scales and zero points
     int64_t nbytes() const {
-      return int64_t(words.size() * sizeof(uint32_t) + scale16.size() * sizeof(uint16_t) +
-                     scale8.size() + zero8.size());
+      return int64_t(words.size() * sizeof(uint32_t) + nibbles.size() +
+                     scale16.size() * sizeof(uint16_t) + scale8.size() + zero8.size());
     }
   };
+  PlaneTables tables = PlaneTables::Float32;
   std::vector<Part> parts;  // one per PackedPart, in order
-  int64_t nbytes() const;   // bytes of the plane words and the reordered scales and zero points
+  int64_t nbytes() const;   // bytes of the plane codes and the reordered scales and zero points
+  // columns per chunk and rows per block of the layout
+  int64_t chunk_cols() const { return tables == PlaneTables::Int8 ? 8 : 32; }
+  int64_t block_rows() const { return tables == PlaneTables::Int8 ? 16 : 8; }
 };
 
 // Decode tokens per call up to which Auto takes the table kernel.
@@ -98,10 +123,10 @@ constexpr int64_t kLutTokens = 1;
 
 // The plane layout of every 2-bit part and every 3-bit part with column indices over at most
 // half of d_in (other parts get bits 0: full-width 3-bit and 4-bit parts decode as fast or faster
-// on the register kernel); empty (no parts) where the CPU lacks AVX2, which the table kernel
-// needs. Parallel over row blocks.
+// on the register kernel), for `tables`; empty (no parts) where the CPU lacks AVX2, which the
+// table kernel needs. Parallel over row blocks.
 PackedPlanes make_packed_planes(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& parts,
-                                int n_threads = 0);
+                                int n_threads = 0, PlaneTables tables = PlaneTables::Float32);
 
 // Validates a layer's parts (widths, sizes, columns in range; the buffers' sizes are the
 // caller's to check against packed_size) and throws InvalidArgument naming what is wrong.

@@ -81,3 +81,94 @@ def error_bound(d_out: int, d_in: int, parts: list[dict], x: np.ndarray) -> np.n
         codes, scale, zero = _part_arrays(d_out, p)
         A[:, _cols(p, d_in)] = np.abs(codes) if scale is None else scale * (codes + zero)
     return np.abs(np.asarray(x, np.float64)) @ A.T
+
+
+def table_laid_out(p: dict, d_in: int) -> bool:
+    """Whether the table kernel lays out part ``p`` (make_packed_planes' rule): 2-bit parts, and
+    3-bit parts with column indices over at most half of ``d_in``."""
+    n, bits = int(p["n_cols"]), int(p["bits"])
+    return n > 0 and (bits == 2 or (bits == 3 and p.get("cols") is not None and 2 * n <= d_in))
+
+
+def int8_tables(xg: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """One group's int8 tables for its activations ``xg`` (float32, the group's columns): per
+    column quad (from the group's start, the last one padded with zeros) the 16 subset sums in
+    float32, in the kernel's order of additions, divided by the group's scale and rounded to the
+    nearest integer (ties to even). Returns (tables (n_quads, 16) int64, scale float32)."""
+    xg = np.asarray(xg, np.float32)
+    nq = -(-len(xg) // 4)
+    v = np.zeros((nq, 4), np.float32)
+    v.reshape(-1)[: len(xg)] = xg
+    t = np.zeros((nq, 16), np.float32)
+    t[:, 1], t[:, 2], t[:, 3] = v[:, 0], v[:, 1], v[:, 0] + v[:, 1]
+    t[:, 4], t[:, 5], t[:, 6] = v[:, 2], v[:, 0] + v[:, 2], v[:, 1] + v[:, 2]
+    t[:, 7] = (v[:, 0] + v[:, 1]) + v[:, 2]
+    t[:, 8:] = t[:, :8] + v[:, 3:4]
+    if not np.all(np.isfinite(t)):
+        return np.zeros((nq, 16), np.int64), np.float32(np.nan)
+    m = np.float32(np.abs(t).max()) if t.size else np.float32(0)
+    inv = np.float32(127) / m if m > 0 else np.float32(0)
+    q = np.clip(np.rint(t * inv), -127, 127).astype(np.int64)
+    return q, np.float32(m / np.float32(127))
+
+
+def int8_table_matmul(d_out: int, d_in: int, parts: list[dict], x: np.ndarray) -> np.ndarray:
+    """``x @ W.T`` as the table kernel with int8 tables computes it, in float64 from the same
+    int8 tables: each laid-out part's group contributes ``s * (xs * D - zero * sum_j x_j)`` with
+    ``D = sum over quads and planes p of 2^p table[plane-p bits of the quad's codes]`` (an
+    integer); the other parts as :func:`packed_matmul`. x of shape (d_in,) or (n, d_in)."""
+    X = np.atleast_2d(np.asarray(x, np.float32))
+    Y = np.zeros((X.shape[0], d_out), np.float64)
+    for p in parts:
+        n = int(p["n_cols"])
+        if n == 0:
+            continue
+        cols = _cols(p, d_in)
+        if not table_laid_out(p, d_in):
+            Y += X[:, cols].astype(np.float64) @ dequantize_parts(d_out, n, [
+                {**p, "cols": None}]).T
+            continue
+        bits = int(p["bits"])
+        codes, scale, zero = _part_arrays(d_out, p)
+        codes = codes.astype(np.int64)
+        g = int(p["group_size"])
+        gsz = n if (g <= 0 or g >= n) else g
+        for t in range(X.shape[0]):
+            xp = X[t, cols]
+            for g0 in range(0, n, gsz):
+                g1 = min(n, g0 + gsz)
+                tab, xs = int8_tables(xp[g0:g1])
+                nq = tab.shape[0]
+                cg = np.zeros((d_out, nq * 4), np.int64)
+                cg[:, : g1 - g0] = codes[:, g0:g1]
+                cg = cg.reshape(d_out, nq, 4)
+                D = np.zeros(d_out, np.float64)
+                for b in range(bits):
+                    idx = (((cg >> b) & 1) << np.arange(4)).sum(axis=2)  # (d_out, nq)
+                    D += (1 << b) * tab[np.arange(nq), idx].sum(axis=1)
+                gs = xp[g0:g1].astype(np.float64).sum()
+                Y[t] += scale[:, g0] * (np.float64(xs) * D - zero[:, g0] * gs)
+    return Y if np.ndim(x) == 2 else Y[0]
+
+
+def int8_table_error_bound(d_out: int, d_in: int, parts: list[dict], x: np.ndarray) -> np.ndarray:
+    """Per output, the largest difference the int8 tables may make against the exact product
+    (PlaneTables::Int8): ``sum over laid-out groups of |s| * xs / 2 * (2^bits - 1) * n_quads``."""
+    X = np.atleast_2d(np.asarray(x, np.float32))
+    B = np.zeros((X.shape[0], d_out), np.float64)
+    for p in parts:
+        n = int(p["n_cols"])
+        if not table_laid_out(p, d_in):
+            continue
+        bits = int(p["bits"])
+        _, scale, _ = _part_arrays(d_out, p)
+        g = int(p["group_size"])
+        gsz = n if (g <= 0 or g >= n) else g
+        cols = _cols(p, d_in)
+        for t in range(X.shape[0]):
+            for g0 in range(0, n, gsz):
+                g1 = min(n, g0 + gsz)
+                _, xs = int8_tables(X[t, cols][g0:g1])
+                nq = -(-(g1 - g0) // 4)
+                B[t] += np.abs(scale[:, g0]) * float(xs) / 2 * ((1 << bits) - 1) * nq
+    return B if np.ndim(x) == 2 else B[0]
