@@ -139,7 +139,8 @@ def packed_matmul(data: bytes) -> None:
     """A valid packed layer of any shape, widths, grouping, scale storage and high part, from the
     bytes (RTN codes of weights drawn from them), times activations on every native kernel: each
     equals dequantize-then-multiply within float32 rounding (the table kernel reads its own
-    bit-plane copy of the 2-bit parts)."""
+    bit-plane copy of the 2-bit parts), and the table kernel with int8 tables equals their
+    float64 twin within the same rounding."""
     if len(data) < 8:
         return
     from hiquant._reference import packed_matmul as ref
@@ -163,6 +164,12 @@ def packed_matmul(data: bytes) -> None:
         if not np.all(err <= 4e-6 * bound + 1e-30):
             raise AssertionError(f"kernel {kernel}: the product differs from the dequantized "
                                  f"weights by {err.max()} (bound {bound.max()})")
+    if kernel_name() == "avx2-fma":  # the int8 tables: as their twin computes them
+        p8 = PackedLinear(pl.name, d_out, d_in, pl._parts, tables="int8")
+        err = np.abs(p8.matmul(x, kernel="lut") - ref.int8_table_matmul(d_out, d_in, pl._parts, x))
+        if not np.all(err <= 4e-6 * bound + 1e-30):
+            raise AssertionError(f"int8 tables: the product differs from their twin by "
+                                 f"{err.max()} (bound {bound.max()})")
 
 
 TARGETS = {

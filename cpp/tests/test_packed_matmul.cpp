@@ -4,7 +4,9 @@
 // kernel (portable, AVX2 register, AVX2 table) equals a float64 dequantize-then-multiply within
 // float32 rounding, for a 2-bit part over a column subset (groups of 1..100 columns, short last
 // groups and chunks, rows not a multiple of 8) beside a 3-bit part over the other columns, with
-// float16, 8-bit and 6-bit scales, for 1..3 tokens and 1..3 threads.
+// float16, 8-bit and 6-bit scales, for 1..3 tokens and 1..3 threads; the table kernel with int8
+// tables within the bound of 8-bit activations.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -99,6 +101,57 @@ struct Part {
   }
 };
 
+// The table kernel with int8 tables (PlaneTables::Int8): within the 8-bit activation bound of
+// the exact product, |s| * xs / 2 * (2^b - 1) per column quad and group, with xs at most the
+// group's 4 max |x| / 127; identical for any thread count.
+void check_int8_tables(const std::vector<Part>& parts, const std::vector<hiquant::PackedPart>& views,
+                       const std::vector<double>& W, const std::vector<double>& A, int64_t d_out,
+                       int64_t d_in, const std::vector<float>& x, int64_t n_tok) {
+  const hiquant::PackedPlanes planes =
+      hiquant::make_packed_planes(d_out, d_in, views, 2, hiquant::PlaneTables::Int8);
+  EXPECT(planes.parts.size() == views.size());
+  std::vector<float> y1;
+  for (int threads = 1; threads <= 3; ++threads) {
+    std::vector<float> y(size_t(n_tok * d_out), -1.0f);
+    hiquant::packed_matmul(d_out, d_in, views, x.data(), n_tok, y.data(), threads,
+                           hiquant::PackedKernel::Lut, &planes);
+    for (int64_t t = 0; t < n_tok; ++t)
+      for (int64_t r = 0; r < d_out; ++r) {
+        double ref = 0, bound = 0, bound8 = 0;
+        for (int64_t c = 0; c < d_in; ++c) {
+          ref += W[size_t(r * d_in + c)] * x[size_t(t * d_in + c)];
+          bound += A[size_t(r * d_in + c)] * std::fabs(x[size_t(t * d_in + c)]);
+        }
+        for (size_t i = 0; i < parts.size(); ++i) {
+          if (planes.parts[i].bits == 0) continue;
+          const Part& p = parts[i];
+          const int64_t ng = hiquant::n_groups(p.n_cols, p.group);
+          const int64_t g = (p.group <= 0 || p.group >= p.n_cols) ? p.n_cols : p.group;
+          for (int64_t gi = 0; gi < ng; ++gi) {
+            const int64_t j0 = gi * g, j1 = std::min(p.n_cols, j0 + g);
+            double mx = 0;
+            for (int64_t j = j0; j < j1; ++j)
+              mx = std::max(mx, std::fabs(double(x[size_t(t * d_in + p.cols[size_t(j)])])));
+            bound8 += std::fabs(p.scale(r, gi, ng)) * (4 * mx / 127) / 2 *
+                      double((1 << p.bits) - 1) * double((j1 - j0 + 3) / 4);
+          }
+        }
+        const double err = std::fabs(double(y[size_t(t * d_out + r)]) - ref);
+        if (!(err <= bound8 + 4e-6 * bound + 1e-30)) {
+          std::fprintf(stderr, "int8 tables %lldx%lld tokens %lld row %lld: error %g, bound %g\n",
+                       (long long)d_out, (long long)d_in, (long long)n_tok, (long long)r, err,
+                       bound8);
+          ++failures;
+          return;
+        }
+      }
+    if (threads == 1)
+      y1 = y;
+    else
+      EXPECT(y == y1);
+  }
+}
+
 void check_case(int64_t d_out, int64_t d_in, int64_t n_low, int64_t group, int sb, uint32_t seed) {
   uint32_t s = seed;
   std::vector<int64_t> perm(static_cast<size_t>(d_in));
@@ -149,6 +202,7 @@ void check_case(int64_t d_out, int64_t d_in, int64_t n_low, int64_t group, int s
           EXPECT(y == y1);  // identical for any thread count
       }
     }
+    if (avx2) check_int8_tables(parts, views, W, A, d_out, d_in, x, n_tok);
   }
 }
 
