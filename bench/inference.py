@@ -11,7 +11,8 @@ llama-bench if ../shared/bench is present, times side by side, in one process:
 * hiquant W2 g64 + 10% at 3 bits, W3 g128 + 10% at 4 bits (6-bit double-quantized scales, the
   hybrid methods' default), plain W4 g128 (float16 scales), each with ``kernel="auto"`` (one
   token: the table kernel for 2-bit parts); for one token, the 2-bit format also on the register
-  kernel (``kernel="avx2"``, row "... reg"), side by side;
+  kernel (``kernel="avx2"``, row "... reg"), and every format with the table kernel's opt-in
+  int8 tables (``tables="int8"``, row "... int8"), side by side;
 
 for one token (GEMV), a batch of 8 (small-batch GEMM) and 32 tokens (from 24 tokens on the packed
 kernels take their prefill path: dequantized row blocks into the GEMM micro-kernel); `--tokens`
@@ -128,7 +129,8 @@ def bench_layer(label, W, threads, repeats, batches, rng, cap_bytes):
             cands[name + " reg"] = (pl.nbytes, (lambda pls: lambda x: rotating(
                 pls, lambda p: p.matmul(x, n_threads=threads, kernel="avx2")))(pls))
             bits[name + " reg"] = bits[name]
-            p8 = PackedLinear.from_layer(ql, tables="int8")
+        p8 = PackedLinear.from_layer(ql, tables="int8")
+        if p8.planes_nbytes and 1 in batches:
             p8s = [p8] + [_clone_packed(p8) for _ in range(_copies(p8.nbytes) - 1)]
             cands[name + " int8"] = (p8.nbytes, (lambda pls: lambda x: rotating(
                 pls, lambda p: p.matmul(x, n_threads=threads)))(p8s))

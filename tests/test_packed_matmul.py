@@ -242,11 +242,13 @@ needs_avx2 = pytest.mark.skipif(not AVX2, reason="the table kernel needs AVX2")
 @needs_avx2
 @pytest.mark.parametrize("b_low,group,k,b_high,scale_bits", [
     (2, 64, 0, 0, 16), (2, 64, 41, 3, 6), (2, 32, 20, 3, 8), (2, 20, 7, 3, 16),
-    (2, 0, 0, 0, 16), (2, 1000, 30, 4, 6), (3, 128, 30, 3, 16), (2, 5, 3, 3, 6)])
+    (2, 0, 0, 0, 16), (2, 1000, 30, 4, 6), (3, 128, 30, 3, 16), (2, 5, 3, 3, 6),
+    (3, 64, 0, 0, 8), (4, 128, 30, 8, 16), (4, 33, 0, 0, 6)])
 def test_int8_tables_match_their_float64_twin(b_low, group, k, b_high, scale_bits):
     """The int8 tables' product equals the twin that forms the same tables (int8_table_matmul)
-    within float32 rounding, for rows and groups off the 16-row / 8-column blocks, short chunks
-    and a 3-bit high part; one token on `auto` takes them, more tokens do not."""
+    within float32 rounding, for 2-, 3- and 4-bit parts (an 8-bit high part on the register
+    kernel beside them), rows and groups off the 16-row / 8-column blocks, short chunks; one
+    token on `auto` takes them, more tokens do not."""
     rng = np.random.default_rng(group * 7 + k)
     d_in = 301
     pl = PackedLinear.from_layer(_layer(rng, 37, d_in, b_low, group, k, b_high, scale_bits),
@@ -302,13 +304,20 @@ def test_int8_tables_results_identical_across_thread_counts_and_nan_propagates()
 @needs_avx2
 def test_int8_tables_copy_takes_the_codes_bits_in_plane_pairs():
     """Rows a multiple of 16, groups a multiple of 8 columns: a 2-bit part's plane bytes are the
-    codes' bytes; a 3-bit high part's are two pairs (its plane 3 zero), 4/3 of its codes."""
+    codes' bytes; a 3-bit part's are two pairs (its plane 3 zero), 4/3 of its codes; a 4-bit
+    part's its codes' bytes."""
     rng = np.random.default_rng(23)
     pl = PackedLinear.from_layer(_layer(rng, 64, 256, 2, 64, 0, 0, 6), tables="int8")
     assert pl.planes_nbytes == 64 * 256 * 2 // 8 + 2 * 64 * (256 // 64)
     hyb = PackedLinear.from_layer(_layer(rng, 64, 256, 2, 64, 64, 3, 16), tables="int8")
     low, high = 64 * 192 * 2 // 8 + 3 * 64 * 3, 64 * 64 * 4 // 8 + 3 * 64 * 1
     assert hyb.planes_nbytes == low + high
+    # full-width 3- and 4-bit parts too (two plane pairs: 4 bits per code), an 8-bit one not
+    for bits in (3, 4):
+        pl = PackedLinear.from_layer(_layer(rng, 64, 256, bits, 64, 0, 0, 6), tables="int8")
+        assert pl.planes_nbytes == 64 * 256 * 4 // 8 + 2 * 64 * (256 // 64)
+    pl8 = PackedLinear.from_layer(_layer(rng, 64, 256, 8, 64, 0, 0, 6), tables="int8")
+    assert pl8.planes_nbytes == 0
 
 
 def test_tables_must_be_float32_or_int8():

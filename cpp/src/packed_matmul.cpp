@@ -1135,8 +1135,11 @@ PackedPlanes make_packed_planes(int64_t d_out, int64_t d_in, const std::vector<P
     // high-impact part, where the register kernel's per-row work weighs most). Measured
     // (bench/RESULTS.md): a full-width 3-bit part, or a 4-bit one, runs as fast or faster on the
     // register kernel, so it keeps no copy.
+    // With int8 tables every 2-, 3- and 4-bit part (two plane pairs run faster than the
+    // register kernel, bench/RESULTS.md).
     const bool minority3 = p.bits == 3 && p.cols != nullptr && 2 * p.n_cols <= d_in;
-    if (p.n_cols == 0 || (p.bits != 2 && !minority3)) continue;
+    const bool laid_out = int8 ? (p.bits >= 2 && p.bits <= 4) : (p.bits == 2 || minority3);
+    if (p.n_cols == 0 || !laid_out) continue;
     PackedPlanes::Part& L = out.parts[pi];
     L.bits = p.bits;
     const int64_t n = p.n_cols, ng = n_groups(n, p.group_size);
@@ -1163,7 +1166,7 @@ PackedPlanes make_packed_planes(int64_t d_out, int64_t d_in, const std::vector<P
       for (int64_t r = rb * R; r < std::min(d_out, rb * R + R); ++r)
         for (int64_t c = 0; c < L.n_chunks; ++c) {
           const int64_t c0 = L.chunk_col[c], len = L.chunk_len(c, n);
-          if (int8) {  // at most 8 codes of at most 3 bits: one load
+          if (int8) {  // at most 8 codes of at most 4 bits: one load
             const uint64_t v = load_bits(p.qweight, nb, (r * n + c0) * bits);
             uint8_t plane[4] = {0, 0, 0, 0};
             for (int64_t j = 0; j < len; ++j) {

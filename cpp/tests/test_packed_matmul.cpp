@@ -3,7 +3,7 @@
 // stream (the kernels' bounded loads, the table kernel's bit-plane builder) is reported. Each
 // kernel (portable, AVX2 register, AVX2 table) equals a float64 dequantize-then-multiply within
 // float32 rounding, for a 2-bit part over a column subset (groups of 1..100 columns, short last
-// groups and chunks, rows not a multiple of 8) beside a 3-bit part over the other columns, with
+// groups and chunks, rows not a multiple of 8) beside a 3-bit (or 4-bit) part over the other columns, with
 // float16, 8-bit and 6-bit scales, for 1..3 tokens and 1..3 threads; the table kernel with int8
 // tables within the bound of 8-bit activations.
 #include <algorithm>
@@ -152,7 +152,8 @@ void check_int8_tables(const std::vector<Part>& parts, const std::vector<hiquant
   }
 }
 
-void check_case(int64_t d_out, int64_t d_in, int64_t n_low, int64_t group, int sb, uint32_t seed) {
+void check_case(int64_t d_out, int64_t d_in, int64_t n_low, int64_t group, int sb, uint32_t seed,
+                int high_bits = 3) {
   uint32_t s = seed;
   std::vector<int64_t> perm(static_cast<size_t>(d_in));
   for (int64_t i = 0; i < d_in; ++i) perm[size_t(i)] = i;
@@ -160,7 +161,7 @@ void check_case(int64_t d_out, int64_t d_in, int64_t n_low, int64_t group, int s
   std::vector<int64_t> low(perm.begin(), perm.begin() + n_low), high(perm.begin() + n_low, perm.end());
   std::vector<Part> parts;
   parts.emplace_back(2, low, group, sb, d_out, s);
-  if (!high.empty()) parts.emplace_back(3, high, group, sb, d_out, s);
+  if (!high.empty()) parts.emplace_back(high_bits, high, group, sb, d_out, s);
   std::vector<hiquant::PackedPart> views;
   for (const Part& p : parts) views.push_back(p.view());
   std::vector<double> W(size_t(d_out * d_in), 0.0), A(size_t(d_out * d_in), 0.0);
@@ -236,5 +237,7 @@ int main() {
   for (const auto& sh : shapes)
     for (int64_t g : groups)
       for (int sb : {16, 8, 6}) check_case(sh[0], sh[1], sh[2], g, sb, ++seed);
+  // a 4-bit part beside the 2-bit one (the int8 tables lay out 4-bit parts too)
+  for (int64_t g : {0, 8, 33, 64}) check_case(17, 130, 99, g, 6, ++seed, 4);
   return test_result("test_packed_matmul");
 }

@@ -64,9 +64,8 @@ enum class PackedKernel { Auto = 0, Portable = 1, Avx2 = 2, Lut = 3 };
 // activations; the exact kernels are unchanged.
 enum class PlaneTables { Float32 = 0, Int8 = 1 };
 
-// Bit-plane layout of a layer's 2-bit parts (and 3-bit parts over at most half of its columns,
-// gathered: a hybrid layer's high-impact part) for the table-lookup decode kernel (T-MAC's
-// scheme, Wei et al. 2024). A part's columns are cut into chunks of consecutive columns inside
+// Bit-plane layout of some of a layer's parts (make_packed_planes says which) for the
+// table-lookup decode kernel (T-MAC's scheme, Wei et al. 2024). A part's columns are cut into chunks of consecutive columns inside
 // one group (a group of g columns gives ceil(g / W) chunks of up to W columns; the last chunk of
 // a group may be short; bits past a short chunk are 0); rows in blocks of R, rows past d_out
 // zero.
@@ -121,10 +120,10 @@ struct PackedPlanes {
 // Decode tokens per call up to which Auto takes the table kernel.
 constexpr int64_t kLutTokens = 1;
 
-// The plane layout of every 2-bit part and every 3-bit part with column indices over at most
-// half of d_in (other parts get bits 0: full-width 3-bit and 4-bit parts decode as fast or faster
-// on the register kernel), for `tables`; empty (no parts) where the CPU lacks AVX2, which the
-// table kernel needs. Parallel over row blocks.
+// The plane layout for `tables`: Float32, every 2-bit part and every 3-bit part with column
+// indices over at most half of d_in (other parts get bits 0: full-width 3-bit and 4-bit parts
+// decode as fast or faster on the register kernel); Int8, every 2-, 3- and 4-bit part. Empty (no
+// parts) where the CPU lacks AVX2, which the table kernel needs. Parallel over row blocks.
 PackedPlanes make_packed_planes(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& parts,
                                 int n_threads = 0, PlaneTables tables = PlaneTables::Float32);
 

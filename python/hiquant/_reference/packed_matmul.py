@@ -83,10 +83,13 @@ def error_bound(d_out: int, d_in: int, parts: list[dict], x: np.ndarray) -> np.n
     return np.abs(np.asarray(x, np.float64)) @ A.T
 
 
-def table_laid_out(p: dict, d_in: int) -> bool:
-    """Whether the table kernel lays out part ``p`` (make_packed_planes' rule): 2-bit parts, and
-    3-bit parts with column indices over at most half of ``d_in``."""
+def table_laid_out(p: dict, d_in: int, tables: str = "float32") -> bool:
+    """Whether the table kernel lays out part ``p`` (make_packed_planes' rule): with float32
+    tables 2-bit parts and 3-bit parts with column indices over at most half of ``d_in``; with
+    int8 tables every 2-, 3- and 4-bit part."""
     n, bits = int(p["n_cols"]), int(p["bits"])
+    if tables == "int8":
+        return n > 0 and 2 <= bits <= 4
     return n > 0 and (bits == 2 or (bits == 3 and p.get("cols") is not None and 2 * n <= d_in))
 
 
@@ -124,7 +127,7 @@ def int8_table_matmul(d_out: int, d_in: int, parts: list[dict], x: np.ndarray) -
         if n == 0:
             continue
         cols = _cols(p, d_in)
-        if not table_laid_out(p, d_in):
+        if not table_laid_out(p, d_in, "int8"):
             Y += X[:, cols].astype(np.float64) @ dequantize_parts(d_out, n, [
                 {**p, "cols": None}]).T
             continue
@@ -158,7 +161,7 @@ def int8_table_error_bound(d_out: int, d_in: int, parts: list[dict], x: np.ndarr
     B = np.zeros((X.shape[0], d_out), np.float64)
     for p in parts:
         n = int(p["n_cols"])
-        if not table_laid_out(p, d_in):
+        if not table_laid_out(p, d_in, "int8"):
             continue
         bits = int(p["bits"])
         _, scale, _ = _part_arrays(d_out, p)
