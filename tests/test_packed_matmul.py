@@ -247,8 +247,8 @@ needs_avx2 = pytest.mark.skipif(not AVX2, reason="the table kernel needs AVX2")
 def test_int8_tables_match_their_float64_twin(b_low, group, k, b_high, scale_bits):
     """The int8 tables' product equals the twin that forms the same tables (int8_table_matmul)
     within float32 rounding, for 2-, 3- and 4-bit parts (an 8-bit high part on the register
-    kernel beside them), rows and groups off the 16-row / 8-column blocks, short chunks; one
-    token on `auto` takes them, more tokens do not."""
+    kernel beside them), rows and groups off the 16-row / 8-column blocks, short chunks; `auto`
+    takes them for up to 8 tokens, not for more."""
     rng = np.random.default_rng(group * 7 + k)
     d_in = 301
     pl = PackedLinear.from_layer(_layer(rng, 37, d_in, b_low, group, k, b_high, scale_bits),
@@ -260,7 +260,9 @@ def test_int8_tables_match_their_float64_twin(b_low, group, k, b_high, scale_bit
     bound = ref.error_bound(pl.d_out, pl.d_in, pl._parts, x)
     assert np.all(np.abs(y - twin) <= PACKED_RTOL * bound + 1e-30)
     np.testing.assert_array_equal(pl.matmul(x[1]), y[1])
-    _check(pl, x, "auto")  # three tokens: the register kernel, exact
+    np.testing.assert_array_equal(pl.matmul(x), y)  # `auto` takes them for up to 8 tokens
+    x9 = rng.standard_normal((9, d_in)).astype(np.float32)
+    _check(pl, x9, "auto")  # nine tokens: the register kernel, exact
 
 
 @needs_avx2

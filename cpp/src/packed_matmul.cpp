@@ -1235,7 +1235,9 @@ void packed_matmul(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& p
   // parts the table kernel runs
   std::vector<char> lut_part(parts.size(), 0);
   if (have_planes && (kernel == PackedKernel::Lut ||
-                      (kernel == PackedKernel::Auto && n_tok <= kLutTokens)))
+                      (kernel == PackedKernel::Auto &&
+                       n_tok <= (planes->tables == PlaneTables::Int8 ? kLutTokensInt8
+                                                                      : kLutTokens))))
     for (size_t i = 0; i < parts.size(); ++i)
       if (planes->parts[i].bits != 0 && parts[i].n_cols > 0) {
         lut_part[i] = 1;

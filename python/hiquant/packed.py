@@ -245,10 +245,11 @@ def load_packed(folder, *, compute_dtype="float32", weight_cache_bytes: int = 1 
     replaced by ``set_weight`` use dequantized float weights (decoded one block at a time into
     the weight cache), as every layer does with ``packed_kernels=False``.
 
-    ``decode_tables``: the tables of the one-token (decode) table kernel. ``"float32"`` (the
-    default) keeps decode exact as above; ``"int8"`` (T-MAC's route, opt-in) is about twice as
-    fast on 2-bit layers at the error of 8-bit activations in each decode product (see
-    :mod:`hiquant.packed_matmul`); prefill and evaluation of whole sequences stay exact."""
+    ``decode_tables``: the tables of the decode table kernel. ``"float32"`` (the default) keeps
+    decode exact as above; ``"int8"`` (T-MAC's route, opt-in) runs decode products (up to 8
+    tokens: a step of up to 8 sequences) about 2-3x faster on 2-, 3- and 4-bit layers, at the
+    error of 8-bit activations (see :mod:`hiquant.packed_matmul`); prefill and evaluation of
+    longer sequences stay exact."""
     from .model import load_model
     from .packed_matmul import TABLES
     if decode_tables not in TABLES:

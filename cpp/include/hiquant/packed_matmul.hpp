@@ -49,7 +49,7 @@ struct PackedPart {
   const uint16_t* fp16 = nullptr;   // bits 16: (d_out * n_cols) float16 bits
 };
 
-// Auto: the table kernel (Lut) for decode (up to kLutTokens tokens) where the layer has a plane
+// Auto: the table kernel (Lut) for decode (up to kLutTokens / kLutTokensInt8 tokens) where the layer has a plane
 // layout, else Avx2 where the CPU has it, else Portable. Lut: the table kernel for the laid-out
 // parts at every token count (the other parts on Avx2); it needs a PackedPlanes and AVX2, and
 // runs the layout's tables (float32 or int8, see PlaneTables).
@@ -117,8 +117,12 @@ struct PackedPlanes {
   int64_t block_rows() const { return tables == PlaneTables::Int8 ? 16 : 8; }
 };
 
-// Decode tokens per call up to which Auto takes the table kernel.
+// Tokens per call up to which Auto takes the table kernel: float32 tables, one (decode; from two
+// tokens on the register kernel is as fast, sharing each decoded weight across tokens); int8
+// tables, eight (decode steps of up to 8 sequences; measured 1.3-4x faster than the register
+// kernel at 2..8 tokens, bench/RESULTS.md). Longer products (prefill, evaluation) stay exact.
 constexpr int64_t kLutTokens = 1;
+constexpr int64_t kLutTokensInt8 = 8;
 
 // The plane layout for `tables`: Float32, every 2-bit part and every 3-bit part with column
 // indices over at most half of d_in (other parts get bits 0: full-width 3-bit and 4-bit parts
