@@ -259,8 +259,15 @@ def gptq(
 # ------------------------------------------------------------------------ packed-format product
 class PackedMatrix:
     def __init__(
-        self, d_out: int, d_in: int, parts: list[dict[str, Any]], n_threads: int = ...
+        self,
+        d_out: int,
+        d_in: int,
+        parts: list[dict[str, Any]],
+        n_threads: int = ...,
+        tables: str = ...,
     ) -> None: ...
+    @property
+    def tables(self) -> str: ...
     @property
     def d_out(self) -> int: ...
     @property
