@@ -12,9 +12,11 @@ the same run, interleaved window by window.
 
 The text defaults to a validation split carved from the calibration text (the quantize
 pipeline's "spread" windows), so this choice is not made on test.txt; ``--text`` may name
-another file (then its leading windows, the evaluation protocol).
+another file (then its leading windows, the evaluation protocol). Without PACKED_DIR, the
+embedded model quantized with round-to-nearest at W2 g64 (into a temporary folder) and its own
+calibration text; ``--quick``: that, on 2 windows of 64 tokens (CI).
 
-    python bench/decode_tables.py PACKED_DIR [--windows 8] [--seqlen 256] [--threads 1]
+    python bench/decode_tables.py [PACKED_DIR] [--windows 8] [--seqlen 256] [--threads 1]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +48,10 @@ def decode_losses(model, window: np.ndarray) -> tuple[float, float]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("packed", help="a packed export (hiquant quantize --export packed)")
+    ap.add_argument("packed", nargs="?", default=None,
+                    help="a packed export (hiquant quantize --export packed); default: the "
+                         "embedded model at RTN W2 g64")
+    ap.add_argument("--quick", action="store_true", help="2 windows of 64 tokens (CI)")
     ap.add_argument("--calib", default=str(Path(__file__).resolve().parents[1].parent / "shared"
                                            / "bench" / "corpus" / "calib.txt"),
                     help="calibration text whose validation split is decoded (default)")
@@ -54,7 +60,21 @@ def main(argv=None) -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.windows, args.seqlen = 2, 64
+    with tempfile.TemporaryDirectory(prefix="hq_decode_tables_") as tmp:
+        if args.packed is None:
+            import hiquant
+            from hiquant.datasets import embedded_calib_path, embedded_model_path
+            args.calib = str(embedded_calib_path())
+            hiquant.quantize(embedded_model_path(), args.calib, method="rtn", wbits=2,
+                             group_size=64, n_calib=4, seqlen=64, out=Path(tmp) / "q",
+                             progress=False, backend="numpy")
+            args.packed = str(Path(tmp) / "q" / "packed")
+        run(args)
 
+
+def run(args) -> None:
     from hiquant import _threads
     from hiquant.calib import leading_windows, tokenize_text, validation_starts
     from hiquant.evaluate import perplexity
