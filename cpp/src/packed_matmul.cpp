@@ -847,6 +847,13 @@ HQ_AVX2 void lut_rows(const PartRun& q, const PackedPlanes::Part& L, int64_t r0,
   }
 }
 
+// Lane i: all ones where bit b of i is set (table entry i holds x_b).
+HQ_AVX2 inline __m256 entry_mask(int b) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_and_si256(idx, _mm256_set1_epi32(1 << b)),
+                                                _mm256_setzero_si256()));
+}
+
 // Int8 tables: per chunk two 16-entry tables (column quads 0-3, 4-7), tab8[(c * 2 + h) * 16 +
 // idx], and per group the tables' scale xs[g]. Entries are the float32 subset sums (formed as
 // ((x0 [idx & 1] + x1 [idx & 2]) + x2 [idx & 4]) + x3 [idx & 8], an absent term adding zero),
@@ -857,11 +864,9 @@ HQ_AVX2 void lut_rows(const PartRun& q, const PackedPlanes::Part& L, int64_t r0,
 HQ_AVX2 void lut8_tables(const PackedPlanes::Part& L, int64_t n_cols, const float* xs,
                          int8_t* tab8, float* xscale, float* e) {
   const int64_t ng = int64_t(L.group_chunk.size()) - 1;
-  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256 m0 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_and_si256(idx, _mm256_set1_epi32(1)), _mm256_setzero_si256()));
-  const __m256 m1 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_and_si256(idx, _mm256_set1_epi32(2)), _mm256_setzero_si256()));
-  const __m256 m2 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_and_si256(idx, _mm256_set1_epi32(4)), _mm256_setzero_si256()));
-  const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  const __m256 m0 = entry_mask(0), m1 = entry_mask(1), m2 = entry_mask(2);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   for (int64_t g = 0; g < ng; ++g) {
     __m256 mx = _mm256_setzero_ps(), fin = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
     for (int64_t c = L.group_chunk[g]; c < L.group_chunk[g + 1]; ++c) {
@@ -869,9 +874,9 @@ HQ_AVX2 void lut8_tables(const PackedPlanes::Part& L, int64_t n_cols, const floa
       for (int h = 0; h < 2; ++h) {
         float v[4];
         for (int i = 0; i < 4; ++i) v[i] = 4 * h + i < len ? xs[c0 + 4 * h + i] : 0.0f;
-        const __m256 lo = _mm256_add_ps(
-            _mm256_add_ps(_mm256_and_ps(m0, _mm256_set1_ps(v[0])), _mm256_and_ps(m1, _mm256_set1_ps(v[1]))),
-            _mm256_and_ps(m2, _mm256_set1_ps(v[2])));
+        const __m256 lo = _mm256_add_ps(_mm256_add_ps(_mm256_and_ps(m0, _mm256_set1_ps(v[0])),
+                                                      _mm256_and_ps(m1, _mm256_set1_ps(v[1]))),
+                                        _mm256_and_ps(m2, _mm256_set1_ps(v[2])));
         const __m256 hi = _mm256_add_ps(lo, _mm256_set1_ps(v[3]));
         _mm256_storeu_ps(e + (c * 2 + h) * 16, lo);
         _mm256_storeu_ps(e + (c * 2 + h) * 16 + 8, hi);
@@ -895,14 +900,33 @@ HQ_AVX2 void lut8_tables(const PackedPlanes::Part& L, int64_t n_cols, const floa
         const __m256i qlo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(t), inv));
         const __m256i qhi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(t + 8), inv));
         const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(qlo, qhi), 0xd8);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(tab8 + (c * 2 + h) * 16),
-                         _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+        const __m128i q8 =
+            _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(tab8 + (c * 2 + h) * 16), q8);
       }
   }
 }
 
+// The int8 kernel's codes stream from memory at decode: they are prefetched this far ahead
+// (a few row blocks' worth; 1 and 4 KiB measured no better, bench/RESULTS.md).
 constexpr int64_t kPrefetchBytes = 2048;
 
+HQ_AVX2 inline __m128i load128(const void* p) {
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+}
+HQ_AVX2 inline __m256i load256(const void* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+// 8 bytes as 8 floats
+HQ_AVX2 inline __m256 bytes8_ps(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// out[h][i] += row 16 * rb + 8 * h + i of the part times the token whose int8 tables are tab8,
+// table scales xs and group sums gs (rows past d_out have zero codes, scales and zero points).
+// sup: the rows' super-scales (8 / 6-bit scale codes). NP: plane pairs (1 for 2-bit parts, 2 for
+// 3- and 4-bit).
 template <int NP>
 HQ_AVX2 void lut8_block(const PackedPlanes::Part& L, int64_t rb, int64_t ng, const int8_t* tab8,
                         const float* xs, const float* gs, const __m256 sup[2], __m256 out[2]) {
@@ -916,21 +940,19 @@ HQ_AVX2 void lut8_block(const PackedPlanes::Part& L, int64_t rb, int64_t ng, con
   const __m256i low4 = _mm256_set1_epi8(0x0f);
   __m256i wq[NP];
   HQ_UNROLL
-  for (int q = 0; q < NP; ++q) wq[q] = _mm256_set1_epi16(int16_t((2 << (2 * q) << 8) | (1 << (2 * q))));
+  for (int q = 0; q < NP; ++q)  // byte pair (plane 2q, plane 2q + 1) weighted (4^q, 2 * 4^q)
+    wq[q] = _mm256_set1_epi16(int16_t((2 << (2 * q) << 8) | (1 << (2 * q))));
   for (int64_t g = 0; g < ng; ++g) {
     __m256i acc32[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
     __m256i acc = _mm256_setzero_si256();
     int n = 0;
     for (int64_t c = L.group_chunk[g]; c < L.group_chunk[g + 1]; ++c) {
-      const __m256i tlo =
-          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tab8 + c * 32)));
-      const __m256i thi = _mm256_broadcastsi128_si256(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(tab8 + c * 32 + 16)));
-      // the codes stream from memory at decode: ask for them a few row blocks' worth ahead
+      const __m256i tlo = _mm256_broadcastsi128_si256(load128(tab8 + c * 32));
+      const __m256i thi = _mm256_broadcastsi128_si256(load128(tab8 + c * 32 + 16));
       _mm_prefetch(reinterpret_cast<const char*>(B + c * NP * 32 + kPrefetchBytes), _MM_HINT_T0);
       HQ_UNROLL
       for (int q = 0; q < NP; ++q) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B + (c * NP + q) * 32));
+        const __m256i v = load256(B + (c * NP + q) * 32);
         const __m256i lo = _mm256_and_si256(v, low4);
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
         acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(wq[q], _mm256_shuffle_epi8(tlo, lo)));
@@ -938,7 +960,8 @@ HQ_AVX2 void lut8_block(const PackedPlanes::Part& L, int64_t rb, int64_t ng, con
       }
       if (++n == kFlush || c + 1 == L.group_chunk[g + 1]) {
         acc32[0] = _mm256_add_epi32(acc32[0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc)));
-        acc32[1] = _mm256_add_epi32(acc32[1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc, 1)));
+        acc32[1] =
+            _mm256_add_epi32(acc32[1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc, 1)));
         acc = _mm256_setzero_si256();
         n = 0;
       }
@@ -946,12 +969,10 @@ HQ_AVX2 void lut8_block(const PackedPlanes::Part& L, int64_t rb, int64_t ng, con
     const __m256 xg = _mm256_set1_ps(xs[g]), gsg = _mm256_set1_ps(gs[g]);
     HQ_UNROLL
     for (int h = 0; h < 2; ++h) {
+      const int64_t o = g * 16 + 8 * h;
       const __m256 s =
-          f16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s16 + g * 16 + 8 * h)))
-              : _mm256_mul_ps(sup[h], _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                                          reinterpret_cast<const __m128i*>(s8 + g * 16 + 8 * h)))));
-      const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(z8 + g * 16 + 8 * h))));
+          f16 ? _mm256_cvtph_ps(load128(s16 + o)) : _mm256_mul_ps(sup[h], bytes8_ps(s8 + o));
+      const __m256 z = bytes8_ps(z8 + o);
       const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(acc32[h]), xg);
       out[h] = _mm256_fmadd_ps(s, _mm256_fnmadd_ps(z, gsg, dot), out[h]);
     }

@@ -3,9 +3,9 @@
 // stream (the kernels' bounded loads, the table kernel's bit-plane builder) is reported. Each
 // kernel (portable, AVX2 register, AVX2 table) equals a float64 dequantize-then-multiply within
 // float32 rounding, for a 2-bit part over a column subset (groups of 1..100 columns, short last
-// groups and chunks, rows not a multiple of 8) beside a 3-bit (or 4-bit) part over the other columns, with
-// float16, 8-bit and 6-bit scales, for 1..3 tokens and 1..3 threads; the table kernel with int8
-// tables within the bound of 8-bit activations.
+// groups and chunks, rows not a multiple of 8) beside a 3-bit (or 4-bit) part over the other
+// columns, with float16, 8-bit and 6-bit scales, for 1..3 tokens and 1..3 threads; the table
+// kernel with int8 tables within the bound of 8-bit activations.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -104,8 +104,8 @@ struct Part {
 // The table kernel with int8 tables (PlaneTables::Int8): within the 8-bit activation bound of
 // the exact product, |s| * xs / 2 * (2^b - 1) per column quad and group, with xs at most the
 // group's 4 max |x| / 127; identical for any thread count.
-void check_int8_tables(const std::vector<Part>& parts, const std::vector<hiquant::PackedPart>& views,
-                       const std::vector<double>& W, const std::vector<double>& A, int64_t d_out,
+void check_int8_tables(const std::vector<Part>& parts,
+                       const std::vector<hiquant::PackedPart>& views, const std::vector<double>& W, const std::vector<double>& A, int64_t d_out,
                        int64_t d_in, const std::vector<float>& x, int64_t n_tok) {
   const hiquant::PackedPlanes planes =
       hiquant::make_packed_planes(d_out, d_in, views, 2, hiquant::PlaneTables::Int8);

@@ -49,26 +49,26 @@ struct PackedPart {
   const uint16_t* fp16 = nullptr;   // bits 16: (d_out * n_cols) float16 bits
 };
 
-// Auto: the table kernel (Lut) for decode (up to kLutTokens / kLutTokensInt8 tokens) where the layer has a plane
-// layout, else Avx2 where the CPU has it, else Portable. Lut: the table kernel for the laid-out
-// parts at every token count (the other parts on Avx2); it needs a PackedPlanes and AVX2, and
-// runs the layout's tables (float32 or int8, see PlaneTables).
+// Auto: the table kernel (Lut) for decode (up to kLutTokens / kLutTokensInt8 tokens) where the
+// layer has a plane layout, else Avx2 where the CPU has it, else Portable. Lut: the table kernel
+// for the laid-out parts at every token count (the other parts on Avx2); it needs a PackedPlanes
+// and AVX2, and runs the layout's tables (float32 or int8, see PlaneTables).
 enum class PackedKernel { Auto = 0, Portable = 1, Avx2 = 2, Lut = 3 };
 
 // The table kernel's tables. Float32: every result within float32 rounding of
 // dequantize-then-multiply, as the other kernels. Int8 (T-MAC's route, opt-in): per token, each
 // group's activations are quantized with the tables (one scale per group and token, xs = the
 // group's largest |table entry| / 127, entries rounded to the nearest integer), so the result
-// differs from the exact product by at most s * xs / 2 * (2^bits - 1) * ceil(g / 4) per (row,
+// differs from the exact product by at most |s| * xs / 2 * (2^bits - 1) * ceil(g / 4) per (row,
 // group) of a laid-out part (s the group's scale, g its column count), the error of 8-bit
 // activations; the exact kernels are unchanged.
 enum class PlaneTables { Float32 = 0, Int8 = 1 };
 
 // Bit-plane layout of some of a layer's parts (make_packed_planes says which) for the
-// table-lookup decode kernel (T-MAC's scheme, Wei et al. 2024). A part's columns are cut into chunks of consecutive columns inside
-// one group (a group of g columns gives ceil(g / W) chunks of up to W columns; the last chunk of
-// a group may be short; bits past a short chunk are 0); rows in blocks of R, rows past d_out
-// zero.
+// table-lookup decode kernel (T-MAC's scheme, Wei et al. 2024). A part's columns are cut into
+// chunks of consecutive columns inside one group (a group of g columns gives ceil(g / W) chunks
+// of up to W columns; the last chunk of a group may be short; bits past a short chunk are 0);
+// rows in blocks of R, rows past d_out zero.
 //  * Float32 tables (W = 32, R = 8): for each row block rb, chunk c and bit plane p, one 32-bit
 //    word per row holds bit p of the chunk's codes (bit j = column j of the chunk):
 //    words[((rb * n_chunks + c) * bits + p) * 8 + (r % 8)]. Per token the kernel forms, for each
