@@ -210,6 +210,18 @@ HQ_AVX2 inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
 }
 
+HQ_AVX2 inline __m128i load128(const void* p) {
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+}
+HQ_AVX2 inline __m256i load256(const void* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+// 8 bytes as 8 floats
+HQ_AVX2 inline __m256 bytes8_ps(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
 // ---- Row-block kernel: R output rows x T tokens per pass.
 //
 // Each row's codes are turned into dequantized float32 weights s * (code - zero) in registers and
@@ -247,10 +259,9 @@ HQ_AVX2 void row_params(const PartRun& q, int64_t r, float* sc, float* zc) {
       }
       continue;
     } else if (p.scale_bits == 16) {
-      s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.scales_f16 + i0 + g)));
+      s = _mm256_cvtph_ps(load128(p.scales_f16 + i0 + g));
     } else {
-      s = _mm256_mul_ps(supv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                                  reinterpret_cast<const __m128i*>(p.scale_codes + i0 + g)))));
+      s = _mm256_mul_ps(supv, bytes8_ps(p.scale_codes + i0 + g));
     }
     const __m256 z = decode8<BITS>(load_bits(p.qzeros, q.nb_z, (i0 + g) * BITS));
     if (m == 8) {
@@ -588,8 +599,7 @@ HQ_AVX2 void block_fp16_avx2(const PartRun& q, int64_t r0, int64_t t0, float* ou
     for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(xs[t] + c);
     HQ_UNROLL
     for (int i = 0; i < R; ++i) {
-      const __m256 w = _mm256_cvtph_ps(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(q.p->fp16 + (r0 + i) * n + c)));
+      const __m256 w = _mm256_cvtph_ps(load128(q.p->fp16 + (r0 + i) * n + c));
       HQ_UNROLL
       for (int t = 0; t < T; ++t) acc[i][t] = _mm256_fmadd_ps(w, xv[t], acc[i][t]);
     }
@@ -711,8 +721,7 @@ HQ_AVX2 void dequant_rows_avx2(const std::vector<PartRun>& runs, const std::vect
           const uint16_t* h = p.fp16 + r * n;
           int64_t j = 0;
           for (; j + 8 <= n; j += 8)
-            _mm256_storeu_ps(tmp + j, _mm256_cvtph_ps(
-                                          _mm_loadu_si128(reinterpret_cast<const __m128i*>(h + j))));
+            _mm256_storeu_ps(tmp + j, _mm256_cvtph_ps(load128(h + j)));
           for (; j < n; ++j) tmp[j] = half_to_float(h[j]);
         }
       }
@@ -778,6 +787,16 @@ void lut_tables(const PackedPlanes::Part& L, int64_t n_cols, const float* xs, fl
   }
 }
 
+// acc + s * (dot - zero * gsum) for the 8 rows at offset o of a part's reordered scales and zero
+// points (PackedPlanes::Part): scales float16 (s16 non-null) or codes (s8) times the rows'
+// super-scales sup; zero points z8.
+HQ_AVX2 inline __m256 add_group(const uint16_t* s16, const uint8_t* s8, const uint8_t* z8,
+                                int64_t o, __m256 sup, float gsum, __m256 dot, __m256 acc) {
+  const __m256 s =
+      s16 != nullptr ? _mm256_cvtph_ps(load128(s16 + o)) : _mm256_mul_ps(sup, bytes8_ps(s8 + o));
+  return _mm256_fmadd_ps(s, _mm256_fnmadd_ps(bytes8_ps(z8 + o), _mm256_set1_ps(gsum), dot), acc);
+}
+
 // yv[i] += row 8 * rb + i of the part times the token whose chunk tables are tab and group sums
 // gs (rows past d_out have zero codes, scales and zero points). supv: the rows' super-scales
 // (8 / 6-bit scale codes).
@@ -797,7 +816,7 @@ HQ_AVX2 void lut_block(const PackedPlanes::Part& L, int64_t rb, int64_t ng, cons
       __m256i w[BITS];
       HQ_UNROLL
       for (int p = 0; p < BITS; ++p)
-        w[p] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + (c * BITS + p) * 8));
+        w[p] = load256(W + (c * BITS + p) * 8);
       const float* t = tab + c * kTabPerChunk;
       HQ_UNROLL
       for (int k = 0; k < 11; ++k) {
@@ -814,13 +833,7 @@ HQ_AVX2 void lut_block(const PackedPlanes::Part& L, int64_t rb, int64_t ng, cons
     HQ_UNROLL
     for (int p = BITS - 2; p >= 0; --p)
       dot = _mm256_fmadd_ps(dot, _mm256_set1_ps(2.0f), _mm256_add_ps(a[p][0], a[p][1]));
-    const __m256 s =
-        f16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s16 + g * 8)))
-            : _mm256_mul_ps(supv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-                                      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s8 + g * 8)))));
-    const __m256 z = _mm256_cvtepi32_ps(
-        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z8 + g * 8))));
-    yv = _mm256_fmadd_ps(s, _mm256_fnmadd_ps(z, _mm256_set1_ps(gs[g]), dot), yv);
+    yv = add_group(s16, s8, z8, g * 8, supv, gs[g], dot, yv);
   }
 }
 
@@ -854,16 +867,21 @@ HQ_AVX2 inline __m256 entry_mask(int b) {
                                                 _mm256_setzero_si256()));
 }
 
+constexpr int64_t kTab8PerChunk = 2 * 16;  // two 16-entry int8 tables (column quads 0-3, 4-7)
+
 // Int8 tables: per chunk two 16-entry tables (column quads 0-3, 4-7), tab8[(c * 2 + h) * 16 +
 // idx], and per group the tables' scale xs[g]. Entries are the float32 subset sums (formed as
 // ((x0 [idx & 1] + x1 [idx & 2]) + x2 [idx & 4]) + x3 [idx & 8], an absent term adding zero),
 // divided by the group's scale and rounded to the nearest integer, ties to even (see
 // PlaneTables::Int8; the twin int8_tables forms the same); a group with a non-finite table entry
-// gets xs NaN and zero tables, so its rows come out NaN as the exact product's would. `e`:
-// scratch of at least n_chunks * 32 floats.
+// gets xs NaN and zero tables, so its rows come out NaN as the exact product's would.
 HQ_AVX2 void lut8_tables(const PackedPlanes::Part& L, int64_t n_cols, const float* xs,
-                         int8_t* tab8, float* xscale, float* e) {
+                         int8_t* tab8, float* xscale) {
   const int64_t ng = int64_t(L.group_chunk.size()) - 1;
+  int64_t max_chunks = 0;  // the float32 entries of one group, before rounding
+  for (int64_t g = 0; g < ng; ++g)
+    max_chunks = std::max(max_chunks, L.group_chunk[g + 1] - L.group_chunk[g]);
+  std::vector<float> entries(size_t(max_chunks * kTab8PerChunk));
   const __m256 m0 = entry_mask(0), m1 = entry_mask(1), m2 = entry_mask(2);
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
@@ -878,8 +896,9 @@ HQ_AVX2 void lut8_tables(const PackedPlanes::Part& L, int64_t n_cols, const floa
                                                       _mm256_and_ps(m1, _mm256_set1_ps(v[1]))),
                                         _mm256_and_ps(m2, _mm256_set1_ps(v[2])));
         const __m256 hi = _mm256_add_ps(lo, _mm256_set1_ps(v[3]));
-        _mm256_storeu_ps(e + (c * 2 + h) * 16, lo);
-        _mm256_storeu_ps(e + (c * 2 + h) * 16 + 8, hi);
+        float* e = entries.data() + (c - L.group_chunk[g]) * kTab8PerChunk + h * 16;
+        _mm256_storeu_ps(e, lo);
+        _mm256_storeu_ps(e + 8, hi);
         const __m256 alo = _mm256_andnot_ps(sign, lo), ahi = _mm256_andnot_ps(sign, hi);
         mx = _mm256_max_ps(mx, _mm256_max_ps(alo, ahi));
         fin = _mm256_and_ps(fin, _mm256_and_ps(_mm256_cmp_ps(alo, inf, _CMP_LT_OQ),
@@ -895,14 +914,14 @@ HQ_AVX2 void lut8_tables(const PackedPlanes::Part& L, int64_t n_cols, const floa
     const __m256 inv = _mm256_set1_ps(finite && m > 0.0f ? 127.0f / m : 0.0f);
     for (int64_t c = L.group_chunk[g]; c < L.group_chunk[g + 1]; ++c)
       for (int h = 0; h < 2; ++h) {
-        const float* t = e + (c * 2 + h) * 16;
+        const float* t = entries.data() + (c - L.group_chunk[g]) * kTab8PerChunk + h * 16;
         // rounded to the nearest integer, ties to even (the default rounding mode)
         const __m256i qlo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(t), inv));
         const __m256i qhi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(t + 8), inv));
         const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(qlo, qhi), 0xd8);
         const __m128i q8 =
             _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(tab8 + (c * 2 + h) * 16), q8);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(tab8 + c * kTab8PerChunk + h * 16), q8);
       }
   }
 }
@@ -910,18 +929,6 @@ HQ_AVX2 void lut8_tables(const PackedPlanes::Part& L, int64_t n_cols, const floa
 // The int8 kernel's codes stream from memory at decode: they are prefetched this far ahead
 // (a few row blocks' worth; 1 and 4 KiB measured no better, bench/RESULTS.md).
 constexpr int64_t kPrefetchBytes = 2048;
-
-HQ_AVX2 inline __m128i load128(const void* p) {
-  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-}
-HQ_AVX2 inline __m256i load256(const void* p) {
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-}
-// 8 bytes as 8 floats
-HQ_AVX2 inline __m256 bytes8_ps(const uint8_t* p) {
-  return _mm256_cvtepi32_ps(
-      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
 
 // out[h][i] += row 16 * rb + 8 * h + i of the part times the token whose int8 tables are tab8,
 // table scales xs and group sums gs (rows past d_out have zero codes, scales and zero points).
@@ -947,8 +954,8 @@ HQ_AVX2 void lut8_block(const PackedPlanes::Part& L, int64_t rb, int64_t ng, con
     __m256i acc = _mm256_setzero_si256();
     int n = 0;
     for (int64_t c = L.group_chunk[g]; c < L.group_chunk[g + 1]; ++c) {
-      const __m256i tlo = _mm256_broadcastsi128_si256(load128(tab8 + c * 32));
-      const __m256i thi = _mm256_broadcastsi128_si256(load128(tab8 + c * 32 + 16));
+      const __m256i tlo = _mm256_broadcastsi128_si256(load128(tab8 + c * kTab8PerChunk));
+      const __m256i thi = _mm256_broadcastsi128_si256(load128(tab8 + c * kTab8PerChunk + 16));
       _mm_prefetch(reinterpret_cast<const char*>(B + c * NP * 32 + kPrefetchBytes), _MM_HINT_T0);
       HQ_UNROLL
       for (int q = 0; q < NP; ++q) {
@@ -966,27 +973,23 @@ HQ_AVX2 void lut8_block(const PackedPlanes::Part& L, int64_t rb, int64_t ng, con
         n = 0;
       }
     }
-    const __m256 xg = _mm256_set1_ps(xs[g]), gsg = _mm256_set1_ps(gs[g]);
+    const __m256 xg = _mm256_set1_ps(xs[g]);
     HQ_UNROLL
     for (int h = 0; h < 2; ++h) {
-      const int64_t o = g * 16 + 8 * h;
-      const __m256 s =
-          f16 ? _mm256_cvtph_ps(load128(s16 + o)) : _mm256_mul_ps(sup[h], bytes8_ps(s8 + o));
-      const __m256 z = bytes8_ps(z8 + o);
-      const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(acc32[h]), xg);
-      out[h] = _mm256_fmadd_ps(s, _mm256_fnmadd_ps(z, gsg, dot), out[h]);
+      out[h] = add_group(s16, s8, z8, g * 16 + 8 * h, sup[h], gs[g],
+                         _mm256_mul_ps(_mm256_cvtepi32_ps(acc32[h]), xg), out[h]);
     }
   }
 }
 
 // y[t * d_out + r] += part q's rows [r0, r1) (a multiple of 16 apart, or ending at d_out) times
-// token t, for the tokens [0, n_tok), from the int8 tables tab8 (per token tab_stride bytes),
-// table scales xs and group sums gs (per token q.ng each).
+// token t, for the tokens [0, n_tok), from the int8 tables tab8 (per token n_chunks *
+// kTab8PerChunk bytes), table scales xs and group sums gs (per token q.ng each).
 template <int NP>
 HQ_AVX2 void lut8_rows(const PartRun& q, const PackedPlanes::Part& L, int64_t r0, int64_t r1,
-                       int64_t d_out, int64_t n_tok, const int8_t* tab8, int64_t tab_stride,
-                       const float* xs, float* y) {
-  const int64_t ng = q.ng;
+                       int64_t d_out, int64_t n_tok, const int8_t* tab8, const float* xs,
+                       float* y) {
+  const int64_t ng = q.ng, tab_stride = L.n_chunks * kTab8PerChunk;
   for (int64_t rb0 = r0; rb0 < r1; rb0 += 16) {
     const int64_t m = std::min<int64_t>(16, d_out - rb0);
     alignas(32) float sup[16] = {};
@@ -1348,12 +1351,12 @@ void packed_matmul(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& p
     const PackedPlanes::Part& L = planes->parts[i];
     const PartRun& q = runs[i];
     if (int8) {
-      tabs8[i].resize(size_t(n_tok * L.n_chunks * 32));
+      const int64_t ts = L.n_chunks * kTab8PerChunk;
+      tabs8[i].resize(size_t(n_tok * ts));
       tab_scales[i].resize(size_t(n_tok * q.ng));
-      std::vector<float> scratch(size_t(L.n_chunks * 32));
       for (int64_t t = 0; t < n_tok; ++t)
-        lut8_tables(L, parts[i].n_cols, q.x + t * q.ldx, tabs8[i].data() + t * L.n_chunks * 32,
-                    tab_scales[i].data() + t * q.ng, scratch.data());
+        lut8_tables(L, parts[i].n_cols, q.x + t * q.ldx, tabs8[i].data() + t * ts,
+                    tab_scales[i].data() + t * q.ng);
       continue;
     }
     const int64_t ts = L.n_chunks * kTabPerChunk;
@@ -1379,9 +1382,9 @@ void packed_matmul(int64_t d_out, int64_t d_in, const std::vector<PackedPart>& p
             const int8_t* tb = tabs8[i].data();
             const float* xs = tab_scales[i].data();
             if (L.bits == 2)
-              lut8_rows<1>(runs[i], L, r0, r1, d_out, n_tok, tb, L.n_chunks * 32, xs, y);
+              lut8_rows<1>(runs[i], L, r0, r1, d_out, n_tok, tb, xs, y);
             else
-              lut8_rows<2>(runs[i], L, r0, r1, d_out, n_tok, tb, L.n_chunks * 32, xs, y);
+              lut8_rows<2>(runs[i], L, r0, r1, d_out, n_tok, tb, xs, y);
             continue;
           }
           const float* tb = tabs[i].data();
