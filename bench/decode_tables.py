@@ -76,21 +76,22 @@ def main(argv=None) -> None:
 
 def run(args) -> None:
     from hiquant import _threads
-    from hiquant.calib import leading_windows, tokenize_text, validation_starts
+    from hiquant.calib import calibration_split, leading_windows, tokenize_text
     from hiquant.evaluate import perplexity
     from hiquant.packed import load_packed
+    from hiquant.packed_matmul import TABLES
     _threads.set_num_threads(args.threads)
     _threads.set_blas_threads(args.threads)
-    models = {t: load_packed(args.packed, decode_tables=t) for t in ("float32", "int8")}
+    models = {t: load_packed(args.packed, decode_tables=t) for t in TABLES}
     tok = models["float32"].tokenizer
     if args.text is not None:
         ids = tokenize_text(tok, Path(args.text).read_text())
         win = leading_windows(ids, args.seqlen, args.windows)
         source = f"{args.text}: leading windows"
     else:
-        ids = tokenize_text(tok, Path(args.calib).read_text())
-        starts = validation_starts(len(ids), args.windows, args.seqlen, "spread")
-        win = np.stack([ids[s:s + args.seqlen] for s in starts]).astype(np.int64)
+        # the pipeline's validation split (its one calibration window is not used)
+        _, win, _ = calibration_split(tok, args.calib, 1, args.seqlen, val_windows=args.windows,
+                                      val_seqlen=args.seqlen, val_split="spread")
         source = f"{args.calib}: validation split (spread)"
     whole = perplexity(models["float32"], win.reshape(-1), args.seqlen, len(win),
                        progress=False)["ppl"]

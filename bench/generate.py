@@ -67,8 +67,8 @@ def export_formats(src: Path, out: Path) -> dict:
 
 
 def worker(folder: str, new_tokens: int, threads: int, cache_bytes: int, mode: str) -> dict:
-    """mode "0": dense float32 products; "1": the packed kernels; "int8": the packed kernels with
-    int8 decode tables (a packed export)."""
+    """mode "dense": dense float32 products; "kernels": the packed kernels; "int8": the packed
+    kernels with int8 decode tables (a packed export)."""
     from hiquant import _threads
     from hiquant.generate import generate
     from hiquant.packed import load_packed, open_checkpoint
@@ -77,7 +77,8 @@ def worker(folder: str, new_tokens: int, threads: int, cache_bytes: int, mode: s
     if mode == "int8":
         m = load_packed(folder, weight_cache_bytes=cache_bytes, decode_tables="int8")
     else:
-        m = open_checkpoint(folder, weight_cache_bytes=cache_bytes, packed_kernels=mode == "1")
+        m = open_checkpoint(folder, weight_cache_bytes=cache_bytes,
+                            packed_kernels=mode == "kernels")
     generate(m, np.arange(1, 3), 2)  # warm-up: first-call costs (caches, page faults) out
     r = generate(m, np.arange(1, 9), new_tokens)
     return {"decode_tokens_per_s": r.decode_tokens_per_s, "prefill_seconds": r.prefill_seconds,
@@ -129,8 +130,8 @@ def main(argv=None) -> None:
         for _ in range(args.rounds):
             for lab, fmt, folder in runs:
                 cache = 1 << 36 if fmt.startswith("fp16") else 1 << 30
-                mode = ("0" if fmt == "fp16 (dense)" else "int8" if fmt.endswith(" int8")
-                        else "1")
+                mode = ("dense" if fmt == "fp16 (dense)" else "int8" if fmt.endswith(" int8")
+                        else "kernels")
                 out = subprocess.run([sys.executable, __file__, "--worker", str(folder),
                                       str(new_tokens), str(cache), mode, "--threads",
                                       str(args.threads)],

@@ -98,7 +98,7 @@ def test_cli_generate_streams_the_text_and_ends_with_a_json_summary(capsys):
 
 @pytest.mark.skipif(kernel_name("auto") != "avx2-fma",
                     reason="the table kernel (and its int8 tables) needs AVX2")
-def test_int8_decode_tables_change_only_one_token_products(tmp_path, capsys):
+def test_int8_decode_tables_change_decode_steps_and_leave_longer_prompts_exact(tmp_path, capsys):
     """load_packed(decode_tables="int8"): a prompt of more than 8 tokens gives the exact logits
     (the prefill path), each decode step differs from the float32 tables' by the small error of
     8-bit activations; ``hiquant generate --decode-tables int8`` runs it, and refuses a folder that is

@@ -14,7 +14,9 @@ from hiquant.packed_matmul import PackedLinear, kernel_name
 from hiquant.storage import QuantizedLayer
 from tolerances import PACKED_RTOL
 
-KERNELS = ["portable"] + (["avx2", "lut"] if kernel_name("auto") == "avx2-fma" else [])
+AVX2 = kernel_name("auto") == "avx2-fma"
+KERNELS = ["portable"] + (["avx2", "lut"] if AVX2 else [])
+needs_avx2 = pytest.mark.skipif(not AVX2, reason="the table kernel needs AVX2")
 
 
 def _layer(rng, d_out, d_in, b_low, group, k=0, b_high=0, scale_bits=16):
@@ -204,7 +206,7 @@ def test_many_tokens_results_identical_across_thread_counts():
             np.testing.assert_array_equal(a, pl.matmul(x, n_threads=nt, kernel=kernel))
 
 
-@pytest.mark.skipif(kernel_name("auto") != "avx2-fma", reason="the table kernel needs AVX2")
+@needs_avx2
 def test_auto_takes_the_table_kernel_for_one_token_and_the_register_kernel_for_more():
     rng = np.random.default_rng(15)
     pl = PackedLinear.from_layer(_layer(rng, 70, 300, 2, 64, 30, 3, 6))
@@ -216,7 +218,7 @@ def test_auto_takes_the_table_kernel_for_one_token_and_the_register_kernel_for_m
     assert not np.array_equal(one, pl.matmul(x[:1], kernel="avx2"))
 
 
-@pytest.mark.skipif(kernel_name("auto") != "avx2-fma", reason="the table kernel needs AVX2")
+@needs_avx2
 def test_table_kernel_copy_takes_the_codes_bits_and_a_byte_per_scale_and_zero():
     """A 2-bit part with rows a multiple of 8 and groups a multiple of 32 columns: the plane words
     take exactly the codes' bytes, plus one byte per (row, group) for the scale code and one for
@@ -233,10 +235,6 @@ def test_table_kernel_copy_takes_the_codes_bits_and_a_byte_per_scale_and_zero():
     # a 3-bit high part (a minority of gathered columns) gets a copy, the 3-bit low part none
     hyb = PackedLinear.from_layer(_layer(rng, 64, 256, 3, 64, 64, 3, 6))
     assert hyb.planes_nbytes == 64 * 64 * 3 // 8 + 2 * 64
-
-
-AVX2 = kernel_name("auto") == "avx2-fma"
-needs_avx2 = pytest.mark.skipif(not AVX2, reason="the table kernel needs AVX2")
 
 
 @needs_avx2
@@ -267,7 +265,7 @@ def test_int8_tables_match_their_float64_twin(b_low, group, k, b_high, scale_bit
 
 @needs_avx2
 def test_int8_tables_differ_from_the_exact_product_by_at_most_the_8bit_activation_bound():
-    """Against the exact product the int8 tables err by at most s * xs / 2 * (2^b - 1) per
+    """Against the exact product the int8 tables err by at most |s| * xs / 2 * (2^b - 1) per
     column quad and group (int8_table_error_bound), and they do err: the exact tables and the
     other kernels are unchanged by them."""
     rng = np.random.default_rng(21)
