@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import hiquant.allocate as A
 from hiquant._reference import allocation as ref
 from hiquant.config import PAPER_CANDIDATES
-from hiquant.errors import InfeasibleBudgetError, InvalidArgumentError, NumericalError
+from hiquant.errors import HiquantWarning, InfeasibleBudgetError, InvalidArgumentError, NumericalError
 from hiquant.storage import QuantizedLayer, storage_bits
 from tolerances import REDUCE_RTOL
 
@@ -556,8 +557,9 @@ def test_measured_estimator_without_pairs_is_diagonal_and_keeps_caller_weights(t
 def test_fisher_estimator_matches_explicit_gradient_inner_products(tiny):
     model, ids, _, fc = tiny
     names = model.linear_names()
-    sm = A.sensitivity_matrix(model, ids, estimator="fisher", fisher_col=fc, candidates=CAND,
-                              group_size=8)
+    with pytest.warns(HiquantWarning, match="rank <= 3, below the 14 layers"):
+        sm = A.sensitivity_matrix(model, ids, estimator="fisher", fisher_col=fc, candidates=CAND,
+                                  group_size=8)
     S, K = ids.shape[0], len(CAND)
     Amat = np.zeros((S, len(names) * K))
     for s in range(S):
@@ -568,10 +570,28 @@ def test_fisher_estimator_matches_explicit_gradient_inner_products(tiny):
     np.testing.assert_allclose(sm.M, Amat.T @ Amat / S, rtol=REDUCE_RTOL, atol=1e-12 * np.abs(sm.M).max())
     assert np.linalg.eigvalsh(sm.M).min() > -1e-12 * np.abs(sm.M).max()  # a Gram matrix
     # without room to keep the Δ's, they are recomputed per window: the same M
-    sm0 = A.sensitivity_matrix(model, ids, estimator="fisher", fisher_col=fc, candidates=CAND,
-                               group_size=8, delta_cache_bytes=0)
+    with pytest.warns(HiquantWarning, match="rank"):
+        sm0 = A.sensitivity_matrix(model, ids, estimator="fisher", fisher_col=fc,
+                                   candidates=CAND, group_size=8, delta_cache_bytes=0)
     assert sm0.settings["delta_cache"] is False and sm.settings["delta_cache"] is True
     np.testing.assert_array_equal(sm0.M, sm.M)
+
+
+def test_fisher_estimator_without_pairs_keeps_the_diagonal_and_warns_only_below_full_rank(tiny):
+    model, ids, _, fc = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pairs off: no rank warning however few the windows
+        diag = A.sensitivity_matrix(model, ids, estimator="fisher", fisher_col=fc,
+                                    candidates=CAND, group_size=8, pairs=False)
+        # with as many windows as layers the cross terms are not rank-limited: no warning
+        few = A.sensitivity_matrix(model, ids, estimator="fisher", fisher_col=fc,
+                                   candidates=CAND, group_size=8, names=_names(model, [0])[:3])
+    with pytest.warns(HiquantWarning, match="m_windows >= 14"):
+        full = A.sensitivity_matrix(model, ids, estimator="fisher", fisher_col=fc,
+                                    candidates=CAND, group_size=8)
+    np.testing.assert_array_equal(diag.M, np.diag(np.diag(full.M)))
+    assert diag.settings["pairs"] is False and full.settings["pairs"] is True
+    assert np.count_nonzero(few.M - np.diag(np.diag(few.M))) > 0  # cross terms kept with pairs
 
 
 def test_diagonal_estimator_is_fisher_weighted_squared_error(tiny):

@@ -29,9 +29,11 @@ W2 = dict(wbits=2, group_size=64, budget="w2")
 W3 = dict(wbits=3, group_size=128, budget="w3")
 CANDIDATES = {"paper": PAPER_CANDIDATES, "wide": WIDE_CANDIDATES}
 
-# The allocation grid (issue 19): the fixed ratio against every M estimator (measured with and
-# without the same-block pairs) with the paper's candidate set and the wide one, at W2 and W3.
+# The allocation grid (issue 19): the fixed ratio against every M estimator (measured and fisher
+# with and without their cross terms between layers) with the paper's candidate set and the wide
+# one, at W2 and W3.
 ESTIMATOR_CASES = [("diagonal M", "diagonal", {}), ("fisher M", "fisher", {}),
+                   ("fisher M without cross terms", "fisher", dict(m_pairs=False)),
                    ("measured M singles", "measured", dict(m_pairs=False)),
                    ("measured M", "measured", {})]
 ALLOCATION = []

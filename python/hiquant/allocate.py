@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from fractions import Fraction
@@ -52,7 +53,13 @@ from .config import (
     check_group_size,
     needs_input_grams,
 )
-from .errors import InfeasibleBudgetError, InvalidArgumentError, InvalidTypeError, NumericalError
+from .errors import (
+    HiquantWarning,
+    InfeasibleBudgetError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    NumericalError,
+)
 from .storage import QuantizedLayer, storage_bits
 
 __all__ = [
@@ -548,7 +555,11 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
     * ``"fisher"``: ``a[s, v] = ⟨G_s, Δ_v⟩`` from per-sequence gradients ``G_s`` (one backward pass
       per window; float32 products summed in float64 across chunks of 4,096 terms),
       ``M = AᵀA / S``: every pair of layers, across blocks too (``δᵀMδ`` is the
-      empirical-Fisher quadratic form of the total Δ). The K Δ's of every layer (4·K bytes per
+      empirical-Fisher quadratic form of the total Δ). ``pairs=False`` keeps the diagonal only
+      (each option's own quadratic form, no cross terms between layers). M has rank ≤ S: with
+      pairs and fewer windows than layers the IQP can choose an allocation whose S gradient
+      projections cancel across layers rather than one of low loss, which a
+      :class:`~hiquant.errors.HiquantWarning` says. The K Δ's of every layer (4·K bytes per
       weight) are kept in memory up to ``delta_cache_bytes``, else recomputed for every window.
     * ``"diagonal"``: ``M[v,v] = Σ F ⊙ Δ_v²`` with ``F = fisher[name]`` (the empirical Fisher
       diagonal), no cross terms. ``stats.collect_stats`` sums F over its S windows, which makes
@@ -662,6 +673,16 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
                 progress(s + 1, S)
         M = A.T @ A / S
         settings["A_rank"] = int(np.linalg.matrix_rank(A)) if A.size else 0
+        settings["pairs"] = bool(pairs)
+        if not pairs:
+            M = np.diag(np.diag(M))
+        elif S < L:
+            warnings.warn(
+                f"the fisher estimator's M from {S} windows has rank <= {S}, below the {L} layers "
+                "it allocates: its cross terms between layers are noise the IQP can exploit "
+                "(an allocation whose gradient projections cancel), not dependencies. Use "
+                f"m_windows >= {L}, pairs off (m_pairs=False: the diagonal of this M) or the "
+                "diagonal estimator", HiquantWarning, stacklevel=2)
     else:  # measured
         settings.update(n_windows=int(ids.shape[0]), seqlen=int(ids.shape[1]), pairs=bool(pairs))
         M = _measured(model, ids, names, blocks, cand, deltas, pairs, progress,
@@ -1150,9 +1171,6 @@ def check_budget(settings, shapes: dict) -> None:
     """Before any statistics: an ``avg_bits`` below what the method can store raises
     :class:`~hiquant.InfeasibleBudgetError` (with ``min_feasible``); one above what it can use
     warns (:class:`~hiquant.HiquantWarning`: the result will have fewer bits than asked)."""
-    import warnings
-
-    from .errors import HiquantWarning
     from .methods import METHODS
     s = settings
     if s.avg_bits is None or METHODS[s.method].allocation == "none" or s.ratio is not None:

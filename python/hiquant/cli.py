@@ -327,8 +327,8 @@ def _add_pipeline_commands(sub) -> None:
                    help="calibration windows that build M (default 32; the measured estimator's "
                         "cost is linear in them)")
     p.add_argument("--m-pairs", dest="m_pairs", default=None, type=_on_off, metavar="{on,off}",
-                   help="measured estimator: also measure every pair of layers in a block (on, "
-                        "default) or the single layers only (off)")
+                   help="cross terms between layers in M (on, default; off: single layers only): "
+                        "measured, every pair of layers in a block; fisher, every pair")
     p.add_argument("--n-calib", dest="n_calib", type=int, default=None)
     p.add_argument("--seqlen", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)

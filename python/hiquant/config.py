@@ -170,7 +170,9 @@ class QuantizeSettings:
     # per d_in², collected with the Fisher statistics)
     option_delta: str = "rtn"
     m_windows: int = 32  # calibration windows used to build M
-    m_pairs: bool = True  # measured estimator: include the same-block pair terms
+    # cross terms between layers in M: measured, the same-block pairs (the paper's); fisher, every
+    # pair of layers (off: the diagonal of its M)
+    m_pairs: bool = True
     quantizer: str = "auto"  # the method's own layer quantizer, or one of QUANTIZERS (ablations)
     n_calib: int = 128  # calibration windows
     seqlen: int = 512  # tokens per calibration window
