@@ -14,7 +14,13 @@ import pytest
 import hiquant.allocate as A
 from hiquant._reference import allocation as ref
 from hiquant.config import PAPER_CANDIDATES
-from hiquant.errors import HiquantWarning, InfeasibleBudgetError, InvalidArgumentError, NumericalError
+from hiquant.errors import (
+    HiquantWarning,
+    InfeasibleBudgetError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    NumericalError,
+)
 from hiquant.storage import QuantizedLayer, storage_bits
 from tolerances import REDUCE_RTOL
 
@@ -559,7 +565,7 @@ def test_fisher_estimator_matches_explicit_gradient_inner_products(tiny):
     names = model.linear_names()
     with pytest.warns(HiquantWarning, match="rank <= 3, below the 14 layers"):
         sm = A.sensitivity_matrix(model, ids, estimator="fisher", fisher_col=fc, candidates=CAND,
-                                  group_size=8)
+                                  group_size=8, pairs=True)
     S, K = ids.shape[0], len(CAND)
     Amat = np.zeros((S, len(names) * K))
     for s in range(S):
@@ -572,26 +578,30 @@ def test_fisher_estimator_matches_explicit_gradient_inner_products(tiny):
     # without room to keep the Δ's, they are recomputed per window: the same M
     with pytest.warns(HiquantWarning, match="rank"):
         sm0 = A.sensitivity_matrix(model, ids, estimator="fisher", fisher_col=fc,
-                                   candidates=CAND, group_size=8, delta_cache_bytes=0)
+                                   candidates=CAND, group_size=8, delta_cache_bytes=0,
+                                   pairs=True)
     assert sm0.settings["delta_cache"] is False and sm.settings["delta_cache"] is True
     np.testing.assert_array_equal(sm0.M, sm.M)
 
 
-def test_fisher_estimator_without_pairs_keeps_the_diagonal_and_warns_only_below_full_rank(tiny):
-    model, ids, _, fc = tiny
+def test_fisher_estimator_keeps_cross_terms_only_at_full_rank_unless_told(tiny):
+    model, ids, _, fc = tiny  # 3 windows, 14 layers
+    kw = dict(estimator="fisher", fisher_col=fc, candidates=CAND, group_size=8)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # pairs off: no rank warning however few the windows
-        diag = A.sensitivity_matrix(model, ids, estimator="fisher", fisher_col=fc,
-                                    candidates=CAND, group_size=8, pairs=False)
-        # with as many windows as layers the cross terms are not rank-limited: no warning
-        few = A.sensitivity_matrix(model, ids, estimator="fisher", fisher_col=fc,
-                                   candidates=CAND, group_size=8, names=_names(model, [0])[:3])
+        warnings.simplefilter("error")  # without cross terms: no rank warning
+        off = A.sensitivity_matrix(model, ids, pairs=False, **kw)
+        auto = A.sensitivity_matrix(model, ids, **kw)  # pairs="auto": 3 windows < 14 layers
+        # as many windows as layers: auto keeps the cross terms, without a warning
+        few = A.sensitivity_matrix(model, ids, names=_names(model, [0])[:3], **kw)
     with pytest.warns(HiquantWarning, match="m_windows >= 14"):
-        full = A.sensitivity_matrix(model, ids, estimator="fisher", fisher_col=fc,
-                                    candidates=CAND, group_size=8)
-    np.testing.assert_array_equal(diag.M, np.diag(np.diag(full.M)))
-    assert diag.settings["pairs"] is False and full.settings["pairs"] is True
-    assert np.count_nonzero(few.M - np.diag(np.diag(few.M))) > 0  # cross terms kept with pairs
+        full = A.sensitivity_matrix(model, ids, pairs=True, **kw)
+    np.testing.assert_array_equal(off.M, np.diag(np.diag(full.M)))
+    np.testing.assert_array_equal(auto.M, off.M)
+    assert off.settings["pairs"] is False and auto.settings["pairs"] is False
+    assert full.settings["pairs"] is True and few.settings["pairs"] is True
+    assert np.count_nonzero(few.M - np.diag(np.diag(few.M))) > 0
+    with pytest.raises(InvalidTypeError, match="pairs"):
+        A.sensitivity_matrix(model, ids, pairs="on", **kw)
 
 
 def test_diagonal_estimator_is_fisher_weighted_squared_error(tiny):

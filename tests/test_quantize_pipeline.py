@@ -214,6 +214,9 @@ def test_bad_settings_raise_clear_errors(model):
     with pytest.raises(ValueError, match="needs a budget"):
         quantize(embedded_model_path(), embedded_calib_path(), method="hiq", model=model,
                  progress=False, **FAST)
+    with pytest.raises(TypeError, match="m_pairs must be True, False or 'auto'"):
+        quantize(embedded_model_path(), embedded_calib_path(), method="hiq", avg_bits=2.6,
+                 m_pairs="yes", model=model, progress=False, **FAST)
 
 
 @pytest.mark.parametrize("method,extra", [("hiq", dict(avg_bits=2.6, estimator="fisher")),

@@ -515,7 +515,7 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
                        fisher: Mapping | None = None, candidates=DEFAULT_CANDIDATES,
                        b_low: int = 2, b_high: int = 3, group_size: int | None = 64,
                        names: Sequence[str] | None = None, n_windows: int | None = None,
-                       seqlen: int | None = None, pairs: bool = True,
+                       seqlen: int | None = None, pairs: bool | str = "auto",
                        delta_cache_bytes: int = 2 << 30,
                        progress: Callable[[int, int], None] | None = None,
                        n_threads: int | None = None, eval_batch: int | None = None,
@@ -537,7 +537,8 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
       L(θ+Δ_i) − L(θ+Δ_j) + L(θ)`` (the FULL value in both entries), so that
       ``δᵀMδ = 2 (Σ_i ΔL_i + Σ_{i<j} ΔL_ij)``: twice the second-order inclusion-exclusion estimate
       of the loss increase, the same scale as ``ΔᵀHΔ``. Pairs in different blocks are 0. L is the
-      mean per-sequence calibration loss over the windows. ``pairs=False`` skips the cross terms.
+      mean per-sequence calibration loss over the windows. ``pairs=False`` skips the cross terms
+      (``"auto"``: kept).
 
       Cost: ``E = L·K`` evaluations, plus ``K²·Σ_b C(l_b, 2)`` with pairs (``l_b`` layers of
       block b; :func:`measured_evaluations`), each a forward of blocks ``b..B−1`` and the head on
@@ -557,9 +558,10 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
       ``M = AᵀA / S``: every pair of layers, across blocks too (``δᵀMδ`` is the
       empirical-Fisher quadratic form of the total Δ). ``pairs=False`` keeps the diagonal only
       (each option's own quadratic form, no cross terms between layers). M has rank ≤ S: with
-      pairs and fewer windows than layers the IQP can choose an allocation whose S gradient
-      projections cancel across layers rather than one of low loss, which a
-      :class:`~hiquant.errors.HiquantWarning` says. The K Δ's of every layer (4·K bytes per
+      fewer windows than layers the IQP can choose an allocation whose S gradient projections
+      cancel across layers rather than one of low loss, so ``pairs="auto"`` keeps the cross
+      terms only when S ≥ L, and ``pairs=True`` below that warns
+      (:class:`~hiquant.errors.HiquantWarning`). The K Δ's of every layer (4·K bytes per
       weight) are kept in memory up to ``delta_cache_bytes``, else recomputed for every window.
     * ``"diagonal"``: ``M[v,v] = Σ F ⊙ Δ_v²`` with ``F = fisher[name]`` (the empirical Fisher
       diagonal), no cross terms. ``stats.collect_stats`` sums F over its S windows, which makes
@@ -597,6 +599,8 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
         for n in names:
             if n not in fisher:
                 raise InvalidArgumentError(f"fisher has no entry for {n!r}")
+    if not (isinstance(pairs, (bool, np.bool_)) or (isinstance(pairs, str) and pairs == "auto")):
+        raise InvalidTypeError(f"pairs must be True, False or 'auto', got {pairs!r}")
     if option_delta not in OPTION_DELTAS:
         raise InvalidArgumentError(f"option_delta must be one of {OPTION_DELTAS}, got "
                                    f"{option_delta!r}")
@@ -673,8 +677,9 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
                 progress(s + 1, S)
         M = A.T @ A / S
         settings["A_rank"] = int(np.linalg.matrix_rank(A)) if A.size else 0
-        settings["pairs"] = bool(pairs)
-        if not pairs:
+        keep = S >= L if pairs == "auto" else bool(pairs)
+        settings["pairs"] = keep
+        if not keep:
             M = np.diag(np.diag(M))
         elif S < L:
             warnings.warn(
@@ -684,7 +689,8 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
                 f"m_windows >= {L}, pairs off (m_pairs=False: the diagonal of this M) or the "
                 "diagonal estimator", HiquantWarning, stacklevel=2)
     else:  # measured
-        settings.update(n_windows=int(ids.shape[0]), seqlen=int(ids.shape[1]), pairs=bool(pairs))
+        pairs = bool(pairs)  # "auto": the paper's same-block pairs
+        settings.update(n_windows=int(ids.shape[0]), seqlen=int(ids.shape[1]), pairs=pairs)
         M = _measured(model, ids, names, blocks, cand, deltas, pairs, progress,
                       n_threads=n_threads, eval_batch=eval_batch, partial=partial,
                       on_block=on_block)

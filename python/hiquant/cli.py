@@ -326,9 +326,11 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--m-windows", dest="m_windows", type=int, default=None,
                    help="calibration windows that build M (default 32; the measured estimator's "
                         "cost is linear in them)")
-    p.add_argument("--m-pairs", dest="m_pairs", default=None, type=_on_off, metavar="{on,off}",
-                   help="cross terms between layers in M (on, default; off: single layers only): "
-                        "measured, every pair of layers in a block; fisher, every pair")
+    p.add_argument("--m-pairs", dest="m_pairs", default=None, type=_on_off_auto,
+                   metavar="{auto,on,off}",
+                   help="cross terms between layers in M (off: single layers only): measured, "
+                        "every pair of layers in a block; fisher, every pair. auto (default): on "
+                        "for measured, on for fisher when --m-windows >= the layers")
     p.add_argument("--n-calib", dest="n_calib", type=int, default=None)
     p.add_argument("--seqlen", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)

@@ -171,8 +171,9 @@ class QuantizeSettings:
     option_delta: str = "rtn"
     m_windows: int = 32  # calibration windows used to build M
     # cross terms between layers in M: measured, the same-block pairs (the paper's); fisher, every
-    # pair of layers (off: the diagonal of its M)
-    m_pairs: bool = True
+    # pair of layers (off: the diagonal of its M). auto: on for measured; on for fisher only when
+    # m_windows >= the layers allocated (its M has rank <= m_windows)
+    m_pairs: bool | str = "auto"
     quantizer: str = "auto"  # the method's own layer quantizer, or one of QUANTIZERS (ablations)
     n_calib: int = 128  # calibration windows
     seqlen: int = 512  # tokens per calibration window
@@ -379,6 +380,8 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
     elif not isinstance(act_order, (bool, np.bool_)):
         raise InvalidTypeError(f"gptq_act_order must be True, False or 'auto', got {act_order!r}")
     ch["gptq_act_order"] = bool(act_order)
+    if not (isinstance(s.m_pairs, (bool, np.bool_)) or s.m_pairs == "auto"):
+        raise InvalidTypeError(f"m_pairs must be True, False or 'auto', got {s.m_pairs!r}")
     if not isinstance(s.high_compensation, (bool, np.bool_)):
         raise InvalidTypeError(f"high_compensation must be True or False, got "
                                f"{s.high_compensation!r}")
