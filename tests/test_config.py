@@ -43,11 +43,19 @@ def test_resolve_settles_every_auto_and_is_idempotent(method):
     assert resolve(s, n_weights=10_000) == s
 
 
-def test_resolve_without_the_model_size_leaves_only_the_estimator_auto():
+def test_resolve_without_the_model_size_leaves_only_the_estimator_and_its_pairs_auto():
     s = resolve(QuantizeSettings(method="hiq", avg_bits=2.3))
-    assert s.estimator == "auto"
+    assert s.estimator == "auto" and s.m_pairs == "auto"
     assert resolve(s, n_weights=1000).estimator == "diagonal"
+    assert resolve(s, n_weights=1000).m_pairs is False
     assert resolve(s, n_weights=10**10).estimator == "fisher"
+    # the fisher M keeps its cross terms only at full rank: m_windows (32) >= the layers
+    assert resolve(s, n_weights=10**10).m_pairs == "auto"
+    assert resolve(s, n_weights=10**10, n_layers=224).m_pairs is False
+    assert resolve(s, n_weights=10**10, n_layers=32).m_pairs is True
+    assert resolve(QuantizeSettings(method="hiq", avg_bits=2.3, estimator="measured")).m_pairs is True
+    assert resolve(QuantizeSettings(method="hiq", avg_bits=2.3, estimator="fisher",
+                                    m_pairs=True), n_layers=224).m_pairs is True
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -288,12 +288,15 @@ def needs_input_grams(estimator: str, option_delta: str) -> bool:
 
 
 def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
-            warn: bool = True) -> QuantizeSettings:
+            n_layers: int | None = None, warn: bool = True) -> QuantizeSettings:
     """The settings with every ``"auto"`` settled and every value checked, or an
     :class:`InvalidArgumentError` / :class:`InvalidTypeError` naming the setting and what to do.
 
     ``n_weights`` (the number of weights in the model's quantized linears) settles
-    ``estimator="auto"``; without it the estimator stays ``"auto"``. Resolving resolved settings
+    ``estimator="auto"``; without it the estimator stays ``"auto"``. ``m_pairs="auto"`` settles
+    with the estimator: True for measured, False for diagonal and kfac (no cross terms), and for
+    fisher ``m_windows >= n_layers`` (the quantized linears), staying ``"auto"`` without
+    ``n_layers``. Resolving resolved settings
     returns them unchanged. With ``warn``, a setting that has no effect for the method (a budget
     for a method without high-impact columns, a ratio where the IQP chooses them) is reported as
     a :class:`~hiquant.HiquantWarning`.
@@ -380,8 +383,6 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
     elif not isinstance(act_order, (bool, np.bool_)):
         raise InvalidTypeError(f"gptq_act_order must be True, False or 'auto', got {act_order!r}")
     ch["gptq_act_order"] = bool(act_order)
-    if not (isinstance(s.m_pairs, (bool, np.bool_)) or s.m_pairs == "auto"):
-        raise InvalidTypeError(f"m_pairs must be True, False or 'auto', got {s.m_pairs!r}")
     if not isinstance(s.high_compensation, (bool, np.bool_)):
         raise InvalidTypeError(f"high_compensation must be True or False, got "
                                f"{s.high_compensation!r}")
@@ -429,6 +430,17 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
     if estimator == "auto" and n_weights is not None:
         estimator = "diagonal" if 4 * n_weights <= DIAGONAL_AUTO_BYTES else "fisher"
     ch["estimator"] = estimator
+    m_pairs = s.m_pairs
+    if not (isinstance(m_pairs, (bool, np.bool_)) or m_pairs == "auto"):
+        raise InvalidTypeError(f"m_pairs must be True, False or 'auto', got {m_pairs!r}")
+    if m_pairs == "auto" and estimator != "auto":
+        if estimator == "measured":
+            m_pairs = True
+        elif estimator != "fisher":
+            m_pairs = False
+        elif n_layers is not None:  # below full rank the fisher M cannot carry cross terms
+            m_pairs = s.m_windows >= n_layers
+    ch["m_pairs"] = m_pairs if m_pairs == "auto" else bool(m_pairs)
     ch["backend"], ch["device"] = _resolve_backend(s.backend, s.device)
     if ch["backend"] == "torch" and needs_input_grams(estimator, s.option_delta):
         raise InvalidArgumentError("estimator='kfac' and option_delta='gptq' need every layer's "

@@ -221,7 +221,8 @@ def quantize(model_dir, calib=None, *, settings: QuantizeSettings | None = None,
             model.reset_weights()
     shapes = {n: model.linear_shape(n) for n in model.linear_names()}
     n_weights = sum(a * b for a, b in shapes.values())
-    s = resolve(s, n_weights=n_weights, warn=False)  # settles estimator="auto" (model size)
+    # settles estimator="auto" (model size) and m_pairs="auto" (the fisher M's rank)
+    s = resolve(s, n_weights=n_weights, n_layers=len(shapes), warn=False)
     if needs_calib:
         preflight.check_lengths(model, s.seqlen, "seqlen")
     if eval_text is not None:
