@@ -52,6 +52,7 @@ from .config import (
     WEIGHT_BITS,
     check_group_size,
     needs_input_grams,
+    settle_pairs,
 )
 from .errors import (
     HiquantWarning,
@@ -599,8 +600,6 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
         for n in names:
             if n not in fisher:
                 raise InvalidArgumentError(f"fisher has no entry for {n!r}")
-    if not (isinstance(pairs, (bool, np.bool_)) or (isinstance(pairs, str) and pairs == "auto")):
-        raise InvalidTypeError(f"pairs must be True, False or 'auto', got {pairs!r}")
     if option_delta not in OPTION_DELTAS:
         raise InvalidArgumentError(f"option_delta must be one of {OPTION_DELTAS}, got "
                                    f"{option_delta!r}")
@@ -610,6 +609,7 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
                 f"estimator={estimator!r} with option_delta={option_delta!r} needs grams, the "
                 "input Gram matrix of every layer (stats.collect_stats(..., gram=True).gram)")
     ids = _windows(ids, n_windows, seqlen) if estimator not in FISHER_DIAGONAL_ESTIMATORS else None
+    pairs = settle_pairs(pairs, estimator, ids.shape[0] if ids is not None else None, L)
     delta_cache_bytes = _pos_int(delta_cache_bytes, "delta_cache_bytes", 0)
     t0 = time.perf_counter()
     settings = dict(b_low=b_low, b_high=b_high, group_size=g, candidates=list(cand),
@@ -677,9 +677,8 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
                 progress(s + 1, S)
         M = A.T @ A / S
         settings["A_rank"] = int(np.linalg.matrix_rank(A)) if A.size else 0
-        keep = S >= L if pairs == "auto" else bool(pairs)
-        settings["pairs"] = keep
-        if not keep:
+        settings["pairs"] = pairs
+        if not pairs:
             M = np.diag(np.diag(M))
         elif S < L:
             warnings.warn(
@@ -689,7 +688,6 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
                 f"m_windows >= {L}, pairs off (m_pairs=False: the diagonal of this M) or the "
                 "diagonal estimator", HiquantWarning, stacklevel=2)
     else:  # measured
-        pairs = bool(pairs)  # "auto": the paper's same-block pairs
         settings.update(n_windows=int(ids.shape[0]), seqlen=int(ids.shape[1]), pairs=pairs)
         M = _measured(model, ids, names, blocks, cand, deltas, pairs, progress,
                       n_threads=n_threads, eval_batch=eval_batch, partial=partial,

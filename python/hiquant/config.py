@@ -19,6 +19,7 @@ from .errors import InvalidArgumentError, InvalidTypeError
 __all__ = [
     "QuantizeSettings",
     "resolve",
+    "settle_pairs",
     "WEIGHT_BITS",
     "FP16_BITS",
     "HIGH_BITS",
@@ -287,6 +288,24 @@ def needs_input_grams(estimator: str, option_delta: str) -> bool:
     return estimator == "kfac" or option_delta == "gptq"
 
 
+def settle_pairs(pairs, estimator: str, n_windows: int | None = None,
+                 n_layers: int | None = None):
+    """``m_pairs`` settled for ``estimator``: True or False as given; ``"auto"`` is True for
+    measured (the paper's same-block pairs), False for diagonal and kfac (no cross terms) and, for
+    fisher, ``n_windows >= n_layers`` (below full rank its M cannot carry cross terms); it stays
+    ``"auto"`` while the estimator or those counts are unknown. Any other value raises
+    :class:`InvalidTypeError`."""
+    if not (isinstance(pairs, (bool, np.bool_)) or (isinstance(pairs, str) and pairs == "auto")):
+        raise InvalidTypeError(f"m_pairs must be True, False or 'auto', got {pairs!r}")
+    if not isinstance(pairs, str):
+        return bool(pairs)
+    if estimator == "measured":
+        return True
+    if estimator == "auto" or (estimator == "fisher" and (n_windows is None or n_layers is None)):
+        return "auto"
+    return estimator == "fisher" and n_windows >= n_layers
+
+
 def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
             n_layers: int | None = None, warn: bool = True) -> QuantizeSettings:
     """The settings with every ``"auto"`` settled and every value checked, or an
@@ -430,17 +449,7 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
     if estimator == "auto" and n_weights is not None:
         estimator = "diagonal" if 4 * n_weights <= DIAGONAL_AUTO_BYTES else "fisher"
     ch["estimator"] = estimator
-    m_pairs = s.m_pairs
-    if not (isinstance(m_pairs, (bool, np.bool_)) or m_pairs == "auto"):
-        raise InvalidTypeError(f"m_pairs must be True, False or 'auto', got {m_pairs!r}")
-    if m_pairs == "auto" and estimator != "auto":
-        if estimator == "measured":
-            m_pairs = True
-        elif estimator != "fisher":
-            m_pairs = False
-        elif n_layers is not None:  # below full rank the fisher M cannot carry cross terms
-            m_pairs = s.m_windows >= n_layers
-    ch["m_pairs"] = m_pairs if m_pairs == "auto" else bool(m_pairs)
+    ch["m_pairs"] = settle_pairs(s.m_pairs, estimator, s.m_windows, n_layers)
     ch["backend"], ch["device"] = _resolve_backend(s.backend, s.device)
     if ch["backend"] == "torch" and needs_input_grams(estimator, s.option_delta):
         raise InvalidArgumentError("estimator='kfac' and option_delta='gptq' need every layer's "
