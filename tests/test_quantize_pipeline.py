@@ -46,6 +46,19 @@ def test_uniform_ratio_meets_the_budget_exactly_and_is_maximal(scale_bits):
     assert e.value.min_feasible > 2.0
 
 
+def test_the_numpy_backend_runs_without_torch_installed(model, monkeypatch, tmp_path):
+    # the base install has no torch: the pipeline resolves its settings twice (before and after
+    # reading the model), and the second pass, with backend "numpy" settled, must not ask for torch
+    import hiquant.torch_runtime as tr
+    monkeypatch.setattr(tr, "torch_available", lambda: False)
+    assert resolve(resolve(QuantizeSettings(method="rtn"))).backend == "numpy"
+    rep = quantize(embedded_model_path(), embedded_calib_path(), method="rtn", wbits=3,
+                   group_size=64, model=model, progress=False, **FAST)
+    assert rep.settings["backend"] == "numpy" and rep.avg_bits > 3
+    with pytest.raises(hiquant.InvalidArgumentError, match="needs torch and transformers"):
+        resolve(QuantizeSettings(method="rtn", backend="torch"))
+
+
 def test_rtn_run_reports_exact_bits_and_its_export_reloads_identically(model, tmp_path):
     out = tmp_path / "run"
     rep = quantize(embedded_model_path(), embedded_calib_path(), method="rtn", wbits=3, group_size=64,

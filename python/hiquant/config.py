@@ -527,6 +527,8 @@ def _resolve_backend(backend, device) -> tuple[str, str]:
     if backend == "numpy" and device not in ("auto", "cpu"):
         raise InvalidArgumentError(f"backend 'numpy' runs on the CPU; device {device!r} needs "
                                    "backend='torch'")
+    if backend == "numpy":
+        return "numpy", "cpu"
     if backend == "auto":
         if device == "cpu" or (device == "auto" and not (torch_available() and cuda_device_count())):
             return "numpy", "cpu"
