@@ -103,9 +103,11 @@ def _packed(folder):
 def test_device_block_loop_exports_the_host_loops_bytes(method, tmp_path, monkeypatch):
     """Same runtime (torch), block loop on the device vs the host loop with the C++ kernels:
     the same tensors except where float32 sums in another order move a value across a rounding
-    boundary (Gram chunk sums, GPTQ's lazy updates): measured 0 differing bytes for rtn and 1
-    scale in 1,536 of one layer for gptq (and the codes after it in that group); the same
-    perplexity within 1e-5."""
+    boundary (Gram chunk sums, GPTQ's lazy updates). rtn has no sums: identical bytes. For gptq
+    one such flip changes the next blocks' inputs, so it cascades: measured 1 scale of one layer
+    (perplexity within 1e-5) on an AVX2 CPU, and on an AVX-512 one a scale in block 1 growing to
+    206 of 592,000 stored values by block 3 (3.5e-4, perplexity 0.09% apart). The bounds (1e-3
+    of the values, 0.5% perplexity) hold such cascades; a wrong kernel moves far more."""
     kw = dict(RUN, method=method, backend="torch", device="cpu", export="packed",
               eval_text=embedded_test_path())
     rd = hiquant.quantize(embedded_model_path(), embedded_calib_path(), out=tmp_path / "d", **kw)
@@ -116,19 +118,20 @@ def test_device_block_loop_exports_the_host_loops_bytes(method, tmp_path, monkey
     differ = sum(int((a[k] != b[k]).sum()) for k in a)
     total = sum(a[k].size for k in a)
     if method == "rtn":  # no sums: identical
-        assert differ == 0
-    assert differ <= 1e-4 * total, f"{differ} of {total} stored values differ"
-    assert rd.ppl == pytest.approx(rh.ppl, rel=1e-5)
+        assert differ == 0 and rd.ppl == pytest.approx(rh.ppl, rel=1e-9)
+    assert differ <= 1e-3 * total, f"{differ} of {total} stored values differ"
+    assert rd.ppl == pytest.approx(rh.ppl, rel=5e-3)
     assert [x["name"] for x in rd.layers] == [x["name"] for x in rh.layers]
     assert rd.avg_bits == rh.avg_bits
 
 
 # The torch runtime's float32 forward (transformers' layers) rounds differently from the NumPy
 # runtime's, so the Gram matrices differ by ~1e-6 relative and GPTQ flips a few codes that sit
-# at a half step. Measured relative differences in perplexity on this run: rtn 5e-8, gptq 5e-8;
-# with n_calib=16, seqlen=256 gptq differs by 2.0e-4, identically with the host loop (the device
-# kernels add nothing there; see the test above).
-@pytest.mark.parametrize("method,rtol", [("rtn", 1e-4), ("gptq", 1e-4)])
+# at a half step. Measured relative differences in perplexity on this run: rtn 5e-8, gptq 5e-8 on
+# an AVX2 CPU; on an AVX-512 one gptq 8.8e-4 (one scale of block 1 flipped, and the flip cascades
+# through the later blocks' inputs: the test above); with n_calib=16, seqlen=256 gptq differs by
+# 2.0e-4, identically with the host loop (the device kernels add nothing there).
+@pytest.mark.parametrize("method,rtol", [("rtn", 1e-4), ("gptq", 5e-3)])
 def test_torch_backend_gives_the_numpy_backends_perplexity_on_the_embedded_model(method, rtol):
     kw = dict(RUN, method=method, eval_text=embedded_test_path())
     rn = hiquant.quantize(embedded_model_path(), embedded_calib_path(), backend="numpy", **kw)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the test oracles, PyTorch, transformers, compressed-tensors and lm-eval: the tests that compare
-# hiquant's NumPy model runtime with transformers' own decoder layers (and the learned quantizers
+# Installs the test oracles, PyTorch, transformers, compressed-tensors and lm-eval (with
+# accelerate): the tests that compare hiquant's NumPy model runtime with transformers' own decoder layers (and the learned quantizers
 # with torch autograd, and the compressed-tensors export with transformers' loader) need them.
 # Usage: tools/install_oracles.sh [PYTHON]   (make oracles; make test runs it)
 #
@@ -23,6 +23,10 @@ CT_REQ="compressed-tensors>=0.15"
 # lm-eval: tests/test_harness.py runs lm-eval-harness through hiquant's registered model and
 # compares with lm-eval's own hf model (the [eval] extra); installed under the same constraint.
 LM_EVAL_REQ="lm-eval>=0.4.13"
+# accelerate: lm-eval's hf model imports it (lm-eval's [hf] extra), and neither lm-eval nor the
+# other oracles depend on it (compressed-tensors once pulled it in); requires torch, so it too
+# installs under the constraint.
+ACCELERATE_REQ="accelerate>=0.26"
 log=$(mktemp)
 cons=$(mktemp)
 trap 'rm -f "$log" "$cons"' EXIT
@@ -53,4 +57,5 @@ esac
 install transformers "$TRANSFORMERS_REQ"
 install compressed_tensors "$CT_REQ"
 install lm_eval "$LM_EVAL_REQ"
+install accelerate "$ACCELERATE_REQ"
 exit 0
