@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the test oracles, PyTorch, transformers, compressed-tensors and lm-eval (with
-# accelerate): the tests that compare hiquant's NumPy model runtime with transformers' own decoder layers (and the learned quantizers
-# with torch autograd, and the compressed-tensors export with transformers' loader) need them.
+# accelerate): the tests that compare hiquant's NumPy model runtime with transformers' own decoder
+# layers (and the learned quantizers with torch autograd, and the compressed-tensors export with
+# transformers' loader) need them.
 # Usage: tools/install_oracles.sh [PYTHON]   (make oracles; make test runs it)
 #
 # torch is pinned to exactly 2.13.0: on these machines pip resolves that pin (with the index, which
