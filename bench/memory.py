@@ -4,6 +4,9 @@ initialized in float16: the peak must follow the largest decoder block, not the 
 
     python bench/memory.py [--quick] [--layers 1,2] [--methods rtn,gptq,hiq] [--n-calib 4]
 
+A method may name hiq's M estimator after a colon (``hiq:diagonal,hiq:rank1``): the diagonal
+estimator keeps the full Fisher diagonal (4 bytes per weight), rank1 only its margins.
+
 Each run is a separate `hiquant quantize` process (its own peak RSS, VmHWM via ru_maxrss); the
 checkpoint is written once per layer count into a temporary folder. Learned methods run with a
 handful of iterations: memory does not depend on the iteration count. ``--quick`` (CI): a
@@ -106,24 +109,27 @@ def main(argv=None) -> None:
             n_params = write_checkpoint(ck, nl, shape)
             print(f"checkpoint: {nl} layers, {n_params / 1e6:.0f} M params "
                   f"({time.perf_counter() - t0:.0f} s to write)", flush=True)
-            for method in args.methods.split(","):
-                out = os.path.join(work, f"out-{nl}-{method}")
+            for label in args.methods.split(","):
+                method, _, estimator = label.partition(":")
+                out = os.path.join(work, f"out-{nl}-{method}-{estimator}")
                 cmd = [sys.executable, "-m", "hiquant", "quantize", ck, "--calib", calib,
                        "--method", method, "--wbits", "2", "--group", "64", "--n-calib",
                        str(args.n_calib), "--seqlen", str(args.seqlen), "--lwc-iters", "2",
                        "--adaround-iters", "2", "--out", out, "--export", "packed", "--quiet"]
                 if method == "hiq":
                     cmd += ["--avg-bits", "2.4", "--scale-bits", "8"]
+                if estimator:
+                    cmd += ["--estimator", estimator]
                 if args.threads:
                     cmd += ["--threads", str(args.threads)]
                 t0 = time.perf_counter()
                 p = subprocess.run(cmd, capture_output=True, text=True)
                 wall = time.perf_counter() - t0
                 if p.returncode != 0:
-                    row = {"layers": nl, "method": method, "error": p.stderr.strip()[-500:]}
+                    row = {"layers": nl, "method": label, "error": p.stderr.strip()[-500:]}
                 else:
                     last = json.loads(p.stdout.strip().splitlines()[-1])
-                    row = {"layers": nl, "method": method, "params_m": round(n_params / 1e6, 1),
+                    row = {"layers": nl, "method": label, "params_m": round(n_params / 1e6, 1),
                            "peak_rss_mib": last["peak_rss_mib"], "wall_s": round(wall, 1),
                            "peak_rss_split_mib": last.get("peak_rss_split_mib"),
                            "timings": {k: round(v, 1) for k, v in last["timings"].items()}}

@@ -617,6 +617,33 @@ def test_diagonal_estimator_is_fisher_weighted_squared_error(tiny):
     assert np.count_nonzero(sm.M - np.diag(np.diag(sm.M))) == 0
 
 
+def test_rank1_estimator_is_the_diagonal_estimator_on_the_fishers_rank1_margins_product(tiny):
+    model, _, fisher, fc = tiny
+    names = _names(model, [0, 1])
+    rows = {n: fisher[n].astype(np.float64).sum(axis=1) for n in names}
+    cols = {n: fisher[n].astype(np.float64).sum(axis=0) for n in names}
+    kw = dict(candidates=CAND, group_size=8, names=names)
+    sm = A.sensitivity_matrix(model, None, estimator="rank1", fisher_col=cols, fisher_row=rows,
+                              **kw)
+    # the float64 twin: the diagonal estimator on F' = R Cᵀ / ΣF, formed explicitly
+    outer = {n: np.outer(rows[n], cols[n]) / rows[n].sum() for n in names}
+    want = A.sensitivity_matrix(model, None, estimator="diagonal", fisher_col=cols, fisher=outer,
+                                **kw)
+    assert sm.estimator == "rank1"
+    np.testing.assert_allclose(sm.M, want.M, rtol=1e-10, atol=0)
+    assert np.count_nonzero(sm.M - np.diag(np.diag(sm.M))) == 0
+    # where F has rank 1 (a window of one token: g = δ xᵀ) it is the diagonal estimator itself
+    rank1_F = {n: (np.outer(rows[n], cols[n]) / rows[n].sum()).astype(np.float32) for n in names}
+    exact = A.sensitivity_matrix(model, None, estimator="diagonal", fisher_col=cols,
+                                 fisher=rank1_F, **kw)
+    np.testing.assert_allclose(sm.M, exact.M, rtol=1e-6)
+    with pytest.raises(InvalidArgumentError, match="fisher_row"):
+        A.sensitivity_matrix(model, None, estimator="rank1", fisher_col=cols, **kw)
+    bad = dict(rows, **{names[0]: rows[names[0]][:-1]})
+    with pytest.raises(InvalidArgumentError, match="do not match"):
+        A.sensitivity_matrix(model, None, estimator="rank1", fisher_col=cols, fisher_row=bad, **kw)
+
+
 def test_allocate_from_a_sensitivity_matrix_records_the_estimator(tiny):
     model, ids, fisher, fc = tiny
     sm = A.sensitivity_matrix(model, ids, estimator="diagonal", fisher_col=fc, fisher=fisher,

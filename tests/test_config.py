@@ -48,11 +48,14 @@ def test_resolve_without_the_model_size_leaves_only_the_estimator_and_its_pairs_
     assert s.estimator == "auto" and s.m_pairs == "auto"
     assert resolve(s, n_weights=1000).estimator == "diagonal"
     assert resolve(s, n_weights=1000).m_pairs is False
-    assert resolve(s, n_weights=10**10).estimator == "fisher"
+    # above DIAGONAL_AUTO_BYTES of Fisher diagonal: the same M from its margins, no cross terms
+    assert resolve(s, n_weights=10**10).estimator == "rank1"
+    assert resolve(s, n_weights=10**10).m_pairs is False
+    fisher = QuantizeSettings(method="hiq", avg_bits=2.3, estimator="fisher")
     # the fisher M keeps its cross terms only at full rank: m_windows (32) >= the layers
-    assert resolve(s, n_weights=10**10).m_pairs == "auto"
-    assert resolve(s, n_weights=10**10, n_layers=224).m_pairs is False
-    assert resolve(s, n_weights=10**10, n_layers=32).m_pairs is True
+    assert resolve(fisher).m_pairs == "auto"
+    assert resolve(fisher, n_layers=224).m_pairs is False
+    assert resolve(fisher, n_layers=32).m_pairs is True
     assert resolve(QuantizeSettings(method="hiq", avg_bits=2.3, estimator="measured")).m_pairs is True
     assert resolve(QuantizeSettings(method="hiq", avg_bits=2.3, estimator="fisher",
                                     m_pairs=True), n_layers=224).m_pairs is True

@@ -375,19 +375,29 @@ def test_adaround_first_refine_keeps_the_layerwise_high_columns_of_the_first_blo
                  refine_order="sideways", model=model, progress=False, **FAST)
 
 
-def test_auto_estimator_is_diagonal_for_small_models_and_fisher_above_the_memory_limit(model,
-                                                                                     monkeypatch):
+def test_auto_estimator_is_diagonal_for_small_models_and_rank1_above_the_memory_limit(
+        model, monkeypatch, tmp_path):
     """estimator='auto' (the default) keeps the full Fisher diagonal only while it fits
-    DIAGONAL_AUTO_BYTES, and the report records the estimator it resolved to."""
+    DIAGONAL_AUTO_BYTES, above it the rank-1 M from the diagonal's margins (the statistics then
+    hold no full diagonal), and the report records the estimator it resolved to."""
     import hiquant.config as P
+    from hiquant.stats import CalibStats
     kw = dict(method="hiq", avg_bits=2.6, wbits=2, group_size=64, model=model, progress=False,
               **FAST)
     assert P.QuantizeSettings().estimator == "auto"
-    rep = quantize(embedded_model_path(), embedded_calib_path(), **kw)
-    assert rep.settings["estimator"] == "diagonal"
-    monkeypatch.setattr(P, "DIAGONAL_AUTO_BYTES", 4 * rep.n_weights - 1)
-    rep = quantize(embedded_model_path(), embedded_calib_path(), **kw)
-    assert rep.settings["estimator"] == "fisher"
+    diag = quantize(embedded_model_path(), embedded_calib_path(), **kw)
+    assert diag.settings["estimator"] == "diagonal"
+    monkeypatch.setattr(P, "DIAGONAL_AUTO_BYTES", 4 * diag.n_weights - 1)
+    rep = quantize(embedded_model_path(), embedded_calib_path(), cache_dir=tmp_path, **kw)
+    assert rep.settings["estimator"] == "rank1" and rep.settings["m_pairs"] is False
+    (cached,) = tmp_path.glob("calib-stats-*.safetensors")
+    st = CalibStats.load(cached)
+    assert st.fisher == {} and set(st.fisher_row) == set(st.fisher_col) == set(model.linear_names())
+    # the same budget spent, on nearly the same ratios as the full diagonal's
+    assert rep.avg_bits <= 2.6 and rep.avg_bits == pytest.approx(diag.avg_bits, abs=0.01)
+    r_diag = np.array([L["ratio"] for L in diag.layers])
+    r_rank1 = np.array([L["ratio"] for L in rep.layers])
+    assert np.abs(r_diag - r_rank1).mean() <= 0.02  # (identical here)
     with pytest.raises(hiquant.InvalidArgumentError, match="estimator"):
         quantize(embedded_model_path(), embedded_calib_path(), estimator="exact", **kw)
 

@@ -167,11 +167,13 @@ def test_fisher_equals_sum_of_squared_per_sequence_gradients(qwen):
         np.testing.assert_allclose(st.fisher[name], want[name], rtol=REDUCE_RTOL,
                                    atol=REDUCE_ATOL * want[name].max())
         np.testing.assert_allclose(st.fisher_col[name], ref.fisher_col(st.fisher[name]), rtol=1e-12)
+        np.testing.assert_allclose(st.fisher_row[name], ref.fisher_row(st.fisher[name]), rtol=1e-12)
 
 
-def test_column_only_fisher_equals_the_column_sums_of_the_full_diagonal(qwen):
-    """fisher_full=False (the pipeline's default: bounded memory) keeps only fisher_col; it equals
-    the full diagonal's column sums up to float32 rounding, for 1 and 2 threads alike."""
+def test_margins_only_fisher_equals_the_row_and_column_sums_of_the_full_diagonal(qwen, tmp_path):
+    """fisher_full=False (the pipeline's default: bounded memory) keeps only F's margins
+    fisher_col and fisher_row; they equal the full diagonal's column and row sums up to float32
+    rounding, for 1 and 2 threads alike, and survive save/load."""
     m, cfg = qwen
     win = _windows(cfg)
     full = collect_stats(m, win, gram=False, progress=False)
@@ -181,6 +183,12 @@ def test_column_only_fisher_equals_the_column_sums_of_the_full_diagonal(qwen):
     for name in m.linear_names():
         np.testing.assert_allclose(cols[0].fisher_col[name], full.fisher_col[name], rtol=1e-5)
         np.testing.assert_array_equal(cols[0].fisher_col[name], cols[1].fisher_col[name])
+        np.testing.assert_allclose(cols[0].fisher_row[name], full.fisher_row[name], rtol=1e-5)
+        np.testing.assert_array_equal(cols[0].fisher_row[name], cols[1].fisher_row[name])
+    back = CalibStats.load(cols[0].save(tmp_path / "margins.safetensors"))
+    for name in m.linear_names():
+        np.testing.assert_array_equal(back.fisher_row[name], cols[0].fisher_row[name])
+        np.testing.assert_array_equal(back.fisher_col[name], cols[0].fisher_col[name])
 
 
 def test_block_by_block_gradients_equal_the_whole_model_gradients(qwen):

@@ -32,7 +32,8 @@ CANDIDATES = {"paper": PAPER_CANDIDATES, "wide": WIDE_CANDIDATES}
 # The allocation grid (issue 19): the fixed ratio against every M estimator (measured and fisher
 # with and without their cross terms between layers) with the paper's candidate set and the wide
 # one, at W2 and W3.
-ESTIMATOR_CASES = [("diagonal M", "diagonal", {}), ("fisher M", "fisher", dict(m_pairs=True)),
+ESTIMATOR_CASES = [("diagonal M", "diagonal", {}), ("rank-1 diagonal M", "rank1", {}),
+                   ("fisher M", "fisher", dict(m_pairs=True)),
                    ("fisher M without cross terms", "fisher", dict(m_pairs=False)),
                    ("measured M singles", "measured", dict(m_pairs=False)),
                    ("measured M", "measured", {})]

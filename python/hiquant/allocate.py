@@ -10,9 +10,10 @@ layer::
 
 * :func:`layer_cost_bits` — the exact storage of one layer, in bits (the packed export writes
   exactly this many payload bits; it is :func:`hiquant.storage.storage_bits`, one formula).
-* :func:`sensitivity_matrix` — M by one of three estimators (``"measured"``, ``"fisher"``,
-  ``"diagonal"``), recorded in the result. All three estimate ``ΔᵀHΔ`` (twice the second-order
-  loss increase) of the quantization error ``Δ``, so their scales are comparable.
+* :func:`sensitivity_matrix` — M by one of :data:`ESTIMATORS` (``"measured"``, ``"fisher"``,
+  ``"diagonal"``, ``"rank1"``, ``"kfac"``), recorded in the result. All estimate ``ΔᵀHΔ`` (twice
+  the second-order loss increase) of the quantization error ``Δ``, so their scales are
+  comparable.
 * :func:`solve` — the raw IQP (C++: exact for block-diagonal M, a bounded heuristic otherwise).
 * :func:`allocate` — layer shapes + Fisher column scores + M + a budget (average bits per weight
   or total bits) → per-layer ratio, ``k``, high-impact column indices and bits.
@@ -49,6 +50,7 @@ from .config import (
     FISHER_DIAGONAL_ESTIMATORS,
     HIGH_BITS,
     OPTION_DELTAS,
+    STATISTICS_ESTIMATORS,
     WEIGHT_BITS,
     check_group_size,
     needs_input_grams,
@@ -513,7 +515,8 @@ def _windows(ids, n_windows, seqlen) -> np.ndarray:
 
 
 def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Mapping,
-                       fisher: Mapping | None = None, candidates=DEFAULT_CANDIDATES,
+                       fisher: Mapping | None = None, fisher_row: Mapping | None = None,
+                       candidates=DEFAULT_CANDIDATES,
                        b_low: int = 2, b_high: int = 3, group_size: int | None = 64,
                        names: Sequence[str] | None = None, n_windows: int | None = None,
                        seqlen: int | None = None, pairs: bool | str = "auto",
@@ -568,6 +571,13 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
       diagonal), no cross terms. ``stats.collect_stats`` sums F over its S windows, which makes
       this S times the diagonal of the ``"fisher"`` M on the same windows; a constant factor
       never changes the allocation.
+    * ``"rank1"``: the ``"diagonal"`` estimator with F replaced by its rank-1 approximation from
+      its margins, ``F_oi ≈ R_o C_i / ΣF`` (``R = fisher_row[name]``, ``C = fisher_col[name]``,
+      ``stats.collect_stats`` accumulates both without F): ``M[v,v] = R · (Δ_v² C) / ΣR``. It
+      needs ``d_out + d_in`` numbers per layer instead of the 4 bytes per weight of F, so it is
+      ``estimator="auto"``'s choice where F does not fit. It equals ``"diagonal"`` when F has
+      rank 1 (one token per window: ``g = δ xᵀ``); on llama-bench its terms are within 5% of the
+      diagonal estimator's and the allocations agree (bench/RESULTS.md).
     * ``"kfac"``: ``M[v,v] = Σ_o r_o (Δ_v H Δ_vᵀ)_oo``, the Kronecker-factored Fisher: ``H =
       grams[name]`` the input Gram and ``r_o = Σ_i F_oi / tr H`` each output row's share of the
       Fisher diagonal, so that ``F_oi ≈ r_o H_ii`` and the diagonal terms of the sum are the
@@ -608,7 +618,12 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
             raise InvalidArgumentError(
                 f"estimator={estimator!r} with option_delta={option_delta!r} needs grams, the "
                 "input Gram matrix of every layer (stats.collect_stats(..., gram=True).gram)")
-    ids = _windows(ids, n_windows, seqlen) if estimator not in FISHER_DIAGONAL_ESTIMATORS else None
+    if estimator == "rank1":
+        if fisher_row is None or any(n not in fisher_row for n in names):
+            raise InvalidArgumentError("estimator='rank1' needs fisher_row, the Fisher diagonal's "
+                                       "row sums of every layer (stats.collect_stats(...)"
+                                       ".fisher_row)")
+    ids = _windows(ids, n_windows, seqlen) if estimator not in STATISTICS_ESTIMATORS else None
     pairs = settle_pairs(pairs, estimator, ids.shape[0] if ids is not None else None, L)
     delta_cache_bytes = _pos_int(delta_cache_bytes, "delta_cache_bytes", 0)
     t0 = time.perf_counter()
@@ -649,6 +664,20 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
             for m, D in enumerate(deltas(n)):
                 D64 = D.astype(np.float64)
                 M[li * K + m, li * K + m] = float(np.sum(F64 * D64 * D64))
+            if progress is not None:
+                progress(li + 1, L)
+    elif estimator == "rank1":
+        for li, n in enumerate(names):
+            R = np.asarray(fisher_row[n], np.float64)
+            C = np.asarray(fisher_col[n], np.float64)
+            if (R.shape, C.shape) != ((model.linear_shape(n)[0],), (model.linear_shape(n)[1],)):
+                raise InvalidArgumentError(
+                    f"fisher_row[{n!r}] {R.shape} / fisher_col[{n!r}] {C.shape} do not match the "
+                    f"weight {model.linear_shape(n)}; pass the margins of the same layer's Fisher")
+            total = max(float(R.sum()), np.finfo(float).tiny)
+            for m, D in enumerate(deltas(n)):
+                D64 = D.astype(np.float64)
+                M[li * K + m, li * K + m] = float(R @ ((D64 * D64) @ C)) / total
             if progress is not None:
                 progress(li + 1, L)
     elif estimator == "fisher":

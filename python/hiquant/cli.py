@@ -316,9 +316,9 @@ def _add_pipeline_commands(sub) -> None:
                         f"(default {','.join(map(str, DEFAULT_CANDIDATES))})")
     p.add_argument("--estimator", default=None, choices=("auto",) + ESTIMATORS,
                    help="M estimator for hiq (default auto: diagonal while the full Fisher "
-                        "diagonal fits 2 GiB, i.e. up to ~0.5 B linear weights, else fisher); "
-                        "kfac: Kronecker-factored Fisher r_o x Gram (sees GPTQ's correlated "
-                        "errors)")
+                        "diagonal fits 2 GiB, i.e. up to ~0.5 B linear weights, else rank1, the "
+                        "same M from the diagonal's row and column sums); kfac: "
+                        "Kronecker-factored Fisher r_o x Gram (sees GPTQ's correlated errors)")
     p.add_argument("--option-delta", dest="option_delta", default=None, choices=OPTION_DELTAS,
                    help="each candidate's perturbation in M: rtn (round-to-nearest, default) or "
                         "gptq (GPTQ codes on the parts' min-max grids, high columns compensating: "

@@ -30,6 +30,7 @@ __all__ = [
     "WIDE_CANDIDATES",
     "ESTIMATORS",
     "FISHER_DIAGONAL_ESTIMATORS",
+    "STATISTICS_ESTIMATORS",
     "needs_input_grams",
     "OPTION_DELTAS",
     "OBJECTIVES",
@@ -64,9 +65,11 @@ DEFAULT_CANDIDATES = WIDE_CANDIDATES
 # end-to-end tuning's passes over the calibration windows where e2e_epochs is "auto" (chosen on
 # the validation windows, bench/RESULTS.md)
 E2E_AUTO_EPOCHS = 2
-ESTIMATORS = ("measured", "fisher", "diagonal", "kfac")  # M of the allocation IQP (allocate.py)
+ESTIMATORS = ("measured", "fisher", "diagonal", "rank1", "kfac")  # M of the allocation IQP (allocate.py)
 # the estimators built from the full empirical-Fisher diagonal of every layer (no model passes)
 FISHER_DIAGONAL_ESTIMATORS = ("diagonal", "kfac")
+# the estimators built from the calibration statistics alone, without passes over the model
+STATISTICS_ESTIMATORS = FISHER_DIAGONAL_ESTIMATORS + ("rank1",)
 # how an option's perturbation Δ is formed for M: round-to-nearest, or GPTQ's codes on the
 # parts' min-max grids (the hybrid quantizer's structure, allocate.option_deltas)
 OPTION_DELTAS = ("rtn", "gptq")
@@ -83,7 +86,8 @@ VAL_SPLITS = ("spread", "tail")
 EXPORTS = ("fake", "packed", "both", "compressed", "all")
 BACKENDS = ("numpy", "torch")  # model runtimes: hiquant.model (NumPy), hiquant.torch_runtime
 # estimator="auto": the diagonal estimator while the full Fisher diagonal (4 bytes per linear
-# weight) fits in this many bytes, else fisher (whose memory does not grow with the model)
+# weight) fits in this many bytes, else rank1 (the same M from the diagonal's row and column
+# sums: d_out + d_in numbers per layer)
 DIAGONAL_AUTO_BYTES = 2 << 30
 
 
@@ -164,8 +168,8 @@ class QuantizeSettings:
     avg_bits: float | None = None  # budget: average bits per weight over the quantized layers
     ratio: float | None = None  # fixed-ratio / fp16-retention: the ratio of every layer
     candidates: tuple = DEFAULT_CANDIDATES  # hiq: candidate ratios of every layer
-    # M estimator for hiq: measured | fisher | diagonal | auto (diagonal while the full Fisher
-    # diagonal fits DIAGONAL_AUTO_BYTES, else fisher)
+    # M estimator for hiq, one of ESTIMATORS, or auto: diagonal while the full Fisher diagonal
+    # fits DIAGONAL_AUTO_BYTES, else rank1 (allocate.sensitivity_matrix)
     estimator: str = "auto"
     # each option's Δ in M, one of OPTION_DELTAS (gptq needs every layer's input Gram, 8 bytes
     # per d_in², collected with the Fisher statistics)
@@ -291,8 +295,8 @@ def needs_input_grams(estimator: str, option_delta: str) -> bool:
 def settle_pairs(pairs, estimator: str, n_windows: int | None = None,
                  n_layers: int | None = None):
     """``m_pairs`` settled for ``estimator``: True or False as given; ``"auto"`` is True for
-    measured (the paper's same-block pairs), False for diagonal and kfac (no cross terms) and, for
-    fisher, ``n_windows >= n_layers`` (below full rank its M cannot carry cross terms); it stays
+    measured (the paper's same-block pairs), False for diagonal, rank1 and kfac (no cross terms)
+    and, for fisher, ``n_windows >= n_layers`` (below full rank its M cannot carry cross terms); it stays
     ``"auto"`` while the estimator or those counts are unknown. Any other value raises
     :class:`InvalidTypeError`."""
     if not (isinstance(pairs, (bool, np.bool_)) or (isinstance(pairs, str) and pairs == "auto")):
@@ -313,7 +317,7 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
 
     ``n_weights`` (the number of weights in the model's quantized linears) settles
     ``estimator="auto"``; without it the estimator stays ``"auto"``. ``m_pairs="auto"`` settles
-    with the estimator: True for measured, False for diagonal and kfac (no cross terms), and for
+    with the estimator: True for measured, False for diagonal, rank1 and kfac (no cross terms), and for
     fisher ``m_windows >= n_layers`` (the quantized linears), staying ``"auto"`` without
     ``n_layers``. Resolving resolved settings
     returns them unchanged. With ``warn``, a setting that has no effect for the method (a budget
@@ -447,7 +451,7 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
     estimator = s.estimator
     _choice(estimator, "estimator", ESTIMATORS, auto=True)
     if estimator == "auto" and n_weights is not None:
-        estimator = "diagonal" if 4 * n_weights <= DIAGONAL_AUTO_BYTES else "fisher"
+        estimator = "diagonal" if 4 * n_weights <= DIAGONAL_AUTO_BYTES else "rank1"
     ch["estimator"] = estimator
     ch["m_pairs"] = settle_pairs(s.m_pairs, estimator, s.m_windows, n_layers)
     ch["backend"], ch["device"] = _resolve_backend(s.backend, s.device)

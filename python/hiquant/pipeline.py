@@ -79,6 +79,7 @@ def _plans(model, windows, s, spec, shapes, st, timings, progress, state=None, r
                 sm = allocate.sensitivity_matrix(
                     model, windows, estimator=s.estimator, fisher_col=st.fisher_col,
                     fisher=st.fisher if s.estimator in FISHER_DIAGONAL_ESTIMATORS else None,
+                    fisher_row=st.fisher_row,
                     option_delta=s.option_delta, grams=st.gram or None,
                     scale_bits=int(s.scale_bits), act_order=bool(s.gptq_act_order),
                     percdamp=float(s.gptq_percdamp),

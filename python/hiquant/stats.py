@@ -4,8 +4,10 @@
   float64), plus the token count; ``H = 2 G / n_tokens`` is GPTQ's Hessian. q/k/v share one
   input and one matrix, as do gate/up.
 * Fisher: ``F = Σ_s (∂L_s/∂W)²`` over calibration sequences ``s`` (per-sequence gradients of the
-  sequence's mean next-token loss, SqueezeLLM-style), float32 ``(d_out × d_in)``, and per input
-  channel ``fisher_col = F.sum(axis=0)`` in float64.
+  sequence's mean next-token loss, SqueezeLLM-style), float32 ``(d_out × d_in)``, and its
+  margins in float64: per input channel ``fisher_col = F.sum(axis=0)``, per output row
+  ``fisher_row = F.sum(axis=1)``. The margins are accumulated without F when F is not kept (the
+  rank-1 M estimator needs only them: ``F ≈ fisher_row ⊗ fisher_col / ΣF``).
 
 Accumulation (``gram_accumulate``): float32 products over chunks of 256 rows, chunk sums added in
 float64 — SIMD at float32 width, with an error that does not grow with the number of tokens
@@ -43,7 +45,7 @@ __all__ = [
     "FORMAT_VERSION",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fisher_row
 
 
 # ---------------------------------------------------------------------------------- kernels
@@ -70,7 +72,8 @@ class CalibStats:
 
     ``gram[name]``: float64 ``(d_in, d_in)`` (the same array object for layers sharing an input);
     ``n_tokens``: tokens summed into every Gram; ``fisher[name]``: float32 ``(d_out, d_in)``;
-    ``fisher_col[name]``: float64 ``(d_in,)``; ``n_sequences``: sequences in the Fisher sum;
+    ``fisher_col[name]`` / ``fisher_row[name]``: float64 ``(d_in,)`` / ``(d_out,)``, F's column /
+    row sums; ``n_sequences``: sequences in the Fisher sum;
     ``meta``: model fingerprint, calibration settings and how the statistics were collected.
     """
 
@@ -78,6 +81,7 @@ class CalibStats:
     n_tokens: int = 0
     fisher: dict = field(default_factory=dict)
     fisher_col: dict = field(default_factory=dict)
+    fisher_row: dict = field(default_factory=dict)
     n_sequences: int = 0
     meta: dict = field(default_factory=dict)
 
@@ -102,6 +106,8 @@ class CalibStats:
             tensors[f"fisher/{name}"] = np.ascontiguousarray(F, dtype=np.float32)
         for name, c in self.fisher_col.items():
             tensors[f"fisher_col/{name}"] = np.ascontiguousarray(c, dtype=np.float64)
+        for name, r in self.fisher_row.items():
+            tensors[f"fisher_row/{name}"] = np.ascontiguousarray(r, dtype=np.float64)
         header = {"format": "hiquant-calib-stats", "format_version": FORMAT_VERSION,
                   "n_tokens": int(self.n_tokens), "n_sequences": int(self.n_sequences),
                   "gram_alias": alias, "meta": self.meta}
@@ -140,6 +146,8 @@ class CalibStats:
                         out.fisher[key[len("fisher/"):]] = f.get_tensor(key)
                     elif key.startswith("fisher_col/"):
                         out.fisher_col[key[len("fisher_col/"):]] = f.get_tensor(key)
+                    elif key.startswith("fisher_row/"):
+                        out.fisher_row[key[len("fisher_row/"):]] = f.get_tensor(key)
         except HiquantError:
             raise
         except Exception as e:  # safetensors raises its own error types for corrupt files
@@ -204,10 +212,11 @@ def collect_stats(model, windows: np.ndarray, *, gram: bool = True, fisher: bool
     count) run windows concurrently; the result does not depend on it. ``recompute``: keep only
     block inputs and recompute activations in the backward pass (None: when one window's
     activations of all blocks would exceed 1 GiB). ``meta`` is merged into ``.meta``.
-    ``fisher_full=False`` keeps only the column scores ``fisher_col`` (``d_in`` per layer,
-    accumulated per window as ``Σ_rows g²`` in float64) instead of the ``(d_out, d_in)`` float32
-    diagonal — what the pipeline does unless the ``diagonal`` M estimator needs the diagonal: for
-    a 7B model the full diagonal alone is 26 GB.
+    ``fisher_full=False`` keeps only F's margins, the column scores ``fisher_col`` and the row
+    sums ``fisher_row`` (``d_in + d_out`` per layer, accumulated per window as ``Σ_rows g²`` and
+    ``Σ_cols g²`` in float64), instead of the ``(d_out, d_in)`` float32 diagonal — what the
+    pipeline does unless the ``diagonal`` or ``kfac`` M estimator needs the diagonal: for a 7B
+    model the full diagonal alone is 26 GB.
     """
     windows = _check_windows(model, windows)
     if not (gram or fisher):
@@ -237,7 +246,9 @@ def collect_stats(model, windows: np.ndarray, *, gram: bool = True, fisher: bool
             if fisher_full:
                 out.fisher[name] = np.zeros(model.linear_shape(name), dtype=np.float32)
             else:
-                out.fisher_col[name] = np.zeros(model.linear_shape(name)[1], dtype=np.float64)
+                d_out, d_in = model.linear_shape(name)
+                out.fisher_col[name] = np.zeros(d_in, dtype=np.float64)
+                out.fisher_row[name] = np.zeros(d_out, dtype=np.float64)
 
     abort = threading.Event()
     turn_g = [_Turnstile(abort) for _ in range(nb)]
@@ -294,7 +305,9 @@ def collect_stats(model, windows: np.ndarray, *, gram: bool = True, fisher: bool
                         else:
                             if not np.all(np.isfinite(g)):
                                 raise NumericalError(f"the gradient of {name} is not finite")
-                            out.fisher_col[name] += np.add.reduce(g * g, axis=0, dtype=np.float64)
+                            g2 = g * g
+                            out.fisher_col[name] += np.add.reduce(g2, axis=0, dtype=np.float64)
+                            out.fisher_row[name] += np.add.reduce(g2, axis=1, dtype=np.float64)
                 finally:
                     turn_f[b].advance()
         if bar is not None:
@@ -332,6 +345,7 @@ def collect_stats(model, windows: np.ndarray, *, gram: bool = True, fisher: bool
         if fisher_full:
             for name, F in out.fisher.items():
                 out.fisher_col[name] = F.sum(axis=0, dtype=np.float64)
+                out.fisher_row[name] = F.sum(axis=1, dtype=np.float64)
     out.meta = {
         "model": model.fingerprint(),
         "model_path": str(model.path),

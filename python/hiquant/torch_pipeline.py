@@ -229,10 +229,11 @@ def collect_fisher(model, windows: np.ndarray, *, gram: bool = False, fisher: bo
                    fisher_full: bool = True, recompute: bool | None = None):
     """:func:`hiquant.stats.collect_stats` with ``gram=False`` on the device: the empirical Fisher
     of every linear from per-sequence gradients (one window per forward and backward pass, as
-    there), accumulated on the device — ``F += g²`` in float32 (``fisher_full``) and/or the
-    column scores ``Σ_rows g²`` in float64 — and returned as a :class:`hiquant.stats.CalibStats`
-    of NumPy arrays. ``recompute`` keeps only block inputs (None: by ``activation_bytes``, as
-    there). ``n_threads`` is accepted for the same signature (one device stream)."""
+    there), accumulated on the device — ``F += g²`` in float32 (``fisher_full``), else F's
+    margins ``Σ_rows g²`` (the column scores) and ``Σ_cols g²`` in float64 — and returned as a
+    :class:`hiquant.stats.CalibStats` of NumPy arrays. ``recompute`` keeps only block inputs
+    (None: by ``activation_bytes``, as there). ``n_threads`` is accepted for the same signature
+    (one device stream)."""
     import datetime
     import hashlib
 
@@ -257,11 +258,13 @@ def collect_fisher(model, windows: np.ndarray, *, gram: bool = False, fisher: bo
     if recompute is None:
         recompute = model.activation_bytes(T) * nb > (1 << 30)
     dev = model.device
-    acc = {}
+    acc, acc_row = {}, {}  # F (fisher_full), else its column and row sums
     for name in model.linear_names():
         d_out, d_in = model.linear_shape(name)
         acc[name] = (torch.zeros((d_out, d_in), dtype=torch.float32, device=dev) if fisher_full
                      else torch.zeros(d_in, dtype=torch.float64, device=dev))
+        if not fisher_full:
+            acc_row[name] = torch.zeros(d_out, dtype=torch.float64, device=dev)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -293,6 +296,7 @@ def collect_fisher(model, windows: np.ndarray, *, gram: bool = False, fisher: bo
                         acc[name] += gg
                     else:
                         acc[name] += gg.sum(dim=0, dtype=torch.float64)
+                        acc_row[name] += gg.sum(dim=1, dtype=torch.float64)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -303,8 +307,10 @@ def collect_fisher(model, windows: np.ndarray, *, gram: bool = False, fisher: bo
         if fisher_full:
             out.fisher[name] = a.cpu().numpy()
             out.fisher_col[name] = a.sum(dim=0, dtype=torch.float64).cpu().numpy()
+            out.fisher_row[name] = a.sum(dim=1, dtype=torch.float64).cpu().numpy()
         else:
             out.fisher_col[name] = a.cpu().numpy()
+            out.fisher_row[name] = acc_row[name].cpu().numpy()
     out.meta = {
         "model": model.fingerprint(),
         "model_path": str(model.path),

@@ -22,6 +22,11 @@ def fisher_col(F: np.ndarray) -> np.ndarray:
     return np.asarray(F, dtype=np.float64).sum(axis=0)
 
 
+def fisher_row(F: np.ndarray) -> np.ndarray:
+    """Per-output-row Fisher sum: the row sums of F in float64."""
+    return np.asarray(F, dtype=np.float64).sum(axis=1)
+
+
 def empirical_fisher(per_sequence_grads) -> dict:
     """Σ_s (∂L_s/∂W)² over an iterable of {name: dW} dicts, in float64."""
     out = {}
