@@ -576,8 +576,9 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
       ``stats.collect_stats`` accumulates both without F): ``M[v,v] = R · (Δ_v² C) / ΣR``. It
       needs ``d_out + d_in`` numbers per layer instead of the 4 bytes per weight of F, so it is
       ``estimator="auto"``'s choice where F does not fit. It equals ``"diagonal"`` when F has
-      rank 1 (one token per window: ``g = δ xᵀ``); on llama-bench its terms are within 5% of the
-      diagonal estimator's and the allocations agree (bench/RESULTS.md).
+      rank 1 (one token per window: ``g = δ xᵀ``); on llama-bench its terms are within 7% of the
+      diagonal estimator's and its allocations within 0.013% of the diagonal M's optimum
+      (bench/rank1_fisher.py, bench/RESULTS.md).
     * ``"kfac"``: ``M[v,v] = Σ_o r_o (Δ_v H Δ_vᵀ)_oo``, the Kronecker-factored Fisher: ``H =
       grams[name]`` the input Gram and ``r_o = Σ_i F_oi / tr H`` each output row's share of the
       Fisher diagonal, so that ``F_oi ≈ r_o H_ii`` and the diagonal terms of the sum are the
