@@ -83,12 +83,11 @@ def main(argv=None) -> None:
                                   sensitivity=sm)
             res[est] = (sm, al, t_m)
         Md = res["diagonal"][0].M
-        K = len(s.candidates)
-        cand = list(s.candidates)
+        costs = A.option_costs(shapes, s.candidates, s.wbits, s.hbits, s.group_size,
+                               int(s.scale_bits))
 
         def diag_objective(al):
-            return sum(Md[i * K + cand.index(la.ratio), i * K + cand.index(la.ratio)]
-                       for i, la in enumerate(al.layers))
+            return A.iqp_objective(Md, costs, al.result.choice)
         d, r = np.diag(Md), np.diag(res["rank1"][0].M)
         rd, rr = ([la.ratio for la in res[e][1].layers] for e in ("diagonal", "rank1"))
         row = {"config": f"W{s.wbits} g{s.group_size} b_H {s.hbits} @ {s.avg_bits}",

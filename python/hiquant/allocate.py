@@ -640,45 +640,12 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
                              scale_bits=scale_bits, act_order=act_order, percdamp=percdamp)
 
     M = np.zeros((L * K, L * K), np.float64)
-    if estimator == "kfac":
+    if estimator in STATISTICS_ESTIMATORS:  # each option's own term, no cross terms
         for li, n in enumerate(names):
-            F = np.asarray(fisher[n])
-            H = np.asarray(grams[n], np.float64)
-            W = model.get_weight(n)
-            if F.shape != W.shape or H.shape != (W.shape[1], W.shape[1]):
-                raise InvalidArgumentError(f"fisher[{n!r}] {F.shape} / grams[{n!r}] {H.shape} do "
-                                           f"not match the weight {W.shape}")
-            r = F.astype(np.float64).sum(axis=1) / max(float(np.trace(H)), np.finfo(float).tiny)
+            quad = _layer_form(estimator, n, tuple(model.linear_shape(n)), fisher, fisher_row,
+                               fisher_col, grams)
             for m, D in enumerate(deltas(n)):
-                D64 = D.astype(np.float64)
-                M[li * K + m, li * K + m] = float(r @ np.einsum("oi,oi->o", D64 @ H, D64))
-            if progress is not None:
-                progress(li + 1, L)
-    elif estimator == "diagonal":
-        for li, n in enumerate(names):
-            F = np.asarray(fisher[n])
-            W = model.get_weight(n)
-            if F.shape != W.shape:
-                raise InvalidArgumentError(f"fisher[{n!r}] has shape {F.shape} but the weight has "
-                                           f"{W.shape}; pass the Fisher diagonal of the same layer")
-            F64 = F.astype(np.float64)
-            for m, D in enumerate(deltas(n)):
-                D64 = D.astype(np.float64)
-                M[li * K + m, li * K + m] = float(np.sum(F64 * D64 * D64))
-            if progress is not None:
-                progress(li + 1, L)
-    elif estimator == "rank1":
-        for li, n in enumerate(names):
-            R = np.asarray(fisher_row[n], np.float64)
-            C = np.asarray(fisher_col[n], np.float64)
-            if (R.shape, C.shape) != ((model.linear_shape(n)[0],), (model.linear_shape(n)[1],)):
-                raise InvalidArgumentError(
-                    f"fisher_row[{n!r}] {R.shape} / fisher_col[{n!r}] {C.shape} do not match the "
-                    f"weight {model.linear_shape(n)}; pass the margins of the same layer's Fisher")
-            total = max(float(R.sum()), np.finfo(float).tiny)
-            for m, D in enumerate(deltas(n)):
-                D64 = D.astype(np.float64)
-                M[li * K + m, li * K + m] = float(R @ ((D64 * D64) @ C)) / total
+                M[li * K + m, li * K + m] = quad(D.astype(np.float64))
             if progress is not None:
                 progress(li + 1, L)
     elif estimator == "fisher":
@@ -729,6 +696,35 @@ def sensitivity_matrix(model, ids: np.ndarray, *, estimator: str, fisher_col: Ma
     return SensitivityMatrix(M=np.ascontiguousarray(M), names=names, candidates=cand,
                              estimator=estimator, blocks=blocks, b_low=b_low, b_high=b_high,
                              group_size=g, seconds=time.perf_counter() - t0, settings=settings)
+
+
+def _layer_form(estimator: str, n: str, shape: tuple, fisher, fisher_row, fisher_col, grams):
+    """Layer ``n``'s quadratic form ``D -> float`` (D float64, the layer's shape) of a statistics
+    estimator (:data:`STATISTICS_ESTIMATORS`; see :func:`sensitivity_matrix`), its inputs
+    checked against the layer's shape."""
+    if estimator == "kfac":
+        F = np.asarray(fisher[n])
+        H = np.asarray(grams[n], np.float64)
+        if F.shape != shape or H.shape != (shape[1], shape[1]):
+            raise InvalidArgumentError(f"fisher[{n!r}] {F.shape} / grams[{n!r}] {H.shape} do "
+                                       f"not match the weight {shape}")
+        r = F.astype(np.float64).sum(axis=1) / max(float(np.trace(H)), np.finfo(float).tiny)
+        return lambda D: float(r @ np.einsum("oi,oi->o", D @ H, D))
+    if estimator == "diagonal":
+        F = np.asarray(fisher[n])
+        if F.shape != shape:
+            raise InvalidArgumentError(f"fisher[{n!r}] has shape {F.shape} but the weight has "
+                                       f"{shape}; pass the Fisher diagonal of the same layer")
+        F64 = F.astype(np.float64)
+        return lambda D: float(np.sum(F64 * D * D))
+    R = np.asarray(fisher_row[n], np.float64)  # rank1
+    C = np.asarray(fisher_col[n], np.float64)
+    if (R.shape, C.shape) != ((shape[0],), (shape[1],)):
+        raise InvalidArgumentError(
+            f"fisher_row[{n!r}] {R.shape} / fisher_col[{n!r}] {C.shape} do not match the "
+            f"weight {shape}; pass the margins of the same layer's Fisher")
+    total = max(float(R.sum()), np.finfo(float).tiny)
+    return lambda D: float(R @ ((D * D) @ C)) / total
 
 
 def _dot_rows(D: np.ndarray, g: np.ndarray, chunk: int = 4096) -> np.ndarray:

@@ -296,8 +296,8 @@ def settle_pairs(pairs, estimator: str, n_windows: int | None = None,
                  n_layers: int | None = None):
     """``m_pairs`` settled for ``estimator``: True or False as given; ``"auto"`` is True for
     measured (the paper's same-block pairs), False for diagonal, rank1 and kfac (no cross terms)
-    and, for fisher, ``n_windows >= n_layers`` (below full rank its M cannot carry cross terms); it stays
-    ``"auto"`` while the estimator or those counts are unknown. Any other value raises
+    and, for fisher, ``n_windows >= n_layers`` (below full rank its M cannot carry cross terms);
+    it stays ``"auto"`` while the estimator or those counts are unknown. Any other value raises
     :class:`InvalidTypeError`."""
     if not (isinstance(pairs, (bool, np.bool_)) or (isinstance(pairs, str) and pairs == "auto")):
         raise InvalidTypeError(f"m_pairs must be True, False or 'auto', got {pairs!r}")
@@ -317,12 +317,10 @@ def resolve(settings: QuantizeSettings, *, n_weights: int | None = None,
 
     ``n_weights`` (the number of weights in the model's quantized linears) settles
     ``estimator="auto"``; without it the estimator stays ``"auto"``. ``m_pairs="auto"`` settles
-    with the estimator: True for measured, False for diagonal, rank1 and kfac (no cross terms), and for
-    fisher ``m_windows >= n_layers`` (the quantized linears), staying ``"auto"`` without
-    ``n_layers``. Resolving resolved settings
-    returns them unchanged. With ``warn``, a setting that has no effect for the method (a budget
-    for a method without high-impact columns, a ratio where the IQP chooses them) is reported as
-    a :class:`~hiquant.HiquantWarning`.
+    with the estimator (:func:`settle_pairs`; for fisher with ``m_windows`` and ``n_layers``, the
+    quantized linears). Resolving resolved settings returns them unchanged. With ``warn``, a
+    setting that has no effect for the method (a budget for a method without high-impact columns,
+    a ratio where the IQP chooses them) is reported as a :class:`~hiquant.HiquantWarning`.
     """
     from .methods import method_spec  # the registry: method names and what each needs
 
